@@ -9,7 +9,6 @@ DEMO_ARGS ?=
 
 $(BIN)/.run-deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
