@@ -3,10 +3,16 @@
 Parameter names are GPT-2's own (transformer.wte, transformer.h.{i}.attn.c_attn, ...), so a
 Hugging Face GPT-2 checkpoint maps one to one (GPT-Neo's names are mapped on load).
 """
+import json
 import math
+import os
+import re
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,8 +46,9 @@ class Linear(nn.Linear):
     """
 
     def add_lora(self, rank: int, alpha: float):
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        like = dict(device=self.weight.device, dtype=self.weight.dtype)  # e.g. a bf16 base gets bf16 adapters
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as in the LoRA paper's code
         self.lora_scaling = alpha / rank  # B = 0, so the layer is unchanged at start
 
@@ -159,6 +166,15 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "GPT":
+        """A known hub name (downloaded once into $TGL_CACHE) or a local Hugging Face folder."""
+        return load_hf(name_or_path)
+
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors that transformers loads (LoRA merged, model untouched)."""
+        save_hf(self, folder)
+
 
 # ----------------------------------------------------------------------------- LoRA
 
@@ -244,7 +260,6 @@ CKPT_NAME = "ckpt.pt"
 def save_checkpoint(path, state: dict):
     """Write atomically: a temporary file next to `path`, then rename, so a crash mid-write
     never leaves a half-written checkpoint in place of the last good one."""
-    import os
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -278,10 +293,248 @@ def model_from_checkpoint(ckpt: dict, merge: bool = True) -> GPT:
 def load_model(init: str, device: str = "cpu") -> GPT:
     """One entry point for every `--init`: a run folder (or its ckpt.pt) of this project, a local
     Hugging Face folder (config.json + model.safetensors), or a known hub name."""
-    import os
     path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
     if os.path.isfile(path) and path.endswith(".pt"):
         model = model_from_checkpoint(load_checkpoint(path))
     else:
         model = GPT.from_pretrained(init)
     return model.to(device)
+
+
+# ----------------------------------------------------------------------------- safetensors
+# The format: 8 bytes little-endian N, N bytes of JSON {name: {"dtype", "shape", "data_offsets":
+# [begin, end]}, "__metadata__": {...}}, then the raw bytes (offsets count from the end of the header).
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path) -> dict:
+    """{name: tensor}; a corrupt or truncated file raises ValueError saying what is wrong, in one line."""
+    def bad(why):
+        return ValueError(f"{path}: corrupt or truncated safetensors file: {why}")
+    size = os.path.getsize(path)
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")  # paged in lazily: a 6 GB file is fine
+    n = int.from_bytes(raw[:8].tobytes(), "little")
+    if n > size - 8:
+        raise bad(f"header says {n} bytes but only {size - 8} follow")
+    try:
+        header = json.loads(raw[8:8 + n].tobytes())
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise bad("header is not a JSON object") from None
+    start, n_data, tensors = 8 + n, size - 8 - n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = ST_DTYPES[info["dtype"]], [int(s) for s in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"{name}: dtype must be F32, F16 or BF16 with a shape and two data_offsets, got {info}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= n_data):
+            raise bad(f"{name}: data offsets {[begin, end]} lie outside the {n_data} data bytes")
+        if end - begin != nbytes or min(shape, default=0) < 0:
+            raise bad(f"{name}: shape {shape} of {info['dtype']} needs {nbytes} bytes, offsets give {end - begin}")
+        buf = torch.from_numpy(raw[start + begin:start + end].copy())  # a copy: own, aligned memory
+        tensors[name] = buf.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)  # bf16 via torch
+    return tensors
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """Write atomically (tmp file, then rename). Tensors must be F32, F16 or BF16."""
+    names = {v: k for k, v in ST_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be written (F32, F16, BF16 only)")
+        t = t.detach().cpu().contiguous()
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(blobs[-1])])
+        offset += len(blobs[-1])
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # pad so that the data starts 8-byte aligned
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        f.writelines(blobs)
+    os.replace(f"{path}.tmp", path)
+
+
+# ----------------------------------------------------------------------------- Hugging Face checkpoints
+
+HF_HUB = "https://huggingface.co"  # files come from {HF_HUB}/{name}/resolve/main/{file}
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125m", "EleutherAI/gpt-neo-1.3B")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2 stores (in, out)
+
+
+def download(url: str, dest: str, retries: int = 3, timeout: float = 30.0) -> str:
+    """Fetch url into dest.part, renamed to dest only when complete and of the announced size."""
+    import requests
+    for attempt in range(1, retries + 1):
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as r:
+                if r.status_code == 404:
+                    raise FileNotFoundError(url)
+                r.raise_for_status()
+                # with gzip, Content-Length counts compressed bytes: check the size only without it
+                total = 0 if r.headers.get("Content-Encoding") else int(r.headers.get("Content-Length") or 0)
+                done, shown = 0, 0.0
+                with open(dest + ".part", "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if time.time() - shown > 0.5 or done == total:
+                            shown, of = time.time(), f" of {total / 1e6:.1f}" if total else ""
+                            print(f"\rdownloading {url}: {done / 1e6:.1f}{of} MB", end="", file=sys.stderr, flush=True)
+                print(file=sys.stderr)
+            if total and done != total:
+                raise OSError(f"got {done} of {total} bytes")
+            os.replace(dest + ".part", dest)
+            return dest
+        except FileNotFoundError:
+            raise
+        except (requests.RequestException, OSError) as e:
+            if attempt == retries:
+                raise OSError(f"download of {url} failed after {retries} tries: {e}") from None
+            print(f"download of {url} failed ({e}); retry {attempt}/{retries - 1}", file=sys.stderr)
+            time.sleep(2 ** attempt)
+
+
+def hub_folder(name: str) -> str:
+    """The cache folder of a hub model, filled on first use; once filled, no request is made."""
+    folder = os.path.join(os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl"), name.replace("/", "--"))
+    os.makedirs(folder, exist_ok=True)
+    url, get = f"{HF_HUB}/{name}/resolve/main/", lambda f: download(url + f, os.path.join(folder, f))
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        get("config.json")
+    if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.safetensors", "pytorch_model.bin")):
+        try:
+            get("model.safetensors")
+        except FileNotFoundError:  # some older repositories only have the pickle-format weights
+            get("pytorch_model.bin")
+    return folder
+
+
+def config_from_hf(cfg: dict) -> GPTConfig:
+    """GPTConfig from a Hugging Face config.json (GPT-2 or GPT-Neo field names)."""
+    kind, g = cfg.get("model_type"), cfg.get
+    if g("activation_function", "gelu_new") != "gelu_new" or g("scale_attn_by_inverse_layer_idx"):
+        raise ValueError("config.json: only gelu_new and no scale_attn_by_inverse_layer_idx are supported")
+    try:
+        if kind == "gpt2":
+            return GPTConfig(block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"],
+                             n_head=cfg["n_head"], n_embd=cfg["n_embd"], n_inner=g("n_inner"),
+                             layer_norm_epsilon=g("layer_norm_epsilon", 1e-5), scale_attn=g("scale_attn_weights", True))
+        if kind == "gpt_neo":
+            layers = cfg["attention_layers"] if "attention_types" not in cfg else [  # [[["global", "local"], 12]]
+                t for types, repeat in cfg["attention_types"] for _ in range(repeat) for t in types]
+            if len(layers) != cfg["num_layers"]:
+                raise ValueError(f"config.json: {len(layers)} attention types for {cfg['num_layers']} layers")
+            return GPTConfig(block_size=cfg["max_position_embeddings"], vocab_size=cfg["vocab_size"],
+                             n_layer=cfg["num_layers"], n_head=cfg["num_heads"], n_embd=cfg["hidden_size"],
+                             n_inner=g("intermediate_size"), layer_norm_epsilon=g("layer_norm_epsilon", 1e-5),
+                             arch="gpt_neo", qkv_bias=False, scale_attn=False, attention_layers=list(layers),
+                             window_size=g("window_size", 256))
+    except KeyError as e:
+        raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+    raise ValueError(f"config.json: model_type {kind!r} is not supported (gpt2 or gpt_neo)")
+
+
+def hf_to_ours(sd: dict, arch: str) -> dict:
+    """Rename (and transpose / concatenate) a Hugging Face state dict into our names.
+    Returns {our name: (tensor, name in the file)}, so that errors name what the file holds."""
+    out, qkv = {}, {}
+    for key, t in sd.items():
+        k = key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")
+        if re.search(r"\.attn\.(attention\.)?(bias|masked_bias)$", k):
+            continue  # causal-mask buffers that old files stored; we build masks per call
+        if arch == "gpt2" and k.endswith(CONV1D):
+            t = t.t()  # GPT-2's Conv1D keeps weights as (in, out); nn.Linear wants (out, in)
+        m = re.fullmatch(r"(transformer\.h\.\d+\.attn)\.attention\.([qkv])_proj\.weight", k)
+        if arch == "gpt_neo" and m:
+            qkv.setdefault(m[1], {})[m[2]] = (t, key)
+            continue
+        out[k.replace(".attn.attention.out_proj.", ".attn.c_proj.")] = (t, key)
+    for prefix, parts in qkv.items():  # GPT-Neo's separate q, k, v -> our one c_attn (q, k, v stacked)
+        if set(parts) == {"q", "k", "v"}:
+            out[prefix + ".c_attn.weight"] = (torch.cat([parts[c][0] for c in "qkv"]), parts["q"][1])
+        else:  # incomplete: left under their own names for the key check to report
+            out.update({f"{prefix}.attention.{c}_proj.weight": v for c, v in parts.items()})
+    return out
+
+
+def load_hf(name_or_path: str) -> GPT:
+    folder = name_or_path if os.path.isdir(name_or_path) else None
+    if folder is None and name_or_path in HUB_NAMES:
+        folder = hub_folder(name_or_path)
+    if folder is None or not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"{name_or_path}: neither a folder with config.json nor a known name ({', '.join(HUB_NAMES)})")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = config_from_hf(json.load(f))
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(path):
+        sd = read_safetensors(path)
+    elif os.path.exists(path := os.path.join(folder, "pytorch_model.bin")):
+        try:  # weights_only: tensors and plain containers only, no code runs on load
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable weights file ({type(e).__name__})") from None
+    else:
+        raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded files are not supported)")
+    weights, model = hf_to_ours(sd, config.arch), GPT(config)
+    head = weights.pop("lm_head.weight", None)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for k, shape in expected.items():  # the first mismatch in network order
+        if k not in weights:
+            raise ValueError(f"{path}: missing tensor {k} (config.json says {config.n_layer} layers)")
+        if weights[k][0].shape != shape:
+            raise ValueError(f"{path}: {weights[k][1]} has shape {tuple(sd[weights[k][1]].shape)}, "
+                             f"config.json implies {tuple(shape)} for our {k}")
+    for k, (_, key) in weights.items():
+        if k not in expected:
+            raise ValueError(f"{path}: unexpected tensor {key}")
+    if head is not None and not torch.equal(head[0], weights["transformer.wte.weight"][0]):
+        raise ValueError(f"{path}: lm_head.weight differs from wte (untied heads are not supported)")
+    model.load_state_dict({k: t for k, (t, _) in weights.items()}, strict=False)  # copy_ casts f16/bf16 to f32
+    return model
+
+
+def save_hf(model: GPT, folder):
+    """config.json + model.safetensors, laid out as current transformers writes them."""
+    c = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight" and ".lora_" not in k}
+    for name, m in model.named_modules():  # merged copies: the live model keeps its adapters
+        if isinstance(m, Linear) and getattr(m, "lora_A", None) is not None:
+            sd[name + ".weight"] = (m.weight + (m.lora_B @ m.lora_A) * m.lora_scaling).detach()
+    layers = ["local" if c.is_local(i) else "global" for i in range(c.n_layer)]
+    if c.arch == "gpt2" and c.qkv_bias and "local" not in layers:
+        sd = {k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
+        cfg = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_positions=c.block_size, n_embd=c.n_embd,
+                   n_layer=c.n_layer, n_head=c.n_head, n_inner=c.n_inner, scale_attn_weights=c.scale_attn,
+                   attn_pdrop=c.dropout, embd_pdrop=c.dropout, resid_pdrop=c.dropout)
+    elif c.arch == "gpt_neo" and not c.qkv_bias and not c.scale_attn:
+        for i in range(c.n_layer):
+            p = f"transformer.h.{i}.attn."
+            for part, t in zip("qkv", sd.pop(p + "c_attn.weight").split(c.n_embd)):
+                sd[f"{p}attention.{part}_proj.weight"] = t
+            for kind in ("weight", "bias"):
+                sd[f"{p}attention.out_proj.{kind}"] = sd.pop(f"{p}c_proj.{kind}")
+        cfg = dict(architectures=["GPTNeoForCausalLM"], model_type="gpt_neo", max_position_embeddings=c.block_size,
+                   hidden_size=c.n_embd, num_layers=c.n_layer, num_heads=c.n_head, intermediate_size=c.n_inner,
+                   attention_types=[[layers, 1]], window_size=c.window_size,
+                   embed_dropout=c.dropout, attention_dropout=c.dropout, resid_dropout=c.dropout)
+    else:
+        raise ValueError(f"no Hugging Face model matches arch={c.arch}, qkv_bias={c.qkv_bias}, "
+                         f"scale_attn={c.scale_attn}, attention_layers={c.attention_layers}")
+    cfg.update(vocab_size=c.vocab_size, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
+               tie_word_embeddings=True, dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."))
+    if c.vocab_size == 50257:  # the GPT-2 BPE, whose <|endoftext|> is 50256
+        cfg.update(bos_token_id=50256, eos_token_id=50256)
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(os.path.join(folder, "model.safetensors"), sd, metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
