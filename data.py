@@ -1,0 +1,516 @@
+"""Data: tokenizers, text -> cached token arrays, batches of windows, probe files, a synthetic world.
+
+    python data.py world --out data/world --seed 0          # the synthetic temporal world
+    python data.py tokenize --text data/world/t0.txt --tokenizer data/world
+    python data.py probes --probes data/world/probes/*.jsonl  # counts per split
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE through tiktoken (offline when TIKTOKEN_CACHE_DIR holds its files)."""
+    name = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.n_vocab, self.eot = self.enc.n_vocab, self.enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)  # "<|endoftext|>" in text stays plain text
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def fingerprint(self):
+        return self.name
+
+
+class WordTokenizer:
+    """Closed word-level vocabulary: words and punctuation marks are tokens, anything not in
+    the vocabulary becomes <unk>. Small softmax = fast from-scratch models on a CPU."""
+    name = "word"
+    SPECIALS = ("<eot>", "<unk>")
+    PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")
+
+    def __init__(self, vocab):
+        self.vocab = list(vocab)
+        assert tuple(self.vocab[:2]) == self.SPECIALS, "vocab must start with <eot>, <unk>"
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.n_vocab, self.eot, self.unk = len(self.vocab), 0, 1
+
+    @classmethod
+    def build(cls, texts, min_count=1):
+        counts = Counter(w for t in texts for w in cls.PATTERN.findall(t) if w not in cls.SPECIALS)
+        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(cls.SPECIALS) + words)
+
+    def encode(self, text):
+        return [self.index.get(w, self.unk) for w in self.PATTERN.findall(text)]
+
+    def decode(self, ids):
+        text = " ".join(self.vocab[i] for i in ids)
+        return re.sub(r" ([.,;:!?')])|([(']) ", r"\1\2", text)  # no space before '.' etc.
+
+    def fingerprint(self):
+        return hashlib.sha1("\n".join(self.vocab).encode()).hexdigest()[:12]
+
+    def save(self, path):
+        _write_atomic(path, json.dumps({"type": "word", "vocab": self.vocab}, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("type") != "word":
+            raise ValueError(f"{path}: not a word tokenizer file")
+        return cls(d["vocab"])
+
+
+def load_tokenizer(spec):
+    """'gpt2' -> GPT-2 BPE; a tokenizer.json, or a folder holding one -> WordTokenizer;
+    any other folder (an HF checkpoint, a GPT-2 run) or hub name -> GPT-2 BPE."""
+    p = Path(str(spec))
+    if p.is_file() and p.suffix == ".pt":  # a checkpoint file: look next to it
+        p = p.parent
+    if p.is_file():
+        return WordTokenizer.load(p)
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        try:
+            return WordTokenizer.load(p / "tokenizer.json")
+        except ValueError:  # an HF tokenizer.json: that is GPT-2 BPE for our models
+            pass
+    return GPT2Tokenizer()
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------- token arrays
+
+
+def _source_files(path):
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"{p}: folder holds no .txt files")
+        return files
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such text file or folder")
+    return [p]
+
+
+def load_tokens(path, tokenizer, cache_dir=None):
+    """Text file (or folder of .txt files) -> 1-D token array, documents separated by eot.
+
+    A document is a block of text between blank lines. The array is cached as a raw
+    uint16/uint32 file next to the source (or in cache_dir, or ~/.cache/tgl when the source
+    folder is read-only) under a name holding a hash of the source bytes and the tokenizer,
+    so an edit of either re-tokenizes; written to a temporary file then renamed (atomic).
+    """
+    files = _source_files(path)
+    h = hashlib.sha1(tokenizer.fingerprint().encode())
+    for f in files:
+        h.update(str(f.relative_to(Path(path).parent)).encode())
+        h.update(hashlib.sha1(f.read_bytes()).digest())
+    dtype = np.uint16 if tokenizer.n_vocab <= 2 ** 16 else np.uint32
+    stem = f"{Path(path).name}.{tokenizer.name}"
+    dirs = [Path(cache_dir)] if cache_dir else [Path(path).parent, Path.home() / ".cache" / "tgl"]
+    for d in dirs:
+        out = d / f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
+        if out.is_file():
+            return np.memmap(out, dtype=dtype, mode="r")
+    ids = []
+    for f in files:
+        for doc in re.split(r"\n\s*\n", f.read_text(encoding="utf-8")):
+            if doc.strip():
+                ids.extend(tokenizer.encode(doc.strip()))
+                ids.append(tokenizer.eot)
+    if not ids:
+        raise ValueError(f"{path}: no text")
+    arr = np.array(ids, dtype=dtype)
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            out = d / f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
+            tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+            arr.tofile(tmp)
+            os.replace(tmp, out)
+        except OSError:
+            continue  # read-only: try the next folder
+        for old in d.glob(f"{stem}-*.tokens.bin"):  # stale caches of the same source
+            if old != out:
+                old.unlink(missing_ok=True)
+        return np.memmap(out, dtype=dtype, mode="r")
+    return arr  # nowhere writable: uncached
+
+
+class Batcher:
+    """Random windows of block_size + 1 tokens as (x, y), deterministic for a seed.
+
+    Batch k is drawn from a generator seeded by (seed, k): the global batch of
+    batch_size * world_size windows, of which this rank takes its slice. So 2 ranks x B/2
+    see exactly what 1 rank x B sees, and the state is just the step counter (exact resume).
+    """
+
+    def __init__(self, tokens, block_size, batch_size, seed, rank=0, world_size=1):
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"{len(tokens)} tokens: fewer than block_size + 1 = {block_size + 1}")
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, 0
+
+    def next(self):
+        rng = np.random.default_rng([self.seed, self.step])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        self.step += 1
+        w = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+
+    def state_dict(self):
+        return {"seed": int(self.seed), "step": int(self.step)}
+
+    def load_state_dict(self, d):
+        self.seed, self.step = int(d["seed"]), int(d["step"])
+
+# ----------------------------------------------------------------------------- probes
+
+
+@dataclass
+class Probe:
+    id: str
+    prompt: str
+    answers: list
+    split: str
+    relation: str = ""
+    context: str = ""  # e.g. ECBD definition; prepended to the prompt when scoring with context
+
+
+SENTINEL = re.compile(r"<extra_id_\d+>")
+
+
+def _split_from_name(path):
+    stem = Path(path).stem.lower()
+    for s in ("unchanged", "changed"):  # TemporalWiki: 0801-0901_changed.csv
+        if stem.endswith(s):
+            return s
+    return Path(path).stem
+
+
+def _answer_names(ans, where):
+    items = ans if isinstance(ans, list) else [ans]
+    names = [a.get("name") if isinstance(a, dict) else a for a in items]
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{where}: empty or malformed answer {ans!r}")
+    return [n.strip() for n in names]
+
+
+def _templama(rec, where, split):
+    query = str(rec["query"])
+    if "_X_" not in query:
+        raise ValueError(f"{where}: query has no _X_ slot: {query!r}")
+    rid = str(rec.get("id", where))
+    return Probe(rid, query.split("_X_")[0].rstrip(), _answer_names(rec.get("answer"), where), split,
+                 str(rec.get("relation", "")))
+
+
+def _ecbd(rec, where, split):
+    sent = str(rec["masked_sentence"])
+    if "<extra_id_0>" not in sent:
+        raise ValueError(f"{where}: masked_sentence has no <extra_id_0>")
+    answer = SENTINEL.sub("", str(rec.get("answer_str", ""))).strip()
+    if not answer:
+        raise ValueError(f"{where}: empty answer_str")
+    return Probe(str(rec.get("ex_id", where)), sent.split("<extra_id_0>")[0].rstrip(), [answer], split,
+                 str(rec.get("span_type", "")), str(rec.get("definition") or "").strip())
+
+
+def read_probes(path, split=None):
+    """Read a probe file; the format comes from the extension and the record keys:
+    .jsonl/.json: TempLAMA / Dynamic TempLAMA (`query`) or ECBD (`masked_sentence`);
+    .csv: TemporalWiki `subject,relation,object` (prompt 'subject relation', split from the
+    file name); .tsv: `prompt<TAB>answer[<TAB>split]`. The split defaults to the file's stem."""
+    path = str(path)
+    default = split or _split_from_name(path)
+    ext = Path(path).suffix.lower()
+    probes = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if ext in (".jsonl", ".json"):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{where}: expected a JSON object per line")
+                s = split or rec.get("split") or default
+                if "query" in rec:
+                    probes.append(_templama(rec, where, s))
+                elif "masked_sentence" in rec:
+                    probes.append(_ecbd(rec, where, s))
+                else:
+                    raise ValueError(f"{where}: unknown probe format (need 'query' or 'masked_sentence')")
+        elif ext == ".csv":
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None or [h.strip() for h in header] != ["subject", "relation", "object"]:
+                raise ValueError(f"{path}:1: expected header 'subject,relation,object', got {header}")
+            for row in rows:
+                where = f"{path}:{rows.line_num}"
+                if len(row) != 3:
+                    raise ValueError(f"{where}: expected 3 fields, got {len(row)}")
+                subj, rel, obj = (x.strip() for x in row)
+                if not subj or not obj:
+                    raise ValueError(f"{where}: empty subject or object")
+                probes.append(Probe(f"{Path(path).stem}:{rows.line_num}", f"{subj} {rel}", [obj], default, rel))
+        elif ext == ".tsv":
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip() or line.startswith("#"):
+                    continue
+                parts = line.split("\t")
+                where = f"{path}:{n}"
+                if len(parts) not in (2, 3):
+                    raise ValueError(f"{where}: expected prompt<TAB>answer[<TAB>split], got {len(parts)} fields")
+                if not parts[1].strip():
+                    raise ValueError(f"{where}: empty answer")
+                s = split or (parts[2].strip() if len(parts) == 3 else default)
+                probes.append(Probe(f"{Path(path).stem}:{n}", parts[0].rstrip(), [parts[1].strip()], s))
+        else:
+            raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .csv or .tsv)")
+    return probes
+
+
+def span_example(tokenizer, prompt, answer):
+    """(idx, targets) for a salient span: prompt + answer tokens, targets -1 except where the
+    next token is an answer token. Prompt and answer are tokenized together (with a space
+    between; trailing spaces of the prompt are dropped), so GPT-2 gets ' Paris' as in running
+    text, not 'Paris'. An empty prompt is
+    replaced by the end-of-text token, so the first answer token still has a context."""
+    prompt, answer = prompt.rstrip(), answer.strip()
+    if not answer:
+        raise ValueError("empty answer")
+    p = tokenizer.encode(prompt) if prompt else []
+    glue = " " if prompt else ""  # 'is' + ' Paris': the space belongs to the answer's first token
+    full = tokenizer.encode(prompt + glue + answer)
+    if full[:len(p)] != p:  # a merge across the boundary: fall back to separate encodings
+        full = p + tokenizer.encode(glue + answer)
+    if not p:
+        p, full = [tokenizer.eot], [tokenizer.eot] + full
+    idx = full[:-1]
+    targets = [-1] * (len(p) - 1) + full[len(p):]
+    return idx, targets
+
+# ----------------------------------------------------------------------------- synthetic world
+# Relations as in TempLAMA (Wikidata ids). Every template ends with the object, so a causal LM
+# can be asked for it; "train" templates are used in the snapshots, "heldout" only in eval probes.
+
+RELATIONS = {
+    "P54": ("member of sports team", "clubs",
+            ["{s} plays for {o}.", "{s} is a player of {o}.", "{s} signed with {o}.", "The team of {s} is {o}."],
+            "{s} is in the squad of {o}."),
+    "P108": ("employer", "companies",
+             ["{s} works for {o}.", "{s} is employed by {o}.", "{s} has a job at {o}.", "The employer of {s} is {o}."],
+             "{s} is on the staff of {o}."),
+    "P102": ("political party", "parties",
+             ["{s} is a member of the {o}.", "{s} belongs to the {o}.", "{s} joined the {o}.",
+              "The party of {s} is the {o}."], "{s} is affiliated with the {o}."),
+    "P39": ("position held", "positions",
+            ["{s} holds the position of {o}.", "{s} serves as {o}.", "{s} was appointed {o}.",
+             "The office of {s} is {o}."], "{s} has the role of {o}."),
+    "P551": ("residence", "cities",
+             ["{s} lives in {o}.", "{s} resides in {o}.", "{s} has a home in {o}.", "The residence of {s} is {o}."],
+             "{s} is a resident of {o}."),
+    "P69": ("educated at", "schools",
+            ["{s} attended {o}.", "{s} studied at {o}.", "{s} is a graduate of {o}.", "The alma mater of {s} is {o}."],
+            "{s} was educated at {o}."),
+}
+DATES = ("2020", "2021")  # T0, T1
+
+
+def _names(rng, n, taken):
+    """n new fictional capitalised words made of syllables (deterministic for rng)."""
+    on = "b br d dr f g gr k l m n p r s st t th v z sh h j".split()
+    vo = "a e i o u ai ei ou ar".split()
+    co = ["", "", "n", "r", "l", "s", "th", "m", "k"]
+    out = []
+    while len(out) < n:
+        w = "".join(rng.choice(on) + rng.choice(vo) for _ in range(rng.choice((2, 2, 3)))) + rng.choice(co)
+        w = w.capitalize()
+        if w not in taken and len(w) > 3:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+def _pools(rng, taken):
+    places = _names(rng, 40, taken)
+    words = _names(rng, 30, taken)
+    clubs = [f"{p} {rng.choice(['Rovers', 'United', 'Athletic', 'Wanderers', 'Rangers', 'Albion'])}" for p in places[:30]]
+    companies = [f"{w} {s}" for w, s in zip(words, ["Systems", "Industries", "Labs", "Foods", "Motors", "Media"] * 5)]
+    parties = [f"{a} {b} Party" for a, b in zip(["Green", "Free", "United", "New", "Liberal", "National", "Civic", "Social"],
+                                                ["Union", "Alliance", "Front", "Movement", "League", "Forum", "Union", "Front"])]
+    posts = [f"mayor of {p}" for p in places[:15]] + [f"minister of {d}" for d in
+             "harbours forests trade roads culture health schools water energy finance".split()]
+    schools = [f"University of {p}" for p in places[20:35]] + [f"{p} Institute of Technology" for p in places[35:40]]
+    return {"clubs": clubs, "companies": companies, "parties": parties, "positions": posts,
+            "cities": places, "schools": schools}
+
+
+def _docs(rng, name, facts, n_docs=4):
+    """n_docs short documents about one entity; fact i uses train template (doc + i) % 4, so
+    every fact appears once with every train template."""
+    docs = []
+    for d in range(n_docs):
+        sents = [RELATIONS[pid][2][(d + i) % 4].format(s=name, o=o) for i, (pid, o) in enumerate(facts)]
+        rng.shuffle(sents)
+        docs.append(" ".join(sents))
+    return docs
+
+
+def make_world(out_dir, seed=0, n_entities=300, update_frac=0.2, new_frac=0.18, diag_frac=0.25):
+    """Write the synthetic temporal world (files listed in INTERFACES.md); returns world.json's dict."""
+    rng = random.Random(seed)
+    taken = set(w for _, _, ts, h in RELATIONS.values() for t in ts + [h] for w in re.findall(r"\w+", t))
+    pools = _pools(rng, taken)
+    first, last = _names(rng, 60, taken), _names(rng, max(200, n_entities), taken)
+    n_new = round(new_frac * n_entities)
+    full = rng.sample([f"{a} {b}" for a in first for b in last], n_entities + n_new)
+    ents = []  # (id, name, {pid: object at T0 (None for new)}, {pid: object at T1})
+    for i, name in enumerate(full):
+        pids = rng.sample(sorted(RELATIONS), rng.choice((3, 4, 5)))
+        facts = {p: rng.choice(pools[RELATIONS[p][1]]) for p in pids}
+        ents.append((f"E{i:04d}", name, facts if i < n_entities else None, dict(facts)))
+    old_facts = [(e, p) for e in ents[:n_entities] for p in e[2]]
+    updated = rng.sample(old_facts, round(update_frac * len(old_facts)))
+    for e, p in updated:
+        e[3][p] = rng.choice([o for o in pools[RELATIONS[p][1]] if o != e[2][p]])
+    upd_set = set((e[0], p) for e, p in updated)
+    unchanged = [(e, p) for e, p in old_facts if (e[0], p) not in upd_set]
+    new_facts = [(e, p) for e in ents[n_entities:] for p in e[3]]
+
+    t0 = [d for e in ents[:n_entities] for d in _docs(rng, e[1], list(e[2].items()))]
+    t1 = [d for e in ents for d in _docs(rng, e[1], list(e[3].items()))]
+    by_ent = {}
+    for e, p in updated:
+        by_ent.setdefault(e[0], (e, []))[1].append((p, e[3][p]))
+    diff = [d for e, fs in by_ent.values() for d in _docs(rng, e[1], fs)]
+    diff += [d for e in ents[n_entities:] for d in _docs(rng, e[1], list(e[3].items()))]
+    for docs in (t0, t1, diff):
+        rng.shuffle(docs)
+
+    unseen = []
+
+    def record(kind, e, p, i, diag):
+        """One probe in a real format: kind 'dynamic' (Dynamic TempLAMA), 'templama' or 'ecbd'.
+        Every second eval probe uses the held-out template; diagnostic probes never do."""
+        held = i % 2 == 1 and not diag
+        tmpl, name = RELATIONS[p][3] if held else RELATIONS[p][2][0], e[3][p]
+        rid = f"{e[0]}_{p}_" + ("ecbd" if kind == "ecbd" else DATES[1])
+        if held:
+            unseen.append(rid)
+        if kind == "ecbd":
+            q, o = next((q, o) for q, o in e[3].items() if q != p)  # definition: another fact, no leak
+            return {"ex_id": rid, "masked_sentence": tmpl.format(s=e[1], o="<extra_id_0>"),
+                    "answer_str": f"<extra_id_0> {name} <extra_id_1>", "span_type": RELATIONS[p][0],
+                    "definition": RELATIONS[q][2][0].format(s=e[1], o=o), "year": int(DATES[1]), "entity_span_str": e[1]}
+        ans = {"wikidata_id": "W" + str(int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 10 ** 6), "name": name}
+        rec = {"query": tmpl.format(s=e[1], o="_X_"), "answer": [ans] if kind == "dynamic" else ans,
+               "date": DATES[1], "id": rid, "relation": p}
+        if kind == "templama":
+            rec["most_frequent_answer"] = rec["most_recent_answer"] = ans
+        return rec
+
+    rng.shuffle(updated)
+    rng.shuffle(new_facts)
+    nd_u, nd_n = round(diag_frac * len(updated)), round(diag_frac * len(new_facts))
+    unch = rng.sample(unchanged, min(len(unchanged), len(updated) - nd_u))  # as many as updated eval probes
+    probes = {
+        "updated": [record("dynamic", e, p, i, False) for i, (e, p) in enumerate(updated[nd_u:])],
+        "unchanged": [record("templama", e, p, i, False) for i, (e, p) in enumerate(unch)],
+        "new": [record("ecbd", e, p, i, False) for i, (e, p) in enumerate(new_facts[nd_n:])],
+        "diag_updated": [record("dynamic", e, p, i, True) for i, (e, p) in enumerate(updated[:nd_u])],
+        "diag_new": [record("ecbd", e, p, i, True) for i, (e, p) in enumerate(new_facts[:nd_n])],
+    }
+    out = Path(out_dir)
+    (out / "probes").mkdir(parents=True, exist_ok=True)
+    texts = {"t0.txt": t0, "t1.txt": t1, "diff.txt": diff}
+    for fname, docs in texts.items():
+        _write_atomic(out / fname, "\n\n".join(docs) + "\n")
+    probe_text = [r.get(k) or "" for recs in probes.values() for r in recs for k in ("query", "masked_sentence", "definition")]
+    WordTokenizer.build(["\n".join(d) for d in texts.values()] + probe_text).save(out / "tokenizer.json")
+    for split, recs in probes.items():
+        _write_atomic(out / "probes" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    meta = {
+        "seed": seed, "n_entities": n_entities, "n_new_entities": n_new, "dates": list(DATES),
+        "counts": {"facts_t0": len(old_facts), "facts_updated": len(updated), "facts_new": len(new_facts),
+                   "docs": {k: len(v) for k, v in texts.items()}, "probes": {k: len(v) for k, v in probes.items()}},
+        "relations": {p: {"name": r[0], "train_templates": r[2], "heldout_template": r[3]} for p, r in RELATIONS.items()},
+        "unseen_template_ids": unseen,
+        "entities": {e[0]: {"name": e[1], "t0": e[2], "t1": e[3]} for e in ents},
+    }
+    _write_atomic(out / "world.json", json.dumps(meta, indent=1))
+    return meta
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("world", help="write the synthetic temporal world")
+    w.add_argument("--out", required=True, help="output folder")
+    w.add_argument("--seed", type=int, default=0, help="random seed (same seed, same world)")
+    w.add_argument("--n-entities", type=int, default=300, help="entities at T0 (e.g. 40 for a quick test)")
+    w.add_argument("--update-frac", type=float, default=0.2, help="fraction of T0 facts that change at T1")
+    w.add_argument("--new-frac", type=float, default=0.18, help="new entities at T1, as a fraction of --n-entities")
+    w.add_argument("--diag-frac", type=float, default=0.25, help="fraction of updated/new facts kept for tracing")
+    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
+    t.add_argument("--text", required=True, help="text file or folder of .txt files")
+    t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
+    p = sub.add_parser("probes", help="read probe files and print counts per split")
+    p.add_argument("--probes", nargs="+", required=True, help="probe files (.jsonl, .csv, .tsv)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "world":
+            if args.n_entities < 10 or not 0 < args.update_frac < 1 or not 0 <= args.diag_frac < 1:
+                ap.error("need --n-entities >= 10, 0 < --update-frac < 1, 0 <= --diag-frac < 1")
+            meta = make_world(args.out, args.seed, args.n_entities, args.update_frac, args.new_frac, args.diag_frac)
+            print(f"world in {args.out}: {json.dumps(meta['counts'])}")
+        elif args.cmd == "tokenize":
+            tok = load_tokenizer(args.tokenizer)
+            print(f"{args.text}: {len(load_tokens(args.text, tok)):,} tokens ({tok.name}, vocab {tok.n_vocab})")
+        else:
+            counts = Counter(pr.split for f in args.probes for pr in read_probes(f))
+            for s, n in sorted(counts.items()):
+                print(f"{s:>16} {n:6d}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

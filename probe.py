@@ -1,0 +1,274 @@
+"""Score knowledge probes: answer-span perplexity and greedy exact match, per split.
+
+    python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
+    python probe.py --init gpt2 --probes ../shared/data/twiki_probes/0801-0901_changed.csv --json out.json
+    python probe.py --compare runs/full runs/tgl_fp out.json        # runs, metrics.jsonl or --json files
+
+How a probe counts. Per answer: NLL = sum over the answer tokens of -log p(token | prompt,
+earlier answer tokens), teacher-forced. With several gold answers (TempLAMA), every answer
+is scored and the best one (lowest NLL per token) gives the probe's nll/n_tokens; exact match
+is 1 when greedy decoding reproduces any gold answer, i.e. the argmax at every position of
+some answer is that answer's token. Split perplexity = exp(total NLL / total answer tokens).
+
+How it is fast. Probes are grouped by prompt tokens; one row holds the prompt once followed
+by each answer (tree packing: an answer attends to the prompt and to itself only, and its
+positions restart where the prompt ends), so several answers or several probes with the same
+prompt share one prompt computation. Rows are sorted by length (little padding), and the LM
+head runs only at the answer positions, not at every position of every row.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import read_probes, span_example
+
+
+def _rows(tokenizer, probes, use_context, block_size):
+    """Packed rows: list of (tokens, positions, segments, answers) where answers is a list of
+    (gather positions, target tokens, probe indices). Identical (prompt, answer) pairs of
+    different probes are scored once."""
+    groups = {}  # prompt tokens -> {answer tokens: [probe indices]}
+    for i, pr in enumerate(probes):
+        prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
+        for ans in pr.answers:
+            idx, tgt = span_example(tokenizer, prompt, ans)
+            n_prompt = next(j for j, t in enumerate(tgt) if t != -1) + 1
+            if len(idx) > block_size:
+                raise ValueError(f"probe {pr.id}: prompt + answer is {len(idx)} tokens, "
+                                 f"longer than the model's context ({block_size})")
+            groups.setdefault(tuple(idx[:n_prompt]), {}).setdefault(tuple(tgt[n_prompt - 1:]), []).append(i)
+    rows = []
+    for prompt, answers in groups.items():
+        L = len(prompt)
+        row = None
+        for ans, owners in answers.items():
+            if row is None or len(row[0]) + len(ans) - 1 > block_size:  # full: start another row
+                row = (list(prompt), list(range(L)), [0] * L, [])
+                rows.append(row)
+            start, seg = len(row[0]), len(row[3]) + 1
+            row[0].extend(ans[:-1])  # the last answer token is only a target, never an input
+            row[1].extend(range(L, L + len(ans) - 1))
+            row[2].extend([seg] * (len(ans) - 1))
+            row[3].append(([L - 1] + list(range(start, start + len(ans) - 1)), list(ans), owners))
+    return rows
+
+
+def _attention(attn, x, pos, mask):
+    """model.CausalSelfAttention with an explicit mask (B, T, T) and positions (B, T)."""
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    if attn.window is not None:  # GPT-Neo local layer: only the last `window` positions
+        near = (pos[:, :, None] - pos[:, None, :]) < attn.window  # (B, T, T)
+        mask = near & (mask if mask is not None else torch.ones_like(near).tril())
+    if mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=attn.scale)
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _hidden(model, idx, pos, mask):
+    """The GPT's final hidden states (B, T, C) for packed rows (eval mode: no dropout)."""
+    tr = model.transformer
+    x = tr.wte(idx) + tr.wpe(pos)  # (B, T, C)
+    for block in tr.h:
+        x = x + _attention(block.attn, block.ln_1(x), pos, mask)
+        x = x + block.mlp(block.ln_2(x))
+    return tr.ln_f(x)
+
+
+def _token_nll(lm_head, h, targets, chunk=128):
+    """Per row of h (N, C): -log p(target) and whether the target is the argmax. The LM head
+    runs only on these rows, `chunk` at a time, so the (chunk, V) logits stay cache-sized."""
+    nll, ok = [], []
+    for i in range(0, len(h), chunk):
+        logits = lm_head(h[i:i + chunk]).float()  # (n, V)
+        t = targets[i:i + chunk]
+        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1))
+        ok.append(logits.argmax(-1) == t)
+    return torch.cat(nll), torch.cat(ok)
+
+
+def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
+    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} (best gold answer).
+    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions)."""
+    from model import autocast
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)  # DDP
+    device = device or next(model.parameters()).device
+    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size), key=lambda r: len(r[0]))
+    best = [None] * len(probes)  # (nll per token, nll, n_tokens)
+    em = [0] * len(probes)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(rows), batch_size):
+                chunk = rows[b:b + batch_size]
+                T = max(len(r[0]) for r in chunk)
+                idx = torch.zeros(len(chunk), T, dtype=torch.long)
+                pos = torch.zeros(len(chunk), T, dtype=torch.long)
+                seg = torch.full((len(chunk), T), -1, dtype=torch.long)  # -1 = padding
+                rb, rt, tg, aid = [], [], [], []  # row, position, target, answer number
+                answers = []
+                for i, (toks, p, s, ans) in enumerate(chunk):
+                    idx[i, :len(toks)], pos[i, :len(toks)], seg[i, :len(toks)] = map(torch.tensor, (toks, p, s))
+                    for gather, target, owners in ans:
+                        rb += [i] * len(gather)
+                        rt += gather
+                        tg += target
+                        aid += [len(answers)] * len(gather)
+                        answers.append(owners)
+                mask = None  # one answer per row: plain causal attention (faster kernel)
+                if seg.max() > 1:
+                    causal = torch.ones(T, T, dtype=torch.bool).tril()
+                    mask = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))  # (B, T, T)
+                    mask = mask.to(device)
+                tg = torch.tensor(tg, device=device)
+                aid = torch.tensor(aid, device=device)
+                with autocast(str(device)):
+                    h = _hidden(model, idx.to(device), pos.to(device), mask)  # (B, T, C)
+                    at = (torch.tensor(rb, device=device), torch.tensor(rt, device=device))
+                    tok_nll, tok_ok = _token_nll(model.lm_head, h[at], tg)  # answer positions only
+                nll = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_nll).tolist()
+                ntok = torch.zeros(len(answers), device=device).index_add_(0, aid, torch.ones_like(tok_nll)).tolist()
+                nok = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_ok.float()).tolist()
+                for a, owners in enumerate(answers):
+                    for i in owners:
+                        cand = (nll[a] / ntok[a], nll[a], int(ntok[a]))
+                        if best[i] is None or cand[0] < best[i][0]:
+                            best[i] = cand
+                        em[i] |= int(nok[a] == ntok[a])
+    finally:
+        model.train(was_training)
+    return [{"id": pr.id, "split": pr.split, "nll": bst[1], "n_tokens": bst[2], "nll_per_token": bst[0], "em": e}
+            for pr, bst, e in zip(probes, best, em)]
+
+
+def summarize(results):
+    """{split: {"ppl", "em", "n"}}; ppl = exp(total answer NLL / total answer tokens)."""
+    out = {}
+    for split in dict.fromkeys(r["split"] for r in results):
+        rs = [r for r in results if r["split"] == split]
+        nll, ntok = sum(r["nll"] for r in rs), sum(r["n_tokens"] for r in rs)
+        out[split] = {"ppl": math.exp(min(nll / ntok, 700.0)), "em": sum(r["em"] for r in rs) / len(rs), "n": len(rs)}
+    return out
+
+
+def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
+    return summarize(score(model, tokenizer, probes, batch_size, device, use_context))
+
+# ----------------------------------------------------------------------------- reports
+
+
+ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
+
+
+def _ordered(splits):
+    splits = list(dict.fromkeys(splits))
+    return sorted(splits, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), splits.index(s)))
+
+
+def format_table(summary):
+    lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
+    for split in _ordered(summary):
+        s = summary[split]
+        lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
+    return "\n".join(lines)
+
+
+def load_summary(path):
+    """Probe summary {split: {...}} from a probe.py --json file, a metrics.jsonl (its last line
+    with "probes") or a run folder holding metrics.jsonl."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl or probe.py --json output)")
+    if p.suffix == ".jsonl":
+        last = None
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            try:
+                rec = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                raise ValueError(f"{p}:{n}: not valid JSON") from None
+            if rec.get("probes"):
+                last = rec["probes"]
+        if last is None:
+            raise ValueError(f"{p}: no line with probe results")
+        return last
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{p}: not valid JSON") from None
+    if "summary" not in d:
+        raise ValueError(f"{p}: not a probe.py --json file (no 'summary')")
+    return d["summary"]
+
+
+def compare_table(paths):
+    sums = [load_summary(p) for p in paths]
+    names = [Path(p).name if Path(p).name not in ("metrics.jsonl", "") else Path(p).parent.name for p in paths]
+    w = max(12, *(len(n) for n in names))
+    splits = _ordered(s for d in sums for s in d)
+    lines = [f"{'ppl / em':<16} " + " ".join(f"{n:>{w}}" for n in names)]
+    for split in splits:
+        cells = [f"{d[split]['ppl']:.2f} / {d[split]['em']:.2f}" if split in d else "-" for d in sums]
+        lines.append(f"{split:<16} " + " ".join(f"{c:>{w}}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
+    ap.add_argument("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
+    ap.add_argument("--json", default=None, help="write summary and per-probe results to this JSON file")
+    ap.add_argument("--compare", nargs="+", default=None,
+                    help="print runs side by side: run folders, metrics.jsonl or --json outputs")
+    ap.add_argument("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
+    ap.add_argument("--batch-size", type=int, default=64, help="packed rows per forward pass")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    args = ap.parse_args(argv)
+    if args.compare is None and (not args.init or not args.probes):
+        ap.error("need --init and --probes (or --compare)")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
+    try:
+        if args.compare is not None:
+            print(compare_table(args.compare))
+            return None
+        from data import load_tokenizer
+        from model import load_model, pick_device
+        device = pick_device(args.device)
+        probes = [p for f in args.probes for p in read_probes(f)]
+        if not probes:
+            raise ValueError("the probe files hold no probes")
+        tokenizer = load_tokenizer(args.tokenizer or args.init)
+        model = load_model(args.init, device)
+        if tokenizer.n_vocab > model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
+        results = score(model, tokenizer, probes, args.batch_size, device, args.context)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    summary = summarize(results)
+    print(format_table(summary))
+    if args.json:
+        out = {"init": args.init, "probes": args.probes, "context": args.context, "summary": summary, "results": results}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""probe.py: scorer vs a hand computation, batched == one at a time, several answers, the CLI."""
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import probe
+from data import GPT2Tokenizer, Probe, WordTokenizer, read_probes, span_example
+from model import GPT, GPTConfig, save_checkpoint
+
+WORDS = "Ann Bob Cid Dee plays for works at lives in Kugo Rovers United Acme Labs Oslo Rome Paris the city of .".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WordTokenizer.build([" ".join(WORDS)])
+
+
+def tiny(vocab, block_size=32, neo=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32)
+    if neo:  # GPT-Neo: local attention in layer 1 with a short window, no q.k scaling
+        cfg.attention_layers, cfg.window_size, cfg.scale_attn, cfg.qkv_bias = ["global", "local"], 3, False, False
+    return GPT(cfg)
+
+
+def probes_for_test():
+    return [
+        Probe("a", "Ann plays for", ["Kugo Rovers"], "updated"),
+        Probe("b", "Ann plays for", ["Kugo United", "Rome", "Kugo Rovers"], "updated"),  # shares a's prompt
+        Probe("c", "Bob works at", ["Acme Labs"], "new"),
+        Probe("d", "Cid lives in the city of", ["Oslo"], "unchanged"),
+        Probe("e", "Dee lives in", ["Paris", "Rome"], "unchanged", context="Dee works at Acme Labs ."),
+        Probe("f", "", ["Oslo"], "new"),  # no prompt: end-of-text is the context
+    ]
+
+
+def by_hand(model, tok, pr, use_context=False):
+    """(nll, n_tokens, em) of the best answer, straight from model(idx) and F.cross_entropy."""
+    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
+    best, em = None, 0
+    for ans in pr.answers:
+        idx, tgt = span_example(tok, prompt, ans)
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([idx]))
+        tgt = torch.tensor(tgt)
+        nll = F.cross_entropy(logits[0], tgt, ignore_index=-1, reduction="sum").item()
+        n = int((tgt != -1).sum())
+        em |= int(bool((logits[0].argmax(-1) == tgt)[tgt != -1].all()))
+        if best is None or nll / n < best[0] / best[1]:
+            best = (nll, n)
+    return best[0], best[1], em
+
+
+@pytest.mark.parametrize("neo", [False, True])
+def test_score_matches_hand_computation(tok, neo):
+    model = tiny(tok.n_vocab, neo=neo)
+    probes = probes_for_test()
+    for use_context in (False, True):
+        results = probe.score(model, tok, probes, use_context=use_context)
+        for pr, r in zip(probes, results):
+            nll, n, em = by_hand(model, tok, pr, use_context)
+            assert r["id"] == pr.id and r["split"] == pr.split
+            assert r["n_tokens"] == n and r["em"] == em
+            assert r["nll"] == pytest.approx(nll, rel=1e-5, abs=1e-5)
+            assert r["nll_per_token"] == pytest.approx(nll / n, rel=1e-5, abs=1e-5)
+
+
+def test_batched_equals_one_at_a_time_and_row_splitting(tok):
+    model = tiny(tok.n_vocab, block_size=9)  # 9 tokens: probe b's answers no longer fit one row
+    probes = probes_for_test()
+    many = probe.score(model, tok, probes, batch_size=64)
+    for pr, r in zip(probes, many):
+        single = probe.score(model, tok, [pr], batch_size=1)[0]
+        assert single["nll"] == pytest.approx(r["nll"], rel=1e-5, abs=1e-6) and single["em"] == r["em"]
+        assert r["nll"] == pytest.approx(by_hand(model, tok, pr)[0], rel=1e-5, abs=1e-6)
+
+
+def test_best_answer_counts_and_em():
+    """A model that always predicts 'Rovers' gets the exact match on the answer 'Rovers'."""
+    tok = WordTokenizer.build(["Ann plays for Rovers United"])
+    model = tiny(tok.n_vocab)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied with wte: all logits 0 except the bias we add below
+        model.transformer.wte.weight[tok.index["Rovers"]] = 1.0
+        for b in model.transformer.h:
+            b.attn.c_proj.weight.zero_(), b.mlp.c_proj.weight.zero_()
+        model.transformer.ln_f.weight.fill_(0.0), model.transformer.ln_f.bias.fill_(1.0)
+    r = probe.score(model, tok, [Probe("x", "Ann plays for", ["United", "Rovers", "Rovers United"], "s")])[0]
+    assert r["em"] == 1 and r["n_tokens"] == 1  # 'Rovers' is greedy and the best answer
+    r = probe.score(model, tok, [Probe("y", "Ann plays for", ["United", "Rovers United"], "s")])[0]
+    # both miss ('United' is never greedy); 'Rovers United' has the lower NLL per token (~32/2 vs ~32)
+    assert r["em"] == 0 and r["n_tokens"] == 2 and r["nll_per_token"] == pytest.approx(16.0, abs=0.01)
+
+
+def test_score_restores_mode_and_leaves_no_grad(tok):
+    model = tiny(tok.n_vocab)
+    model.train()
+    probe.score(model, tok, probes_for_test())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    model.eval()
+    probe.score(model, tok, probes_for_test())
+    assert not model.training
+
+
+def test_prompt_longer_than_context_is_an_error(tok):
+    model = tiny(tok.n_vocab, block_size=4)
+    with pytest.raises(ValueError, match="probe d: .* longer than the model's context"):
+        probe.score(model, tok, probes_for_test()[3:4])
+
+
+def test_gpt2_tokenizer_scoring():
+    tok = GPT2Tokenizer()
+    model = tiny(tok.n_vocab)
+    probes = [Probe("p", "The capital of France is", ["Paris", "Lyon"], "s"), Probe("q", "Alex Morgan plays for",
+              ["United States women's national soccer team", "Orlando Pride"], "s")]
+    for pr, r in zip(probes, probe.score(model, tok, probes, batch_size=1)):
+        nll, n, em = by_hand(model, tok, pr)
+        assert r["nll"] == pytest.approx(nll, rel=1e-5) and r["n_tokens"] == n
+
+
+def test_summarize():
+    res = [{"split": "a", "nll": 2.0, "n_tokens": 1, "em": 1}, {"split": "a", "nll": 4.0, "n_tokens": 3, "em": 0},
+           {"split": "b", "nll": 0.0, "n_tokens": 2, "em": 1}]
+    s = probe.summarize(res)
+    assert s["a"] == {"ppl": pytest.approx(math.exp(6.0 / 4)), "em": 0.5, "n": 2}
+    assert s["b"] == {"ppl": 1.0, "em": 1.0, "n": 1}
+    assert probe.evaluate(tiny(50), WordTokenizer(["<eot>", "<unk>", "x"]), [Probe("i", "x", ["x"], "z")])["z"]["n"] == 1
+
+
+def test_cli_json_and_compare(tmp_path, tok, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    model = tiny(tok.n_vocab)
+    save_checkpoint(run / "ckpt.pt", {"config": asdict(model.config), "model": model.state_dict(), "lora": None,
+                                      "step": 0, "tokenizer": "word"})
+    tok.save(run / "tokenizer.json")
+    pf = tmp_path / "p.tsv"
+    pf.write_text("Ann plays for\tKugo Rovers\tupdated\nBob works at\tAcme Labs\tnew\n")
+    out = tmp_path / "out.json"
+    summary = probe.main(["--init", str(run), "--probes", str(pf), "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "updated" in table and "new" in table and set(summary) == {"updated", "new"}
+    d = json.loads(out.read_text())
+    assert d["summary"] == summary and len(d["results"]) == 2
+    expect = probe.summarize(probe.score(model, tok, read_probes(pf)))
+    assert summary["new"]["ppl"] == pytest.approx(expect["new"]["ppl"], rel=1e-5)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "probes": {"updated": {"ppl": 9.5, "em": 0.25, "n": 1}}}) + "\n"
+                       + json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    probe.main(["--compare", str(out), str(run)])
+    table = capsys.readouterr().out
+    assert "9.50 / 0.25" in table and "out.json" in table and "run" in table
+    for bad in (["--init", str(run), "--probes", str(tmp_path / "none.jsonl")], ["--compare", str(pf)], ["--probes", str(pf)]):
+        with pytest.raises(SystemExit) as e:
+            probe.main(bad)
+        assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
