@@ -28,7 +28,7 @@ SPLITS = ("updated", "new", "unchanged")
 
 # Sizes of the demo. --quick shrinks everything so the tests run the whole pipeline in seconds.
 FULL = dict(entities=300, n_layer=4, n_head=4, n_embd=128, block=64, pre_steps=1000, pre_batch=32, pre_lr=3e-3,
-            steps=150, batch=32, lr=1e-3, n_span=100, n_lm=100)
+            steps=150, batch=16, lr=1e-3, n_span=100, n_lm=100)
 QUICK = dict(entities=24, n_layer=2, n_head=2, n_embd=32, block=32, pre_steps=30, pre_batch=8, pre_lr=3e-3,
              steps=6, batch=8, lr=1e-3, n_span=8, n_lm=8)
 

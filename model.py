@@ -76,19 +76,25 @@ class CausalSelfAttention(nn.Module):
         self.scale = None if config.scale_attn else 1.0  # None: SDPA's default 1/sqrt(head_dim)
         self.window = config.window_size if config.is_local(layer) else None
 
-    def forward(self, x):
+    def forward(self, x, pos=None, mask=None):
+        """x (B, T, C). Plain causal attention by default; probe.py packs several answers after one
+        prompt and passes `mask` (B, T, T), True where i may attend to j, and positions `pos` (B, T)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         dropout = self.dropout if self.training else 0.0
-        if self.window is None or T <= self.window:
+        if mask is None and (self.window is None or T <= self.window):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
         else:
-            # local attention (GPT-Neo): position i sees j with i - window < j <= i. Built per call,
-            # not kept as a buffer, so checkpoints hold weights only.
-            i = torch.arange(T, device=x.device)
-            dist = i[:, None] - i[None, :]  # (T, T)
-            mask = (dist >= 0) & (dist < self.window)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            if self.window is not None:
+                # local attention (GPT-Neo): i sees j only if pos_i - pos_j < window. Built per call,
+                # not kept as a buffer, so checkpoints hold weights only.
+                p = torch.arange(T, device=x.device) if pos is None else pos  # (T,) or (B, T)
+                mask = mask & ((p[..., :, None] - p[..., None, :]) < self.window)
+            if mask.dim() == 3:
+                mask = mask[:, None]  # (B, 1, T, T): the same for every head
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
@@ -116,8 +122,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):  # pre-LN: x + f(LN(x))
-        x = x + self.resid_dropout(self.attn(self.ln_1(x)))
+    def forward(self, x, pos=None, mask=None):  # pre-LN: x + f(LN(x))
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), pos, mask))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -147,15 +153,21 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def hidden(self, idx, pos=None, mask=None):
+        """Final hidden states (B, T, C). `pos` (B, T) and `mask` (B, T, T) are for packed rows
+        (probe.py); by default positions are 0..T-1 and attention is causal."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.config.block_size})")
-        pos = torch.arange(T, device=idx.device)
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+            x = block(x, None if mask is None else pos, mask)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        x = self.hidden(idx)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data import read_probes, span_example
 
@@ -57,31 +56,6 @@ def _rows(tokenizer, probes, use_context, block_size):
             row[2].extend([seg] * (len(ans) - 1))
             row[3].append(([L - 1] + list(range(start, start + len(ans) - 1)), list(ans), owners))
     return rows
-
-
-def _attention(attn, x, pos, mask):
-    """model.CausalSelfAttention with an explicit mask (B, T, T) and positions (B, T)."""
-    B, T, C = x.shape
-    q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-    if attn.window is not None:  # GPT-Neo local layer: only the last `window` positions
-        near = (pos[:, :, None] - pos[:, None, :]) < attn.window  # (B, T, T)
-        mask = near & (mask if mask is not None else torch.ones_like(near).tril())
-    if mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=attn.scale)
-    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-def _hidden(model, idx, pos, mask):
-    """The GPT's final hidden states (B, T, C) for packed rows (eval mode: no dropout)."""
-    tr = model.transformer
-    x = tr.wte(idx) + tr.wpe(pos)  # (B, T, C)
-    for block in tr.h:
-        x = x + _attention(block.attn, block.ln_1(x), pos, mask)
-        x = x + block.mlp(block.ln_2(x))
-    return tr.ln_f(x)
 
 
 def _token_nll(lm_head, h, targets, chunk=128):
@@ -134,7 +108,7 @@ def score(model, tokenizer, probes, batch_size=64, device=None, use_context=Fals
                 tg = torch.tensor(tg, device=device)
                 aid = torch.tensor(aid, device=device)
                 with autocast(str(device)):
-                    h = _hidden(model, idx.to(device), pos.to(device), mask)  # (B, T, C)
+                    h = model.hidden(idx.to(device), pos.to(device), mask)  # (B, T, C)
                     at = (torch.tensor(rb, device=device), torch.tensor(rt, device=device))
                     tok_nll, tok_ok = _token_nll(model.lm_head, h[at], tg)  # answer positions only
                 nll = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_nll).tolist()

@@ -2,7 +2,6 @@
 span alignment, and the synthetic world."""
 import csv
 import json
-import re
 from pathlib import Path
 
 import numpy as np
