@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: demo demo-quick test bench results clean
+.PHONY: demo demo-quick test bench results figure clean
 
 $(BIN)/.run-deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,9 @@ results: $(BIN)/.run-deps
 
 clean:
 	rm -rf out
+
+# The README's trace figure (matplotlib is an optional extra, installed only here).
+figure: $(BIN)/.run-deps
+	$(BIN)/python -m pip install --quiet -r requirements-extra.txt
+	$(BIN)/python demo.py --only full+none --plot
+	cp out/demo/seed0/trace.png assets/trace.png

@@ -135,6 +135,8 @@ def one_seed(args, cfg, seed):
     alr_lr = cfg["lr"] * mean_alr_scale(trace_path, base)
     jobs.append(("full@alr-lr", python("train.py", *common, "--method", "full", "--tgl", "none", "--lr", alr_lr,
                                        "--out", os.path.join(root, "runs", "full@alr-lr"))))
+    if args.only:
+        jobs = [j for j in jobs if j[0] in args.only]
     print(f"[seed {seed}] {len(jobs)} continual runs, {args.jobs} at a time (logs in {logs}); e.g.\n  {sh(jobs[0][1][1:])}",
           flush=True)
     times = run_jobs(jobs, args.jobs, logs)
@@ -185,11 +187,15 @@ def parse_args(argv=None):
     ap.add_argument("--lora-rank", type=int, default=8, help="rank of the lora runs")
     ap.add_argument("--replay-ratio", type=float, default=0.25, help="mixreview: share of replayed T0 text per batch")
     ap.add_argument("--pretrain-steps", type=int, help="base-model pretraining steps (default 1000, quick 30)")
+    ap.add_argument("--only", nargs="+", help="run only these runs (e.g. full+none lora+fp full@alr-lr)")
     ap.add_argument("--plot", action="store_true", help="also write trace.png (needs matplotlib)")
     ap.add_argument("--results", help="also write the table (Markdown) and the raw numbers (JSON beside it) here")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    names = {f"{m}+{t}" for m in METHODS for t in TGLS} | {"full@alr-lr"}
+    if args.only and not set(args.only) <= names:
+        ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
     return args
 
 

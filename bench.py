@@ -1,0 +1,423 @@
+"""Benchmarks: our code against transformers, a plain loop, or other training setups.
+
+    python bench.py all                                               # the four, small: a few minutes on 2 CPU cores
+    python bench.py model --steps 5                                   # CPU: B=4, T=256, GPT-2 small
+    python bench.py probe --n-layer 12 --n-embd 768 --n-head 12 --n-probes 128   # GPT-2 small size
+    python bench.py trace --n-layer 4 --n-embd 256 --device cuda
+    python bench.py train --device cuda --n-layer 12 --n-embd 768 --vocab 50257 --block-size 512 --batch-size 8
+
+`python bench.py` alone runs `all`; `python bench.py COMMAND --help` explains each one. model and probe
+compare against transformers, a test and benchmark dependency (pip install -r requirements-dev.txt).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import probe
+from data import GPT2Tokenizer, WordTokenizer, make_world, read_probes, span_example
+from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
+from trace import _collate, trace_norms
+from train import AdamW, make_param_groups
+
+# GPT-2 BPE offline, as the tests get it: tiktoken's files from ../shared unless TIKTOKEN_CACHE_DIR is set
+TIKTOKEN_CACHE = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device="cpu"):
+    """(fn(), seconds), the device synchronized before and after so that queued kernels count."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def interleaved(fns: dict, repeats: int, device, warmup: int = 1) -> dict:
+    """{name: [seconds] of `repeats` timed rounds}; every round (the `warmup` untimed ones first)
+    runs each fn once in turn, so that drift in machine load hits them all alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            t = timed(fn, device)[1]
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def need_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("error: this benchmark needs transformers (pip install -r requirements-dev.txt)") from None
+    transformers.logging.set_verbosity_error()  # no load-time notices or progress bars between the figures
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+# ----------------------------------------------------------------------------- model
+
+def bench_model(device="cpu", steps=5, batch_size=4, block_size=256, n_layer=12, n_head=12, n_embd=768,
+                warmup=1, seed=0) -> dict:
+    """Forward + backward throughput of our GPT against transformers' GPT2LMHeadModel, same process.
+
+Both models get the same config (GPT-2 small by default), random weights and the same batch; their
+steps are interleaved (ours, theirs, ours, ...) so that machine noise hits both alike, and the
+median tokens/s of each is reported."""
+    transformers = need_transformers()
+    torch.manual_seed(seed)
+    ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0)).to(device)
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
+    ours.train()
+    theirs.train()  # dropout is 0 in both, so train mode costs nothing extra
+    x = torch.randint(0, 50257, (batch_size, block_size), device=device)
+    y = torch.randint(0, 50257, (batch_size, block_size), device=device)
+
+    def run_ours():
+        with autocast(device):
+            _, loss = ours(x, y)
+        loss.backward()
+        ours.zero_grad(set_to_none=True)
+
+    def run_theirs():
+        with autocast(device):
+            loss = theirs(input_ids=x, labels=x).loss  # labels are shifted inside: same work as ours
+        loss.backward()
+        theirs.zero_grad(set_to_none=True)
+
+    times = interleaved({"ours": run_ours, "transformers": run_theirs}, steps, device, warmup)
+    tokens = batch_size * block_size
+    result = {name: tokens / statistics.median(ts) for name, ts in times.items()}
+    print(f"device {device}, threads {torch.get_num_threads()}, B={batch_size} T={block_size}, "
+          f"GPT-2 shape ({n_layer}L {n_embd}d), median of {steps} interleaved steps, forward+backward:")
+    for name, tps in result.items():
+        print(f"  {name:13s} {tps:9.0f} tokens/s   ({statistics.median(times[name]) * 1000:.0f} ms/step)")
+    print(f"  ours / transformers = {result['ours'] / result['transformers']:.2f}x")
+    return result
+
+
+# ----------------------------------------------------------------------------- probe
+
+def one_by_one(model, tok, probes, device="cpu"):
+    """Reference loop: one forward per (probe, answer), full logits, best answer by NLL/token."""
+    out = []
+    with torch.inference_mode():
+        for pr in probes:
+            best = None
+            for ans in pr.answers:
+                idx, tgt = span_example(tok, pr.prompt, ans)
+                logits, _ = model(torch.tensor([idx], device=device))
+                tgt = torch.tensor(tgt, device=device)
+                nll = F.cross_entropy(logits[0], tgt, ignore_index=-1, reduction="sum").item()
+                n = (tgt != -1).sum().item()
+                best = min(best or (nll / n, nll), (nll / n, nll))
+            out.append(best[1])
+    return out
+
+
+def hf_scores(hf, tok, probes, batch_size, device="cpu"):
+    """NLL of the best answer per probe with transformers, B (probe, answer) rows per forward:
+    right padding + attention_mask, all logits, cross-entropy (how one would usually do it)."""
+    items = [(i, span_example(tok, pr.prompt, a)) for i, pr in enumerate(probes) for a in pr.answers]
+    items.sort(key=lambda it: len(it[1][0]))  # the same length sorting probe.score gets
+    best = [None] * len(probes)
+    with torch.inference_mode():
+        for b in range(0, len(items), batch_size):
+            owners, examples = zip(*items[b:b + batch_size])
+            x, y = _collate(examples, device)  # (B, T) each; padding has target -1
+            lengths = torch.tensor([len(idx) for idx, _ in examples], device=device)
+            att = (torch.arange(x.shape[1], device=device) < lengths[:, None]).long()
+            logits = hf(input_ids=x, attention_mask=att).logits  # (B, T, V)
+            nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none").sum(1).tolist()
+            for i, s, n in zip(owners, nll, (y != -1).sum(1).tolist()):
+                best[i] = min(best[i] or (s / n, s), (s / n, s))
+    return [b[1] for b in best]
+
+
+def bench_probe(n_probes=256, n_layer=4, n_embd=256, n_head=4, batch_size=64, seed=0, tokenizer="gpt2",
+                device="cpu") -> dict:
+    """Probe scoring: probe.score batched vs one at a time vs transformers, same weights.
+
+The probes are the evaluation probes of a synthetic world (TempLAMA / ECBD formats), tokenized
+with GPT-2 BPE (or the world's word vocabulary). Three ways to get the same numbers:
+  batched   probe.score(batch_size=B): packed rows sorted by length, LM head at answer tokens only
+  one-by-1  a plain loop: model(idx) for every (probe, answer), cross-entropy over the span
+  hf        transformers' GPT2LMHeadModel with our weights (model.save_pretrained), B (probe, answer)
+            rows per forward, right padding + attention_mask, all logits, cross-entropy
+Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, where probe.score autocasts)."""
+    transformers = need_transformers()
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as d:
+        make_world(d, seed=seed, n_entities=300)
+        probes = [p for s in ("updated", "unchanged", "new") for p in read_probes(f"{d}/probes/{s}.jsonl")]
+        if tokenizer == "gpt2" and TIKTOKEN_CACHE.is_dir():
+            os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+        try:
+            tok = GPT2Tokenizer() if tokenizer == "gpt2" else WordTokenizer.load(f"{d}/tokenizer.json")
+        except OSError as e:  # tiktoken's download (requests' ConnectionError is an OSError)
+            raise SystemExit(f"error: no GPT-2 BPE files offline ({type(e).__name__}): set TIKTOKEN_CACHE_DIR "
+                             "or use --tokenizer word") from None
+    probes = probes[:n_probes]
+    cfg = GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    model = GPT(cfg).to(device).eval()
+    with tempfile.TemporaryDirectory() as d:  # our exporter: what transformers loads is what we wrote
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(device).eval()
+    n_tok = sum(len(span_example(tok, p.prompt, a)[0]) for p in probes for a in p.answers)
+    print(f"model: {n_layer} layers, d={n_embd}, vocab {cfg.vocab_size}, "
+          f"{model.num_params() / 1e6:.1f}M params; {len(probes)} probes, {n_tok} tokens; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
+    probe.score(model, tok, probes[:8])  # warm-up
+    res, t_batched = timed(lambda: probe.score(model, tok, probes, batch_size=batch_size), device)
+    ours = [r["nll"] for r in res]
+    t_rows1 = timed(lambda: probe.score(model, tok, probes, batch_size=1), device)[1]
+    naive, t_naive = timed(lambda: one_by_one(model, tok, probes, device), device)
+    hf_nll, t_hf = timed(lambda: hf_scores(hf, tok, probes, batch_size, device), device)
+    diff_naive = max(abs(a - b) for a, b in zip(ours, naive))
+    diff_hf = max(abs(a - b) for a, b in zip(ours, hf_nll))
+    n = len(probes)
+    figures = {"batched": n / t_batched, "score_batch1": n / t_rows1, "one_by_one": n / t_naive, "hf": n / t_hf}
+    print(f"{'method':<28} {'probes/s':>10} {'vs one-by-1':>12}")
+    for name, label in (("batched", f"probe.score batch {batch_size}"), ("score_batch1", "probe.score batch 1"),
+                        ("one_by_one", "one at a time (model())"), ("hf", f"transformers batch {batch_size}")):
+        print(f"{label:<28} {figures[name]:>10.1f} {figures[name] / figures['one_by_one']:>11.1f}x")
+    print(f"batched is {figures['batched'] / figures['hf']:.2f}x transformers; "
+          f"max |NLL diff| vs one-by-1 {diff_naive:.2e}, vs transformers {diff_hf:.2e}")
+    return {**figures, "max_diff_naive": diff_naive, "max_diff_hf": diff_hf}
+
+
+# ----------------------------------------------------------------------------- trace
+
+def bench_trace(n=32, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, seq_len=24, n_targets=3,
+                device="cpu", repeats=3, seed=0) -> dict:
+    """Tracing n examples with the gradient-norm hooks vs the plain per-example fwd+bwd loop.
+
+The plain loop is zero_grad(set_to_none) + forward + backward per example, as one would write it
+without hooks; both run on the same probe-like examples, interleaved, best of `repeats`.
+The target (issue 4) is traced / plain <= 1.1: the hooks must not be the bottleneck."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=max(seq_len, 64), vocab_size=vocab_size, n_layer=n_layer,
+                          n_head=n_head, n_embd=n_embd)).to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    examples = [(torch.randint(0, vocab_size, (seq_len,), generator=g).tolist(),
+                 [-1] * (seq_len - n_targets) + torch.randint(0, vocab_size, (n_targets,), generator=g).tolist())
+                for _ in range(n)]
+
+    def plain():
+        for ex in examples:
+            model.zero_grad(set_to_none=True)
+            x, y = _collate([ex], device)  # (1, T) each, as the trace builds them
+            with autocast(device):
+                _, loss = model(x, y)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def traced():
+        _, sums, _ = trace_norms(model, {"span": examples}, device=device)
+        sums["span"].tolist()  # the one sync of a real trace
+
+    best = {k: min(v) for k, v in interleaved({"plain": plain, "trace": traced}, repeats, device).items()}
+    res = {"n": n, "device": str(device), "params_M": model.num_params() / 1e6, "plain_s": best["plain"],
+           "trace_s": best["trace"], "ratio": best["trace"] / best["plain"],
+           "plain_ms_per_example": 1e3 * best["plain"] / n, "trace_ms_per_example": 1e3 * best["trace"] / n}
+    print(f"{res['params_M']:.1f}M params on {device}, {n} examples of {seq_len} tokens ({n_targets} targets), "
+          f"best of {repeats}, {torch.get_num_threads()} threads")
+    print(f"plain fwd+bwd loop: {best['plain']:.3f} s ({res['plain_ms_per_example']:.2f} ms/example)")
+    print(f"trace (hooks)     : {best['trace']:.3f} s ({res['trace_ms_per_example']:.2f} ms/example)")
+    print(f"ratio trace/plain : {res['ratio']:.3f} (target <= 1.1)")
+    return res
+
+
+# ----------------------------------------------------------------------------- train
+
+def train_setups(n_layer):
+    """{name: unit scales for make_param_groups (0 = frozen), None = all train, or "lora"}."""
+    half = n_layer // 2
+    late = {f"h.{i}.{s}" for i in range(half, n_layer) for s in ("attn", "mlp")} | {"ln_f"}
+    early = {"embed"} | {f"h.{i}.{s}" for i in range(half) for s in ("attn", "mlp")}
+    units = unit_names(n_layer)
+    return {"full": None,
+            "fp (late half frozen)": {u: float(u not in late) for u in units},
+            "fp (early half frozen)": {u: float(u not in early) for u in units},
+            "lora r8": "lora"}
+
+
+def saved_activation_bytes(model, x, y, device):
+    """Bytes autograd saves for backward in one step: parameters excluded, each storage once."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device):
+        _, loss = model(x, y)
+    loss.backward()
+    return sum(seen.values())
+
+
+def bench_train(n_layer=4, n_head=4, n_embd=128, vocab=2000, block_size=64, batch_size=16, steps=20,
+                device="cpu", seed=0) -> dict:
+    """Cost of one training step for full, full + TGL-FP (half the units frozen) and LoRA: same model, same batch.
+
+Per setup: step time (forward, backward, clip, optimizer; median after 3 warm-up steps), tokens/s, memory:
+  state    = bytes of weight gradients + optimizer state (exact, from the tensors)
+  saved    = bytes of activations autograd keeps for backward (saved-tensor hooks, parameters
+             excluded, each storage counted once): what freezing removes besides gradients
+  peak     = torch.cuda.max_memory_allocated on CUDA (not measurable per setup on CPU: "-")
+Returns {setup: dict(ms, tok_s, state, saved, peak, trainable)}."""
+    torch.manual_seed(seed)
+    x = torch.randint(0, vocab, (batch_size, block_size), device=device)
+    y = torch.randint(0, vocab, (batch_size, block_size), device=device)
+    cfg = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    cuda = str(device).startswith("cuda")
+    print(f"{n_layer} layers, d={n_embd}, vocab {vocab}, batch {batch_size}x{block_size}, {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'setup':24s} {'trainable':>10s} {'ms/step':>8s} {'tok/s':>9s} {'state MiB':>9s} {'saved MiB':>9s} {'peak MiB':>8s}")
+    out = {}
+    for name, scales in train_setups(n_layer).items():
+        torch.manual_seed(seed)
+        model = GPT(cfg).to(device)
+        if scales == "lora":
+            add_lora(model, 8, 16.0)
+            scales = None
+        opt = AdamW(make_param_groups(model, scales), lr=1e-4)
+        saved = saved_activation_bytes(model, x, y, device)
+        opt.zero_grad()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def step():  # returns the bytes of gradients + optimizer state, measured before they are freed
+            with autocast(device):
+                _, loss = model(x, y)
+            loss.backward()
+            state = sum(p.grad.numel() * p.grad.element_size() for p in opt.params) + opt.state_bytes()
+            torch.nn.utils.clip_grad_norm_(opt.params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad()
+            return state
+
+        runs = [timed(step, device) for _ in range(steps + 3)]  # 3 warm-up steps
+        state, ms = runs[-1][0], statistics.median(t for _, t in runs[3:]) * 1000
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        r = out[name] = dict(ms=ms, tok_s=batch_size * block_size / ms * 1000, state=state, saved=saved, peak=peak,
+                             trainable=sum(p.numel() for p in opt.params))
+        print(f"{name:24s} {r['trainable']:>10,} {ms:8.1f} {r['tok_s']:9,.0f} {state / 2**20:9.2f} {saved / 2**20:9.2f} "
+              f"{'-' if peak is None else f'{peak:.0f}':>8s}")
+        del model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------- all, command line
+
+# command: (function, default --device, default (--n-layer, --n-head, --n-embd) or None, other flags).
+# A flag is {name: (default, help)}: an int >= 1, or >= a third item; a list default = choices, first chosen.
+COMMANDS = {
+    "model": (bench_model, "auto", (12, 12, 768), {
+        "steps": (5, "timed steps per model (median reported)"),
+        "warmup": (1, "untimed steps per model first", 0),
+        "batch-size": (4, "sequences per step"),
+        "block-size": (256, "tokens per sequence (at most 1024)")}),
+    "probe": (bench_probe, "cpu", (4, 4, 256), {
+        "n-probes": (256, "probes to score"),
+        "batch-size": (64, "rows per forward (batched and transformers)"),
+        "tokenizer": (["gpt2", "word"], "gpt2: GPT-2 BPE, 50k softmax; word: the world's small word vocabulary")}),
+    "trace": (bench_trace, "auto", (12, 12, 768), {
+        "n": (32, "examples traced"),
+        "vocab-size": (50257, "vocabulary size"),
+        "seq-len": (24, "tokens per example (probe-like)"),
+        "n-targets": (3, "answer tokens per example (at most --seq-len)"),
+        "repeats": (3, "timed repeats; the best is reported")}),
+    "train": (bench_train, "cpu", (4, 4, 128), {
+        "vocab": (2000, "vocabulary size"),
+        "block-size": (64, "tokens per window"),
+        "batch-size": (16, "windows per step"),
+        "steps": (20, "timed steps per setup (median reported)")}),
+}
+# `all`: sizes for a 2-core CPU, the four in about three minutes
+SMALL = {"model": dict(steps=5, batch_size=1, block_size=128),
+         "probe": dict(n_probes=128),
+         "trace": dict(n=16, n_layer=4, n_head=4, n_embd=256),
+         "train": dict()}
+
+
+def bench_all(device="cpu", seed=0) -> dict:
+    """Each benchmark at small sizes (a few minutes on a 2-core CPU), one header per section."""
+    out = {}
+    for name, kw in SMALL.items():
+        fn = COMMANDS[name][0]
+        sizes = ", ".join(f"{k}={v}" for k, v in kw.items()) or "its defaults"
+        print(f"\n=== {name}: {fn.__doc__.splitlines()[0]} ({sizes})", flush=True)
+        out[name] = fn(device=device, seed=seed, **kw)
+    return out
+
+
+def at_least(low):
+    def check(s):
+        if int(s) < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {s}")
+        return int(s)
+    return check
+
+
+def main(argv=None):
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+
+    def common(device):  # the flags every command has (a parser per command: argparse shares defaults)
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--device", default=device, help="cpu, cuda, mps or auto")
+        p.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: %(default)s = torch's choice)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+        return p
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    sub, parsers = ap.add_subparsers(dest="command", metavar="{model,probe,trace,train,all}"), {}
+    for name, (fn, device, size, flags) in {**COMMANDS, "all": (bench_all, "auto", None, {})}.items():
+        p = parsers[name] = sub.add_parser(name, parents=[common(device)], help=fn.__doc__.splitlines()[0],
+                                           description=fn.__doc__, formatter_class=fmt)
+        p.set_defaults(fn=fn)
+        if size:
+            flags = {"n-layer": (size[0], "transformer layers"), "n-head": (size[1], "attention heads"),
+                     "n-embd": (size[2], "model width (a multiple of --n-head)"), **flags}
+        for flag, (default, text, *low) in flags.items():
+            if isinstance(default, list):
+                p.add_argument(f"--{flag}", choices=default, default=default[0], help=text)
+            else:
+                p.add_argument(f"--{flag}", type=at_least(*low or [1]), default=default, help=text)
+
+    args = ap.parse_args(argv)
+    if args.command is None:  # `python bench.py` (make bench): everything, small
+        args = ap.parse_args(["all"])
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "threads")}
+    error = parsers[args.command].error
+    if kw.get("n_embd", 0) % kw.get("n_head", 1):
+        error("--n-embd must be a multiple of --n-head")
+    if args.command == "model" and args.block_size > 1024:
+        error("--block-size must be <= 1024 (GPT-2's context)")
+    if kw.get("n_targets", 0) > kw.get("seq_len", 0):
+        error("--n-targets must be <= --seq-len")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw["device"] = pick_device(args.device)
+    return args.fn(**kw)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
