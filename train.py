@@ -432,6 +432,7 @@ def main(argv=None):
             f.writelines(line + "\n" for line in old if json.loads(line)["step"] <= step)
         if hasattr(tokenizer, "save"):
             tokenizer.save(os.path.join(args.out, "tokenizer.json"))
+    hooks = tgl_trace.GradNormHooks(model).__enter__()  # trace.py's hooks log per-unit gradient norms; on for the run
     dmodel = torch.compile(model) if args.compile else model
     if world > 1:
         dmodel = torch.nn.parallel.DistributedDataParallel(dmodel, device_ids=[device] if device.startswith("cuda") else None)
@@ -469,7 +470,10 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         mask = torch.zeros(cfg.vocab_size, device=device) if seen_rows else None
+        logging = (step + 1) % args.log_every == 0 or step + 1 == args.steps
         for micro in range(args.grad_accum):
+            # the hooks read .grad once it holds the whole accumulated gradient: at the last micro-step
+            hooks.enabled = logging and world == 1 and micro == args.grad_accum - 1
             x, y = (t.to(device, non_blocking=True) for t in stream.next(step))  # (B, T) each
             sync = world == 1 or micro == args.grad_accum - 1  # DDP: all-reduce on the last micro-step only
             with (nullcontext() if sync else dmodel.no_sync()), autocast(device):
@@ -480,10 +484,8 @@ def main(argv=None):
                 mask[x.view(-1)] = 1
                 mask[y[y >= 0]] = 1
         step += 1
-        logging = step % args.log_every == 0 or step == args.steps
-        if logging:  # per-unit gradient norms of this update (before clipping; under DDP the global gradient)
-            norms = torch.stack([torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in g["params"]])))
-                                 for g in opt.param_groups])
+        if logging:  # per-unit norms of this update's gradient, before clipping (the paper's Figure 1)
+            grad_norms = hooks.norms() if world == 1 else tgl_trace.unit_grad_norms(model)  # DDP: after the all-reduce
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(opt.params, args.grad_clip, foreach=True)
         if mask is not None:
@@ -511,7 +513,7 @@ def main(argv=None):
             now = time.time()
             tok_s = tok_per_step * n_sum / (now - t_log)
             say(f"step {step}/{args.steps} | loss {last:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | {elapsed + now - t_start:.1f}s")
-            rec = dict(step=step, loss=last, lr=lr, tok_per_s=tok_s, grad_norms=dict(zip(trained, norms.tolist())),
+            rec = dict(step=step, loss=last, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
                        time=elapsed + now - t_start)
         if do_eval:
             probe_res = evaluate() if master else None
