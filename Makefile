@@ -30,7 +30,7 @@ bench: $(BIN)/.dev-deps
 
 # The README's results table: the demo over 3 seeds, mean and spread.
 results: $(BIN)/.run-deps
-	$(BIN)/python demo.py --seeds 0 1 2 --results RESULTS.md
+	$(BIN)/python demo.py --seeds 0 1 2 --results assets/results.md
 
 clean:
 	rm -rf out
