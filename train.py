@@ -260,8 +260,7 @@ def get_args(argv=None):
         ("--method mixreview needs --replay-data", args.method == "mixreview" and not args.replay_data),
         ("--replay-ratio must be in [0, 1] and --replay-decay >= 0", not 0 <= args.replay_ratio <= 1 or args.replay_decay < 0),
         ("--steps, --batch-size, --grad-accum and --log-every must be >= 1",
-         min(args.steps, args.batch_size, args.grad_accum, args.log_every) < 1),
-        ("--export-hf needs model.GPT.save_pretrained", args.export_hf and not hasattr(GPT, "save_pretrained"))]
+         min(args.steps, args.batch_size, args.grad_accum, args.log_every) < 1)]
     for msg, bad in checks:
         if bad:
             fail(msg)

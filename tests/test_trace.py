@@ -211,7 +211,6 @@ def test_report_chart():
 
 @pytest.fixture
 def world(tmp_path):
-    pytest.importorskip("data")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=16))  # GPT-2 BPE ids
     run = tmp_path / "run"

@@ -209,8 +209,14 @@ def test_ddp_two_processes_match_one(world, tmp_path):
            "--init", world.base, "--data", world.new, "--out", str(tmp_path / "two"), "--lr", "1e-3",
            "--tokenizer-file", str(world.dir / "tokenizer.json")] + TINY + extra
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # One retry: gloo's TCP setup between the two processes has, once in many runs on a loaded
+    # 2-core machine, aborted a rank before training started. The checks below apply either way.
+    for attempt in range(2):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            break
+    errors = [line for line in r.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line]
+    assert r.returncode == 0, "\n".join(errors[:20]) + "\n" + r.stderr[-2000:]
     assert load_checkpoint(tmp_path / "two" / "ckpt.pt")["world_size"] == 2
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((w1[n] - w2[n]).abs().max().item() for n in w1) < 1e-5
@@ -243,8 +249,6 @@ def test_bad_flags_one_line_exit_2(world, tmp_path, capsys):
 
 
 def test_export_hf_merges_lora(world, tmp_path):
-    if not hasattr(GPT, "save_pretrained") or not hasattr(GPT, "from_pretrained"):
-        pytest.skip("model.GPT.save_pretrained / from_pretrained not there yet")
     run(world, tmp_path / "lo", "--method", "lora", "--export-hf", str(tmp_path / "hf"))
     merged = model_from_checkpoint(load_checkpoint(tmp_path / "lo" / "ckpt.pt")).eval()
     hf = GPT.from_pretrained(str(tmp_path / "hf")).eval()
