@@ -8,7 +8,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from model import atomic_path, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -71,7 +72,7 @@ class WordTokenizer:
         return hashlib.sha1("\n".join(self.vocab).encode()).hexdigest()[:12]
 
     def save(self, path):
-        _write_atomic(path, json.dumps({"type": "word", "vocab": self.vocab}, ensure_ascii=False))
+        write_text(path, json.dumps({"type": "word", "vocab": self.vocab}, ensure_ascii=False))
 
     @classmethod
     def load(cls, path):
@@ -98,11 +99,6 @@ def load_tokenizer(spec):
     return GPT2Tokenizer()
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- token arrays
 
@@ -152,9 +148,8 @@ def load_tokens(path, tokenizer, cache_dir=None):
         try:
             d.mkdir(parents=True, exist_ok=True)
             out = d / f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
-            tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-            arr.tofile(tmp)
-            os.replace(tmp, out)
+            with atomic_path(out) as tmp:
+                arr.tofile(tmp)
         except OSError:
             continue  # read-only: try the next folder
         for old in d.glob(f"{stem}-*.tokens.bin"):  # stale caches of the same source
@@ -458,11 +453,11 @@ def make_world(out_dir, seed=0, n_entities=300, update_frac=0.2, new_frac=0.18, 
     (out / "probes").mkdir(parents=True, exist_ok=True)
     texts = {"t0.txt": t0, "t1.txt": t1, "diff.txt": diff}
     for fname, docs in texts.items():
-        _write_atomic(out / fname, "\n\n".join(docs) + "\n")
+        write_text(out / fname, "\n\n".join(docs) + "\n")
     probe_text = [r.get(k) or "" for recs in probes.values() for r in recs for k in ("query", "masked_sentence", "definition")]
     WordTokenizer.build(["\n".join(d) for d in texts.values()] + probe_text).save(out / "tokenizer.json")
     for split, recs in probes.items():
-        _write_atomic(out / "probes" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        write_text(out / "probes" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     meta = {
         "seed": seed, "n_entities": n_entities, "n_new_entities": n_new, "dates": list(DATES),
         "counts": {"facts_t0": len(old_facts), "facts_updated": len(updated), "facts_new": len(new_facts),
@@ -471,7 +466,7 @@ def make_world(out_dir, seed=0, n_entities=300, update_frac=0.2, new_frac=0.18, 
         "unseen_template_ids": unseen,
         "entities": {e[0]: {"name": e[1], "t0": e[2], "t1": e[3]} for e in ents},
     }
-    _write_atomic(out / "world.json", json.dumps(meta, indent=1))
+    write_text(out / "world.json", json.dumps(meta, indent=1))
     return meta
 
 

@@ -19,7 +19,7 @@ import time
 import data
 import probe
 import trace as tgl_trace
-from model import load_model, unit_of
+from model import load_model, unit_of, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "mixreview", "recadam", "lora")
@@ -104,8 +104,7 @@ def one_seed(args, cfg, seed):
         t = time.time()
         if subprocess.run(pre).returncode != 0:
             raise SystemExit("error: pretraining failed (see above)")
-        with open(key_file, "w") as f:
-            f.write(sh(pre[1:]))
+        write_text(key_file, sh(pre[1:]))
         print(f"[seed {seed}] pretrained in {time.time() - t:.0f}s", flush=True)
 
     # 3. trace: where do the diagnostic probes' gradients go, relative to ordinary LM gradients?
@@ -213,13 +212,8 @@ def main(argv=None):
     print(text)
     print(f"\ndemo done in {time.time() - t0:.0f}s", flush=True)
     if args.results:
-        tmp = args.results + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.results)
-        with open(tmp, "w") as f:
-            json.dump(dict(seeds=args.seeds, config=cfg, runs=per_seed), f, indent=1)
-        os.replace(tmp, os.path.splitext(args.results)[0] + ".json")
+        write_text(args.results, text + "\n")
+        write_text(os.path.splitext(args.results)[0] + ".json", json.dumps(dict(seeds=args.seeds, config=cfg, runs=per_seed), indent=1))
     return per_seed
 
 

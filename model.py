@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,12 +269,30 @@ def autocast(device: str):
 CKPT_NAME = "ckpt.pt"
 
 
+@contextmanager
+def atomic_path(path):
+    """The one way this project writes a file: yield a temporary path next to `path`, rename it over
+    `path` once the write succeeded. A crash mid-write never leaves a half-written file in place of
+    a good one; the pid in the name keeps parallel writers (two demo runs, DDP ranks) apart."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str):
+    """Write a text file atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def save_checkpoint(path, state: dict):
-    """Write atomically: a temporary file next to `path`, then rename, so a crash mid-write
-    never leaves a half-written checkpoint in place of the last good one."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic, so a crash mid-write never replaces the last good checkpoint with half of one."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path) -> dict:
@@ -369,10 +387,9 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
         header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # pad so that the data starts 8-byte aligned
-    with open(f"{path}.tmp", "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         f.writelines(blobs)
-    os.replace(f"{path}.tmp", path)
 
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
@@ -547,6 +564,4 @@ def save_hf(model: GPT, folder):
         cfg.update(bos_token_id=50256, eos_token_id=50256)
     os.makedirs(folder, exist_ok=True)
     write_safetensors(os.path.join(folder, "model.safetensors"), sd, metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    write_text(os.path.join(folder, "config.json"), json.dumps(cfg, indent=2))

@@ -19,13 +19,13 @@ head runs only at the answer positions, not at every position of every row.
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from data import read_probes, span_example
+from model import write_text
 
 
 def _rows(tokenizer, probes, use_context, block_size):
@@ -237,10 +237,7 @@ def main(argv=None):
     print(format_table(summary))
     if args.json:
         out = {"init": args.init, "probes": args.probes, "context": args.context, "summary": summary, "results": results}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps(out, indent=1))
     return summary
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import autocast, load_model, unit_names, unit_of
+from model import autocast, load_model, unit_names, unit_of, write_text
 
 DEFAULT_FLOOR = 0.01  # ALR: smallest LR scale, so no unit is frozen by ALR unless --floor 0 asks for it
 
@@ -325,10 +325,7 @@ def trace_files(model, tokenizer, probe_paths, text_path, n_span=100, n_lm=100, 
 
 def save_trace(path, d: dict):
     """Atomic: a half-written trace never replaces a good one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(d, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(d, indent=1))
 
 
 def load_trace(path) -> dict:

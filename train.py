@@ -26,7 +26,7 @@ import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
 from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model,
-                   merge_lora, pick_device, save_checkpoint, unit_names, unit_of)
+                   merge_lora, pick_device, save_checkpoint, unit_names, unit_of, write_text)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -427,8 +427,7 @@ def main(argv=None):
         random.seed(args.seed + rank)
     if master:  # the log must agree with the checkpoint: drop lines past it
         old = open(metrics_path).read().splitlines() if ck and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(line + "\n" for line in old if json.loads(line)["step"] <= step)
+        write_text(metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
         if hasattr(tokenizer, "save"):
             tokenizer.save(os.path.join(args.out, "tokenizer.json"))
     hooks = tgl_trace.GradNormHooks(model).__enter__()  # trace.py's hooks log per-unit gradient norms; on for the run
@@ -530,8 +529,7 @@ def main(argv=None):
     summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=step, final_loss=last, probes=probe_res,
                    scales=scales, trainable_params=n_train, time=elapsed + time.time() - t_start)
     if master:
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         if args.export_hf:
             if getattr(model, "lora", None):
                 merge_lora(model)

@@ -333,3 +333,16 @@ def test_short_download_is_not_renamed(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="50 of 80"):
         M.download("http://x/f", str(tmp_path / "f"), retries=2)
     assert not (tmp_path / "f").exists()
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    M.save_checkpoint(path, {"step": 1})
+    with pytest.raises(RuntimeError):
+        with M.atomic_path(path) as tmp:
+            open(tmp, "w").write("half a file")
+            raise RuntimeError("crash mid-write")
+    assert M.load_checkpoint(path) == {"step": 1}  # the last good file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temporary file is left
+    M.write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
