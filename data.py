@@ -10,7 +10,6 @@ import hashlib
 import json
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import atomic_path, write_text
+from model import atomic_path, fail, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -503,8 +502,7 @@ def main(argv=None):
             for s, n in sorted(counts.items()):
                 print(f"{s:>16} {n:6d}")
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":

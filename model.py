@@ -289,6 +289,12 @@ def write_text(path, text: str):
         f.write(text)
 
 
+def fail(msg: str, prog: str = "", code: int = 2):
+    """Bad input to a script: one line on stderr ("prog: error: ..."), a non-zero exit, no traceback."""
+    print(f"{prog + ': ' if prog else ''}error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def save_checkpoint(path, state: dict):
     """Atomic, so a crash mid-write never replaces the last good checkpoint with half of one."""
     with atomic_path(path) as tmp:

@@ -19,13 +19,12 @@ head runs only at the answer positions, not at every position of every row.
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 from data import read_probes, span_example
-from model import write_text
+from model import fail, write_text
 
 
 def _rows(tokenizer, probes, use_context, block_size):
@@ -225,14 +224,13 @@ def main(argv=None):
         probes = [p for f in args.probes for p in read_probes(f)]
         if not probes:
             raise ValueError("the probe files hold no probes")
+        model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake
         tokenizer = load_tokenizer(args.tokenizer or args.init)
-        model = load_model(args.init, device)
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
         results = score(model, tokenizer, probes, args.batch_size, device, args.context)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(str(e))
     summary = summarize(results)
     print(format_table(summary))
     if args.json:

@@ -13,14 +13,13 @@ import json
 import math
 import os
 import random
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model import autocast, load_model, unit_names, unit_of, write_text
+from model import autocast, fail, load_model, unit_names, unit_of, write_text
 
 DEFAULT_FLOOR = 0.01  # ALR: smallest LR scale, so no unit is frozen by ALR unless --floor 0 asks for it
 
@@ -387,7 +386,7 @@ def need_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        _fail("matplotlib is needed for --plot: pip install matplotlib")
+        fail("matplotlib is needed for --plot: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
@@ -415,9 +414,6 @@ def plot_png(d: dict, path):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def parse_args(argv=None):
@@ -459,7 +455,7 @@ def main(argv=None) -> dict:
         need_matplotlib()  # fail before the slow part
     for f in args.probes + [args.text]:
         if not os.path.isfile(f):
-            _fail(f"{f}: no such file")
+            fail(f"{f}: no such file")
     device = pick_device(args.device)
     try:
         model = load_model(args.init, device)
@@ -468,7 +464,7 @@ def main(argv=None) -> dict:
                         args.trace_batch, device, args.block_size, args.split_by, args.all_params,
                         args.select, args.rank_units, args.alr_norm, args.floor)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     d["model"] = args.init
     save_trace(args.out, d)
     print(report(d))

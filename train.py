@@ -14,10 +14,10 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
-from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model,
+from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, fail as cli_fail,
                    merge_lora, pick_device, save_checkpoint, unit_names, unit_of, write_text)
 
 
@@ -183,10 +183,7 @@ class Stream:
 
 # ----------------------------------------------------------------------------- CLI
 
-def fail(msg):
-    """Bad input: one line on stderr, exit code 2, no traceback."""
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+fail = partial(cli_fail, prog="train.py")  # bad input: one line, exit 2, no traceback
 
 
 class Parser(argparse.ArgumentParser):
@@ -450,8 +447,7 @@ def main(argv=None):
 
     def stop(why):
         last = f"step {load_checkpoint(ckpt_path)['step']}" if os.path.exists(ckpt_path) else "none"
-        print(f"train.py: error: {why} at step {step}; stopped (last good checkpoint: {last})", file=sys.stderr)
-        raise SystemExit(3)
+        fail(f"{why} at step {step}; stopped (last good checkpoint: {last})", code=3)
 
     def evaluate():
         with autocast(device):
