@@ -566,8 +566,10 @@ def save_hf(model: GPT, folder):
                          f"scale_attn={c.scale_attn}, attention_layers={c.attention_layers}")
     cfg.update(vocab_size=c.vocab_size, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
                tie_word_embeddings=True, dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."))
-    if c.vocab_size == 50257:  # the GPT-2 BPE, whose <|endoftext|> is 50256
-        cfg.update(bos_token_id=50256, eos_token_id=50256)
+    # the GPT-2 BPE's <|endoftext|> is 50256; another vocabulary must say "none", or transformers
+    # fills in GPT-2's default ids, which lie outside it
+    eot = 50256 if c.vocab_size == 50257 else None
+    cfg.update(bos_token_id=eot, eos_token_id=eot)
     os.makedirs(folder, exist_ok=True)
     write_safetensors(os.path.join(folder, "model.safetensors"), sd, metadata={"format": "pt"})
     write_text(os.path.join(folder, "config.json"), json.dumps(cfg, indent=2))
