@@ -362,6 +362,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_ddp(args)
+    torch.manual_seed(args.seed)  # whatever is random before training (LoRA's A init) follows --seed too
     master, say = rank == 0, (print if rank == 0 else (lambda *a, **k: None))
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(args.out, CKPT_NAME), os.path.join(args.out, "metrics.jsonl")

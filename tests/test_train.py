@@ -254,3 +254,11 @@ def test_export_hf_merges_lora(world, tmp_path):
     hf = GPT.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randint(0, merged.config.vocab_size, (2, 8))
     torch.testing.assert_close(hf(x)[0], merged(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_runs_are_reproducible(world, tmp_path):
+    # the adapters' random init must follow --seed like everything else: same flags, same weights
+    run(world, tmp_path / "a", "--method", "lora", "--steps", "2")
+    run(world, tmp_path / "b", "--method", "lora", "--steps", "2")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert any("lora_A" in n for n in wa) and all(torch.equal(wa[n], wb[n]) for n in wa)
