@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import atomic_path, fail, write_text
+from common import atomic_path, fail, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 

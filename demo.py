@@ -19,7 +19,8 @@ import time
 import data
 import probe
 import trace as tgl_trace
-from model import load_model, unit_of, write_text
+from common import write_text
+from model import load_model, unit_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "mixreview", "recadam", "lora")

@@ -7,15 +7,15 @@ import json
 import math
 import os
 import re
-import sys
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import atomic_path, download, write_text
 
 
 @dataclass
@@ -269,32 +269,6 @@ def autocast(device: str):
 CKPT_NAME = "ckpt.pt"
 
 
-@contextmanager
-def atomic_path(path):
-    """The one way this project writes a file: yield a temporary path next to `path`, rename it over
-    `path` once the write succeeded. A crash mid-write never leaves a half-written file in place of
-    a good one; the pid in the name keeps parallel writers (two demo runs, DDP ranks) apart."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, text: str):
-    """Write a text file atomically (see atomic_path)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def fail(msg: str, prog: str = "", code: int = 2):
-    """Bad input to a script: one line on stderr ("prog: error: ..."), a non-zero exit, no traceback."""
-    print(f"{prog + ': ' if prog else ''}error: {msg}", file=sys.stderr)
-    raise SystemExit(code)
-
-
 def save_checkpoint(path, state: dict):
     """Atomic, so a crash mid-write never replaces the last good checkpoint with half of one."""
     with atomic_path(path) as tmp:
@@ -400,49 +374,20 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
-HF_HUB = "https://huggingface.co"  # files come from {HF_HUB}/{name}/resolve/main/{file}
+def hub_endpoint() -> str:
+    """The hub: $HF_ENDPOINT (the variable Hugging Face users set for mirrors), else huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125m", "EleutherAI/gpt-neo-1.3B")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2 stores (in, out)
-
-
-def download(url: str, dest: str, retries: int = 3, timeout: float = 30.0) -> str:
-    """Fetch url into dest.part, renamed to dest only when complete and of the announced size."""
-    import requests
-    for attempt in range(1, retries + 1):
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                if r.status_code == 404:
-                    raise FileNotFoundError(url)
-                r.raise_for_status()
-                # with gzip, Content-Length counts compressed bytes: check the size only without it
-                total = 0 if r.headers.get("Content-Encoding") else int(r.headers.get("Content-Length") or 0)
-                done, shown = 0, 0.0
-                with open(dest + ".part", "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        done += len(chunk)
-                        if time.time() - shown > 0.5 or done == total:
-                            shown, of = time.time(), f" of {total / 1e6:.1f}" if total else ""
-                            print(f"\rdownloading {url}: {done / 1e6:.1f}{of} MB", end="", file=sys.stderr, flush=True)
-                print(file=sys.stderr)
-            if total and done != total:
-                raise OSError(f"got {done} of {total} bytes")
-            os.replace(dest + ".part", dest)
-            return dest
-        except FileNotFoundError:
-            raise
-        except (requests.RequestException, OSError) as e:
-            if attempt == retries:
-                raise OSError(f"download of {url} failed after {retries} tries: {e}") from None
-            print(f"download of {url} failed ({e}); retry {attempt}/{retries - 1}", file=sys.stderr)
-            time.sleep(2 ** attempt)
 
 
 def hub_folder(name: str) -> str:
     """The cache folder of a hub model, filled on first use; once filled, no request is made."""
     folder = os.path.join(os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl"), name.replace("/", "--"))
     os.makedirs(folder, exist_ok=True)
-    url, get = f"{HF_HUB}/{name}/resolve/main/", lambda f: download(url + f, os.path.join(folder, f))
+    url, get = f"{hub_endpoint()}/{name}/resolve/main/", lambda f: download(url + f, os.path.join(folder, f))
     if not os.path.exists(os.path.join(folder, "config.json")):
         get("config.json")
     if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.safetensors", "pytorch_model.bin")):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data import read_probes, span_example
-from model import fail, write_text
+from common import fail, write_text
 
 
 def _rows(tokenizer, probes, use_context, block_size):

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import autocast, fail, load_model, unit_names, unit_of, write_text
+from common import fail, write_text
+from model import autocast, load_model, unit_names, unit_of
 
 DEFAULT_FLOOR = 0.01  # ALR: smallest LR scale, so no unit is frozen by ALR unless --floor 0 asks for it
 

@@ -9,7 +9,6 @@ One file: a hand-written AdamW with one parameter group per unit (DESIGN.md), th
 methods (full, mixreview, recadam, lora), TGL's freeze mask (fp) or per-unit LR scales (alr),
 atomic checkpoints with exact resume, and DistributedDataParallel.
 """
-import argparse
 import json
 import math
 import os
@@ -25,8 +24,9 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
-from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, fail as cli_fail,
-                   merge_lora, pick_device, save_checkpoint, unit_names, unit_of, write_text)
+from common import Parser, fail as cli_fail, write_text
+from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, merge_lora,
+                   pick_device, save_checkpoint, unit_names, unit_of)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -186,13 +186,8 @@ class Stream:
 fail = partial(cli_fail, prog="train.py")  # bad input: one line, exit 2, no traceback
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line too (no usage block)
-        fail(message)
-
-
 def get_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(prog="train.py", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--init", default="scratch", help="scratch | known model name | local HF folder | run folder / ckpt.pt")
     a("--out", default="runs/train", help="run folder: ckpt.pt, metrics.jsonl, summary.json")

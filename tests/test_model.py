@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import common
 import model as M
 
 VOCAB = 61
@@ -305,7 +306,7 @@ def test_mocked_download_fills_cache_then_cache_makes_no_request(tmp_path, monke
     urls = []
 
     def fake_get(url, stream=False, timeout=None):
-        assert timeout and url.startswith(M.HF_HUB + "/gpt2/resolve/main/")
+        assert timeout and url.startswith(M.hub_endpoint() + "/gpt2/resolve/main/")
         urls.append(url)
         name = url.rsplit("/", 1)[1]
         dest = cache / "gpt2" / name
@@ -331,7 +332,7 @@ def test_short_download_is_not_renamed(tmp_path, monkeypatch):
     monkeypatch.setattr(requests, "get", lambda *a, **k: resp)
     monkeypatch.setattr("time.sleep", lambda s: None)
     with pytest.raises(OSError, match="50 of 80"):
-        M.download("http://x/f", str(tmp_path / "f"), retries=2)
+        common.download("http://x/f", str(tmp_path / "f"), retries=2)
     assert not (tmp_path / "f").exists()
 
 
@@ -339,10 +340,10 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
     M.save_checkpoint(path, {"step": 1})
     with pytest.raises(RuntimeError):
-        with M.atomic_path(path) as tmp:
+        with common.atomic_path(path) as tmp:
             open(tmp, "w").write("half a file")
             raise RuntimeError("crash mid-write")
     assert M.load_checkpoint(path) == {"step": 1}  # the last good file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temporary file is left
-    M.write_text(tmp_path / "a.json", "{}")
+    common.write_text(tmp_path / "a.json", "{}")
     assert (tmp_path / "a.json").read_text() == "{}"
