@@ -158,6 +158,21 @@ def load_tokens(path, tokenizer, cache_dir=None):
     return arr  # nowhere writable: uncached
 
 
+def random_starts(n_tokens: int, n: int, block_size: int, seed) -> np.ndarray:
+    """The one window sampler: n start offsets of (block_size + 1)-token windows, drawn from a
+    generator seeded by `seed` (an int, or a list such as [seed, step]), the same for the same seed."""
+    if n_tokens < block_size + 1:
+        raise ValueError(f"the text has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         "use a smaller --block-size or more text")
+    return np.random.default_rng(seed).integers(0, n_tokens - block_size, size=n)
+
+
+def windows(tokens, starts, block_size: int):
+    """(x, y) = (B, T) inputs and (B, T) next-token targets of the windows that begin at `starts`."""
+    w = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+    return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+
+
 class Batcher:
     """Random windows of block_size + 1 tokens as (x, y), deterministic for a seed.
 
@@ -167,18 +182,15 @@ class Batcher:
     """
 
     def __init__(self, tokens, block_size, batch_size, seed, rank=0, world_size=1):
-        if len(tokens) < block_size + 1:
-            raise ValueError(f"{len(tokens)} tokens: fewer than block_size + 1 = {block_size + 1}")
+        random_starts(len(tokens), 0, block_size, seed)  # too short a text fails here, not at the first batch
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, 0
 
     def next(self):
-        rng = np.random.default_rng([self.seed, self.step])
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+        starts = random_starts(len(self.tokens), self.batch_size * self.world_size, self.block_size, [self.seed, self.step])
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         self.step += 1
-        w = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+        return windows(self.tokens, starts, self.block_size)
 
     def state_dict(self):
         return {"seed": int(self.seed), "step": int(self.step)}

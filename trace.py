@@ -268,12 +268,10 @@ def _span_examples(probes, tokenizer, block_size):
 
 
 def lm_windows(tokens, n: int, block_size: int, seed: int) -> list:
-    """n random (x, y) windows of block_size tokens, the same for the same seed."""
-    if len(tokens) < block_size + 1:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; use a smaller --block-size")
-    starts = np.random.default_rng(seed).integers(0, len(tokens) - block_size, size=n)
-    wins = [np.asarray(tokens[s:s + block_size + 1], dtype=np.int64).tolist() for s in starts]
-    return [(w[:-1], w[1:]) for w in wins]
+    """n random (x, y) windows of block_size tokens as token lists, the same for the same seed."""
+    data = data_module()
+    x, y = data.windows(tokens, data.random_starts(len(tokens), n, block_size, seed), block_size)  # (n, T) each
+    return list(zip(x.tolist(), y.tolist()))
 
 
 def data_module():  # imported late: the trace core (hooks, trace, select) needs no data.py
