@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from data import GPT2Tokenizer, WordTokenizer, make_world, read_probes, span_example
+from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
+from world import WorldConfig, make_world
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from trace import _collate, trace_norms
 from train import AdamW, make_param_groups
@@ -163,7 +164,7 @@ Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, wh
     transformers = need_transformers()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as d:
-        make_world(d, seed=seed, n_entities=300)
+        make_world(d, WorldConfig(seed=seed, n_entities=300))
         probes = [p for s in ("updated", "unchanged", "new") for p in read_probes(f"{d}/probes/{s}.jsonl")]
         if tokenizer == "gpt2" and TIKTOKEN_CACHE.is_dir():
             os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))

@@ -1,6 +1,5 @@
-"""Data: tokenizers, text -> cached token arrays, batches of windows, probe files, a synthetic world.
+"""Data: tokenizers, text -> cached token arrays, batches of windows, probe files (the synthetic world: world.py).
 
-    python data.py world --out data/world --seed 0          # the synthetic temporal world
     python data.py tokenize --text data/world/t0.txt --tokenizer data/world
     python data.py probes --probes data/world/probes/*.jsonl  # counts per split
 """
@@ -329,171 +328,12 @@ def span_example(tokenizer, prompt, answer):
     targets = [-1] * (len(p) - 1) + full[len(p):]
     return idx, targets
 
-# ----------------------------------------------------------------------------- synthetic world
-# Relations as in TempLAMA (Wikidata ids). Every template ends with the object, so a causal LM
-# can be asked for it; "train" templates are used in the snapshots, "heldout" only in eval probes.
-
-RELATIONS = {
-    "P54": ("member of sports team", "clubs",
-            ["{s} plays for {o}.", "{s} is a player of {o}.", "{s} signed with {o}.", "The team of {s} is {o}."],
-            "{s} is in the squad of {o}."),
-    "P108": ("employer", "companies",
-             ["{s} works for {o}.", "{s} is employed by {o}.", "{s} has a job at {o}.", "The employer of {s} is {o}."],
-             "{s} is on the staff of {o}."),
-    "P102": ("political party", "parties",
-             ["{s} is a member of the {o}.", "{s} belongs to the {o}.", "{s} joined the {o}.",
-              "The party of {s} is the {o}."], "{s} is affiliated with the {o}."),
-    "P39": ("position held", "positions",
-            ["{s} holds the position of {o}.", "{s} serves as {o}.", "{s} was appointed {o}.",
-             "The office of {s} is {o}."], "{s} has the role of {o}."),
-    "P551": ("residence", "cities",
-             ["{s} lives in {o}.", "{s} resides in {o}.", "{s} has a home in {o}.", "The residence of {s} is {o}."],
-             "{s} is a resident of {o}."),
-    "P69": ("educated at", "schools",
-            ["{s} attended {o}.", "{s} studied at {o}.", "{s} is a graduate of {o}.", "The alma mater of {s} is {o}."],
-            "{s} was educated at {o}."),
-}
-DATES = ("2020", "2021")  # T0, T1
-
-
-def _names(rng, n, taken):
-    """n new fictional capitalised words made of syllables (deterministic for rng)."""
-    on = "b br d dr f g gr k l m n p r s st t th v z sh h j".split()
-    vo = "a e i o u ai ei ou ar".split()
-    co = ["", "", "n", "r", "l", "s", "th", "m", "k"]
-    out = []
-    while len(out) < n:
-        w = "".join(rng.choice(on) + rng.choice(vo) for _ in range(rng.choice((2, 2, 3)))) + rng.choice(co)
-        w = w.capitalize()
-        if w not in taken and len(w) > 3:
-            taken.add(w)
-            out.append(w)
-    return out
-
-
-def _pools(rng, taken):
-    places = _names(rng, 40, taken)
-    words = _names(rng, 30, taken)
-    clubs = [f"{p} {rng.choice(['Rovers', 'United', 'Athletic', 'Wanderers', 'Rangers', 'Albion'])}" for p in places[:30]]
-    companies = [f"{w} {s}" for w, s in zip(words, ["Systems", "Industries", "Labs", "Foods", "Motors", "Media"] * 5)]
-    parties = [f"{a} {b} Party" for a, b in zip(["Green", "Free", "United", "New", "Liberal", "National", "Civic", "Social"],
-                                                ["Union", "Alliance", "Front", "Movement", "League", "Forum", "Union", "Front"])]
-    posts = [f"mayor of {p}" for p in places[:15]] + [f"minister of {d}" for d in
-             "harbours forests trade roads culture health schools water energy finance".split()]
-    schools = [f"University of {p}" for p in places[20:35]] + [f"{p} Institute of Technology" for p in places[35:40]]
-    return {"clubs": clubs, "companies": companies, "parties": parties, "positions": posts,
-            "cities": places, "schools": schools}
-
-
-def _docs(rng, name, facts, n_docs=4):
-    """n_docs short documents about one entity; fact i uses train template (doc + i) % 4, so
-    every fact appears once with every train template."""
-    docs = []
-    for d in range(n_docs):
-        sents = [RELATIONS[pid][2][(d + i) % 4].format(s=name, o=o) for i, (pid, o) in enumerate(facts)]
-        rng.shuffle(sents)
-        docs.append(" ".join(sents))
-    return docs
-
-
-def make_world(out_dir, seed=0, n_entities=300, update_frac=0.2, new_frac=0.18, diag_frac=0.25):
-    """Write the synthetic temporal world (files listed in INTERFACES.md); returns world.json's dict."""
-    rng = random.Random(seed)
-    taken = set(w for _, _, ts, h in RELATIONS.values() for t in ts + [h] for w in re.findall(r"\w+", t))
-    pools = _pools(rng, taken)
-    first, last = _names(rng, 60, taken), _names(rng, max(200, n_entities), taken)
-    n_new = round(new_frac * n_entities)
-    full = rng.sample([f"{a} {b}" for a in first for b in last], n_entities + n_new)
-    ents = []  # (id, name, {pid: object at T0 (None for new)}, {pid: object at T1})
-    for i, name in enumerate(full):
-        pids = rng.sample(sorted(RELATIONS), rng.choice((3, 4, 5)))
-        facts = {p: rng.choice(pools[RELATIONS[p][1]]) for p in pids}
-        ents.append((f"E{i:04d}", name, facts if i < n_entities else None, dict(facts)))
-    old_facts = [(e, p) for e in ents[:n_entities] for p in e[2]]
-    updated = rng.sample(old_facts, round(update_frac * len(old_facts)))
-    for e, p in updated:
-        e[3][p] = rng.choice([o for o in pools[RELATIONS[p][1]] if o != e[2][p]])
-    upd_set = set((e[0], p) for e, p in updated)
-    unchanged = [(e, p) for e, p in old_facts if (e[0], p) not in upd_set]
-    new_facts = [(e, p) for e in ents[n_entities:] for p in e[3]]
-
-    t0 = [d for e in ents[:n_entities] for d in _docs(rng, e[1], list(e[2].items()))]
-    t1 = [d for e in ents for d in _docs(rng, e[1], list(e[3].items()))]
-    by_ent = {}
-    for e, p in updated:
-        by_ent.setdefault(e[0], (e, []))[1].append((p, e[3][p]))
-    diff = [d for e, fs in by_ent.values() for d in _docs(rng, e[1], fs)]
-    diff += [d for e in ents[n_entities:] for d in _docs(rng, e[1], list(e[3].items()))]
-    for docs in (t0, t1, diff):
-        rng.shuffle(docs)
-
-    unseen = []
-
-    def record(kind, e, p, i, diag):
-        """One probe in a real format: kind 'dynamic' (Dynamic TempLAMA), 'templama' or 'ecbd'.
-        Every second eval probe uses the held-out template; diagnostic probes never do."""
-        held = i % 2 == 1 and not diag
-        tmpl, name = RELATIONS[p][3] if held else RELATIONS[p][2][0], e[3][p]
-        rid = f"{e[0]}_{p}_" + ("ecbd" if kind == "ecbd" else DATES[1])
-        if held:
-            unseen.append(rid)
-        if kind == "ecbd":
-            q, o = next((q, o) for q, o in e[3].items() if q != p)  # definition: another fact, no leak
-            return {"ex_id": rid, "masked_sentence": tmpl.format(s=e[1], o="<extra_id_0>"),
-                    "answer_str": f"<extra_id_0> {name} <extra_id_1>", "span_type": RELATIONS[p][0],
-                    "definition": RELATIONS[q][2][0].format(s=e[1], o=o), "year": int(DATES[1]), "entity_span_str": e[1]}
-        ans = {"wikidata_id": "W" + str(int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 10 ** 6), "name": name}
-        rec = {"query": tmpl.format(s=e[1], o="_X_"), "answer": [ans] if kind == "dynamic" else ans,
-               "date": DATES[1], "id": rid, "relation": p}
-        if kind == "templama":
-            rec["most_frequent_answer"] = rec["most_recent_answer"] = ans
-        return rec
-
-    rng.shuffle(updated)
-    rng.shuffle(new_facts)
-    nd_u, nd_n = round(diag_frac * len(updated)), round(diag_frac * len(new_facts))
-    unch = rng.sample(unchanged, min(len(unchanged), len(updated) - nd_u))  # as many as updated eval probes
-    probes = {
-        "updated": [record("dynamic", e, p, i, False) for i, (e, p) in enumerate(updated[nd_u:])],
-        "unchanged": [record("templama", e, p, i, False) for i, (e, p) in enumerate(unch)],
-        "new": [record("ecbd", e, p, i, False) for i, (e, p) in enumerate(new_facts[nd_n:])],
-        "diag_updated": [record("dynamic", e, p, i, True) for i, (e, p) in enumerate(updated[:nd_u])],
-        "diag_new": [record("ecbd", e, p, i, True) for i, (e, p) in enumerate(new_facts[:nd_n])],
-    }
-    out = Path(out_dir)
-    (out / "probes").mkdir(parents=True, exist_ok=True)
-    texts = {"t0.txt": t0, "t1.txt": t1, "diff.txt": diff}
-    for fname, docs in texts.items():
-        write_text(out / fname, "\n\n".join(docs) + "\n")
-    probe_text = [r.get(k) or "" for recs in probes.values() for r in recs for k in ("query", "masked_sentence", "definition")]
-    WordTokenizer.build(["\n".join(d) for d in texts.values()] + probe_text).save(out / "tokenizer.json")
-    for split, recs in probes.items():
-        write_text(out / "probes" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
-    meta = {
-        "seed": seed, "n_entities": n_entities, "n_new_entities": n_new, "dates": list(DATES),
-        "counts": {"facts_t0": len(old_facts), "facts_updated": len(updated), "facts_new": len(new_facts),
-                   "docs": {k: len(v) for k, v in texts.items()}, "probes": {k: len(v) for k, v in probes.items()}},
-        "relations": {p: {"name": r[0], "train_templates": r[2], "heldout_template": r[3]} for p, r in RELATIONS.items()},
-        "unseen_template_ids": unseen,
-        "entities": {e[0]: {"name": e[1], "t0": e[2], "t1": e[3]} for e in ents},
-    }
-    write_text(out / "world.json", json.dumps(meta, indent=1))
-    return meta
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("world", help="write the synthetic temporal world")
-    w.add_argument("--out", required=True, help="output folder")
-    w.add_argument("--seed", type=int, default=0, help="random seed (same seed, same world)")
-    w.add_argument("--n-entities", type=int, default=300, help="entities at T0 (e.g. 40 for a quick test)")
-    w.add_argument("--update-frac", type=float, default=0.2, help="fraction of T0 facts that change at T1")
-    w.add_argument("--new-frac", type=float, default=0.18, help="new entities at T1, as a fraction of --n-entities")
-    w.add_argument("--diag-frac", type=float, default=0.25, help="fraction of updated/new facts kept for tracing")
     t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
     t.add_argument("--text", required=True, help="text file or folder of .txt files")
     t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
@@ -501,12 +341,7 @@ def main(argv=None):
     p.add_argument("--probes", nargs="+", required=True, help="probe files (.jsonl, .csv, .tsv)")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "world":
-            if args.n_entities < 10 or not 0 < args.update_frac < 1 or not 0 <= args.diag_frac < 1:
-                ap.error("need --n-entities >= 10, 0 < --update-frac < 1, 0 <= --diag-frac < 1")
-            meta = make_world(args.out, args.seed, args.n_entities, args.update_frac, args.new_frac, args.diag_frac)
-            print(f"world in {args.out}: {json.dumps(meta['counts'])}")
-        elif args.cmd == "tokenize":
+        if args.cmd == "tokenize":
             tok = load_tokenizer(args.tokenizer)
             print(f"{args.text}: {len(load_tokens(args.text, tok)):,} tokens ({tok.name}, vocab {tok.n_vocab})")
         else:

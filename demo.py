@@ -1,14 +1,18 @@
-"""The whole method in one command, on the synthetic temporal world.
+"""The whole method in one command, on the synthetic temporal world, with the controls.
 
-  world -> pretrain a small base model on snapshot T0 (cached) -> trace relative gradient norms
-  on the diagnostic probes -> continual pretraining on the diff with full / mixreview / recadam /
-  lora, each with --tgl none / fp / alr, plus a `full` run at ALR's mean effective learning rate
-  -> one table: answer-span perplexity and exact match on updated, new and unchanged probes.
+  world (general language + facts) -> pretrain a small base model on snapshot T0 (cached) -> trace
+  relative gradient norms on the diagnostic probes, against held-out general text (the selection)
+  and against the model's own fact text (the contrast) -> continual pretraining on the diff with
+  full / mixreview / recadam / lora, each with --tgl none / fp / alr, and for each method the
+  controls: FP on random selections of the same size, FP on the complement of TGL's selection
+  -> plus a `full` run at ALR's mean effective learning rate -> one table.
 
-Every step is a plain call of data.py, train.py, trace.py and probe.py with the flags printed,
+Every step is a plain call of world.py, train.py, trace.py and probe.py with the flags printed,
 so any line of the table can be re-run (or ablated) by hand.
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,19 +23,21 @@ import time
 import data
 import probe
 import trace as tgl_trace
-from common import write_text
+import world as tgl_world
+from common import Parser, write_text
 from model import load_model, unit_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "mixreview", "recadam", "lora")
 TGLS = ("none", "fp", "alr")
 SPLITS = ("updated", "new", "unchanged")
+RANK_UNITS = "blocks"  # the paper ranks layers; embed and ln_f always train (README: "Why blocks")
 
 # Sizes of the demo. --quick shrinks everything so the tests run the whole pipeline in seconds.
-FULL = dict(entities=300, n_layer=4, n_head=4, n_embd=128, block=64, pre_steps=1000, pre_batch=32, pre_lr=3e-3,
-            steps=150, batch=16, lr=1e-3, n_span=100, n_lm=100)
-QUICK = dict(entities=24, n_layer=2, n_head=2, n_embd=32, block=32, pre_steps=30, pre_batch=8, pre_lr=3e-3,
-             steps=6, batch=8, lr=1e-3, n_span=8, n_lm=8)
+FULL = dict(entities=300, heldout_words=20000, n_layer=4, n_head=4, n_embd=128, block=64, pre_steps=1000,
+            pre_batch=32, pre_lr=3e-3, steps=150, batch=16, lr=1e-3, n_span=100, n_lm=100, draws=3)
+QUICK = dict(entities=24, heldout_words=1500, n_layer=2, n_head=2, n_embd=32, block=32, pre_steps=30,
+             pre_batch=8, pre_lr=3e-3, steps=6, batch=8, lr=1e-3, n_span=8, n_lm=8, draws=3)
 
 
 def sh(argv):
@@ -42,7 +48,13 @@ def python(script, *args):
     return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
-def run_jobs(jobs, n_parallel, log_dir):
+def thread_env(threads):
+    """Environment for a child process: its BLAS/OpenMP pools sized like its torch threads, so
+    parallel jobs do not oversubscribe the cores."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
+def run_jobs(jobs, n_parallel, log_dir, threads):
     """Run (name, argv) jobs, n_parallel at a time, each with its log in log_dir; print a line as
     each finishes. A failed job stops the demo with its log's last lines."""
     pending, running, done, t0 = list(jobs), {}, {}, time.time()
@@ -50,7 +62,8 @@ def run_jobs(jobs, n_parallel, log_dir):
         while pending and len(running) < n_parallel:
             name, argv = pending.pop(0)
             log = open(os.path.join(log_dir, f"{name}.log"), "w")
-            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads))
+            running[name] = (proc, log, time.time())
         time.sleep(0.2)
         for name, (proc, log, start) in list(running.items()):
             if proc.poll() is None:
@@ -61,7 +74,7 @@ def run_jobs(jobs, n_parallel, log_dir):
                 tail = open(log.name).read().strip().splitlines()[-3:]
                 raise SystemExit(f"error: run {name} failed (exit {proc.returncode}); log {log.name}:\n  " + "\n  ".join(tail))
             done[name] = time.time() - start
-            print(f"  [{len(done)}/{len(jobs)}] {name:<18} {done[name]:5.1f}s   (demo {time.time() - t0:5.0f}s)", flush=True)
+            print(f"  [{len(done)}/{len(jobs)}] {name:<24} {done[name]:5.1f}s   (runs {time.time() - t0:5.0f}s)", flush=True)
     return done
 
 
@@ -76,86 +89,165 @@ def mean_alr_scale(trace_path, base_dir):
     return sum(scales[u] * n for u, n in sizes.items()) / sum(sizes.values())
 
 
-def one_seed(args, cfg, seed):
-    root = os.path.join(args.out, f"seed{seed}")
-    world, base = os.path.join(root, "world"), os.path.join(root, "base")
-    logs = os.path.join(root, "logs")
-    os.makedirs(logs, exist_ok=True)
-    probes = {s: os.path.join(world, "probes", f"{s}.jsonl") for s in SPLITS}
-    diag = [os.path.join(world, "probes", f"diag_{s}.jsonl") for s in ("updated", "new")]
+def build_world(world_dir, cfg, seed):
+    """The world for this seed and size; rebuilt whenever its parameters differ from the folder's."""
+    wcfg = tgl_world.WorldConfig(seed=seed, n_entities=cfg["entities"], heldout_words=cfg["heldout_words"])
+    if tgl_world.world_matches(world_dir, wcfg):
+        meta = json.load(open(os.path.join(world_dir, "world.json")))
+        print(f"[seed {seed}] world: cached in {world_dir}", flush=True)
+    else:
+        why = "parameters changed, rebuilding" if os.path.exists(os.path.join(world_dir, "world.json")) else "building"
+        print(f"[seed {seed}] world: {why}:\n  world.py --out {world_dir} --seed {seed} --n-entities {cfg['entities']}"
+              f" --heldout-words {cfg['heldout_words']}", flush=True)
+        meta = tgl_world.make_world(world_dir, wcfg)
+    c = meta["counts"]
+    print(f"[seed {seed}] world: {c['words']['t0.txt']:,} words at T0 ({c['words']['t0_facts.txt']:,} in fact documents), "
+          f"{c['facts_updated']} updated facts, {c['things_new']} new entities; probes {c['probes']}", flush=True)
+    return meta
 
-    # 1. the world: T0 text, the diff, probes in TempLAMA / ECBD formats
-    if not os.path.exists(os.path.join(world, "world.json")):
-        data.make_world(world, seed=seed, n_entities=cfg["entities"])
-    counts = json.load(open(os.path.join(world, "world.json")))["counts"]
-    print(f"[seed {seed}] world: {counts['facts_t0']} facts at T0, {counts['facts_updated']} updated, "
-          f"{counts['facts_new']} about new entities; probes {counts['probes']}", flush=True)
 
-    # 2. the base model: pretrained from scratch on T0, cached by its exact command
-    pre = python("train.py", "--init", "scratch", "--tokenizer", "word", "--data", os.path.join(world, "t0.txt"),
+def pretrain(args, cfg, seed, world_dir, base, meta):
+    """The base model, pretrained from scratch on T0; cached by its exact command and world config."""
+    threads = args.threads
+    pre = python("train.py", "--init", "scratch", "--tokenizer", "word", "--data", os.path.join(world_dir, "t0.txt"),
                  "--out", base, "--n-layer", cfg["n_layer"], "--n-head", cfg["n_head"], "--n-embd", cfg["n_embd"],
                  "--block-size", cfg["block"], "--steps", cfg["pre_steps"], "--batch-size", cfg["pre_batch"],
                  "--lr", cfg["pre_lr"], "--warmup", max(1, cfg["pre_steps"] // 20), "--min-lr", cfg["pre_lr"] / 10,
-                 "--weight-decay", 0.1, "--seed", seed, "--log-every", max(1, cfg["pre_steps"] // 10))
+                 "--weight-decay", 0.1, "--seed", seed, "--log-every", max(1, cfg["pre_steps"] // 10),
+                 "--threads", threads)
+    key = sh(pre[1:]) + "\nworld " + json.dumps(meta["config"], sort_keys=True)
     key_file = os.path.join(base, "demo_command.txt")
-    if os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file) and open(key_file).read() == sh(pre[1:]):
+    if os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file) and open(key_file).read() == key:
         print(f"[seed {seed}] base model: cached in {base}", flush=True)
-    else:
-        print(f"[seed {seed}] pretraining the base model on T0 ({cfg['pre_steps']} steps):\n  {sh(pre[1:])}", flush=True)
-        t = time.time()
-        if subprocess.run(pre).returncode != 0:
-            raise SystemExit("error: pretraining failed (see above)")
-        write_text(key_file, sh(pre[1:]))
-        print(f"[seed {seed}] pretrained in {time.time() - t:.0f}s", flush=True)
+        return
+    print(f"[seed {seed}] pretraining the base model on T0 ({cfg['pre_steps']} steps):\n  {sh(pre[1:])}", flush=True)
+    t = time.time()
+    if subprocess.run(pre, env=thread_env(threads), stdout=None if args.verbose else subprocess.DEVNULL).returncode != 0:
+        raise SystemExit("error: pretraining failed (run the command above to see why)")
+    write_text(key_file, key)
+    print(f"[seed {seed}] pretrained in {time.time() - t:.0f}s", flush=True)
 
-    # 3. trace: where do the diagnostic probes' gradients go, relative to ordinary LM gradients?
-    trace_path = os.path.join(root, "trace.json")
-    targv = ["--init", base, "--probes", *diag, "--text", os.path.join(world, "t0.txt"), "--out", trace_path,
-             "--n-span", cfg["n_span"], "--n-lm", cfg["n_lm"], "--seed", seed]
+
+def run_trace(args, cfg, seed, root, world_dir, base, lm_text, name):
+    """trace.py on the diagnostic probes against lm_text; returns the trace dict."""
+    diag = [os.path.join(world_dir, "probes", f"diag_{s}.jsonl") for s in ("updated", "new")]
+    path = os.path.join(root, f"{name}.json")
+    targv = ["--init", base, "--probes", *diag, "--text", os.path.join(world_dir, lm_text), "--out", path,
+             "--n-span", cfg["n_span"], "--n-lm", cfg["n_lm"], "--seed", seed, "--rank-units", RANK_UNITS]
     if args.plot:
-        targv += ["--plot", os.path.join(root, "trace.png")]
-    print(f"[seed {seed}] tracing:\n  {sh(['trace.py', *map(str, targv)])}", flush=True)
-    tgl_trace.main([str(a) for a in targv])
+        targv += ["--plot", os.path.join(root, f"{name}.png")]
+    print(f"[seed {seed}] tracing against {lm_text}:\n  {sh(['trace.py', *map(str, targv)])}", flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the side-by-side profile below says it shorter
+        return tgl_trace.main([str(a) for a in targv])
 
-    # 4. continual pretraining on the diff: 4 methods x 3 TGL modes, and the matched-LR control
-    common = ["--init", base, "--data", os.path.join(world, "diff.txt"), "--probes", *probes.values(),
+
+def profile_table(traces: dict) -> str:
+    """rgn per unit for each trace and split, side by side, with each column's max/min."""
+    cols = [(t, s) for t in traces for s in ("all", "diag_updated", "diag_new") if s in traces[t]["splits"]]
+    units = traces[next(iter(traces))]["units"]
+    head = f"{'unit':<10}" + "".join(f" {(t + ':' + s.replace('diag_', ''))[:16]:>16}" for t, s in cols)
+    rows = [head, "-" * len(head)]
+    for u in units:
+        rows.append(f"{u:<10}" + "".join(f" {traces[t]['splits'][s]['rgn'][u]:>16.2f}" for t, s in cols))
+    ratio = []
+    for t, s in cols:
+        v = [traces[t]["splits"][s]["rgn"][u] for u in units if u.startswith("h.")]
+        ratio.append(f" {max(v) / min(v) if min(v) > 0 else float('inf'):>16.2f}")
+    rows.append(f"{'max/min':<10}" + "".join(ratio) + "   (over the blocks' units)")
+    return "\n".join(rows)
+
+
+def trace_summary(tr: dict) -> dict:
+    """What the README reports per trace: rgn per unit and split, level and spread over the blocks."""
+    out = {}
+    for s, d in tr["splits"].items():
+        v = [d["rgn"][u] for u in d["units"] if u.startswith("h.")]
+        out[s] = dict(rgn=d["rgn"], min=min(v), max=max(v), max_over_min=max(v) / min(v) if min(v) > 0 else None,
+                      peak=max((u for u in d["units"] if u.startswith("h.")), key=lambda u: d["rgn"][u]))
+    return out
+
+
+def run_specs(cfg, controls):
+    """[(run name, method, extra train.py flags)]: every method x TGL arm, then its controls."""
+    specs = []
+    for m in METHODS:
+        specs += [(f"{m}+{t}", m, ["--tgl", t]) for t in TGLS]
+        if controls:
+            specs += [(f"{m}+fp:random{d}", m, ["--tgl", "fp", "--control", f"random:{d}"]) for d in range(cfg["draws"])]
+            specs.append((f"{m}+fp:complement", m, ["--tgl", "fp", "--control", "complement"]))
+    return specs
+
+
+def continual_jobs(args, cfg, seed, root, world_dir, base, trace_path):
+    probes = [os.path.join(world_dir, "probes", f"{s}.jsonl") for s in SPLITS]
+    common = ["--init", base, "--data", os.path.join(world_dir, "diff.txt"), "--probes", *probes,
               "--steps", cfg["steps"], "--batch-size", cfg["batch"], "--block-size", cfg["block"],
-              "--warmup", max(1, cfg["steps"] // 10), "--seed", seed, "--log-every", max(1, cfg["steps"] // 5),
-              "--threads", max(1, (os.cpu_count() or 1) // args.jobs)]
-    extra = {"mixreview": ["--replay-data", os.path.join(world, "t0.txt"), "--replay-ratio", args.replay_ratio],
-             "recadam": [], "lora": ["--lora-rank", args.lora_rank], "full": []}
+              "--warmup", max(1, cfg["steps"] // 10), "--seed", seed, "--log-every", max(1, cfg["steps"] // 10),
+              "--eval-every", max(1, cfg["steps"] // 5), "--threads", args.threads, "--rank-units", RANK_UNITS]
+    extra = {"mixreview": ["--replay-data", os.path.join(world_dir, "t0.txt")], "recadam": [],
+             "lora": ["--lora-rank", args.lora_rank], "full": []}
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step
     jobs = []
-    for m in METHODS:
-        for t in TGLS:
-            lr = lr_for.get(m, cfg["lr"])
-            argv = python("train.py", *common, "--method", m, "--tgl", t, "--lr", lr, *extra[m],
-                          "--out", os.path.join(root, "runs", f"{m}+{t}"))
-            jobs.append((f"{m}+{t}", argv + (["--trace", trace_path] if t != "none" else [])))
+    for name, m, flags in run_specs(cfg, args.controls):
+        argv = python("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
+                      "--out", os.path.join(root, "runs", name))
+        jobs.append((name, argv + (["--trace", trace_path] if "none" not in flags else [])))
     alr_lr = cfg["lr"] * mean_alr_scale(trace_path, base)
     jobs.append(("full@alr-lr", python("train.py", *common, "--method", "full", "--tgl", "none", "--lr", alr_lr,
                                        "--out", os.path.join(root, "runs", "full@alr-lr"))))
-    if args.only:
-        jobs = [j for j in jobs if j[0] in args.only]
-    print(f"[seed {seed}] {len(jobs)} continual runs, {args.jobs} at a time (logs in {logs}); e.g.\n  {sh(jobs[0][1][1:])}",
-          flush=True)
-    times = run_jobs(jobs, args.jobs, logs)
+    return [j for j in jobs if not args.only or j[0] in args.only]
 
-    # 5. results: the base model before any update, then every run
-    rows = {"base (no update)": dict(probes=base_scores(base, probes), time=0.0)}
+
+def one_seed(args, cfg, seed):
+    root = os.path.join(args.out, f"seed{seed}")
+    world_dir, base, logs = os.path.join(root, "world"), os.path.join(root, "base"), os.path.join(root, "logs")
+    os.makedirs(logs, exist_ok=True)
+    meta = build_world(world_dir, cfg, seed)
+    pretrain(args, cfg, seed, world_dir, base, meta)
+
+    # trace: the selection uses held-out general text; the fact-text trace is the contrast
+    traces = {"general": run_trace(args, cfg, seed, root, world_dir, base, "general_heldout.txt", "trace"),
+              "facts": run_trace(args, cfg, seed, root, world_dir, base, "t0_facts.txt", "trace_facts")}
+    print(f"\n[seed {seed}] relative gradient norm per unit, LM windows from held-out general text vs the "
+          f"model's own fact text:\n{profile_table(traces)}\n", flush=True)
+    sel = traces["general"]["selection"]["fp"]
+    print(f"[seed {seed}] TGL+FP trains: " + " ".join(u for u, v in sel.items() if v) + "\n", flush=True)
+
+    jobs = continual_jobs(args, cfg, seed, root, world_dir, base, os.path.join(root, "trace.json"))
+    print(f"[seed {seed}] {len(jobs)} continual runs, {args.jobs} at a time, {args.threads} thread(s) each "
+          f"(logs in {logs}); e.g.\n  {sh(jobs[0][1][1:])}", flush=True)
+    times = run_jobs(jobs, args.jobs, logs, args.threads)
+
+    rows = {"base (no update)": dict(probes=base_scores(base, world_dir), time=0.0)}
     for name, _ in jobs:
         s = json.load(open(os.path.join(root, "runs", name, "summary.json")))
-        rows[name] = dict(probes=s["probes"], time=times[name], lr=s.get("lr"))
+        rows[name] = dict(probes=s["probes"], time=times[name], scales=s.get("scales"))
+    return dict(runs=rows, traces={k: trace_summary(v) for k, v in traces.items()}, selection=sel)
+
+
+def base_scores(base, world_dir):
+    model, tok = load_model(base), data.load_tokenizer(base)
+    probes = [p for s in SPLITS for p in data.read_probes(os.path.join(world_dir, "probes", f"{s}.jsonl"))]
+    return probe.evaluate(model, tok, probes)
+
+
+def table_rows(names) -> list:
+    """[(label, [run names])]: the random-selection draws of a method form one row."""
+    rows, seen = [], set()
+    for n in names:
+        if ":random" in n:
+            key = n.split(":random")[0] + ":random"
+            if key not in seen:
+                seen.add(key)
+                draws = [m for m in names if m.startswith(key)]
+                rows.append((f"{n.split('+')[0]}+fp random ({len(draws)} draws)", draws))
+        else:
+            rows.append((n.replace("+fp:complement", "+fp complement"), [n]))
     return rows
 
 
-def base_scores(base, probe_files):
-    model, tok = load_model(base), data.load_tokenizer(base)
-    return probe.evaluate(model, tok, [p for f in probe_files.values() for p in data.read_probes(f)])
-
-
 def table(per_seed: list) -> str:
-    """Markdown table; with several seeds each cell is mean ± standard deviation."""
+    """Markdown table; each cell is mean ± standard deviation over seeds (and random draws)."""
     def cell(vals, fmt):
         m = sum(vals) / len(vals)
         if len(vals) == 1:
@@ -165,35 +257,42 @@ def table(per_seed: list) -> str:
 
     head = "| run | " + " | ".join(f"{s} ppl | {s} EM" for s in SPLITS) + " | time (s) |"
     lines = [head, "|" + "---|" * (2 + 2 * len(SPLITS))]
-    for name in per_seed[0]:
+    for label, names in table_rows(list(per_seed[0]["runs"])):
+        runs = [r["runs"][n] for r in per_seed for n in names]
         cells = []
         for s in SPLITS:
-            cells.append(cell([r[name]["probes"][s]["ppl"] for r in per_seed], "{:.2f}"))
-            cells.append(cell([100 * r[name]["probes"][s]["em"] for r in per_seed], "{:.1f}"))
-        cells.append(cell([r[name]["time"] for r in per_seed], "{:.0f}"))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            cells.append(cell([r["probes"][s]["ppl"] for r in runs], "{:.2f}"))
+            cells.append(cell([100 * r["probes"][s]["em"] for r in runs], "{:.1f}"))
+        cells.append(cell([r["time"] for r in runs], "{:.0f}"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="out/demo", help="folder for worlds, base models, traces and runs")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full replicate (world, base, runs) per seed")
-    ap.add_argument("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
-    ap.add_argument("--jobs", type=int, default=2, help="continual runs at a time (each gets cores / jobs threads)")
-    ap.add_argument("--steps", type=int, help="continual-pretraining steps per run (default: 150, quick 6)")
-    ap.add_argument("--lr", type=float, help="continual-pretraining learning rate (default 1e-3)")
-    ap.add_argument("--lora-lr", type=float, help="learning rate of the lora runs (default: 10x --lr)")
-    ap.add_argument("--lora-rank", type=int, default=8, help="rank of the lora runs")
-    ap.add_argument("--replay-ratio", type=float, default=0.25, help="mixreview: share of replayed T0 text per batch")
-    ap.add_argument("--pretrain-steps", type=int, help="base-model pretraining steps (default 1000, quick 30)")
-    ap.add_argument("--only", nargs="+", help="run only these runs (e.g. full+none lora+fp full@alr-lr)")
-    ap.add_argument("--plot", action="store_true", help="also write trace.png (needs matplotlib)")
-    ap.add_argument("--results", help="also write the table (Markdown) and the raw numbers (JSON beside it) here")
+    ap = Parser(prog="demo.py", description=__doc__.split("\n")[0])
+    a = ap.add_argument
+    a("--out", help="folder for worlds, base models, traces and runs (default: out/demo, quick: out/demo-quick)")
+    a("--seeds", type=int, nargs="+", default=[0], help="one full replicate (world, base, runs) per seed")
+    a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
+    a("--jobs", type=int, default=2, help="continual runs at a time")
+    a("--threads", type=int, help="threads per run (default: cores / jobs)")
+    a("--controls", action=argparse.BooleanOptionalAction, default=True,
+      help="per method, FP on random selections of the same size and on the complement (--no-controls: skip)")
+    a("--steps", type=int, help="continual-pretraining steps per run (default: 150, quick 6)")
+    a("--lr", type=float, help="continual-pretraining learning rate (default 1e-3)")
+    a("--lora-lr", type=float, help="learning rate of the lora runs (default: 10x --lr)")
+    a("--lora-rank", type=int, default=8, help="rank of the lora runs")
+    a("--pretrain-steps", type=int, help="base-model pretraining steps (default 1000, quick 30)")
+    a("--only", nargs="+", help="run only these runs (e.g. full+none lora+fp full+fp:random0 full@alr-lr)")
+    a("--plot", action="store_true", help="also write trace.png and trace_facts.png (needs matplotlib)")
+    a("--verbose", action="store_true", help="show the base model's pretraining log")
+    a("--results", help="also write the table (Markdown) and the raw numbers (JSON beside it) here")
     args = ap.parse_args(argv)
-    if args.jobs < 1:
-        ap.error("--jobs must be >= 1")
-    names = {f"{m}+{t}" for m in METHODS for t in TGLS} | {"full@alr-lr"}
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        ap.error("--jobs and --threads must be >= 1")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.out = args.out or ("out/demo-quick" if args.quick else "out/demo")
+    names = {n for n, _, _ in run_specs(FULL, True)} | {"full@alr-lr"}
     if args.only and not set(args.only) <= names:
         ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
     return args
@@ -209,12 +308,14 @@ def main(argv=None):
     per_seed = [one_seed(args, cfg, s) for s in args.seeds]
     text = table(per_seed)
     print(f"\nanswer-span perplexity (lower is better) and exact match (%) after continual pretraining on the diff"
-          f"{'; mean ± sd over seeds ' + ' '.join(map(str, args.seeds)) if len(args.seeds) > 1 else ''}:\n")
+          f"{'; mean ± sd over seeds ' + ' '.join(map(str, args.seeds)) if len(args.seeds) > 1 else ''}"
+          f"{' (random rows: over draws too)' if args.controls else ''}:\n")
     print(text)
     print(f"\ndemo done in {time.time() - t0:.0f}s", flush=True)
     if args.results:
         write_text(args.results, text + "\n")
-        write_text(os.path.splitext(args.results)[0] + ".json", json.dumps(dict(seeds=args.seeds, config=cfg, runs=per_seed), indent=1))
+        write_text(os.path.splitext(args.results)[0] + ".json",
+                   json.dumps(dict(seeds=args.seeds, config=cfg, per_seed=per_seed), indent=1))
     return per_seed
 
 

@@ -1,5 +1,5 @@
 """data.py: tokenizers, token cache, Batcher, probe readers (real and hand-written files),
-span alignment, and the synthetic world."""
+span alignment (the synthetic world: test_world.py)."""
 import csv
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-from data import (Batcher, GPT2Tokenizer, Probe, WordTokenizer, load_tokenizer, load_tokens, make_world,
+from data import (Batcher, GPT2Tokenizer, Probe, WordTokenizer, load_tokenizer, load_tokens,
                   read_probes, span_example)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -20,13 +20,6 @@ TEMPLAMA = SHARED / "data" / "templama_format"
 @pytest.fixture(scope="module")
 def gpt2():
     return GPT2Tokenizer()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    meta = make_world(out, seed=3, n_entities=60)
-    return out, meta
 
 
 def write(path, text):
@@ -209,64 +202,10 @@ def test_span_example_word_tokenizer():
     assert tok.decode(idx) == "Ann plays for Kugo"
     assert tgt == [-1, -1, tok.index["Kugo"], tok.index["Rovers"]]
 
-# ----------------------------------------------------------------------------- synthetic world
+# ----------------------------------------------------------------------------- CLI
 
 
-def test_world_deterministic(tmp_path, world):
-    out, _ = world
-    make_world(tmp_path / "again", seed=3, n_entities=60)
-    files = ["t0.txt", "t1.txt", "diff.txt", "tokenizer.json", "world.json"] + [
-        f"probes/{s}.jsonl" for s in ("updated", "unchanged", "new", "diag_updated", "diag_new")]
-    for f in files:
-        assert (out / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
-    make_world(tmp_path / "other", seed=4, n_entities=60)
-    assert (out / "t0.txt").read_bytes() != (tmp_path / "other" / "t0.txt").read_bytes()
-
-
-def test_world_sizes_and_splits(world):
-    out, meta = world
-    c = meta["counts"]
-    assert c["facts_updated"] == round(0.2 * c["facts_t0"]) and 3 * 60 <= c["facts_t0"] <= 5 * 60
-    assert meta["n_new_entities"] == round(0.18 * 60)
-    ents = meta["entities"]
-    changed = sum(o != e["t1"][p] for e in ents.values() if e["t0"] for p, o in e["t0"].items())
-    assert changed == c["facts_updated"]
-    for split, n in c["probes"].items():
-        probes = read_probes(out / "probes" / f"{split}.jsonl")
-        assert len(probes) == n > 0 and {p.split for p in probes} == {split}
-    assert c["probes"]["updated"] + c["probes"]["diag_updated"] == c["facts_updated"]
-    assert c["probes"]["new"] + c["probes"]["diag_new"] == c["facts_new"]
-    upd = read_probes(out / "probes" / "updated.jsonl")
-    for p in upd:  # updated probes ask for the T1 object, which differs from T0's
-        e = ents[p.id.split("_")[0]]
-        assert p.answers == [e["t1"][p.relation]] != [e["t0"][p.relation]]
-
-
-def test_world_diag_disjoint_and_unseen_templates(world):
-    out, meta = world
-    key = lambda p: p.id.split("_")[:2]  # (entity, relation)
-    for ev, dg in (("updated", "diag_updated"), ("new", "diag_new")):
-        a = {tuple(key(p)) for p in read_probes(out / "probes" / f"{ev}.jsonl")}
-        b = {tuple(key(p)) for p in read_probes(out / "probes" / f"{dg}.jsonl")}
-        assert a and b and not a & b
-    train_text = "".join((out / f).read_text() for f in ("t0.txt", "t1.txt", "diff.txt"))
-    unseen = set(meta["unseen_template_ids"])
-    evals = [p for s in ("updated", "unchanged", "new") for p in read_probes(out / "probes" / f"{s}.jsonl")]
-    assert 0.3 < sum(p.id in unseen for p in evals) / len(evals) < 0.7
-    for p in evals:  # unseen-template prompts never occur in training text; seen ones do
-        assert (p.prompt not in train_text) == (p.id in unseen), p
-    tok = load_tokenizer(out)  # the word vocabulary covers all text, unseen templates included
-    everything = train_text + " ".join(p.prompt + " " + p.answers[0] + " " + p.context for p in evals)
-    assert tok.unk not in tok.encode(everything)
-    assert tok.n_vocab < 5000
-
-
-def test_world_cli(tmp_path, capsys):
-    data.main(["world", "--out", str(tmp_path / "w"), "--seed", "1", "--n-entities", "20"])
-    assert "facts_t0" in capsys.readouterr().out and (tmp_path / "w" / "probes" / "diag_new.jsonl").is_file()
-    with pytest.raises(SystemExit) as e:
-        data.main(["world", "--out", str(tmp_path / "w"), "--n-entities", "2"])
-    assert e.value.code == 2
+def test_probes_cli_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["probes", "--probes", str(tmp_path / "missing.jsonl")])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
