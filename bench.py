@@ -71,14 +71,14 @@ def need_transformers():
 
 # ----------------------------------------------------------------------------- model
 
-def bench_model(device="cpu", steps=5, batch_size=4, block_size=256, n_layer=12, n_head=12, n_embd=768,
-                warmup=1, seed=0) -> dict:
+def bench_model(device="cpu", steps=5, batch_size=4, block_size=256, shape=(12, 12, 768), warmup=1, seed=0) -> dict:
     """Forward + backward throughput of our GPT against transformers' GPT2LMHeadModel, same process.
 
 Both models get the same config (GPT-2 small by default), random weights and the same batch; their
 steps are interleaved (ours, theirs, ours, ...) so that machine noise hits both alike, and the
 median tokens/s of each is reported."""
     transformers = need_transformers()
+    n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
     ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0)).to(device)
     theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -150,8 +150,7 @@ def hf_scores(hf, tok, probes, batch_size, device="cpu"):
     return [b[1] for b in best]
 
 
-def bench_probe(n_probes=256, n_layer=4, n_embd=256, n_head=4, batch_size=64, seed=0, tokenizer="gpt2",
-                device="cpu") -> dict:
+def bench_probe(n_probes=256, shape=(4, 4, 256), batch_size=64, seed=0, tokenizer="gpt2", device="cpu") -> dict:
     """Probe scoring: probe.score batched vs one at a time vs transformers, same weights.
 
 The probes are the evaluation probes of a synthetic world (TempLAMA / ECBD formats), tokenized
@@ -162,6 +161,7 @@ with GPT-2 BPE (or the world's word vocabulary). Three ways to get the same numb
             rows per forward, right padding + attention_mask, all logits, cross-entropy
 Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, where probe.score autocasts)."""
     transformers = need_transformers()
+    n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as d:
         make_world(d, WorldConfig(seed=seed, n_entities=300))
@@ -204,13 +204,14 @@ Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, wh
 
 # ----------------------------------------------------------------------------- trace
 
-def bench_trace(n=32, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, seq_len=24, n_targets=3,
-                device="cpu", repeats=3, seed=0) -> dict:
+def bench_trace(n=32, shape=(12, 12, 768), vocab_size=50257, seq_len=24, n_targets=3, device="cpu", repeats=3,
+                seed=0) -> dict:
     """Tracing n examples with the gradient-norm hooks vs the plain per-example fwd+bwd loop.
 
 The plain loop is zero_grad(set_to_none) + forward + backward per example, as one would write it
 without hooks; both run on the same probe-like examples, interleaved, best of `repeats`.
 The target (issue 4) is traced / plain <= 1.1: the hooks must not be the bottleneck."""
+    n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=max(seq_len, 64), vocab_size=vocab_size, n_layer=n_layer,
                           n_head=n_head, n_embd=n_embd)).to(device).eval()
@@ -273,8 +274,7 @@ def saved_activation_bytes(model, x, y, device):
     return sum(seen.values())
 
 
-def bench_train(n_layer=4, n_head=4, n_embd=128, vocab=2000, block_size=64, batch_size=16, steps=20,
-                device="cpu", seed=0) -> dict:
+def bench_train(shape=(4, 4, 128), vocab=2000, block_size=64, batch_size=16, steps=20, device="cpu", seed=0) -> dict:
     """Cost of one training step for full, full + TGL-FP (half the units frozen) and LoRA: same model, same batch.
 
 Per setup: step time (forward, backward, clip, optimizer; median after 3 warm-up steps), tokens/s, memory:
@@ -283,6 +283,7 @@ Per setup: step time (forward, backward, clip, optimizer; median after 3 warm-up
              excluded, each storage counted once): what freezing removes besides gradients
   peak     = torch.cuda.max_memory_allocated on CUDA (not measurable per setup on CPU: "-")
 Returns {setup: dict(ms, tok_s, state, saved, peak, trainable)}."""
+    n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
     x = torch.randint(0, vocab, (batch_size, block_size), device=device)
     y = torch.randint(0, vocab, (batch_size, block_size), device=device)
@@ -356,7 +357,7 @@ COMMANDS = {
 # `all`: sizes for a 2-core CPU, the four in about three minutes
 SMALL = {"model": dict(steps=5, batch_size=1, block_size=128),
          "probe": dict(n_probes=128),
-         "trace": dict(n=16, n_layer=4, n_head=4, n_embd=256),
+         "trace": dict(n=16, shape=(4, 4, 256)),
          "train": dict()}
 
 
@@ -416,6 +417,8 @@ def main(argv=None):
         error("--n-targets must be <= --seq-len")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "n_layer" in kw:  # the model's shape travels as one (n_layer, n_head, n_embd) tuple
+        kw["shape"] = (kw.pop("n_layer"), kw.pop("n_head"), kw.pop("n_embd"))
     kw["device"] = pick_device(args.device)
     return args.fn(**kw)
 

@@ -314,6 +314,8 @@ def span_example(tokenizer, prompt, answer):
     between; trailing spaces of the prompt are dropped), so GPT-2 gets ' Paris' as in running
     text, not 'Paris'. An empty prompt is
     replaced by the end-of-text token, so the first answer token still has a context."""
+    # Why only the answer has targets: the paper's signal is the gradient of the *knowledge* (the object of
+    # a fact, the masked entity span), not of the template words around it, which any LM already predicts.
     prompt, answer = prompt.rstrip(), answer.strip()
     if not answer:
         raise ValueError("empty answer")

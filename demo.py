@@ -25,7 +25,7 @@ import probe
 import trace as tgl_trace
 import world as tgl_world
 from common import Parser, write_text
-from model import load_model, unit_of
+from model import load_model, unit_names, unit_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "mixreview", "recadam", "lora")
@@ -81,8 +81,9 @@ def run_jobs(jobs, n_parallel, log_dir, threads):
 def mean_alr_scale(trace_path, base_dir):
     """The parameter-weighted mean of ALR's per-unit LR scales: the `full` run at lr * this is the
     control that tells ALR's gain from a plain lower learning rate."""
-    scales = tgl_trace.load_trace(trace_path)["selection"]["alr"]
     model = load_model(base_dir)
+    scales = tgl_trace.tgl_plan(tgl_trace.load_trace(trace_path), "alr", tgl_trace.Selection(),
+                                unit_names(model.config.n_layer))
     sizes = {}
     for name, p in model.named_parameters():
         sizes[unit_of(name)] = sizes.get(unit_of(name), 0) + p.numel()

@@ -218,7 +218,7 @@ def merge_lora(model: GPT):
 # ----------------------------------------------------------------------------- units
 
 def unit_of(param_name: str) -> str:
-    """The unit a parameter belongs to: embed, h.{i}.attn, h.{i}.mlp or ln_f (DESIGN.md).
+    """The unit a parameter belongs to: embed, h.{i}.attn, h.{i}.mlp or ln_f.
 
     ln_1 goes with attention and ln_2 with the MLP, because each LayerNorm only feeds that sublayer;
     LoRA parameters go to the unit of the layer they adapt. The tied lm_head is part of embed.
@@ -235,6 +235,13 @@ def unit_of(param_name: str) -> str:
         if parts[2] in ("ln_2", "mlp"):
             return f"h.{parts[1]}.mlp"
     raise ValueError(f"parameter {param_name!r} belongs to no unit")
+
+
+def unwrap(model) -> "GPT":
+    """The GPT inside a torch.compile'd (._orig_mod) and/or DDP (.module) wrapper; the GPT itself otherwise."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def unit_names(n_layer: int) -> list:

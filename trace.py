@@ -1,29 +1,26 @@
 """Trace where new knowledge wants to go: per-unit gradient norms, relative norms, unit selection.
 
-For every unit u (embed, h.{i}.attn, h.{i}.mlp, ln_f; see model.unit_of):
-    span_norm[u] = mean over probes of ||grad_u L_span||   (loss on the answer tokens only)
-    lm_norm[u]   = mean over random old-text windows of ||grad_u L_lm||
-    rgn[u]       = span_norm[u] / lm_norm[u]
-and the selection it implies (TGL+FP freeze mask, TGL+ALR learning-rate scales). DESIGN.md has the method.
+This file is steps 1 and 2 of the method (README, "What TGL is"); train.py is step 3.
+  1. Trace. For every unit u (embed, h.{i}.attn, h.{i}.mlp, ln_f; see model.unit_of):
+         span_norm[u] = mean over probes of ||grad_u L_span||   (loss on the answer tokens only)
+         lm_norm[u]   = mean over random old-text windows of ||grad_u L_lm||
+         rgn[u]       = span_norm[u] / lm_norm[u]
+  2. Select. tgl_plan() turns a trace into what the optimizer gets: the TGL+FP freeze mask or the
+     TGL+ALR learning-rate scales, one number per unit. It is the one place a TGL choice is made.
 
     python trace.py --init RUN --probes diag_updated.jsonl diag_new.jsonl --text t0.txt --out trace.json --plot trace.png
 """
-import argparse
 import json
 import math
-import os
 import random
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import fail, write_text
-from model import autocast, load_model, unit_names, unit_of
-
-DEFAULT_FLOOR = 0.01  # ALR: smallest LR scale, so no unit is frozen by ALR unless --floor 0 asks for it
-
+from common import Parser, fail, write_text
+from model import autocast, load_model, pick_device, unit_names, unit_of, unwrap
 
 # ----------------------------------------------------------------------------- hooks
 
@@ -49,7 +46,7 @@ class GradNormHooks:
         if not named:
             raise ValueError("no parameter requires grad: nothing to trace")
         owners = [unit_of(n) for n, _ in named]
-        self.units = [u for u in unit_names(_n_layer(model)) if u in owners]
+        self.units = [u for u in unit_names(unwrap(model).config.n_layer) if u in owners]
         self.params = [p for _, p in named]
         self.free_grads, self.enabled, self._handles = free_grads, True, []
         device = self.params[0].device
@@ -79,8 +76,7 @@ class GradNormHooks:
 
     def unit_sq(self) -> torch.Tensor:
         """(U,) squared gradient norm per unit, on the device (no sync)."""
-        per_param = torch.stack(self._norms).square()  # (P,)
-        return torch.zeros(len(self.units), device=per_param.device).index_add_(0, self._unit_idx, per_param)
+        return per_unit_sq(self._norms, self._unit_idx, len(self.units))
 
     def sq_norms(self) -> dict:  # {unit: squared norm}, one sync
         return dict(zip(self.units, self.unit_sq().tolist()))
@@ -89,19 +85,22 @@ class GradNormHooks:
         return dict(zip(self.units, self.unit_sq().sqrt().tolist()))
 
 
+def per_unit_sq(param_norms: list, unit_idx: torch.Tensor, n_units: int) -> torch.Tensor:
+    """The one per-unit reduction: a unit's gradient norm is the 2-norm of all its parameters'
+    gradients together, so its square is the sum of the parameters' squared norms. (U,) tensor."""
+    per_param = torch.stack(param_norms).square()  # (P,)
+    return torch.zeros(n_units, device=per_param.device).index_add_(0, unit_idx, per_param)
+
+
 def unit_grad_norms(model) -> dict:
     """Per-unit norm of the gradients now in .grad (one sync). Hook-free: right after DDP's all-reduce."""
-    sq = {}
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            u = unit_of(n)
-            sq[u] = sq.get(u, 0) + torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
-    units = [u for u in unit_names(_n_layer(model)) if u in sq]
-    return dict(zip(units, torch.stack([sq[u] for u in units]).sqrt().tolist())) if units else {}
-
-
-def _n_layer(model) -> int:
-    return getattr(model, "module", model).config.n_layer  # DDP wraps the GPT in .module
+    named = [(unit_of(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return {}
+    units = [u for u in unit_names(unwrap(model).config.n_layer) if u in {u for u, _ in named}]
+    idx = torch.tensor([units.index(u) for u, _ in named], device=named[0][1].device)
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for _, g in named]
+    return dict(zip(units, per_unit_sq(norms, idx, len(units)).sqrt().tolist()))
 
 
 # ----------------------------------------------------------------------------- trace
@@ -177,8 +176,11 @@ def trace_norms(model, example_sets: dict, trace_batch=1, device=None, all_param
 
 def _result(units, span_sum, n_span, lm_sum, n_lm) -> dict:
     span, lm = (span_sum / n_span).tolist(), (lm_sum / n_lm).tolist()  # the one sync
-    # a unit whose LM gradient is exactly 0 gets rgn 0 (JSON has no inf); it cannot happen for a real model
-    rgn = [s / l if l > 0 else 0.0 for s, l in zip(span, lm)]
+    # The ratio, not the span norm alone, is what the method ranks: some units have large gradients for any
+    # text (embeddings, the first block). Dividing by the LM norm asks "where does *this knowledge* pull
+    # harder than ordinary language does?". A unit whose LM gradient is exactly 0 gets rgn 0 (JSON has no
+    # inf); it cannot happen for a real model.
+    rgn = [span_u / lm_u if lm_u > 0 else 0.0 for span_u, lm_u in zip(span, lm)]
     return {"units": units, "span_norm": dict(zip(units, span)), "lm_norm": dict(zip(units, lm)),
             "rgn": dict(zip(units, rgn)), "n_span": n_span, "n_lm": n_lm}
 
@@ -192,7 +194,57 @@ def trace(model, span_examples, lm_windows, trace_batch=1, device=None, all_para
     return _result(units, sums["span"], counts["span"], sums["lm"], counts["lm"])
 
 
-# ----------------------------------------------------------------------------- selection
+# ----------------------------------------------------------------------------- selection (step 2)
+
+DEFAULT_FLOOR = 0.01  # ALR: smallest LR scale, so no unit is frozen by ALR unless --floor 0 asks for it
+CONTROLS = ("none", "complement", "random:SEED")
+
+
+@dataclass
+class Selection:
+    """How a trace becomes TGL's per-unit choice. One definition, shared by trace.py and train.py
+    (add_selection_args declares the flags once). The paper leaves these choices open; each is a flag."""
+    select: str = "mean"         # fp rule: mean (rgn above the mean of the ranked units), topk:K, frac:F
+    rank_units: str = "all"      # which units compete: all, blocks, attn, mlp or a comma list
+    alr_norm: str = "max"        # alr scale: rgn / max (paper) or min(1, rgn / mean)
+    floor: float = DEFAULT_FLOOR  # alr: smallest scale
+    trace_split: str = "all"     # which traced split's rgn selects (all, updated, new, ...)
+    control: str = "none"        # none | complement | random:SEED (controls for the selection, see tgl_plan)
+
+    def check(self):
+        """Raise ValueError naming the flag at fault, before any slow work."""
+        parse_rule(self.select)
+        if self.alr_norm not in ("max", "mean"):
+            raise ValueError(f"--alr-norm must be max or mean, got {self.alr_norm!r}")
+        if not 0 <= self.floor <= 1:  # also false for NaN
+            raise ValueError(f"--floor must be in [0, 1], got {self.floor}")
+        kind, _, seed = self.control.partition(":")
+        if not (self.control in ("none", "complement") or (kind == "random" and seed.lstrip("-").isdigit())):
+            raise ValueError(f"bad --control {self.control!r}: use none, complement or random:SEED (an integer)")
+        return self
+
+
+def add_selection_args(parser):
+    """The selection flags, declared once for trace.py and train.py: --select, --rank-units, --alr-norm,
+    --floor, --trace-split, --control. selection_from_args() reads them back."""
+    d, g = Selection(), parser.add_argument_group("TGL selection (how a trace becomes frozen units or LR scales)")
+    g.add_argument("--select", default=d.select, help="fp rule: mean (rgn above the mean), topk:K or frac:F")
+    g.add_argument("--rank-units", default=d.rank_units, help="units ranked by the selection: all, blocks, attn, mlp "
+                   "or a comma list; units not ranked always train")
+    g.add_argument("--alr-norm", choices=["max", "mean"], default=d.alr_norm,
+                   help="alr scale: rgn/max (paper) or rgn/mean capped at 1")
+    g.add_argument("--floor", type=float, default=d.floor, help="alr: smallest LR scale (0 lets alr freeze units)")
+    g.add_argument("--trace-split", default=d.trace_split, help="which traced split's relative norms select units "
+                   "(all, updated, new, ...)")
+    g.add_argument("--control", default=d.control, help="a control for the selection: none; complement (fp: train "
+                   "the ranked units TGL would freeze); random:SEED (fp: as many ranked units as TGL picks, drawn at "
+                   "random; alr: TGL's scales shuffled among the ranked units)")
+    return g
+
+
+def selection_from_args(args) -> Selection:
+    return Selection(args.select, args.rank_units, args.alr_norm, args.floor, args.trace_split, args.control).check()
+
 
 def parse_rule(rule: str):
     """'mean' | 'topk:K' (K >= 1) | 'frac:F' (0 < F <= 1) -> (kind, value)."""
@@ -234,25 +286,66 @@ def select(rgn: dict, mode: str = "fp", rule: str = "mean", units=None, alr_norm
     ranked = list(rgn) if units is None else list(units)
     if not ranked or any(u not in rgn for u in ranked):
         raise ValueError(f"ranked units {ranked} must be a non-empty subset of {list(rgn)}")
-    vals = [rgn[u] for u in ranked]
+    values = [rgn[u] for u in ranked]
     scales = {u: 1.0 for u in rgn}
-    if mode == "fp":
-        kind, v = parse_rule(rule)
-        if kind == "mean":
-            m = sum(vals) / len(vals)
-            chosen = {u for u in ranked if rgn[u] > m} or set(ranked)
+    if mode == "fp":  # TGL+FP: train the units where new knowledge pulls hardest, freeze the rest
+        kind, value = parse_rule(rule)
+        if kind == "mean":  # the paper's rule: above-average units, so the count adapts to how peaked the trace is
+            mean = sum(values) / len(values)
+            chosen = {u for u in ranked if rgn[u] > mean} or set(ranked)
         else:
-            k = v if kind == "topk" else max(1, math.ceil(v * len(ranked)))
+            k = value if kind == "topk" else max(1, math.ceil(value * len(ranked)))
             chosen = set(sorted(ranked, key=lambda u: -rgn[u])[:k])  # sorted is stable: ties by order
         scales.update({u: float(u in chosen) for u in ranked})
-    elif mode == "alr":
+    elif mode == "alr":  # TGL+ALR: every unit trains, at a learning rate proportional to its rgn
         if alr_norm not in ("max", "mean") or not 0 <= floor <= 1:
             raise ValueError(f"alr_norm must be max or mean (got {alr_norm!r}) and 0 <= floor <= 1 (got {floor})")
-        ref = max(vals) if alr_norm == "max" else sum(vals) / len(vals)
+        # relative to the largest rgn, the most "wanted" unit trains at the full lr and the others slower
+        ref = max(values) if alr_norm == "max" else sum(values) / len(values)
         scales.update({u: max(floor, min(1.0, rgn[u] / ref)) if ref > 0 else 1.0 for u in ranked})
     else:
         raise ValueError(f"mode must be fp or alr, got {mode!r}")
     return scales
+
+
+
+
+def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
+    """THE place where TGL decides: a trace (from trace_files or a trace.json) -> {unit: lr scale} for
+    every unit of a model with these `units`. 0 = frozen (TGL+FP), 0 < s <= 1 = the unit's LR is
+    lr * s (TGL+ALR). train.py hands this to make_param_groups (and, under LoRA, to add_lora: adapters
+    only where s > 0); trace.py records it in the trace file and marks it in the report.
+
+    Controls (sel.control) answer "does the trace pick better units than chance?":
+      complement  fp: the ranked units TGL would freeze train, and those it would train are frozen.
+      random:S    fp: the same number of ranked units as TGL picks, drawn with seed S.
+                  alr: TGL's scales, shuffled among the ranked units with seed S.
+    Units that are not ranked keep scale 1 in every case, so only the choice among ranked units differs."""
+    rgn = trace["rgn"] if sel.trace_split == "all" else trace.get("splits", {}).get(sel.trace_split, {}).get("rgn")
+    if rgn is None:
+        raise ValueError(f"trace has no split {sel.trace_split!r} (has: {', '.join(trace.get('splits', {})) or 'all only'})")
+    if sorted(rgn) != sorted(units):
+        raise ValueError(f"trace units {sorted(rgn)} do not match this model's units {units}: traced another model?")
+    bad = [u for u, v in rgn.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)]
+    if bad:  # a NaN would make every comparison False and TGL a silent no-op
+        raise ValueError(f"trace rgn of {bad[0]} is {rgn[bad[0]]!r}, not a finite number >= 0: re-run trace.py")
+    ranked = resolve_units(sel.rank_units, units)
+    scales = select(rgn, mode, sel.select, ranked, sel.alr_norm, sel.floor)
+    if sel.control == "none":
+        return scales
+    ranked = ranked or list(units)
+    if sel.control == "complement":
+        if mode != "fp":
+            raise ValueError("--control complement applies to --tgl fp (alr has no complement); use random:SEED")
+        return {u: (1.0 - s if u in ranked else s) for u, s in scales.items()}
+    rng = random.Random(int(sel.control.split(":")[1]))
+    if mode == "fp":  # same size as TGL's pick, units drawn uniformly among the ranked ones
+        k = sum(1 for u in ranked if scales[u] > 0)
+        chosen = set(rng.sample(ranked, k))
+        return {u: (float(u in chosen) if u in ranked else s) for u, s in scales.items()}
+    shuffled = [scales[u] for u in ranked]
+    rng.shuffle(shuffled)
+    return dict(scales, **dict(zip(ranked, shuffled)))
 
 
 # ----------------------------------------------------------------------------- files
@@ -279,45 +372,65 @@ def data_module():  # imported late: the trace core (hooks, trace, select) needs
     return data
 
 
-def trace_files(model, tokenizer, probe_paths, text_path, n_span=100, n_lm=100, seed=0, trace_batch=1,
-                device=None, block_size=None, split_by="probe", all_params=False, rule="mean",
-                rank_units="all", alr_norm="max", floor=DEFAULT_FLOOR) -> dict:
-    """Trace probe files against old text: per split (Probe.split, or the file name with
-    split_by='file') and all together, one shared set of LM windows. Used by the CLI and train.py.
-    Returns a trace dict (top level = "all") with "splits", what was traced, and the selection."""
-    block_size = block_size or model.config.block_size
-    if not 1 <= block_size <= model.config.block_size:
-        raise ValueError(f"block_size must be in 1..{model.config.block_size}, got {block_size}")
-    resolve_units(rank_units, unit_names(model.config.n_layer))  # bad flags fail before the slow part
+@dataclass
+class TraceOptions:
+    """What trace_files traces and how; trace.py's flags map one to one."""
+    n_span: int = 100            # probes traced per split (a seeded sample if the split has more)
+    n_lm: int = 100              # random LM windows of old text
+    seed: int = 0                # seeds the probe sample and the windows
+    trace_batch: int = 1         # examples per backward: 1 is exact (per-example norms), >1 approximates
+    block_size: int | None = None  # LM window length; None = the model's context
+    split_by: str = "probe"      # a split per Probe.split, or per probe file ("file")
+    all_params: bool = False     # trace every parameter, not only those that require grad (LoRA: adapters)
+    selection: Selection = field(default_factory=Selection)
+
+
+def _probe_sets(probe_paths, tokenizer, opts: TraceOptions, block_size: int) -> dict:
+    """{split: [(idx, targets)]}: up to n_span probes per split, a sample seeded by (seed, split)."""
     groups = {}
     for path in probe_paths:
         for p in data_module().read_probes(path):
-            groups.setdefault(p.split if split_by == "probe" and p.split else Path(path).stem, []).append(p)
+            groups.setdefault(p.split if opts.split_by == "probe" and p.split else Path(path).stem, []).append(p)
     if not groups or "all" in groups:
         raise ValueError("no probes in the probe files" if not groups else "a probe split may not be named 'all'")
     sets = {}
-    for name, probes in groups.items():  # up to n_span probes per split: a sample seeded by (seed, split)
-        rng = random.Random(f"{seed}:{name}")
-        keep = sorted(rng.sample(range(len(probes)), n_span)) if len(probes) > n_span else range(len(probes))
+    for name, probes in groups.items():
+        rng = random.Random(f"{opts.seed}:{name}")
+        keep = sorted(rng.sample(range(len(probes)), opts.n_span)) if len(probes) > opts.n_span else range(len(probes))
         sets[name] = _span_examples([probes[i] for i in keep], tokenizer, block_size)
+    return sets
+
+
+def trace_files(model, tokenizer, probe_paths, text_path, opts: TraceOptions = None, device=None) -> dict:
+    """Trace probe files against old text: per split and all splits together, against one shared set
+    of LM windows. Used by trace.py's CLI and by train.py --trace-probes.
+    Returns a trace dict (top level = "all") with "splits", what was traced, and TGL's selection."""
+    opts = opts or TraceOptions()
+    block_size = opts.block_size or model.config.block_size
+    if not 1 <= block_size <= model.config.block_size:
+        raise ValueError(f"--block-size must be in 1..{model.config.block_size}, got {block_size}")
+    units = unit_names(model.config.n_layer)
+    resolve_units(opts.selection.rank_units, units)  # bad flags fail before the slow part
+    sets = _probe_sets(probe_paths, tokenizer, opts, block_size)
     tokens = data_module().load_tokens(text_path, tokenizer)
-    sets["\0lm"] = lm_windows(tokens, n_lm, block_size, seed)
+    sets["\0lm"] = lm_windows(tokens, opts.n_lm, block_size, opts.seed)
     top = max(max((max(x) for x, _ in s), default=0) for s in sets.values())
     if top >= model.config.vocab_size:
         raise ValueError(f"token id {top} is outside the model's vocabulary ({model.config.vocab_size}): wrong --tokenizer?")
-    units, sums, counts = trace_norms(model, sets, trace_batch, device, all_params)
+
+    # step 1 of the method: per-unit gradient norms, probe answers and LM windows alike
+    units, sums, counts = trace_norms(model, sets, opts.trace_batch, device, opts.all_params)
     lm_sum, n_lm_passes = sums.pop("\0lm"), counts.pop("\0lm")
     splits = {name: _result(units, sums[name], counts[name], lm_sum, n_lm_passes) for name in sums}
     splits["all"] = _result(units, sum(sums.values()), sum(counts.values()), lm_sum, n_lm_passes)
-    ranked = resolve_units(rank_units, units)
     d = dict(splits["all"])
-    d.update(splits=splits, probe_files=[str(p) for p in probe_paths], text=str(text_path), seed=seed,
-             counts={"span": {k: len(v) for k, v in sets.items() if k != "\0lm"}, "lm": n_lm},
-             trace_batch=trace_batch, block_size=block_size, split_by=split_by, all_params=all_params,
+    d.update(splits=splits, probe_files=[str(p) for p in probe_paths], text=str(text_path), seed=opts.seed,
+             counts={"span": {k: len(v) for k, v in sets.items() if k != "\0lm"}, "lm": opts.n_lm},
+             trace_batch=opts.trace_batch, block_size=block_size, split_by=opts.split_by, all_params=opts.all_params,
              model_config={k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")})
-    d["selection"] = {"rule": rule, "rank_units": rank_units, "alr_norm": alr_norm, "floor": floor,
-                      "fp": select(d["rgn"], "fp", rule, ranked),
-                      "alr": select(d["rgn"], "alr", rule, ranked, alr_norm, floor)}
+    # step 2: the selection this trace implies, recorded so the file says what TGL would do with it
+    sel = opts.selection
+    d["selection"] = dict(asdict(sel), rule=sel.select, fp=tgl_plan(d, "fp", sel, units), alr=tgl_plan(d, "alr", sel, units))
     return d
 
 
@@ -327,8 +440,12 @@ def save_trace(path, d: dict):
 
 
 def load_trace(path) -> dict:
-    with open(path) as f:
-        d = json.load(f)
+    """A trace file, checked: a dict with 'rgn' {unit: number}; anything else is one clear error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a trace file ({e}); write one with trace.py") from None
     if not isinstance(d, dict) or not isinstance(d.get("rgn"), dict):
         raise ValueError(f"{path}: not a trace file (no 'rgn' per unit)")
     return d
@@ -374,8 +491,9 @@ def bar_chart(rgn: dict, title: str, width: int = 40, mark=()) -> str:
 
 def report(d: dict) -> str:
     parts = [format_table(d)]
+    sel = Selection(**{k: d["selection"].get(k, v) for k, v in asdict(Selection()).items()})
     for name, s in d["splits"].items():
-        fp = select(s["rgn"], "fp", d["selection"]["rule"], resolve_units(d["selection"]["rank_units"], s["units"]))
+        fp = tgl_plan(d, "fp", Selection(**dict(asdict(sel), trace_split=name)), s["units"])
         parts.append(bar_chart(s["rgn"], f"\nrelative gradient norm, {name} ({s['n_span']} span / {s['n_lm']} LM passes; * = selected)",
                                mark={u for u, v in fp.items() if v}))
     return "\n".join(parts)
@@ -413,57 +531,50 @@ def plot_png(d: dict, path):
 
 # ----------------------------------------------------------------------------- CLI
 
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Trace per-unit gradient norms of probe answers vs old text (TGL).")
-    ap.add_argument("--init", required=True, help="model: run folder, ckpt.pt, local HF folder or hub name")
-    ap.add_argument("--probes", nargs="+", required=True, help="diagnostic probe files (any format data.read_probes reads)")
-    ap.add_argument("--text", required=True, help="old (pretraining-like) text for the LM windows")
-    ap.add_argument("--out", required=True, help="trace JSON to write")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer spec for data.load_tokenizer (default: from --init)")
-    ap.add_argument("--n-span", type=int, default=100, help="probes traced per split (a seeded sample if more)")
-    ap.add_argument("--n-lm", type=int, default=100, help="random LM windows traced")
-    ap.add_argument("--block-size", type=int, default=None, help="LM window length (default: the model's context)")
-    ap.add_argument("--trace-batch", type=int, default=1, help="examples per backward; >1 is faster but approximate")
-    ap.add_argument("--split-by", choices=["probe", "file"], default="probe", help="splits from each probe's split field, or from file names")
-    ap.add_argument("--select", default="mean", help="FP rule recorded in the JSON: mean, topk:K or frac:F")
-    ap.add_argument("--rank-units", default="all", help="units ranked by the selection: all, blocks, attn, mlp or a comma list")
-    ap.add_argument("--alr-norm", choices=["max", "mean"], default="max", help="ALR scale: rgn/max, or rgn/mean capped at 1")
-    ap.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="smallest ALR scale (0 lets ALR freeze units)")
-    ap.add_argument("--all-params", action="store_true", help="trace every parameter, not only those that require grad")
-    ap.add_argument("--seed", type=int, default=0, help="seed for the probe sample and the LM windows")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    ap.add_argument("--plot", default=None, help="also write the per-layer bar chart as a PNG (needs matplotlib)")
+    ap = Parser(prog="trace.py", description="Trace per-unit gradient norms of probe answers vs old text (TGL).")
+    a, d = ap.add_argument, TraceOptions()
+    a("--init", required=True, help="model: run folder, ckpt.pt, local HF folder or hub name")
+    a("--probes", nargs="+", required=True, help="diagnostic probe files (any format data.read_probes reads)")
+    a("--text", required=True, help="old (pretraining-like) text for the LM windows")
+    a("--out", required=True, help="trace JSON to write")
+    a("--tokenizer", default=None, help="tokenizer spec for data.load_tokenizer (default: from --init)")
+    a("--n-span", type=int, default=d.n_span, help="probes traced per split (a seeded sample if more)")
+    a("--n-lm", type=int, default=d.n_lm, help="random LM windows traced")
+    a("--block-size", type=int, default=None, help="LM window length (default: the model's context)")
+    a("--trace-batch", type=int, default=d.trace_batch, help="examples per backward; >1 is faster but approximate")
+    a("--split-by", choices=["probe", "file"], default=d.split_by, help="splits from each probe's split field, or from file names")
+    a("--all-params", action="store_true", help="trace every parameter, not only those that require grad")
+    a("--seed", type=int, default=d.seed, help="seed for the probe sample and the LM windows")
+    a("--device", default="auto", help="cpu, cuda, mps or auto")
+    a("--plot", default=None, help="also write the per-layer bar chart as a PNG (needs matplotlib)")
+    add_selection_args(ap)
     args = ap.parse_args(argv)
     if min(args.n_span, args.n_lm, args.trace_batch) < 1 or (args.block_size is not None and args.block_size < 1):
         ap.error("--n-span, --n-lm, --trace-batch and --block-size must be >= 1")
-    if not 0 <= args.floor <= 1:
-        ap.error("--floor must be in [0, 1]")
     try:
-        parse_rule(args.select)
+        sel = selection_from_args(args)
     except ValueError as e:
         ap.error(str(e))
-    return args
+    opts = TraceOptions(args.n_span, args.n_lm, args.seed, args.trace_batch, args.block_size, args.split_by,
+                        args.all_params, sel)
+    return args, opts
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from model import pick_device
+    args, opts = parse_args(argv)
     if args.plot:
         need_matplotlib()  # fail before the slow part
-    for f in args.probes + [args.text]:
-        if not os.path.isfile(f):
-            fail(f"{f}: no such file")
+    for f in args.probes + [args.text]:  # probe files; the text may be a file or a folder
+        if not (Path(f).is_file() or (f == args.text and Path(f).is_dir())):
+            fail(f"{f}: no such file", prog="trace.py")
     device = pick_device(args.device)
     try:
         model = load_model(args.init, device)
         tokenizer = data_module().load_tokenizer(args.tokenizer or args.init)
-        d = trace_files(model, tokenizer, args.probes, args.text, args.n_span, args.n_lm, args.seed,
-                        args.trace_batch, device, args.block_size, args.split_by, args.all_params,
-                        args.select, args.rank_units, args.alr_norm, args.floor)
+        d = trace_files(model, tokenizer, args.probes, args.text, opts, device)
     except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+        fail(str(e), prog="trace.py")
     d["model"] = args.init
     save_trace(args.out, d)
     print(report(d))

@@ -5,17 +5,18 @@
         --trace trace.json --probes world/probes/*.jsonl --out runs/recadam_fp
     torchrun --nproc_per_node 4 train.py ...            # DDP: --batch-size is the global batch
 
-One file: a hand-written AdamW with one parameter group per unit (DESIGN.md), the continual-learning
+One file: a hand-written AdamW with one parameter group per unit (model.unit_of), the continual-learning
 methods (full, mixreview, recadam, lora), TGL's freeze mask (fp) or per-unit LR scales (alr),
 atomic checkpoints with exact resume, and DistributedDataParallel.
 """
+import argparse
 import json
 import math
 import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -41,8 +42,9 @@ class AdamW:
 
     s is `update_scale` (1, or RecAdam's lambda(t)). The operations and their order are those of
     torch.optim.AdamW, so the two agree to float rounding. Each group is one unit: {"unit", "params",
-    "lr_scale"}; the schedule sets group["lr"] = base_lr(step) * lr_scale. Frozen units are never
-    given to the optimizer, so they hold no state. All groups are updated with a handful of fused
+    "lr_scale"}; the schedule sets group["lr"] = base_lr(step) * lr_scale, which is how TGL+ALR's
+    per-unit scales reach the update. Frozen units (TGL+FP) are never given to the optimizer, so
+    they hold no state and cost no update. All groups are updated with a handful of fused
     torch._foreach_* calls (per-parameter lr lists), not a Python loop over tensors.
     `rows[id(p)] = LongTensor`: update only those rows of p (weights and moments) this step.
     """
@@ -50,78 +52,85 @@ class AdamW:
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.param_groups = [dict(g, lr=lr * g["lr_scale"]) for g in groups]
         self.params = [p for g in groups for p in g["params"]]
-        self.b1, self.b2, self.eps, self.wd = betas[0], betas[1], eps, weight_decay
+        self.beta1, self.beta2, self.eps, self.weight_decay = betas[0], betas[1], eps, weight_decay
         self.t = 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]     # m, per parameter
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]  # v, per parameter
         self.rows = {}
 
     def zero_grad(self):
         for p in self.params:
             p.grad = None
 
+    def _update(self, params, grads, exp_avg, exp_avg_sq, lrs, update_scale):
+        """The update rule, once, on lists of tensors (the docstring's four lines, in that order)."""
+        bias1, bias2_sqrt = 1 - self.beta1 ** self.t, math.sqrt(1 - self.beta2 ** self.t)
+        if self.weight_decay:  # decoupled: shrink the weights, not the gradient; vectors (biases, LN) are exempt
+            mats = [k for k, p in enumerate(params) if p.ndim >= 2]
+            torch._foreach_mul_([params[k] for k in mats], [1 - lrs[k] * self.weight_decay for k in mats])
+        torch._foreach_lerp_(exp_avg, grads, 1 - self.beta1)
+        torch._foreach_mul_(exp_avg_sq, self.beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - self.beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr * update_scale / bias1 for lr in lrs])
+
     @torch.no_grad()
     def step(self, update_scale=1.0):
         self.t += 1
-        b1, b2, wd, eps = self.b1, self.b2, self.wd, self.eps
-        bc1, bc2_sqrt = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
-        lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]
+        lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
         dense = [i for i, p in enumerate(self.params) if p.grad is not None and id(p) not in self.rows]
-        P, G = [self.params[i] for i in dense], [self.params[i].grad for i in dense]
-        Mo, V, L = [self.m[i] for i in dense], [self.v[i] for i in dense], [lrs[i] for i in dense]
-        if wd and dense:
-            mats = [k for k, p in enumerate(P) if p.ndim >= 2]
-            torch._foreach_mul_([P[k] for k in mats], [1 - L[k] * wd for k in mats])
         if dense:
-            torch._foreach_lerp_(Mo, G, 1 - b1)
-            torch._foreach_mul_(V, b2)
-            torch._foreach_addcmul_(V, G, G, 1 - b2)
-            denom = torch._foreach_sqrt(V)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(P, Mo, denom, [-lr * update_scale / bc1 for lr in L])
-        for i, p in enumerate(self.params):  # row-sparse updates (--embed-rows seen): same rule on rows
-            r = self.rows.get(id(p))
-            if r is None or p.grad is None:
+            self._update([self.params[i] for i in dense], [self.params[i].grad for i in dense],
+                         [self.exp_avg[i] for i in dense], [self.exp_avg_sq[i] for i in dense],
+                         [lrs[i] for i in dense], update_scale)
+        for i, p in enumerate(self.params):  # row-sparse (--embed-rows seen): the same rule on copies of the rows
+            rows = self.rows.get(id(p))
+            if rows is None or p.grad is None:
                 continue
-            w, g, m, v = p[r], p.grad[r], self.m[i][r], self.v[i][r]  # (R, C) copies
-            if wd and p.ndim >= 2:
-                w.mul_(1 - lrs[i] * wd)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-lrs[i] * update_scale / bc1)
-            p[r], self.m[i][r], self.v[i][r] = w, m, v
+            w, m, v = p[rows], self.exp_avg[i][rows], self.exp_avg_sq[i][rows]  # (R, C) copies
+            self._update([w], [p.grad[rows]], [m], [v], [lrs[i]], update_scale)
+            p[rows], self.exp_avg[i][rows], self.exp_avg_sq[i][rows] = w, m, v
 
     def state_dict(self):
-        return {"t": self.t, "units": [g["unit"] for g in self.param_groups], "m": self.m, "v": self.v}
+        return {"t": self.t, "units": [g["unit"] for g in self.param_groups], "m": self.exp_avg, "v": self.exp_avg_sq}
 
     def load_state_dict(self, d):
         if d["units"] != [g["unit"] for g in self.param_groups]:
             raise ValueError(f"optimizer state is for units {d['units']}, this run trains others")
         self.t = d["t"]
-        for dst, src in zip(self.m + self.v, d["m"] + d["v"]):
+        for dst, src in zip(self.exp_avg + self.exp_avg_sq, d["m"] + d["v"]):
             dst.copy_(src)
 
     def state_bytes(self):
-        return sum(t.numel() * t.element_size() for t in self.m + self.v)
+        return sum(t.numel() * t.element_size() for t in self.exp_avg + self.exp_avg_sq)
 
 
 def make_param_groups(model, scales=None):
     """One group per unit that trains, in network order: {"unit", "params", "lr_scale"}.
-    A unit whose scale is 0 is frozen here (requires_grad False: no weight-gradient compute, no
-    optimizer state). Parameters already frozen (LoRA base weights) stay out. Missing units: 1.0."""
+    `scales` is tgl_plan's {unit: scale}; missing units (or no TGL) train at 1.0. Parameters already
+    frozen (LoRA base weights) stay out."""
     scales, groups = scales or {}, {}
     for name, p in model.named_parameters():
         unit = unit_of(name)
         if scales.get(unit, 1.0) == 0:
+            # TGL step 3, FP: a unit the trace did not select is frozen. requires_grad False means autograd
+            # computes no weight gradient for it and the optimizer holds no state for it.
             p.requires_grad_(False)
         if p.requires_grad:
             groups.setdefault(unit, []).append(p)
+    # TGL step 3, ALR: each unit's group carries its scale; AdamW trains it at lr * lr_scale
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 
+# ----------------------------------------------------------------------------- continual-learning methods
+
 def recadam_lambda(t, k, t0):
-    """RecAdam's annealing coefficient lambda(t) = 1 / (1 + exp(-k (t - t0))), overflow-safe."""
+    """RecAdam (Chen et al. 2020) balances the new-task loss against a quadratic penalty that recalls
+    the pretrained weights; lambda(t) anneals from ~0 (mostly recall) to 1 (all new data), so early
+    updates, when the gradients of the new text are least informed, move the model least.
+    RecAdam's annealing coefficient lambda(t) = 1 / (1 + exp(-k (t - t0))), overflow-safe."""
     x = k * (t - t0)
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
@@ -137,6 +146,8 @@ def recadam_pull(opt, anchors, gamma, lam):
     torch._foreach_add_(opt.params, diff)
 
 
+# ----------------------------------------------------------------------------- schedule
+
 def lr_at(step, args):
     """Base learning rate for update `step` (0-based): linear warmup, then cosine/linear/no decay."""
     if step < args.warmup:
@@ -148,10 +159,10 @@ def lr_at(step, args):
     return args.min_lr + coef * (args.lr - args.min_lr)
 
 
-# ----------------------------------------------------------------------------- data
-
 class Stream:
-    """Each step's batch (B rows of T tokens): windows of --data, with the last
+    """Mix-Review (He et al. 2021): forgetting is fought by replaying old pretraining text inside the
+    new batches, so the model keeps seeing the old distribution while it learns the new one.
+    Each step's batch (B rows of T tokens): windows of --data, with the last
     round(B * ratio(step)) rows taken from --replay-data for mixreview, where
     ratio(step) = replay_ratio * replay_decay ** (step / steps) (Mix-Review's decaying mix).
     Both Batchers draw every step, so the sampler state depends only on the step (exact resume)."""
@@ -214,11 +225,7 @@ def get_args(argv=None):
     a("--trace-text", help="old pretraining text for the LM norm when tracing at start")
     a("--trace-n-span", type=int, help="tracing at start: probes used (default: trace.py's)")
     a("--trace-n-lm", type=int, help="tracing at start: LM windows used (default: trace.py's)")
-    a("--trace-split", default="all", help="which traced split's relative norms select units (all, updated, new, ...)")
-    a("--select", default="mean", help="fp rule: mean (rgn above the mean), topk:K or frac:F")
-    a("--rank-units", default="all", help="units ranked by the selection: all, blocks, attn, mlp or a comma list")
-    a("--alr-norm", choices=["max", "mean"], default="max", help="alr scale: rgn/max (paper) or rgn/mean capped at 1")
-    a("--floor", type=float, default=tgl_trace.DEFAULT_FLOOR, help="alr: smallest LR scale (0 lets alr freeze units)")
+    tgl_trace.add_selection_args(p)  # --select, --rank-units, --alr-norm, --floor, --trace-split, --control
     a("--embed-rows", choices=["all", "seen"], default="all",
       help="seen: update only the embedding rows of tokens in the batch (weights and Adam moments)")
     a("--steps", type=int, default=500, help="optimizer updates")
@@ -257,7 +264,7 @@ def get_args(argv=None):
         if bad:
             fail(msg)
     try:
-        tgl_trace.parse_rule(args.select)
+        args.selection = tgl_trace.selection_from_args(args)
     except ValueError as e:
         fail(str(e))
     args.recadam_t0 = args.steps / 4 if args.recadam_t0 is None else args.recadam_t0
@@ -300,25 +307,19 @@ def build_model(args, n_vocab, device):
 
 
 def get_scales(args, model, tokenizer, device, rank):
-    """TGL: {unit: lr scale} (0 = frozen) from --trace or traced now; None without TGL."""
+    """TGL steps 1-2: {unit: lr scale} (0 = frozen) from --trace, or traced now; None without TGL."""
     if args.tgl == "none":
         return None
     try:
         if args.trace:
-            tr = tgl_trace.load_trace(args.trace)
+            trace = tgl_trace.load_trace(args.trace)
         else:
-            tr = tgl_trace.trace_files(model, tokenizer, args.trace_probes, args.trace_text, seed=args.seed, device=device,
-                                       **{k: v for k, v in dict(n_span=args.trace_n_span, n_lm=args.trace_n_lm).items() if v})
+            opts = tgl_trace.TraceOptions(seed=args.seed, selection=args.selection)
+            opts.n_span, opts.n_lm = args.trace_n_span or opts.n_span, args.trace_n_lm or opts.n_lm
+            trace = tgl_trace.trace_files(model, tokenizer, args.trace_probes, args.trace_text, opts, device)
             if rank == 0:
-                tgl_trace.save_trace(os.path.join(args.out, "trace.json"), tr)
-        rgn = tr["rgn"] if args.trace_split == "all" else tr.get("splits", {}).get(args.trace_split, {}).get("rgn")
-        if rgn is None:
-            fail(f"trace has no split {args.trace_split!r} (has: {', '.join(tr.get('splits', {})) or 'all only'})")
-        units = unit_names(model.config.n_layer)
-        if sorted(rgn) != sorted(units):
-            fail(f"trace units {sorted(rgn)} do not match this model's {model.config.n_layer} layers")
-        ranked = tgl_trace.resolve_units(args.rank_units, units)
-        return tgl_trace.select(rgn, args.tgl, args.select, ranked, args.alr_norm, args.floor)
+                tgl_trace.save_trace(os.path.join(args.out, "trace.json"), trace)
+        return tgl_trace.tgl_plan(trace, args.tgl, args.selection, unit_names(model.config.n_layer))
     except ValueError as e:
         fail(str(e))
 
@@ -350,44 +351,77 @@ def gathered(obj, world):
     return out
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the run
 
-def main(argv=None):
-    args = get_args(argv)
+@dataclass
+class Run:
+    """Everything the training loop reads and writes, built by setup() and restore(). One object
+    instead of closures over main's locals, so each step of the loop is a plain function."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: str
+    tokenizer: object
+    model: GPT                      # the GPT itself: checkpoints, hooks and evaluation use it
+    opt: AdamW
+    stream: Stream
+    probes: list
+    scales: dict | None             # tgl_plan's {unit: lr scale}, None without TGL
+    anchors: list | None            # RecAdam's theta0, one tensor per trained parameter
+    ckpt_path: str
+    metrics_path: str
+    dmodel: torch.nn.Module = None  # what the forward pass calls: the GPT, compiled and/or DDP-wrapped
+    step: int = 0                   # optimizer updates done
+    elapsed: float = 0.0            # training seconds before this process (resume)
+    t_start: float = 0.0
+    t_log: float = 0.0
+    loss_sum: torch.Tensor = None   # sum of micro-step losses since the last log line, on the device
+    n_sum: int = 0                  # updates in loss_sum
+    last_loss: float | None = None
+    probe_res: dict | None = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def say(self, *a):
+        if self.master:
+            print(*a, flush=True)
+
+
+def setup(args) -> tuple[Run, dict | None]:
+    """Devices, the model, TGL's scales, the method's optimizer and data: identical on a fresh start
+    and a resume (restore() then loads the state). Returns the run and the checkpoint to resume, if any."""
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_ddp(args)
     torch.manual_seed(args.seed)  # whatever is random before training (LoRA's A init) follows --seed too
-    master, say = rank == 0, (print if rank == 0 else (lambda *a, **k: None))
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(args.out, CKPT_NAME), os.path.join(args.out, "metrics.jsonl")
+    ckpt_path = os.path.join(args.out, CKPT_NAME)
     ck = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
     if ck and ck["world_size"] != world:
         fail(f"{ckpt_path} was written by {ck['world_size']} processes; resume with as many")
 
-    # model, TGL scales, method, optimizer: identical on a fresh start and a resume (state loaded below)
     tokenizer = get_tokenizer(args)
     model = build_model(args, tokenizer.n_vocab, device)
     cfg = model.config
     args.block_size = args.block_size or cfg.block_size
     if args.block_size > cfg.block_size or tokenizer.n_vocab > cfg.vocab_size:
         fail(f"block size {args.block_size} / vocab {tokenizer.n_vocab} exceed the model's {cfg.block_size} / {cfg.vocab_size}")
+
+    # TGL steps 1-2 (trace, select) happen once, before training; a resume reuses the scales it saved
     scales = [ck["scales"] if ck else get_scales(args, model, tokenizer, device, rank)]
     if world > 1:
         dist.broadcast_object_list(scales, 0)  # every rank trains the same units
     scales = scales[0]
-    if args.method == "lora":  # TGL-FP + LoRA: adapters only in selected units; ALR: the adapters' LR
+    if args.method == "lora":
+        # TGL step 3 under LoRA: FP puts adapters only in the selected units; ALR scales the adapters' LR
         add_lora(model, args.lora_rank, args.lora_alpha, scales and {u for u, s in scales.items() if s > 0})
     groups = make_param_groups(model, scales)
     if not groups:
         fail("nothing to train: every unit is frozen")
     opt = AdamW(groups, args.lr, (args.beta1, args.beta2), weight_decay=args.weight_decay)
     anchors = [p.detach().clone() for p in opt.params] if args.method == "recadam" and args.recadam_gamma > 0 else None
-    n_train, trained = sum(p.numel() for p in opt.params), [g["unit"] for g in groups]
-    say(f"{args.method}, tgl {args.tgl}: training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters; optimizer state {opt.state_bytes() / 2**20:.1f} MiB")
-    frozen = [u for u in unit_names(cfg.n_layer) if u not in trained]
-    say("units (lr scale): " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups) + " | frozen: " + (" ".join(frozen) or "-"))
 
     try:
         if rank > 0:  # rank 0 tokenizes first (load_tokens caches), the others then read the cache
@@ -400,136 +434,216 @@ def main(argv=None):
         probes = [pr for f in args.probes for pr in data.read_probes(f)]
     except ValueError as e:
         fail(str(e))
-    wte = model.transformer.wte.weight
-    seen_rows = args.embed_rows == "seen" and wte.requires_grad
+    run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
+              stream=stream, probes=probes, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
+              metrics_path=os.path.join(args.out, "metrics.jsonl"))
+    describe(run)
+    return run, ck
 
-    step, elapsed = 0, 0.0
+
+def describe(run: Run):
+    """What trains: parameter counts, optimizer memory, and each unit's LR scale or frozen."""
+    groups, n_layer = run.opt.param_groups, run.model.config.n_layer
+    n_train, n_all = sum(p.numel() for p in run.opt.params), sum(p.numel() for p in run.model.parameters())
+    run.say(f"{run.args.method}, tgl {run.args.tgl}: training {n_train:,} of {n_all:,} "
+            f"parameters; optimizer state {run.opt.state_bytes() / 2**20:.1f} MiB")
+    trained = [g["unit"] for g in groups]
+    frozen = [u for u in unit_names(n_layer) if u not in trained]
+    run.say("units (lr scale): " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
+            + " | frozen: " + (" ".join(frozen) or "-"))
+
+
+def restore(run: Run, ck: dict | None):
+    """Resume: weights, optimizer, sampler and RNG exactly as saved, so the run continues bit for bit.
+    Fresh start: seed the dropout stream. Either way the metrics log is cut back to the checkpoint."""
     if ck:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        stream.load_state_dict(ck["sampler"][rank])
-        rng = ck["rng"][rank]
+        run.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
+        run.stream.load_state_dict(ck["sampler"][run.rank])
+        rng = ck["rng"][run.rank]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        if rng["cuda"] is not None and device.startswith("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        step, elapsed = ck["step"], ck["time"]
-        say(f"resumed from {ckpt_path} at step {step}")
+        if rng["cuda"] is not None and run.device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], run.device)
+        run.step, run.elapsed = ck["step"], ck["time"]
+        run.say(f"resumed from {run.ckpt_path} at step {run.step}")
     else:
-        torch.manual_seed(args.seed + rank)  # dropout stream, independent of how setup used the RNG
-        random.seed(args.seed + rank)
-    if master:  # the log must agree with the checkpoint: drop lines past it
-        old = open(metrics_path).read().splitlines() if ck and os.path.exists(metrics_path) else []
-        write_text(metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
-        if hasattr(tokenizer, "save"):
-            tokenizer.save(os.path.join(args.out, "tokenizer.json"))
-    hooks = tgl_trace.GradNormHooks(model).__enter__()  # trace.py's hooks log per-unit gradient norms; on for the run
-    dmodel = torch.compile(model) if args.compile else model
-    if world > 1:
-        dmodel = torch.nn.parallel.DistributedDataParallel(dmodel, device_ids=[device] if device.startswith("cuda") else None)
+        torch.manual_seed(run.args.seed + run.rank)  # dropout stream, independent of how setup used the RNG
+        random.seed(run.args.seed + run.rank)
+    if run.master:  # the log must agree with the checkpoint: drop lines past it
+        old = open(run.metrics_path).read().splitlines() if ck and os.path.exists(run.metrics_path) else []
+        write_text(run.metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= run.step))
+        if hasattr(run.tokenizer, "save"):
+            run.tokenizer.save(os.path.join(run.args.out, "tokenizer.json"))
+    run.dmodel = torch.compile(run.model) if run.args.compile else run.model
+    if run.world > 1:
+        ids = [run.device] if run.device.startswith("cuda") else None
+        run.dmodel = torch.nn.parallel.DistributedDataParallel(run.dmodel, device_ids=ids)
 
-    def checkpoint():
-        with torch.no_grad():
-            if not all(torch.isfinite(p).all() for p in opt.params):
-                stop("weights are not finite")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
-        state = dict(config=asdict(cfg), model=model.state_dict(), lora=getattr(model, "lora", None), step=step,
-                     optimizer=opt.state_dict(), sampler=gathered(stream.state_dict(), world), rng=gathered(rng, world),
-                     args=vars(args), tokenizer="word" if hasattr(tokenizer, "save") else "gpt2",
-                     scales=scales, world_size=world, time=elapsed + time.time() - t_start)
-        if master:
-            save_checkpoint(ckpt_path, state)
 
-    def stop(why):
-        last = f"step {load_checkpoint(ckpt_path)['step']}" if os.path.exists(ckpt_path) else "none"
-        fail(f"{why} at step {step}; stopped (last good checkpoint: {last})", code=3)
+# ----------------------------------------------------------------------------- one update
 
-    def evaluate():
-        with autocast(device):
-            res = probe.evaluate(model, tokenizer, probes, device=device)  # eval mode, no grad: probe.py
-        say(f"eval step {step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(res.items())))
-        return res
+def forward_backward(run: Run, hooks, logging: bool):
+    """--grad-accum micro-steps into .grad. Returns the --embed-rows seen mask (vocab,) or None."""
+    args, model = run.args, run.model
+    wte = model.transformer.wte.weight
+    mask = torch.zeros(model.config.vocab_size, device=run.device) if args.embed_rows == "seen" and wte.requires_grad else None
+    for micro in range(args.grad_accum):
+        last_micro = micro == args.grad_accum - 1
+        # the hooks read .grad once it holds the whole accumulated gradient: at the last micro-step
+        hooks.enabled = logging and run.world == 1 and last_micro
+        x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
+        sync = run.world == 1 or last_micro  # DDP: all-reduce on the last micro-step only
+        with (nullcontext() if sync else run.dmodel.no_sync()), autocast(run.device):
+            _, loss = run.dmodel(x, y)
+        (loss / args.grad_accum).backward()  # accumulated gradient = mean over micro-steps
+        run.loss_sum += loss.detach() / args.grad_accum
+        if mask is not None:  # --embed-rows seen: rows of every token in inputs or targets
+            mask[x.view(-1)] = 1
+            mask[y[y >= 0]] = 1
+    return mask
 
-    tok_per_step = args.batch_size * args.block_size * args.grad_accum
-    loss_sum, n_sum, probe_res, last = torch.zeros((), device=device), 0, None, None
-    t_start = t_log = time.time()
-    model.train()
-    while step < args.steps:
-        lr = lr_at(step, args)
+
+def update(run: Run, mask):
+    """Clip, then one AdamW step (RecAdam: scaled by lambda(t), then the pull toward theta0)."""
+    args, opt = run.args, run.opt
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(opt.params, args.grad_clip, foreach=True)
+    if mask is not None:
+        if run.world > 1:
+            dist.all_reduce(mask, dist.ReduceOp.MAX)  # the same rows on every rank
+        # the tied LM head gives every row a gradient; only rows of tokens in the batch are updated
+        opt.rows = {id(run.model.transformer.wte.weight): mask.nonzero().squeeze(1)}
+    lam = recadam_lambda(run.step, args.recadam_k, args.recadam_t0) if run.anchors else 1.0
+    opt.step(update_scale=lam)
+    if run.anchors:
+        recadam_pull(opt, run.anchors, args.recadam_gamma, lam)
+    opt.zero_grad()
+
+
+# ----------------------------------------------------------------------------- evaluate, log, checkpoint
+
+def evaluate(run: Run) -> dict:
+    with autocast(run.device):
+        res = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device)  # eval mode, no grad: probe.py
+    run.say(f"eval step {run.step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(res.items())))
+    return res
+
+
+def mean_loss(run: Run) -> float:
+    """The mean loss since the last log line: the only place the loop waits for the device."""
+    if run.world > 1:
+        dist.all_reduce(run.loss_sum)
+        run.loss_sum /= run.world
+    loss = run.loss_sum.item() / run.n_sum
+    if not math.isfinite(loss):
+        stop(run, f"loss is {loss}")
+    return loss
+
+
+def log_line(run: Run, lr: float, grad_norms: dict, probe_res: dict | None):
+    """Progress on stdout, one JSON line in metrics.jsonl; then the loss average starts again."""
+    args, now = run.args, time.time()
+    tok_s = args.batch_size * args.block_size * args.grad_accum * run.n_sum / (now - run.t_log)
+    run.say(f"step {run.step}/{args.steps} | loss {run.last_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+            f"{run.elapsed + now - run.t_start:.1f}s")
+    rec = dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
+               time=run.elapsed + now - run.t_start)
+    if probe_res is not None:
+        rec["probes"] = probe_res
+    if run.master:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    run.loss_sum.zero_()
+    run.n_sum, run.t_log = 0, time.time()
+
+
+def checkpoint(run: Run):
+    """Everything needed to continue bit for bit, written atomically by rank 0."""
+    with torch.no_grad():
+        if not all(torch.isfinite(p).all() for p in run.opt.params):
+            stop(run, "weights are not finite")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+    state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
+                 step=run.step, optimizer=run.opt.state_dict(), sampler=gathered(run.stream.state_dict(), run.world),
+                 rng=gathered(rng, run.world), args=vars(run.args), tokenizer="word" if hasattr(run.tokenizer, "save") else "gpt2",
+                 scales=run.scales, world_size=run.world, time=run.elapsed + time.time() - run.t_start)
+    state["args"] = {k: v for k, v in state["args"].items() if k != "selection"} | {"selection": asdict(run.args.selection)}
+    if run.master:
+        save_checkpoint(run.ckpt_path, state)
+
+
+def stop(run: Run, why: str):
+    last = f"step {load_checkpoint(run.ckpt_path)['step']}" if os.path.exists(run.ckpt_path) else "none"
+    fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", code=3)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(run: Run, hooks):
+    """The training loop: from run.step to --steps updates."""
+    args, opt = run.args, run.opt
+    run.loss_sum, run.n_sum = torch.zeros((), device=run.device), 0
+    run.t_start = run.t_log = time.time()
+    run.model.train()
+    while run.step < args.steps:
+        # determine the learning rate: the schedule times each unit's TGL scale (ALR; 1 otherwise)
+        lr = lr_at(run.step, args)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        mask = torch.zeros(cfg.vocab_size, device=device) if seen_rows else None
-        logging = (step + 1) % args.log_every == 0 or step + 1 == args.steps
-        for micro in range(args.grad_accum):
-            # the hooks read .grad once it holds the whole accumulated gradient: at the last micro-step
-            hooks.enabled = logging and world == 1 and micro == args.grad_accum - 1
-            x, y = (t.to(device, non_blocking=True) for t in stream.next(step))  # (B, T) each
-            sync = world == 1 or micro == args.grad_accum - 1  # DDP: all-reduce on the last micro-step only
-            with (nullcontext() if sync else dmodel.no_sync()), autocast(device):
-                _, loss = dmodel(x, y)
-            (loss / args.grad_accum).backward()  # accumulated gradient = mean over micro-steps
-            loss_sum += loss.detach() / args.grad_accum
-            if mask is not None:  # --embed-rows seen: rows of every token in inputs or targets
-                mask[x.view(-1)] = 1
-                mask[y[y >= 0]] = 1
-        step += 1
+
+        # forward, backward, update
+        logging = (run.step + 1) % args.log_every == 0 or run.step + 1 == args.steps
+        mask = forward_backward(run, hooks, logging)
+        run.step += 1
         if logging:  # per-unit norms of this update's gradient, before clipping (the paper's Figure 1)
-            grad_norms = hooks.norms() if world == 1 else tgl_trace.unit_grad_norms(model)  # DDP: after the all-reduce
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(opt.params, args.grad_clip, foreach=True)
-        if mask is not None:
-            if world > 1:
-                dist.all_reduce(mask, dist.ReduceOp.MAX)  # the same rows on every rank
-            # the tied LM head gives every row a gradient; only rows of tokens in the batch are updated
-            opt.rows = {id(wte): mask.nonzero().squeeze(1)}
-        lam = recadam_lambda(step, args.recadam_k, args.recadam_t0) if anchors else 1.0
-        opt.step(update_scale=lam)
-        if anchors:
-            recadam_pull(opt, anchors, args.recadam_gamma, lam)
-        opt.zero_grad()
-        n_sum += 1
+            grad_norms = hooks.norms() if run.world == 1 else tgl_trace.unit_grad_norms(run.model)  # DDP: after the all-reduce
+        update(run, mask)
+        run.n_sum += 1
 
-        do_eval = probes and (step == args.steps or (args.eval_every and step % args.eval_every == 0))
-        do_save = step == args.steps or (args.save_every and step % args.save_every == 0)
-        if logging or do_save:  # the only places the loop waits for the device
-            if world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            last = loss_sum.item() / n_sum
-            if not math.isfinite(last):
-                stop(f"loss is {last}")
-        if logging:
-            now = time.time()
-            tok_s = tok_per_step * n_sum / (now - t_log)
-            say(f"step {step}/{args.steps} | loss {last:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | {elapsed + now - t_start:.1f}s")
-            rec = dict(step=step, loss=last, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
-                       time=elapsed + now - t_start)
+        # once in a while: evaluate, log, checkpoint
+        done = run.step == args.steps
+        do_eval = run.probes and (done or (args.eval_every and run.step % args.eval_every == 0))
+        do_save = done or (args.save_every and run.step % args.save_every == 0)
+        if logging or do_save:
+            run.last_loss = mean_loss(run)
         if do_eval:
-            probe_res = evaluate() if master else None
+            run.probe_res = evaluate(run) if run.master else None
         if logging:
-            if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(dict(rec, probes=probe_res) if do_eval else rec) + "\n")
-            loss_sum.zero_()
-            n_sum, t_log = 0, time.time()
+            log_line(run, lr, grad_norms, run.probe_res if do_eval else None)
         if do_save:
-            checkpoint()
-    if probes and probe_res is None and master:  # resumed a finished run: still report
-        probe_res = evaluate()
+            checkpoint(run)
 
-    summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=step, final_loss=last, probes=probe_res,
-                   scales=scales, trainable_params=n_train, time=elapsed + time.time() - t_start)
-    if master:
+
+def finish(run: Run) -> dict:
+    """summary.json, and the Hugging Face export if asked for."""
+    args = run.args
+    if run.probes and run.probe_res is None and run.master:  # resumed a finished run: still report
+        run.probe_res = evaluate(run)
+    summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=run.step, final_loss=run.last_loss,
+                   probes=run.probe_res, scales=run.scales, trainable_params=sum(p.numel() for p in run.opt.params),
+                   time=run.elapsed + time.time() - run.t_start)
+    if run.master:
         write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         if args.export_hf:
-            if getattr(model, "lora", None):
-                merge_lora(model)
-            model.save_pretrained(args.export_hf)
-            say(f"exported to {args.export_hf}")
-    if world > 1:
+            if getattr(run.model, "lora", None):
+                merge_lora(run.model)
+            run.model.save_pretrained(args.export_hf)
+            run.say(f"exported to {args.export_hf}")
+    if run.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run, ck = setup(args)
+    restore(run, ck)
+    # trace.py's hooks log per-unit gradient norms while training; on for the whole run
+    with tgl_trace.GradNormHooks(run.model) as hooks:
+        train(run, hooks)
+    return finish(run)
 
 
 if __name__ == "__main__":

@@ -272,3 +272,46 @@ def test_cli_plot(world):
                     str(world / "t0.txt"), "--out", str(world / "t.json"), "--n-lm", "1", "--block-size", "8",
                     "--plot", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tgl_plan_controls_and_validation():
+    units = unit_names(3)
+    rgn = {u: float(i) for i, u in enumerate(units)}  # increasing with depth; ln_f largest
+    tr = {"rgn": rgn, "splits": {"updated": {"rgn": dict(rgn, embed=99.0)}}}
+    plan = lambda mode, **kw: tgl_trace.tgl_plan(tr, mode, tgl_trace.Selection(**kw), units)  # noqa: E731
+    blocks = [u for u in units if u.startswith("h.")]
+    fp = plan("fp", rank_units="blocks")
+    assert fp == select(rgn, "fp", units=blocks)  # no control: exactly select()
+    picked = {u for u in blocks if fp[u]}
+    comp = plan("fp", rank_units="blocks", control="complement")
+    assert {u for u in blocks if comp[u]} == set(blocks) - picked and comp["embed"] == comp["ln_f"] == 1.0
+    draws = [plan("fp", rank_units="blocks", control=f"random:{s}") for s in range(6)]
+    for d in draws:  # same size, among the ranked units only; unranked always train
+        assert sum(d[u] for u in blocks) == len(picked) and d["embed"] == d["ln_f"] == 1.0
+    assert draws[0] == plan("fp", rank_units="blocks", control="random:0")  # seeded
+    assert len({tuple(sorted(d.items())) for d in draws}) > 1  # and not always the same draw
+    alr, shuffled = plan("alr"), plan("alr", control="random:3")
+    assert sorted(alr.values()) == sorted(shuffled.values())  # a permutation of TGL's scales
+    assert plan("fp", trace_split="updated")["embed"] == 1.0  # the split's rgn, not the top level's
+    for bad, match in (({"trace_split": "new"}, "no split"), ({"control": "complement"}, "applies to --tgl fp")):
+        with pytest.raises(ValueError, match=match):
+            plan("alr", **bad)
+    for bad_value in (float("nan"), "3", -1.0):
+        with pytest.raises(ValueError, match="not a finite number"):
+            tgl_trace.tgl_plan({"rgn": dict(rgn, ln_f=bad_value)}, "fp", tgl_trace.Selection(), units)
+    with pytest.raises(ValueError, match="do not match"):
+        tgl_trace.tgl_plan(tr, "fp", tgl_trace.Selection(), unit_names(2))
+    for bad in (dict(control="random:x"), dict(select="top3"), dict(floor=float("nan")), dict(alr_norm="min")):
+        with pytest.raises(ValueError):
+            tgl_trace.Selection(**bad).check()
+
+
+def test_selection_flags_are_declared_once_for_trace_and_train():
+    import argparse
+    import train
+    flags = {"--select", "--rank-units", "--alr-norm", "--floor", "--trace-split", "--control"}
+    parser = argparse.ArgumentParser()
+    tgl_trace.add_selection_args(parser)
+    assert flags <= set(parser._option_string_actions)
+    args = train.get_args(["--data", __file__, "--control", "random:2", "--rank-units", "mlp"])
+    assert args.selection == tgl_trace.Selection(rank_units="mlp", control="random:2")
