@@ -213,7 +213,11 @@ def get_args(argv=None):
     a("--method", choices=["full", "mixreview", "recadam", "lora"], default="full", help="continual-learning method")
     a("--replay-data", help="mixreview: old pretraining text replayed into each batch")
     a("--replay-ratio", type=float, default=0.25, help="mixreview: share of each batch that is replay at step 0")
-    a("--replay-decay", type=float, default=1.0, help="mixreview: share left at the end, as a fraction of the start (1 = constant)")
+    # Mix-Review (He et al. 2021) shrinks the mixed-in pretraining data geometrically as training goes on
+    # (its "mix-decay"): the model is held near the old distribution early and let go later. The published
+    # decay is tuned per task, so the default here is a choice, not their value: a quarter of the starting
+    # share is left at the end. --replay-decay 1 keeps the constant mix (plain replay) for the ablation.
+    a("--replay-decay", type=float, default=0.25, help="mixreview: share left at the end, as a fraction of the start (1 = constant)")
     a("--recadam-gamma", type=float, default=100.0, help="recadam: strength of the pull toward the start weights (0 = AdamW)")
     a("--recadam-k", type=float, default=0.05, help="recadam: slope of lambda(t) = 1/(1+exp(-k (t - t0)))")
     a("--recadam-t0", type=float, help="recadam: midpoint of the annealing (default: steps / 4)")
@@ -238,7 +242,10 @@ def get_args(argv=None):
     a("--weight-decay", type=float, default=0.0, help="decoupled weight decay (matrices only)")
     a("--beta1", type=float, default=0.9, help="Adam beta1")
     a("--beta2", type=float, default=0.99, help="Adam beta2")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    a("--grad-clip", type=float, default=1.0, help="gradient clipping threshold (0 = off); see --clip-by")
+    a("--clip-by", choices=["unit", "global"], default="unit",
+      help="unit: clip each unit's gradient to grad_clip/sqrt(units of the model), the same rule whichever units "
+           "train; global: one norm over the trained parameters (an FP run is then clipped less than a full one)")
     a("--seed", type=int, default=0, help="seed for init, data order and dropout")
     a("--probes", nargs="+", default=[], help="probe files scored every --eval-every steps and at the end")
     a("--eval-every", type=int, default=0, help="score probes every N updates (0 = only at the end)")
@@ -504,11 +511,24 @@ def forward_backward(run: Run, hooks, logging: bool):
     return mask
 
 
+def clip_gradients(opt, max_norm, by, n_units):
+    """Gradient clipping that treats every arm alike (issue 12). A global norm over the *trained*
+    parameters is smaller when TGL+FP freezes units, so FP runs would be clipped less than full runs.
+    Per unit, each unit's gradient is clipped to max_norm / sqrt(n_units) (n_units: all units of the
+    model, trained or not): a unit's update never depends on which other units train, and a model whose
+    units all sit at the threshold has global norm max_norm, the scale of the global rule."""
+    if by == "global":
+        torch.nn.utils.clip_grad_norm_(opt.params, max_norm, foreach=True)
+        return
+    for g in opt.param_groups:
+        torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
+
+
 def update(run: Run, mask):
     """Clip, then one AdamW step (RecAdam: scaled by lambda(t), then the pull toward theta0)."""
     args, opt = run.args, run.opt
     if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(opt.params, args.grad_clip, foreach=True)
+        clip_gradients(opt, args.grad_clip, args.clip_by, len(unit_names(run.model.config.n_layer)))
     if mask is not None:
         if run.world > 1:
             dist.all_reduce(mask, dist.ReduceOp.MAX)  # the same rows on every rank

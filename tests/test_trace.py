@@ -237,7 +237,10 @@ def test_cli_end_to_end(world, capsys):
     assert set(saved["splits"]) == {"diag_updated", "diag_new", "all"}
     assert saved["counts"] == {"span": {"diag_updated": 2, "diag_new": 2}, "lm": 2}
     assert saved["splits"]["all"]["n_span"] == 4 and saved["units"] == unit_names(2)
-    assert sum(saved["selection"]["fp"].values()) == 2.0 and max(saved["selection"]["alr"].values()) == 1.0
+    # default --rank-units blocks: top 2 of the blocks' units, embed and ln_f always train
+    fp = saved["selection"]["fp"]
+    assert sum(fp.values()) == 4.0 and fp["embed"] == fp["ln_f"] == 1.0 and max(saved["selection"]["alr"].values()) == 1.0
+    assert sum(tgl_trace.main(argv + ["--rank-units", "all"])["selection"]["fp"].values()) == 2.0  # the old ranking
     assert saved["model"] == str(world / "run") and saved["seed"] == 0
     # "all" is the probe-weighted mean of the splits
     for u in saved["units"]:
@@ -245,6 +248,7 @@ def test_cli_end_to_end(world, capsys):
         assert saved["span_norm"][u] == pytest.approx((s["diag_updated"]["span_norm"][u] + s["diag_new"]["span_norm"][u]) / 2)
     text = capsys.readouterr().out
     assert "h.1 attn" in text and "diag_new" in text
+    capsys.readouterr()
     assert tgl_trace.main(argv) == d  # deterministic
 
 

@@ -93,7 +93,7 @@ def test_adamw_matches_torch():
 
 
 def test_alr_scales_reach_groups(world, tmp_path):
-    run(world, tmp_path / "alr", "--tgl", "alr", "--trace", world.trace, "--steps", "1", "--decay", "none",
+    run(world, tmp_path / "alr", "--tgl", "alr", "--trace", world.trace, "--rank-units", "all", "--steps", "1", "--decay", "none",
         "--grad-clip", "0", "--weight-decay", "0")
     before, after = weights(world.base), weights(tmp_path / "alr")
     top = max(world.rgn.values())
@@ -112,7 +112,7 @@ def test_alr_scales_reach_groups(world, tmp_path):
 
 
 def test_fp_freezes_unselected_units(world, tmp_path, capsys):
-    run(world, tmp_path / "fp", "--tgl", "fp", "--trace", world.trace)
+    run(world, tmp_path / "fp", "--tgl", "fp", "--trace", world.trace, "--rank-units", "all")  # embed ranked too
     assert "frozen: embed" in capsys.readouterr().out
     before, after = weights(world.base), weights(tmp_path / "fp")
     ck = load_checkpoint(tmp_path / "fp" / "ckpt.pt")
@@ -264,3 +264,29 @@ def test_lora_runs_are_reproducible(world, tmp_path):
     run(world, tmp_path / "b", "--method", "lora", "--steps", "2")  # ... must not matter
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert any("lora_A" in n for n in wa) and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_clip_by_unit_is_the_same_whichever_units_train():
+    """Fair arms: with --clip-by unit a unit's clipped gradient does not depend on which other units
+    train; with --clip-by global (the old rule) freezing a unit changes how the others are clipped."""
+    torch.manual_seed(0)
+    g_a, g_b = torch.randn(10) * 5, torch.randn(10) * 5
+
+    def clipped(by, train_b):
+        a, b = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(10))
+        a.grad, b.grad = g_a.clone(), g_b.clone()
+        groups = [{"params": [a]}] + ([{"params": [b]}] if train_b else [])
+        train.clip_gradients(Namespace(param_groups=groups, params=[p for g in groups for p in g["params"]]),
+                             1.0, by, n_units=2)
+        return a.grad
+
+    assert torch.equal(clipped("unit", True), clipped("unit", False))
+    assert clipped("unit", True).norm().item() == pytest.approx(1 / 2 ** 0.5)
+    assert not torch.allclose(clipped("global", True), clipped("global", False))
+    assert train.get_args(["--data", __file__]).clip_by == "unit"
+
+
+def test_mixreview_replay_decays_by_default():
+    args = train.get_args(["--data", __file__, "--method", "mixreview", "--replay-data", __file__, "--steps", "100"])
+    s = train.Stream(torch.arange(500), torch.arange(500), Namespace(**dict(vars(args), batch_size=16, block_size=4)))
+    assert s.n_replay(0) == 4 and s.n_replay(99) == 1  # 0.25 of the batch at the start, a quarter of that at the end
