@@ -108,8 +108,9 @@ def build_world(world_dir, cfg, seed):
 
 
 def pretrain(args, cfg, seed, world_dir, base, meta):
-    """The base model, pretrained from scratch on T0; cached by its exact command and world config."""
-    threads = args.threads
+    """The base model, pretrained from scratch on T0; cached by its exact command and world config.
+    It runs alone, so it gets every core the parallel runs share."""
+    threads = args.threads * args.jobs
     pre = python("train.py", "--init", "scratch", "--tokenizer", "word", "--data", os.path.join(world_dir, "t0.txt"),
                  "--out", base, "--n-layer", cfg["n_layer"], "--n-head", cfg["n_head"], "--n-embd", cfg["n_embd"],
                  "--block-size", cfg["block"], "--steps", cfg["pre_steps"], "--batch-size", cfg["pre_batch"],
