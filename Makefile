@@ -28,15 +28,19 @@ test: $(BIN)/.dev-deps
 bench: $(BIN)/.dev-deps
 	$(BIN)/python bench.py
 
-# The README's results table: the demo over 3 seeds, mean and spread.
+# The README's results table: the demo over 3 seeds (each its own world and base model), mean and spread.
 results: $(BIN)/.run-deps
 	$(BIN)/python demo.py --seeds 0 1 2 --results assets/results.md
 
 clean:
 	rm -rf out
 
-# The README's trace figure (matplotlib is an optional extra, installed only here).
+# The README's figures from the demo's seed 0 (matplotlib is an optional extra, installed only here):
+# Figure 1 (loss, probe perplexity, per-unit gradient norms over training) and Figure 2 (the traces).
+FIG_RUNS = full+none full+fp full+fp:complement
 figure: $(BIN)/.run-deps
 	$(BIN)/python -m pip install --quiet -r requirements-extra.txt
-	$(BIN)/python demo.py --only full+none --plot
+	$(BIN)/python demo.py --only $(FIG_RUNS) --plot
+	$(BIN)/python plot.py $(addprefix out/demo/seed0/runs/,$(FIG_RUNS)) --png assets/figure1.png --out assets/figure1.txt
 	cp out/demo/seed0/trace.png assets/trace.png
+	cp out/demo/seed0/trace_facts.png assets/trace_facts.png

@@ -35,7 +35,7 @@ RANK_UNITS = "blocks"  # the paper ranks layers; embed and ln_f always train (RE
 
 # Sizes of the demo. --quick shrinks everything so the tests run the whole pipeline in seconds.
 FULL = dict(entities=300, heldout_words=20000, n_layer=4, n_head=4, n_embd=128, block=64, pre_steps=1000,
-            pre_batch=32, pre_lr=3e-3, steps=150, batch=16, lr=1e-3, n_span=100, n_lm=100, draws=3)
+            pre_batch=32, pre_lr=3e-3, steps=100, batch=16, lr=1e-3, n_span=100, n_lm=100, draws=3)
 QUICK = dict(entities=24, heldout_words=1500, n_layer=2, n_head=2, n_embd=32, block=32, pre_steps=30,
              pre_batch=8, pre_lr=3e-3, steps=6, batch=8, lr=1e-3, n_span=8, n_lm=8, draws=3)
 
@@ -169,6 +169,25 @@ def trace_summary(tr: dict) -> dict:
     return out
 
 
+def trace_lines(per_seed: list) -> str:
+    """Per seed and trace: the level and spread of rgn over the blocks' units, each split's peak, and
+    how differently updated and new probes spread over units (max/min over units of their rgn ratio)."""
+    lines = ["| seed | LM text | rgn over blocks (all probes) | max/min | peak: updated | peak: new | updated/new spread |",
+             "|---|---|---|---|---|---|---|"]
+    for r in per_seed:
+        seed = r["seed"]
+        for name, t in r["traces"].items():
+            a, u, n = t["all"], t.get("diag_updated"), t.get("diag_new")
+            spread = "-"
+            if u and n:
+                ratio = [u["rgn"][k] / n["rgn"][k] for k in u["rgn"] if k.startswith("h.") and n["rgn"][k] > 0]
+                spread = f"{max(ratio) / min(ratio):.2f}"
+            lines.append(f"| {seed} | {'held-out general text' if name == 'general' else 'own fact text'} | "
+                         f"{a['min']:.1f}–{a['max']:.1f} | {a['max_over_min']:.2f} | {u['peak'] if u else '-'} | "
+                         f"{n['peak'] if n else '-'} | {spread} |")
+    return "\n".join(lines)
+
+
 def run_specs(cfg, controls):
     """[(run name, method, extra train.py flags)]: every method x TGL arm, then its controls."""
     specs = []
@@ -224,7 +243,7 @@ def one_seed(args, cfg, seed):
     for name, _ in jobs:
         s = json.load(open(os.path.join(root, "runs", name, "summary.json")))
         rows[name] = dict(probes=s["probes"], time=times[name], scales=s.get("scales"))
-    return dict(runs=rows, traces={k: trace_summary(v) for k, v in traces.items()}, selection=sel)
+    return dict(seed=seed, runs=rows, traces={k: trace_summary(v) for k, v in traces.items()}, selection=sel)
 
 
 def base_scores(base, world_dir):
@@ -280,7 +299,7 @@ def parse_args(argv=None):
     a("--threads", type=int, help="threads per run (default: cores / jobs)")
     a("--controls", action=argparse.BooleanOptionalAction, default=True,
       help="per method, FP on random selections of the same size and on the complement (--no-controls: skip)")
-    a("--steps", type=int, help="continual-pretraining steps per run (default: 150, quick 6)")
+    a("--steps", type=int, help="continual-pretraining steps per run (default: 100, quick 6)")
     a("--lr", type=float, help="continual-pretraining learning rate (default 1e-3)")
     a("--lora-lr", type=float, help="learning rate of the lora runs (default: 10x --lr)")
     a("--lora-rank", type=int, default=8, help="rank of the lora runs")
@@ -313,9 +332,11 @@ def main(argv=None):
           f"{'; mean ± sd over seeds ' + ' '.join(map(str, args.seeds)) if len(args.seeds) > 1 else ''}"
           f"{' (random rows: over draws too)' if args.controls else ''}:\n")
     print(text)
+    traces = trace_lines(per_seed)
+    print(f"\nthe traces (relative gradient norm = span / LM gradient norm, per unit):\n\n{traces}")
     print(f"\ndemo done in {time.time() - t0:.0f}s", flush=True)
     if args.results:
-        write_text(args.results, text + "\n")
+        write_text(args.results, text + "\n\n" + traces + "\n")
         write_text(os.path.splitext(args.results)[0] + ".json",
                    json.dumps(dict(seeds=args.seeds, config=cfg, per_seed=per_seed), indent=1))
     return per_seed

@@ -36,9 +36,10 @@ def test_quick_demo_runs_everything(tmp_path, capsys, monkeypatch):
     for d in range(3):
         assert len(blocks_trained(runs[f"full+fp:random{d}"])) == len(fp)
     assert blocks_trained(runs["full+fp:complement"]) == {f"h.{i}.{s}" for i in range(2) for s in ("attn", "mlp")} - fp
-    table = (tmp_path / "r.md").read_text()
+    table, traces = (tmp_path / "r.md").read_text().split("\n\n")
+    assert traces.count("| 0 |") == 2 and "own fact text" in traces
     assert "| full+fp random (3 draws) |" in table and "| full+fp complement |" in table and "| lora+alr |" in table
-    assert table.count("\n") == len(ONLY) - 2 + 1 + 2  # 3 draws are one row; + base; + 2 header lines
+    assert table.count("\n") + 1 == len(ONLY) - 2 + 1 + 2  # 3 draws are one row; + base; + 2 header lines
     assert json.loads((tmp_path / "r.json").read_text())["seeds"] == [0]
     # every continual run is told its thread count
     jobs = demo.continual_jobs(demo.parse_args(["--quick", "--out", str(out)]), demo.QUICK, 0, out / "seed0",
