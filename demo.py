@@ -130,8 +130,9 @@ def pretrain(args, cfg, seed, world_dir, base, meta):
     print(f"[seed {seed}] pretrained in {time.time() - t:.0f}s", flush=True)
 
 
-def run_trace(args, cfg, seed, root, world_dir, base, lm_text, name):
-    """trace.py on the diagnostic probes against lm_text; returns the trace dict."""
+def run_trace(args, cfg, seed, root, lm_text, name):
+    """trace.py on the diagnostic probes against the world's lm_text; returns the trace dict."""
+    world_dir, base = os.path.join(root, "world"), os.path.join(root, "base")
     diag = [os.path.join(world_dir, "probes", f"diag_{s}.jsonl") for s in ("updated", "new")]
     path = os.path.join(root, f"{name}.json")
     targv = ["--init", base, "--probes", *diag, "--text", os.path.join(world_dir, lm_text), "--out", path,
@@ -199,7 +200,9 @@ def run_specs(cfg, controls):
     return specs
 
 
-def continual_jobs(args, cfg, seed, root, world_dir, base, trace_path):
+def continual_jobs(args, cfg, seed, root):
+    """[(name, argv)] of the continual runs of one seed (world, base and trace.json under root)."""
+    world_dir, base, trace_path = os.path.join(root, "world"), os.path.join(root, "base"), os.path.join(root, "trace.json")
     probes = [os.path.join(world_dir, "probes", f"{s}.jsonl") for s in SPLITS]
     common = ["--init", base, "--data", os.path.join(world_dir, "diff.txt"), "--probes", *probes,
               "--steps", cfg["steps"], "--batch-size", cfg["batch"], "--block-size", cfg["block"],
@@ -227,14 +230,14 @@ def one_seed(args, cfg, seed):
     pretrain(args, cfg, seed, world_dir, base, meta)
 
     # trace: the selection uses held-out general text; the fact-text trace is the contrast
-    traces = {"general": run_trace(args, cfg, seed, root, world_dir, base, "general_heldout.txt", "trace"),
-              "facts": run_trace(args, cfg, seed, root, world_dir, base, "t0_facts.txt", "trace_facts")}
+    traces = {"general": run_trace(args, cfg, seed, root, "general_heldout.txt", "trace"),
+              "facts": run_trace(args, cfg, seed, root, "t0_facts.txt", "trace_facts")}
     print(f"\n[seed {seed}] relative gradient norm per unit, LM windows from held-out general text vs the "
           f"model's own fact text:\n{profile_table(traces)}\n", flush=True)
     sel = traces["general"]["selection"]["fp"]
     print(f"[seed {seed}] TGL+FP trains: " + " ".join(u for u, v in sel.items() if v) + "\n", flush=True)
 
-    jobs = continual_jobs(args, cfg, seed, root, world_dir, base, os.path.join(root, "trace.json"))
+    jobs = continual_jobs(args, cfg, seed, root)
     print(f"[seed {seed}] {len(jobs)} continual runs, {args.jobs} at a time, {args.threads} thread(s) each "
           f"(logs in {logs}); e.g.\n  {sh(jobs[0][1][1:])}", flush=True)
     times = run_jobs(jobs, args.jobs, logs, args.threads)

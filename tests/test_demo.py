@@ -42,8 +42,7 @@ def test_quick_demo_runs_everything(tmp_path, capsys, monkeypatch):
     assert table.count("\n") + 1 == len(ONLY) - 2 + 1 + 2  # 3 draws are one row; + base; + 2 header lines
     assert json.loads((tmp_path / "r.json").read_text())["seeds"] == [0]
     # every continual run is told its thread count
-    jobs = demo.continual_jobs(demo.parse_args(["--quick", "--out", str(out)]), demo.QUICK, 0, out / "seed0",
-                               out / "seed0" / "world", out / "seed0" / "base", out / "seed0" / "trace.json")
+    jobs = demo.continual_jobs(demo.parse_args(["--quick", "--out", str(out)]), demo.QUICK, 0, str(out / "seed0"))
     assert all("--threads" in argv for _, argv in jobs) and demo.thread_env(3)["OMP_NUM_THREADS"] == "3"
 
     capsys.readouterr()
