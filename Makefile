@@ -28,9 +28,10 @@ test: $(BIN)/.dev-deps
 bench: $(BIN)/.dev-deps
 	$(BIN)/python bench.py
 
-# The README's results table: the demo over 3 seeds (each its own world and base model), mean and spread.
+# The README's results table: the demo over 3 seeds (each its own world and base model), mean and spread,
+# with the random / complement controls for every method (make demo has them for `full` only).
 results: $(BIN)/.run-deps
-	$(BIN)/python demo.py --seeds 0 1 2 --results assets/results.md
+	$(BIN)/python demo.py --seeds 0 1 2 --controls all --results assets/results.md
 
 clean:
 	rm -rf out

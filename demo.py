@@ -189,12 +189,12 @@ def trace_lines(per_seed: list) -> str:
     return "\n".join(lines)
 
 
-def run_specs(cfg, controls):
+def run_specs(cfg, controls="all"):
     """[(run name, method, extra train.py flags)]: every method x TGL arm, then its controls."""
     specs = []
     for m in METHODS:
         specs += [(f"{m}+{t}", m, ["--tgl", t]) for t in TGLS]
-        if controls:
+        if controls == "all" or controls == m:
             specs += [(f"{m}+fp:random{d}", m, ["--tgl", "fp", "--control", f"random:{d}"]) for d in range(cfg["draws"])]
             specs.append((f"{m}+fp:complement", m, ["--tgl", "fp", "--control", "complement"]))
     return specs
@@ -212,7 +212,7 @@ def continual_jobs(args, cfg, seed, root):
              "lora": ["--lora-rank", args.lora_rank], "full": []}
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step
     jobs = []
-    for name, m, flags in run_specs(cfg, args.controls):
+    for name, m, flags in run_specs(cfg, "all" if args.only else args.controls):  # --only may name any run
         argv = python("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
                       "--out", os.path.join(root, "runs", name))
         jobs.append((name, argv + (["--trace", trace_path] if "none" not in flags else [])))
@@ -300,8 +300,9 @@ def parse_args(argv=None):
     a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
     a("--jobs", type=int, default=2, help="continual runs at a time")
     a("--threads", type=int, help="threads per run (default: cores / jobs)")
-    a("--controls", action=argparse.BooleanOptionalAction, default=True,
-      help="per method, FP on random selections of the same size and on the complement (--no-controls: skip)")
+    a("--controls", choices=["all", "full", "none"], default="full",
+      help="FP on random selections of FP's size and on the complement: for every method (all: make results), "
+           "for `full` only (the default: make demo stays within its time budget), or none")
     a("--steps", type=int, help="continual-pretraining steps per run (default: 100, quick 6)")
     a("--lr", type=float, help="continual-pretraining learning rate (default 1e-3)")
     a("--lora-lr", type=float, help="learning rate of the lora runs (default: 10x --lr)")
@@ -316,7 +317,7 @@ def parse_args(argv=None):
         ap.error("--jobs and --threads must be >= 1")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     args.out = args.out or ("out/demo-quick" if args.quick else "out/demo")
-    names = {n for n, _, _ in run_specs(FULL, True)} | {"full@alr-lr"}
+    names = {n for n, _, _ in run_specs(FULL)} | {"full@alr-lr"}
     if args.only and not set(args.only) <= names:
         ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
     return args
@@ -333,7 +334,7 @@ def main(argv=None):
     text = table(per_seed)
     print(f"\nanswer-span perplexity (lower is better) and exact match (%) after continual pretraining on the diff"
           f"{'; mean ± sd over seeds ' + ' '.join(map(str, args.seeds)) if len(args.seeds) > 1 else ''}"
-          f"{' (random rows: over draws too)' if args.controls else ''}:\n")
+          f"{' (random rows: over draws too)' if args.controls != 'none' else ''}:\n")
     print(text)
     traces = trace_lines(per_seed)
     print(f"\nthe traces (relative gradient norm = span / LM gradient norm, per unit):\n\n{traces}")
