@@ -189,13 +189,16 @@ def trace_lines(per_seed: list) -> str:
     return "\n".join(lines)
 
 
-def run_specs(cfg, controls="all"):
-    """[(run name, method, extra train.py flags)]: every method x TGL arm, then its controls."""
+def run_specs(cfg, controls="all", seed=0):
+    """[(run name, method, extra train.py flags)]: every method x TGL arm, then its controls. Draw d of
+    demo seed s uses --control random:(1000 s + d): a random selection depends only on its seed and
+    size, so the same d in every demo seed would repeat the same units whenever FP picks as many."""
     specs = []
     for m in METHODS:
         specs += [(f"{m}+{t}", m, ["--tgl", t]) for t in TGLS]
         if controls == "all" or controls == m:
-            specs += [(f"{m}+fp:random{d}", m, ["--tgl", "fp", "--control", f"random:{d}"]) for d in range(cfg["draws"])]
+            specs += [(f"{m}+fp:random{d}", m, ["--tgl", "fp", "--control", f"random:{1000 * seed + d}"])
+                      for d in range(cfg["draws"])]
             specs.append((f"{m}+fp:complement", m, ["--tgl", "fp", "--control", "complement"]))
     return specs
 
@@ -212,7 +215,7 @@ def continual_jobs(args, cfg, seed, root):
              "lora": ["--lora-rank", args.lora_rank], "full": []}
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step
     jobs = []
-    for name, m, flags in run_specs(cfg, "all" if args.only else args.controls):  # --only may name any run
+    for name, m, flags in run_specs(cfg, "all" if args.only else args.controls, seed):  # --only may name any run
         argv = python("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
                       "--out", os.path.join(root, "runs", name))
         jobs.append((name, argv + (["--trace", trace_path] if "none" not in flags else [])))
