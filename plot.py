@@ -38,7 +38,7 @@ def series(recs) -> dict:
             out.setdefault(f"ppl {split}", []).append((r["step"], res["ppl"]))
         for unit, g in (r.get("grad_norms") or {}).items():
             out.setdefault(f"grad {unit}", []).append((r["step"], g))
-    return out
+    return dict(sorted(out.items(), key=lambda kv: ("loss", "ppl", "grad").index(kv[0].split()[0])))  # stable
 
 
 def sparkline(values, width=40) -> str:
