@@ -205,7 +205,7 @@ class Selection:
     """How a trace becomes TGL's per-unit choice. One definition, shared by trace.py and train.py
     (add_selection_args declares the flags once). The paper leaves these choices open; each is a flag."""
     select: str = "mean"         # fp rule: mean (rgn above the mean of the ranked units), topk:K, frac:F
-    rank_units: str = "all"      # which units compete: all, blocks, attn, mlp or a comma list
+    rank_units: str = "blocks"   # which units compete: blocks (attn + mlp of each layer; embed, ln_f always train), all, attn, mlp or a comma list
     alr_norm: str = "max"        # alr scale: rgn / max (paper) or min(1, rgn / mean)
     floor: float = DEFAULT_FLOOR  # alr: smallest scale
     trace_split: str = "all"     # which traced split's rgn selects (all, updated, new, ...)

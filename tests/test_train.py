@@ -94,7 +94,7 @@ def test_adamw_matches_torch():
 
 def test_alr_scales_reach_groups(world, tmp_path):
     run(world, tmp_path / "alr", "--tgl", "alr", "--trace", world.trace, "--steps", "1", "--decay", "none",
-        "--grad-clip", "0", "--weight-decay", "0")
+        "--grad-clip", "0", "--weight-decay", "0", "--rank-units", "all")
     before, after = weights(world.base), weights(tmp_path / "alr")
     top = max(world.rgn.values())
     for name, w in after.items():
@@ -112,7 +112,7 @@ def test_alr_scales_reach_groups(world, tmp_path):
 
 
 def test_fp_freezes_unselected_units(world, tmp_path, capsys):
-    run(world, tmp_path / "fp", "--tgl", "fp", "--trace", world.trace)
+    run(world, tmp_path / "fp", "--tgl", "fp", "--trace", world.trace, "--rank-units", "all")
     assert "frozen: embed" in capsys.readouterr().out
     before, after = weights(world.base), weights(tmp_path / "fp")
     ck = load_checkpoint(tmp_path / "fp" / "ckpt.pt")
@@ -122,6 +122,13 @@ def test_fp_freezes_unselected_units(world, tmp_path, capsys):
             assert not torch.equal(w, before[name]) or name.endswith("bias"), name
         else:
             assert torch.equal(w, before[name]), name
+
+
+def test_fp_default_ranks_blocks_and_always_trains_embed_and_ln_f(world, tmp_path, capsys):
+    run(world, tmp_path / "fpb", "--tgl", "fp", "--trace", world.trace)
+    assert "| frozen: h.0.mlp h.1.attn\n" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "fpb" / "ckpt.pt")
+    assert ck["optimizer"]["units"] == ["embed", "h.0.attn", "h.1.mlp", "ln_f"]
 
 
 def test_lora_fp_adapters_only_in_selected_units(world, tmp_path):
