@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import atomic_path, fail, write_text
+from common import atomic_path, fail, read_json, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -50,7 +50,8 @@ class WordTokenizer:
 
     def __init__(self, vocab):
         self.vocab = list(vocab)
-        assert tuple(self.vocab[:2]) == self.SPECIALS, "vocab must start with <eot>, <unk>"
+        if tuple(self.vocab[:2]) != self.SPECIALS:
+            raise ValueError(f"word vocabulary must start with {', '.join(self.SPECIALS)}, starts with {self.vocab[:2]}")
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.n_vocab, self.eot, self.unk = len(self.vocab), 0, 1
 
@@ -75,11 +76,13 @@ class WordTokenizer:
 
     @classmethod
     def load(cls, path):
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if d.get("type") != "word":
+        d = read_json(path)
+        if not isinstance(d, dict) or d.get("type") != "word" or not isinstance(d.get("vocab"), list):
             raise ValueError(f"{path}: not a word tokenizer file")
-        return cls(d["vocab"])
+        try:
+            return cls(d["vocab"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def load_tokenizer(spec):

@@ -97,7 +97,7 @@ def one_seed(args, cfg, seed):
                  "--out", base, "--n-layer", cfg["n_layer"], "--n-head", cfg["n_head"], "--n-embd", cfg["n_embd"],
                  "--block-size", cfg["block"], "--steps", cfg["pre_steps"], "--batch-size", cfg["pre_batch"],
                  "--lr", cfg["pre_lr"], "--warmup", max(1, cfg["pre_steps"] // 20), "--min-lr", cfg["pre_lr"] / 10,
-                 "--weight-decay", 0.1, "--seed", seed, "--log-every", max(1, cfg["pre_steps"] // 10))
+                 "--weight-decay", 0.1, "--seed", seed, "--log-every", max(1, cfg["pre_steps"] // 10), "--overwrite")
     key_file = os.path.join(base, "demo_command.txt")
     if os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file) and open(key_file).read() == sh(pre[1:]):
         print(f"[seed {seed}] base model: cached in {base}", flush=True)
@@ -122,7 +122,7 @@ def one_seed(args, cfg, seed):
     common = ["--init", base, "--data", os.path.join(world, "diff.txt"), "--probes", *probes.values(),
               "--steps", cfg["steps"], "--batch-size", cfg["batch"], "--block-size", cfg["block"],
               "--warmup", max(1, cfg["steps"] // 10), "--seed", seed, "--log-every", max(1, cfg["steps"] // 5),
-              "--threads", max(1, (os.cpu_count() or 1) // args.jobs)]
+              "--threads", max(1, (os.cpu_count() or 1) // args.jobs), "--overwrite"]  # the demo re-runs its arms
     extra = {"mixreview": ["--replay-data", os.path.join(world, "t0.txt"), "--replay-ratio", args.replay_ratio],
              "recadam": [], "lora": ["--lora-rank", args.lora_rank], "full": []}
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step

@@ -24,7 +24,24 @@ from pathlib import Path
 import torch
 
 from data import read_probes, span_example
-from common import fail, write_text
+from common import Parser, check_output, input_errors, read_text, write_text
+
+
+def probe_example(tokenizer, pr, answer, use_context, block_size):
+    """(idx, targets) of one (probe, answer), or a ValueError if it does not fit the model's context.
+    The one length rule: probe.py checks it while scoring, train.py for every probe file at start."""
+    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
+    idx, tgt = span_example(tokenizer, prompt, answer)
+    if len(idx) > block_size:
+        raise ValueError(f"probe {pr.id}: prompt + answer is {len(idx)} tokens, "
+                         f"longer than the model's context ({block_size})")
+    return idx, tgt
+
+
+def check_probes(tokenizer, probes, block_size, use_context=False):
+    for pr in probes:
+        for answer in pr.answers:
+            probe_example(tokenizer, pr, answer, use_context, block_size)
 
 
 def _rows(tokenizer, probes, use_context, block_size):
@@ -33,13 +50,9 @@ def _rows(tokenizer, probes, use_context, block_size):
     different probes are scored once."""
     groups = {}  # prompt tokens -> {answer tokens: [probe indices]}
     for i, pr in enumerate(probes):
-        prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
         for ans in pr.answers:
-            idx, tgt = span_example(tokenizer, prompt, ans)
+            idx, tgt = probe_example(tokenizer, pr, ans, use_context, block_size)
             n_prompt = next(j for j, t in enumerate(tgt) if t != -1) + 1
-            if len(idx) > block_size:
-                raise ValueError(f"probe {pr.id}: prompt + answer is {len(idx)} tokens, "
-                                 f"longer than the model's context ({block_size})")
             groups.setdefault(tuple(idx[:n_prompt]), {}).setdefault(tuple(tgt[n_prompt - 1:]), []).append(i)
     rows = []
     for prompt, answers in groups.items():
@@ -72,9 +85,8 @@ def _token_nll(lm_head, h, targets, chunk=128):
 def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
     """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} (best gold answer).
     batch_size counts packed rows; use_context prepends probe.context (ECBD definitions)."""
-    from model import autocast
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)  # DDP
+    from model import autocast, unwrap
+    model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
     device = device or next(model.parameters()).device
     rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size), key=lambda r: len(r[0]))
     best = [None] * len(probes)  # (nll per token, nll, n_tokens)
@@ -167,7 +179,7 @@ def load_summary(path):
         raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl or probe.py --json output)")
     if p.suffix == ".jsonl":
         last = None
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(p).splitlines(), 1):
             try:
                 rec = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError:
@@ -178,10 +190,10 @@ def load_summary(path):
             raise ValueError(f"{p}: no line with probe results")
         return last
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(read_text(p))
     except json.JSONDecodeError:
         raise ValueError(f"{p}: not valid JSON") from None
-    if "summary" not in d:
+    if not isinstance(d, dict) or "summary" not in d:
         raise ValueError(f"{p}: not a probe.py --json file (no 'summary')")
     return d["summary"]
 
@@ -198,44 +210,58 @@ def compare_table(paths):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
-    ap.add_argument("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
-    ap.add_argument("--json", default=None, help="write summary and per-probe results to this JSON file")
-    ap.add_argument("--compare", nargs="+", default=None,
-                    help="print runs side by side: run folders, metrics.jsonl or --json outputs")
-    ap.add_argument("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
-    ap.add_argument("--batch-size", type=int, default=64, help="packed rows per forward pass")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+def parse_args(argv=None):
+    ap = Parser(prog="probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
+    a("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
+    a("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
+    a("--json", default=None, help="write summary and per-probe results to this JSON file")
+    a("--compare", nargs="+", default=None, help="print runs side by side: run folders, metrics.jsonl or --json outputs")
+    a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
+    a("--batch-size", type=int, default=64, help="packed rows per forward pass")
+    a("--device", default="auto", help="cpu, cuda, mps or auto")
     args = ap.parse_args(argv)
     if args.compare is None and (not args.init or not args.probes):
         ap.error("need --init and --probes (or --compare)")
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
-    try:
+    return args
+
+
+def read_probe_files(paths) -> list:
+    """Every probe of every file; a file with no probes is an error that names it (never a silent skip)."""
+    probes = []
+    for f in paths:
+        got = read_probes(f)
+        if not got:
+            raise ValueError(f"{f}: holds no probes")
+        probes += got
+    return probes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with input_errors("probe.py"):
         if args.compare is not None:
             print(compare_table(args.compare))
             return None
+        if args.json:
+            check_output(args.json, "--json")  # before the slow part
         from data import load_tokenizer
         from model import load_model, pick_device
         device = pick_device(args.device)
-        probes = [p for f in args.probes for p in read_probes(f)]
-        if not probes:
-            raise ValueError("the probe files hold no probes")
+        probes = read_probe_files(args.probes)
         model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake
         tokenizer = load_tokenizer(args.tokenizer or args.init)
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
         results = score(model, tokenizer, probes, args.batch_size, device, args.context)
-    except (ValueError, OSError) as e:
-        fail(str(e))
-    summary = summarize(results)
-    print(format_table(summary))
-    if args.json:
-        out = {"init": args.init, "probes": args.probes, "context": args.context, "summary": summary, "results": results}
-        write_text(args.json, json.dumps(out, indent=1))
+        summary = summarize(results)
+        print(format_table(summary))
+        if args.json:
+            out = {"init": args.init, "probes": args.probes, "context": args.context, "summary": summary, "results": results}
+            write_text(args.json, json.dumps(out, indent=1))
     return summary
 
 

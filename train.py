@@ -25,7 +25,7 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
-from common import Parser, fail as cli_fail, write_text
+from common import Parser, check_number, check_output, fail as cli_fail, input_errors, read_text, write_text
 from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, merge_lora,
                    pick_device, save_checkpoint, unit_names, unit_of)
 
@@ -251,24 +251,83 @@ def get_args(argv=None):
     a("--threads", type=int, help="CPU threads (default: torch's, shared among local processes)")
     args = p.parse_args(argv)
 
-    files = [args.data, args.replay_data, args.trace, args.trace_text, args.tokenizer_file] + args.probes + (args.trace_probes or [])
-    checks = [(f"no such file: {f}", f and not os.path.exists(f)) for f in files] + [
-        (f"--tgl {args.tgl} needs --trace FILE or --trace-probes FILE... --trace-text OLD",
-         args.tgl != "none" and not (args.trace or args.trace_probes)),
-        ("--trace-probes needs --trace-text (old text for the LM gradient norm)", args.trace_probes and not args.trace_text),
-        ("--method mixreview needs --replay-data", args.method == "mixreview" and not args.replay_data),
-        ("--replay-ratio must be in [0, 1] and --replay-decay >= 0", not 0 <= args.replay_ratio <= 1 or args.replay_decay < 0),
-        ("--steps, --batch-size, --grad-accum and --log-every must be >= 1",
-         min(args.steps, args.batch_size, args.grad_accum, args.log_every) < 1)]
-    for msg, bad in checks:
-        if bad:
-            fail(msg)
-    try:
-        args.selection = tgl_trace.selection_from_args(args)
-    except ValueError as e:
-        fail(str(e))
+    a("--overwrite", action="store_true", help="replace an existing run in --out (without it, a finished or "
+      "partial run there is refused: use --resume to continue it)")
+    args = p.parse_args(argv)
+    with input_errors("train.py"):
+        check_args(args)
+    args.run_flags = run_flags(args)  # as given, before defaults are filled in: what --resume compares
     args.recadam_t0 = args.steps / 4 if args.recadam_t0 is None else args.recadam_t0
     return args
+
+
+def check_args(args):
+    """Every flag and path checked before any slow work: a ValueError names the flag and what to do."""
+    for f in [args.data, args.replay_data, args.trace, args.trace_text, args.tokenizer_file] + args.probes + (args.trace_probes or []):
+        if f and not os.path.exists(f):
+            raise ValueError(f"no such file: {f}")
+    needs = [(f"--tgl {args.tgl} needs --trace FILE or --trace-probes FILE... --trace-text OLD",
+              args.tgl != "none" and not (args.trace or args.trace_probes)),
+             ("--trace-probes needs --trace-text (old text for the LM gradient norm)", args.trace_probes and not args.trace_text),
+             ("--method mixreview needs --replay-data", args.method == "mixreview" and not args.replay_data)]
+    for msg, bad in needs:
+        if bad:
+            raise ValueError(msg)
+    for flag in ("steps", "batch_size", "grad_accum", "log_every", "n_layer", "n_head", "n_embd", "lora_rank",
+                 "block_size", "threads", "trace_n_span", "trace_n_lm"):
+        check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=1, integer=True)
+    for flag in ("eval_every", "save_every", "warmup", "min_lr", "weight_decay", "grad_clip", "recadam_gamma", "replay_decay"):
+        check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=0)
+    check_number("--lr", args.lr, low=0, low_open=True)
+    check_number("--lora-alpha", args.lora_alpha, low=0, low_open=True)
+    check_number("--replay-ratio", args.replay_ratio, low=0, high=1)
+    check_number("--recadam-k", args.recadam_k)
+    check_number("--recadam-t0", args.recadam_t0)
+    for flag, value in (("--beta1", args.beta1), ("--beta2", args.beta2), ("--dropout", args.dropout)):
+        check_number(flag, value, low=0, high=1, high_open=True)  # beta = 1 divides by 1 - beta^t = 0
+    if args.init == "scratch" and args.n_embd % args.n_head:
+        raise ValueError(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    args.selection = tgl_trace.selection_from_args(args)
+    pick_device(args.device)  # --device cuda without CUDA fails here, not at the first tensor
+    check_output(args.out, "--out", "dir")
+    if args.export_hf:
+        check_output(args.export_hf, "--export-hf", "dir")
+    ckpt = os.path.join(args.out, CKPT_NAME)
+    first_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 may already be writing --out
+    if first_rank and not args.resume and not args.overwrite and any(
+            os.path.exists(os.path.join(args.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json")):
+        raise ValueError(f"--out {args.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    if args.resume and os.path.isfile(ckpt):
+        check_resume(args, load_checkpoint(ckpt), ckpt)
+
+
+# The flags that define what a run computes. --resume refuses to change any of them; the others (device,
+# threads, log / eval / save cadence, probes scored, export, and a larger --steps) may change on resume.
+RUN_FLAGS = ("init", "data", "replay_data", "tokenizer", "tokenizer_file", "n_layer", "n_head", "n_embd", "block_size",
+             "dropout", "method", "replay_ratio", "replay_decay", "recadam_gamma", "recadam_k", "recadam_t0",
+             "lora_rank", "lora_alpha", "tgl", "trace", "trace_probes", "trace_text", "trace_n_span", "trace_n_lm",
+             "select", "rank_units", "alr_norm", "floor", "trace_split", "control", "embed_rows", "batch_size",
+             "grad_accum", "lr", "min_lr", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+
+
+def run_flags(args) -> dict:
+    return {k: getattr(args, k) for k in RUN_FLAGS}
+
+
+def check_resume(args, ck: dict, path: str):
+    """--resume continues the run the checkpoint describes, or refuses in one line listing what differs."""
+    saved = ck.get("run_flags")
+    if saved is None:
+        raise ValueError(f"{path}: written by an older tgl without its run flags; re-run with --overwrite")
+    now = run_flags(args)
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_FLAGS if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff)}); "
+                         "resume with the same flags, or start a new run with --overwrite or another --out")
+    if args.steps < ck["step"]:
+        raise ValueError(f"--steps {args.steps} is below the checkpoint's step {ck['step']}; --steps can only grow on resume")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -377,6 +436,7 @@ class Run:
     t_log: float = 0.0
     loss_sum: torch.Tensor = None   # sum of micro-step losses since the last log line, on the device
     n_sum: int = 0                  # updates in loss_sum
+    steps_now: int = 0              # updates done by this process (0: a finished run was resumed)
     last_loss: float | None = None
     probe_res: dict | None = None
 
@@ -401,6 +461,10 @@ def setup(args) -> tuple[Run, dict | None]:
     ck = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
     if ck and ck["world_size"] != world:
         fail(f"{ckpt_path} was written by {ck['world_size']} processes; resume with as many")
+    if args.overwrite and rank == 0:  # the old run goes now, so nothing of it can be mistaken for the new one
+        for f in (CKPT_NAME, "metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
 
     tokenizer = get_tokenizer(args)
     model = build_model(args, tokenizer.n_vocab, device)
@@ -431,9 +495,11 @@ def setup(args) -> tuple[Run, dict | None]:
         if rank == 0 and world > 1:
             dist.barrier()
         stream = Stream(tokens, replay, args, rank, world)
-        probes = [pr for f in args.probes for pr in data.read_probes(f)]
     except ValueError as e:
         fail(str(e))
+    # every probe file is read and length-checked now, with probe.py's rule, not at the first evaluation
+    probes = probe.read_probe_files(args.probes)
+    probe.check_probes(tokenizer, probes, cfg.block_size)
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
               stream=stream, probes=probes, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
               metrics_path=os.path.join(args.out, "metrics.jsonl"))
@@ -465,20 +531,37 @@ def restore(run: Run, ck: dict | None):
         random.setstate(rng["python"])
         if rng["cuda"] is not None and run.device.startswith("cuda"):
             torch.cuda.set_rng_state(rng["cuda"], run.device)
-        run.step, run.elapsed = ck["step"], ck["time"]
+        run.step, run.elapsed, run.last_loss = ck["step"], ck["time"], ck.get("last_loss")
         run.say(f"resumed from {run.ckpt_path} at step {run.step}")
     else:
         torch.manual_seed(run.args.seed + run.rank)  # dropout stream, independent of how setup used the RNG
         random.seed(run.args.seed + run.rank)
     if run.master:  # the log must agree with the checkpoint: drop lines past it
-        old = open(run.metrics_path).read().splitlines() if ck and os.path.exists(run.metrics_path) else []
-        write_text(run.metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= run.step))
+        lines = logged_lines(run.metrics_path) if ck and os.path.exists(run.metrics_path) else []
+        write_text(run.metrics_path, "".join(line + "\n" for line, rec in lines if rec["step"] <= run.step))
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(run.args.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if run.args.compile else run.model
     if run.world > 1:
         ids = [run.device] if run.device.startswith("cuda") else None
         run.dmodel = torch.nn.parallel.DistributedDataParallel(run.dmodel, device_ids=ids)
+
+
+def logged_lines(path) -> list:
+    """metrics.jsonl as [(line, record)]. A torn last line (killed mid-append) lies past the checkpoint
+    and is dropped; a bad line anywhere else is an error that names it."""
+    lines = read_text(path).splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            out.append((line, rec))
+            rec["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a metrics line; move the file away to resume") from None
+    return out
 
 
 # ----------------------------------------------------------------------------- one update
@@ -568,7 +651,8 @@ def checkpoint(run: Run):
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
                  step=run.step, optimizer=run.opt.state_dict(), sampler=gathered(run.stream.state_dict(), run.world),
                  rng=gathered(rng, run.world), args=vars(run.args), tokenizer="word" if hasattr(run.tokenizer, "save") else "gpt2",
-                 scales=run.scales, world_size=run.world, time=run.elapsed + time.time() - run.t_start)
+                 scales=run.scales, world_size=run.world, time=run.elapsed + time.time() - run.t_start,
+                 run_flags=run.args.run_flags, last_loss=run.last_loss)
     state["args"] = {k: v for k, v in state["args"].items() if k != "selection"} | {"selection": asdict(run.args.selection)}
     if run.master:
         save_checkpoint(run.ckpt_path, state)
@@ -601,6 +685,7 @@ def train(run: Run, hooks):
             grad_norms = hooks.norms() if run.world == 1 else tgl_trace.unit_grad_norms(run.model)  # DDP: after the all-reduce
         update(run, mask)
         run.n_sum += 1
+        run.steps_now += 1
 
         # once in a while: evaluate, log, checkpoint
         done = run.step == args.steps
@@ -621,9 +706,12 @@ def finish(run: Run) -> dict:
     args = run.args
     if run.probes and run.probe_res is None and run.master:  # resumed a finished run: still report
         run.probe_res = evaluate(run)
+    # a run resumed after its last step trained nothing now: its time is the checkpoint's, so summary.json
+    # comes out exactly as the first time
+    trained_now = run.steps_now > 0
     summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=run.step, final_loss=run.last_loss,
                    probes=run.probe_res, scales=run.scales, trainable_params=sum(p.numel() for p in run.opt.params),
-                   time=run.elapsed + time.time() - run.t_start)
+                   time=run.elapsed + (time.time() - run.t_start if trained_now else 0.0))
     if run.master:
         write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         if args.export_hf:
@@ -638,12 +726,13 @@ def finish(run: Run) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
-    run, ck = setup(args)
-    restore(run, ck)
-    # trace.py's hooks log per-unit gradient norms while training; on for the whole run
-    with tgl_trace.GradNormHooks(run.model) as hooks:
-        train(run, hooks)
-    return finish(run)
+    with input_errors("train.py"):  # the one error path: bad input is one line, bugs keep their traceback
+        run, ck = setup(args)
+        restore(run, ck)
+        # trace.py's hooks log per-unit gradient norms while training; on for the whole run
+        with tgl_trace.GradNormHooks(run.model) as hooks:
+            train(run, hooks)
+        return finish(run)
 
 
 if __name__ == "__main__":
