@@ -249,8 +249,6 @@ def get_args(argv=None):
     a("--device", default="auto", help="auto | cpu | cuda | mps")
     a("--compile", action="store_true", help="torch.compile the model (CUDA)")
     a("--threads", type=int, help="CPU threads (default: torch's, shared among local processes)")
-    args = p.parse_args(argv)
-
     a("--overwrite", action="store_true", help="replace an existing run in --out (without it, a finished or "
       "partial run there is refused: use --resume to continue it)")
     args = p.parse_args(argv)
