@@ -233,7 +233,10 @@ def read_probe_files(paths) -> list:
     """Every probe of every file; a file with no probes is an error that names it (never a silent skip)."""
     probes = []
     for f in paths:
-        got = read_probes(f)
+        try:
+            got = read_probes(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         if not got:
             raise ValueError(f"{f}: holds no probes")
         probes += got

@@ -378,7 +378,8 @@ def get_scales(args, model, tokenizer, device, rank):
                 tgl_trace.save_trace(os.path.join(args.out, "trace.json"), trace)
         return tgl_trace.tgl_plan(trace, args.tgl, args.selection, unit_names(model.config.n_layer))
     except ValueError as e:
-        fail(str(e))
+        source = args.trace or os.path.join(args.out, "trace.json")
+        fail(str(e) if str(e).startswith(source) else f"{source}: {e}")
 
 
 def setup_ddp(args):
@@ -435,6 +436,7 @@ class Run:
     loss_sum: torch.Tensor = None   # sum of micro-step losses since the last log line, on the device
     n_sum: int = 0                  # updates in loss_sum
     steps_now: int = 0              # updates done by this process (0: a finished run was resumed)
+    saved_time: float = 0.0         # training seconds at the last checkpoint
     last_loss: float | None = None
     probe_res: dict | None = None
 
@@ -496,8 +498,14 @@ def setup(args) -> tuple[Run, dict | None]:
     except ValueError as e:
         fail(str(e))
     # every probe file is read and length-checked now, with probe.py's rule, not at the first evaluation
-    probes = probe.read_probe_files(args.probes)
-    probe.check_probes(tokenizer, probes, cfg.block_size)
+    probes = []
+    for f in args.probes:
+        got = probe.read_probe_files([f])
+        try:
+            probe.check_probes(tokenizer, got, cfg.block_size)
+        except ValueError as e:
+            raise ValueError(f"{f}: {e}") from None
+        probes += got
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
               stream=stream, probes=probes, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
               metrics_path=os.path.join(args.out, "metrics.jsonl"))
@@ -654,6 +662,7 @@ def checkpoint(run: Run):
     state["args"] = {k: v for k, v in state["args"].items() if k != "selection"} | {"selection": asdict(run.args.selection)}
     if run.master:
         save_checkpoint(run.ckpt_path, state)
+    run.saved_time = state["time"]
 
 
 def stop(run: Run, why: str):
@@ -702,14 +711,14 @@ def train(run: Run, hooks):
 def finish(run: Run) -> dict:
     """summary.json, and the Hugging Face export if asked for."""
     args = run.args
+    train_time = run.saved_time if run.steps_now else run.elapsed  # nothing trained now: the checkpoint's time
     if run.probes and run.probe_res is None and run.master:  # resumed a finished run: still report
         run.probe_res = evaluate(run)
-    # a run resumed after its last step trained nothing now: its time is the checkpoint's, so summary.json
-    # comes out exactly as the first time
-    trained_now = run.steps_now > 0
+    # time: training time up to the final checkpoint, which a resumed finished run reads back from it,
+    # so summary.json comes out exactly as the first time
     summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=run.step, final_loss=run.last_loss,
                    probes=run.probe_res, scales=run.scales, trainable_params=sum(p.numel() for p in run.opt.params),
-                   time=run.elapsed + (time.time() - run.t_start if trained_now else 0.0))
+                   time=train_time)
     if run.master:
         write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         if args.export_hf:
