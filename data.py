@@ -8,8 +8,11 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import random
 import re
+import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import atomic_path, fail, write_text
+from common import Progress, atomic_path, fail, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -100,62 +103,186 @@ def load_tokenizer(spec):
 
 
 # ----------------------------------------------------------------------------- token arrays
+# Real corpora are big (a TemporalWiki diff set is ~350M GPT-2 tokens, a snapshot billions), so text
+# is streamed document by document and tokens go straight to the cache file: memory stays flat.
+
+TEXT_SUFFIXES = (".txt", ".csv")
+CSV_FIELD_LIMIT = 2 ** 31 - 1  # TemporalWiki rows exceed csv's default 131,072 characters per field
 
 
 def _source_files(path):
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.rglob("*.txt"))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise ValueError(f"{p}: folder holds no .txt files")
+            raise ValueError(f"{p}: folder holds no .txt or .csv files")
         return files
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such text file or folder")
+    if p.suffix.lower() not in TEXT_SUFFIXES:
+        raise ValueError(f"{p}: unknown text format '{p.suffix}' (use .txt, a TemporalWiki .csv, or a folder of them)")
     return [p]
 
 
-def load_tokens(path, tokenizer, cache_dir=None):
-    """Text file (or folder of .txt files) -> 1-D token array, documents separated by eot.
+def _txt_docs(path):
+    """Documents of a .txt file: blocks of text between blank lines."""
+    block = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block).strip()
+                block = []
+    if block:
+        yield "".join(block).strip()
 
-    A document is a block of text between blank lines. The array is cached as a raw
-    uint16/uint32 file next to the source (or in cache_dir, or ~/.cache/tgl when the source
-    folder is read-only) under a name holding a hash of the source bytes and the tokenizer,
-    so an edit of either re-tokenizes; written to a temporary file then renamed (atomic).
-    """
-    files = _source_files(path)
-    h = hashlib.sha1(tokenizer.fingerprint().encode())
+
+def _csv_docs(path):
+    """Documents of a TemporalWiki CSV (diff set, snapshot part, *_subset.csv): the `text` column,
+    one document per row, pandas quoting. Anything without a `text` column is refused, never
+    read as plain text (that would train on the header and the quotes)."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f)
+        header = [h.strip() for h in next(rows, None) or []]
+        if "text" not in header:
+            raise ValueError(f"{path}:1: no 'text' column (header: {','.join(header)[:80]!r}); "
+                             "text CSVs need one, as TemporalWiki's have")
+        col = header.index("text")
+        for row in rows:
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{rows.line_num}: expected {len(header)} fields, got {len(row)}")
+            if row[col].strip():
+                yield row[col].strip()
+
+
+def iter_documents(path):
+    """Every document of a text source (.txt, TemporalWiki .csv, or a folder of either), streamed."""
+    for f in _source_files(path):
+        yield from (_csv_docs(f) if f.suffix.lower() == ".csv" else _txt_docs(f))
+
+
+def parse_text_spec(spec):
+    """'PATH' -> (PATH, None, None); 'PATH@20M' -> its first 20M tokens; 'PATH@20M,seed=3' -> a seeded
+    sample of 20M tokens. Lets --data / --replay-data / --text take a sample of a snapshot."""
+    spec = str(spec)
+    m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)(?:,seed=(\d+))?", spec)
+    if Path(spec).exists() or not m:
+        return spec, None, None
+    n = int(float(m.group(2)) * {"": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m.group(3)])
+    return m.group(1), n, (int(m.group(4)) if m.group(4) is not None else None)
+
+
+def _write_tokens(docs, tokenizer, f, dtype, max_tokens, progress, total_chars):
+    """Tokenize docs into the open binary file f, eot after each document, flushing every ~1M tokens;
+    stop at max_tokens. Returns the number of tokens written."""
+    buf, n, chars = [], 0, 0
+    for doc in docs:
+        buf.extend(tokenizer.encode(doc))
+        buf.append(tokenizer.eot)
+        chars += len(doc)
+        if max_tokens and n + len(buf) >= max_tokens:
+            del buf[max_tokens - n:]
+        if len(buf) >= 1 << 20 or (max_tokens and n + len(buf) >= max_tokens):
+            np.asarray(buf, dtype=dtype).tofile(f)
+            n, buf = n + len(buf), []
+            progress.update(n, total=max_tokens or int(n * total_chars / max(chars, 1)))  # ETA: tokens per char so far
+            if max_tokens and n >= max_tokens:
+                return n
+    np.asarray(buf, dtype=dtype).tofile(f)
+    return n + len(buf)
+
+
+def _sample_docs(path, max_tokens, seed, chars_per_token):
+    """A seeded random set of document indices holding about max_tokens tokens (estimated from
+    characters), for a sample of a corpus that is too big to tokenize whole. One pass counts the
+    documents' lengths without tokenizing (fast); the caller grows the estimate if it fell short."""
+    lengths = np.fromiter((len(d) for d in iter_documents(path)), dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    k = int(np.searchsorted(np.cumsum(lengths[order]), max_tokens * chars_per_token)) + 1
+    keep = np.zeros(len(lengths), dtype=bool)
+    keep[order[:k]] = True
+    return keep, k >= len(lengths)
+
+
+def _tokenize_to(tmp, path, tokenizer, dtype, max_tokens, sample_seed):
+    """Stream the tokens of `path` (all, a prefix, or a seeded sample of max_tokens) into file tmp."""
+    total_chars = sum(f.stat().st_size for f in _source_files(path))  # bytes ~ characters, for the ETA
+    ratio, keep, everything = 4.0, None, True  # ~4 characters per GPT-2 token in English text
+    while True:
+        if sample_seed is not None:
+            keep, everything = _sample_docs(path, max_tokens, sample_seed, ratio)
+        docs = iter_documents(path) if keep is None else (d for i, d in enumerate(iter_documents(path)) if keep[i])
+        progress = Progress(f"tokenizing {path}", unit="tokens")
+        with open(tmp, "wb") as f:
+            n = _write_tokens(docs, tokenizer, f, dtype, max_tokens, progress, total_chars)
+        progress.close(n)
+        if everything or n >= max_tokens:
+            return n
+        ratio *= 1.2 * max_tokens / max(n, 1)  # the sample fell short: take more documents, same seed
+
+
+def _source_hash(files, root, tokenizer, max_tokens, sample_seed):
+    h = hashlib.sha1(f"{tokenizer.fingerprint()}|{max_tokens}|{sample_seed}".encode())
     for f in files:
-        h.update(str(f.relative_to(Path(path).parent)).encode())
-        h.update(hashlib.sha1(f.read_bytes()).digest())
+        h.update(str(f.relative_to(root)).encode())
+        fh = hashlib.sha1()
+        with open(f, "rb") as src:  # in chunks: a snapshot does not fit in memory
+            for chunk in iter(lambda: src.read(1 << 24), b""):
+                fh.update(chunk)
+        h.update(fh.digest())
+    return h.hexdigest()[:16]
+
+
+def load_tokens(path, tokenizer, cache_dir=None, max_tokens=None, sample_seed=None):
+    """Text source -> 1-D token array (a memmap), documents separated by eot.
+
+    A source is a .txt file (documents are blocks between blank lines), a TemporalWiki .csv (the
+    `text` column, one document per row), or a folder of either. max_tokens keeps only the first
+    max_tokens tokens, or with sample_seed a seeded random sample of documents (in corpus order)
+    holding max_tokens tokens; 'PATH@20M' / 'PATH@20M,seed=3' say the same in the path.
+    The array is cached as a raw uint16/uint32 file next to the source (or in cache_dir, or
+    ~/.cache/tgl when the source folder is read-only) under a name holding a hash of the source
+    bytes, the tokenizer and the prefix/sample, so an edit of either re-tokenizes; written to a
+    temporary file then renamed (atomic).
+    """
+    if max_tokens is None:
+        path, max_tokens, sample_seed = parse_text_spec(path)
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"{path}: the number of tokens to take must be positive, got {max_tokens}")
+    files = _source_files(path)
+    digest = _source_hash(files, Path(path).parent, tokenizer, max_tokens, sample_seed)
     dtype = np.uint16 if tokenizer.n_vocab <= 2 ** 16 else np.uint32
-    stem = f"{Path(path).name}.{tokenizer.name}"
+    part = "" if max_tokens is None else f".n{max_tokens}" + ("" if sample_seed is None else f".s{sample_seed}")
+    stem = f"{Path(path).name}.{tokenizer.name}{part}"
     dirs = [Path(cache_dir)] if cache_dir else [Path(path).parent, Path.home() / ".cache" / "tgl"]
     for d in dirs:
-        out = d / f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
+        out = d / f"{stem}-{digest}.tokens.bin"
         if out.is_file():
             return np.memmap(out, dtype=dtype, mode="r")
-    ids = []
-    for f in files:
-        for doc in re.split(r"\n\s*\n", f.read_text(encoding="utf-8")):
-            if doc.strip():
-                ids.extend(tokenizer.encode(doc.strip()))
-                ids.append(tokenizer.eot)
-    if not ids:
-        raise ValueError(f"{path}: no text")
-    arr = np.array(ids, dtype=dtype)
+    d = _writable_dir(dirs + [Path(tempfile.gettempdir()) / "tgl"])
+    out = d / f"{stem}-{digest}.tokens.bin"
+    with atomic_path(out) as tmp:
+        if _tokenize_to(tmp, path, tokenizer, dtype, max_tokens, sample_seed) == 0:
+            raise ValueError(f"{path}: no text")
+    for old in d.glob(f"{stem}-*.tokens.bin"):  # stale caches of the same source
+        if old != out:
+            old.unlink(missing_ok=True)
+    return np.memmap(out, dtype=dtype, mode="r")
+
+
+def _writable_dir(dirs):
     for d in dirs:
         try:
             d.mkdir(parents=True, exist_ok=True)
-            out = d / f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
-            with atomic_path(out) as tmp:
-                arr.tofile(tmp)
+            probe = d / f".tgl-write-test.{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+            return d
         except OSError:
             continue  # read-only: try the next folder
-        for old in d.glob(f"{stem}-*.tokens.bin"):  # stale caches of the same source
-            if old != out:
-                old.unlink(missing_ok=True)
-        return np.memmap(out, dtype=dtype, mode="r")
-    return arr  # nowhere writable: uncached
+    raise OSError(f"no writable folder for the token cache among {', '.join(map(str, dirs))}")
 
 
 def random_starts(n_tokens: int, n: int, block_size: int, seed) -> np.ndarray:
@@ -209,17 +336,27 @@ class Probe:
     split: str
     relation: str = ""
     context: str = ""  # e.g. ECBD definition; prepended to the prompt when scoring with context
+    date: str = ""  # as the data gives it: a year ('2019'), a quarter ('2019-Q1'), a month pair ('0801-0901')
+    year: int = 0  # the year of `date`, 0 where the data has none
 
 
 SENTINEL = re.compile(r"<extra_id_\d+>")
+TWIKI_PAIR = re.compile(r"(\d{4}-\d{4})_(changed|unchanged)")  # TemporalWiki: 0801-0901_changed.csv
+# TempLAMA's P286 head coach, P6 head of government and P488 chair put the object first:
+# '_X_ is the head coach of Chelsea F.C..'. A causal LM cannot be asked for a span before the
+# subject, so these are rewritten object-last as Dynamic TempLAMA's `_improved` templates do:
+# 'The head coach of Chelsea F.C. is _X_.'
+OBJECT_FIRST = re.compile(r"_X_ is (the .+?)\.?")
 
 
 def _split_from_name(path):
-    stem = Path(path).stem.lower()
-    for s in ("unchanged", "changed"):  # TemporalWiki: 0801-0901_changed.csv
-        if stem.endswith(s):
-            return s
-    return Path(path).stem
+    """TemporalWiki's 0801-0901_changed.csv -> 'changed' (diag_changed stays itself); else the stem."""
+    m = re.fullmatch(r"(.*)_(changed|unchanged)", Path(path).stem.lower())
+    return m.group(2) if m and "diag" not in m.group(1) else Path(path).stem
+
+
+def _year(date):
+    return int(date[:4]) if date[:4].isdigit() else 0
 
 
 def _answer_names(ans, where):
@@ -230,13 +367,34 @@ def _answer_names(ans, where):
     return [n.strip() for n in names]
 
 
-def _templama(rec, where, split):
+def object_last(query):
+    """An object-first TempLAMA query rewritten with the object last, or None if it has no such form."""
+    m = OBJECT_FIRST.fullmatch(query.strip())
+    return f"{m.group(1)[0].upper()}{m.group(1)[1:]} is _X_." if m else None
+
+
+def _templama(rec, where, split, notes):
     query = str(rec["query"])
     if "_X_" not in query:
         raise ValueError(f"{where}: query has no _X_ slot: {query!r}")
-    rid = str(rec.get("id", where))
+    if not query.split("_X_")[0].strip():  # object first: never score after an empty prompt
+        query = object_last(query)
+        notes["rewritten object-first" if query else "skipped object-first"] += 1
+        if not query:
+            return None
+    rid, date = str(rec.get("id", where)), str(rec.get("date") or "")
     return Probe(rid, query.split("_X_")[0].rstrip(), _answer_names(rec.get("answer"), where), split,
-                 str(rec.get("relation", "")))
+                 str(rec.get("relation", "")), date=date, year=_year(date))
+
+
+def ecbd_definition(definition, where):
+    """ECBD's definition: a list of sentences with [ENT_START]/[ENT_END] around the entity; joined
+    with spaces and the markers stripped, as ECBD's own code does. A plain string is taken as is."""
+    if isinstance(definition, list) and all(isinstance(s, str) for s in definition):
+        definition = " ".join(s.strip() for s in definition)
+    elif definition is not None and not isinstance(definition, str):
+        raise ValueError(f"{where}: definition must be a list of sentences or a string")
+    return re.sub(r"\[ENT_(START|END)\]", "", definition or "").strip()
 
 
 def _ecbd(rec, where, split):
@@ -246,67 +404,173 @@ def _ecbd(rec, where, split):
     answer = SENTINEL.sub("", str(rec.get("answer_str", ""))).strip()
     if not answer:
         raise ValueError(f"{where}: empty answer_str")
-    return Probe(str(rec.get("ex_id", where)), sent.split("<extra_id_0>")[0].rstrip(), [answer], split,
-                 str(rec.get("span_type", "")), str(rec.get("definition") or "").strip())
+    prompt = sent.split("<extra_id_0>")[0].rstrip()
+    date = str(rec.get("year") or "")
+    return Probe(str(rec.get("ex_id", where)), prompt, [answer], split, str(rec.get("span_type", "")),
+                 ecbd_definition(rec.get("definition"), where), date=date, year=_year(date))
 
 
-def read_probes(path, split=None):
+def parse_probe_spec(spec):
+    """'FILE[@DATES][:SPLIT]' -> (FILE, DATES or None, SPLIT or None). DATES: '2019', '2019-Q1',
+    '2018,2020' or a range '2019-Q1..2020-Q4'. A path that exists is taken literally."""
+    path, dates, split = str(spec), None, None
+    if not Path(path).exists() and ":" in path:
+        path, split = path.rsplit(":", 1)
+        if not split.strip():
+            raise ValueError(f"{spec}: empty split name after ':'")
+    if not Path(path).exists() and "@" in path:
+        path, dates = path.rsplit("@", 1)
+    return path, dates, split
+
+
+def _date_matches(date, year, spec):
+    """Does a probe's date fall in spec ('2019' matches 2019 and 2019-Q1..Q4; 'A..B' is inclusive)?"""
+    def match(v):
+        return date == v or date.startswith(v + "-") or (v.isdigit() and len(v) == 4 and year == int(v))
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("..")
+        if hi and (date and (lo <= date <= hi or match(lo) or match(hi))):
+            return True
+        if not hi and match(lo):
+            return True
+    return False
+
+
+def filter_dates(probes, dates, where):
+    """The probes whose date matches `dates`; one clear error when none does."""
+    kept = [p for p in probes if _date_matches(p.date, p.year, dates)]
+    if not kept:
+        have = sorted({p.date for p in probes if p.date})
+        raise ValueError(f"{where}: no probe has a date in '{dates}' (" +
+                         (f"dates in the file: {', '.join(have[:6])}{' ...' if len(have) > 6 else ''})" if have
+                          else "the file has no dates)"))
+    return kept
+
+
+def _read_jsonl(f, path, split, default, notes):
+    probes = []
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object per line")
+        s = split or rec.get("split") or default
+        if "query" in rec:
+            p = _templama(rec, where, s, notes)
+            if p:
+                probes.append(p)
+        elif "masked_sentence" in rec:
+            probes.append(_ecbd(rec, where, s))
+        else:
+            raise ValueError(f"{where}: unknown probe format (need 'query' or 'masked_sentence')")
+    return probes
+
+
+def _read_csv(f, path, default):
+    rows = csv.reader(f)
+    header = next(rows, None)
+    if header is None or [h.strip() for h in header] != ["subject", "relation", "object"]:
+        raise ValueError(f"{path}:1: expected header 'subject,relation,object', got {header}")
+    m = TWIKI_PAIR.fullmatch(Path(path).stem.lower())
+    probes = []
+    for row in rows:
+        where = f"{path}:{rows.line_num}"
+        if len(row) != 3:
+            raise ValueError(f"{where}: expected 3 fields, got {len(row)}")
+        subj, rel, obj = (x.strip() for x in row)
+        if not subj or not obj:
+            raise ValueError(f"{where}: empty subject or object")
+        probes.append(Probe(f"{Path(path).stem}:{rows.line_num}", f"{subj} {rel}", [obj], default, rel,
+                            date=m.group(1) if m else ""))
+    return probes
+
+
+def _read_tsv(f, path, split, default):
+    probes = []
+    for n, line in enumerate(f, 1):
+        line = line.rstrip("\r\n")
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        where = f"{path}:{n}"
+        if len(parts) not in (2, 3):
+            raise ValueError(f"{where}: expected prompt<TAB>answer[<TAB>split], got {len(parts)} fields")
+        if not parts[1].strip():
+            raise ValueError(f"{where}: empty answer")
+        s = split or (parts[2].strip() if len(parts) == 3 else default)
+        probes.append(Probe(f"{Path(path).stem}:{n}", parts[0].rstrip(), [parts[1].strip()], s))
+    return probes
+
+
+def read_probes(path, split=None, dates=None):
     """Read a probe file; the format comes from the extension and the record keys:
-    .jsonl/.json: TempLAMA / Dynamic TempLAMA (`query`) or ECBD (`masked_sentence`);
+    .jsonl/.json: TempLAMA / Dynamic TempLAMA (`query`, `date`) or ECBD (`masked_sentence`, `year`);
     .csv: TemporalWiki `subject,relation,object` (prompt 'subject relation', split from the
-    file name); .tsv: `prompt<TAB>answer[<TAB>split]`. The split defaults to the file's stem."""
-    path = str(path)
+    file name); .tsv: `prompt<TAB>answer[<TAB>split]`. The split defaults to the file's stem.
+    `path` may be 'FILE@DATES:SPLIT' (see parse_probe_spec); `dates` keeps only probes of those dates.
+    A file holding several dates (TempLAMA has a row per year, with different answers) gets one
+    split per date ('test@2019'), so no year's answer is scored against another's."""
+    path, spec_dates, spec_split = parse_probe_spec(path)
+    split, dates = split or spec_split, dates or spec_dates
     default = split or _split_from_name(path)
     ext = Path(path).suffix.lower()
-    probes = []
+    notes = Counter()
     with open(path, encoding="utf-8", newline="") as f:
         if ext in (".jsonl", ".json"):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: expected a JSON object per line")
-                s = split or rec.get("split") or default
-                if "query" in rec:
-                    probes.append(_templama(rec, where, s))
-                elif "masked_sentence" in rec:
-                    probes.append(_ecbd(rec, where, s))
-                else:
-                    raise ValueError(f"{where}: unknown probe format (need 'query' or 'masked_sentence')")
+            probes = _read_jsonl(f, path, split, default, notes)
         elif ext == ".csv":
-            rows = csv.reader(f)
-            header = next(rows, None)
-            if header is None or [h.strip() for h in header] != ["subject", "relation", "object"]:
-                raise ValueError(f"{path}:1: expected header 'subject,relation,object', got {header}")
-            for row in rows:
-                where = f"{path}:{rows.line_num}"
-                if len(row) != 3:
-                    raise ValueError(f"{where}: expected 3 fields, got {len(row)}")
-                subj, rel, obj = (x.strip() for x in row)
-                if not subj or not obj:
-                    raise ValueError(f"{where}: empty subject or object")
-                probes.append(Probe(f"{Path(path).stem}:{rows.line_num}", f"{subj} {rel}", [obj], default, rel))
+            probes = _read_csv(f, path, default)
         elif ext == ".tsv":
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip() or line.startswith("#"):
-                    continue
-                parts = line.split("\t")
-                where = f"{path}:{n}"
-                if len(parts) not in (2, 3):
-                    raise ValueError(f"{where}: expected prompt<TAB>answer[<TAB>split], got {len(parts)} fields")
-                if not parts[1].strip():
-                    raise ValueError(f"{where}: empty answer")
-                s = split or (parts[2].strip() if len(parts) == 3 else default)
-                probes.append(Probe(f"{Path(path).stem}:{n}", parts[0].rstrip(), [parts[1].strip()], s))
+            probes = _read_tsv(f, path, split, default)
         else:
-            raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .csv or .tsv)")
+            raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .json, .csv or .tsv)")
+    if notes:
+        print(f"{path}: " + ", ".join(f"{k} queries: {v}" for k, v in sorted(notes.items())), file=sys.stderr)
+    if dates:
+        probes = filter_dates(probes, dates, path)
+    if not split and ext != ".csv" and len({p.date for p in probes}) > 1:
+        for p in probes:
+            p.split = f"{p.split}@{p.date}"
     return probes
+
+
+def _label(path, depth):
+    """The last `depth` parts of path, without the extension: 'ecbd2020/np_spans_test'."""
+    p = Path(path).with_suffix("")
+    return "/".join(p.parts[-depth:])
+
+
+def read_probe_files(specs):
+    """Read several probe files (specs as read_probes takes them). Splits never merge silently: when
+    files' default split names collide (TemporalWiki's four *_changed.csv, ECBD's np_spans_test.json
+    of two year folders), each of those files' split is renamed after the file, with as many parent
+    folders as it takes to tell them apart ('0801-0901_changed', 'ecbd2020/np_spans_test').
+    'FILE:SPLIT' names a split explicitly; explicit names may merge on purpose."""
+    per_file = [(parse_probe_spec(s), read_probes(s)) for s in specs]
+    owners = {}
+    for (path, _, split), probes in per_file:
+        for name in {p.split for p in probes}:
+            owners.setdefault(name, set()).add(path)
+    clash = {path for (path, _, split), probes in per_file if not split
+             and any(len(owners[p.split]) > 1 for p in probes)}
+    if not clash:
+        return [p for _, probes in per_file for p in probes]
+    depth = next((k for k in range(1, 99) if len({_label(c, k) for c in clash}) == len(clash)), 99)
+    out = []
+    for (path, _, split), probes in per_file:
+        default = _split_from_name(path)
+        for p in probes:
+            if path in clash and (p.split == default or p.split.startswith(default + "@")):
+                p.split = _label(path, depth) + p.split[len(default):]
+            out.append(p)
+    print("probe splits named after their files to keep them apart: " +
+          ", ".join(sorted({_label(c, depth) for c in clash})), file=sys.stderr)
+    return out
 
 
 def span_example(tokenizer, prompt, answer):
