@@ -127,7 +127,7 @@ def _fetch_once(url: str, part: str, timeout: float, size: int) -> int:
         progress = Progress(f"downloading {url.rsplit('/', 1)[-1]}", total or size, start=offset)
         done = offset
         with open(part, "ab" if offset else "wb") as f:
-            for chunk in r.iter_content(chunk_size=1 << 20):
+            for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
                 f.write(chunk)
                 done += len(chunk)
                 progress.update(done)

@@ -7,6 +7,7 @@
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Progress, atomic_path, fail, write_text
+from common import Parser, Progress, atomic_path, fail, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -593,6 +594,130 @@ def span_example(tokenizer, prompt, answer):
     targets = [-1] * (len(p) - 1) + full[len(p):]
     return idx, targets
 
+# ----------------------------------------------------------------------------- splits from real data
+# The method's probe files: updated / new / unchanged facts between two dates, each with a disjoint
+# seeded diagnostic file (diag_*) for tracing. Outputs keep the input formats, so read_probes reads them.
+
+
+def _jsonl_records(path):
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or "query" not in rec or "date" not in rec:
+                    raise ValueError(f"{path}:{n}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
+                yield rec, f"{path}:{n}"
+
+
+def _diag_split(groups, kind, diag_frac, seed):
+    """groups: {key: [records]} -> (eval records, diagnostic records), disjoint by key, seeded."""
+    keys = sorted(groups)
+    random.Random(f"{seed}:{kind}").shuffle(keys)
+    n_diag = round(diag_frac * len(keys))
+    return ([r for k in sorted(keys[n_diag:]) for r in groups[k]], [r for k in sorted(keys[:n_diag]) for r in groups[k]])
+
+
+def temporal_splits(files, t0, t1):
+    """(Dynamic) TempLAMA records at date t1, by how their answer set differs from t0's:
+    {'updated': ..., 'new': ..., 'unchanged': ...}, each {(relation, query): [record]}."""
+    if t0 >= t1:
+        raise ValueError(f"--from {t0} must come before --to {t1}")
+    at = {t0: {}, t1: {}}
+    dates = set()
+    for path in files:
+        for rec, where in _jsonl_records(path):
+            dates.add(str(rec["date"]))
+            if str(rec["date"]) in at:
+                at[str(rec["date"])][(str(rec.get("relation", "")), rec["query"])] = (rec, where)
+    for t in (t0, t1):
+        if not at[t]:
+            raise ValueError(f"{', '.join(map(str, files))}: no record has date {t} "
+                             f"(dates: {', '.join(sorted(dates)[:8])}{' ...' if len(dates) > 8 else ''})")
+    kinds = {"updated": {}, "new": {}, "unchanged": {}}
+    for key, (rec, where) in at[t1].items():
+        if key not in at[t0]:
+            kind = "new"
+        else:
+            old, new = (set(_answer_names(r.get("answer"), w)) for r, w in (at[t0][key], (rec, where)))
+            kind = "unchanged" if old == new else "updated"
+        kinds[kind][key] = [rec]
+    return kinds
+
+
+def twiki_pairs(folders):
+    """TemporalWiki probe CSVs by month pair: {'0801-0901': {'changed': path, 'unchanged': path}}."""
+    pairs = {}
+    for folder in folders:
+        for f in sorted(Path(folder).rglob("*.csv")):
+            m = TWIKI_PAIR.fullmatch(f.stem.lower())
+            if m:
+                if m.group(2) in pairs.get(m.group(1), {}):
+                    raise ValueError(f"{f}: a second {m.group(0)}.csv (first: {pairs[m.group(1)][m.group(2)]})")
+                pairs.setdefault(m.group(1), {})[m.group(2)] = f
+    if not pairs:
+        raise ValueError(f"{', '.join(map(str, folders))}: no TemporalWiki MMNN-MMNN_changed.csv / _unchanged.csv")
+    return pairs
+
+
+def _write_jsonl(path, recs):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+
+
+def _write_twiki(path, rows):
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([["subject", "relation", "object"]] + rows)
+    write_text(path, buf.getvalue())
+
+
+def make_splits(kind, inputs, out, t0=None, t1=None, diag_frac=0.25, seed=0, ecbd_file="np_spans_test.json"):
+    """Write the probe files of `kind` (templama, twiki, ecbd) under out; returns {relative path: count}."""
+    out, counts = Path(out), {}
+    if kind == "templama":
+        if not (t0 and t1):
+            raise ValueError("templama splits need --from and --to dates (e.g. 2019 2020, or 2019-Q4 2020-Q4)")
+        files = [f for i in inputs for f in (sorted(Path(i).glob("*.json*")) if Path(i).is_dir() else [Path(i)])]
+        for name, groups in temporal_splits(files, str(t0), str(t1)).items():
+            ev, dg = _diag_split(groups, name, diag_frac, seed)
+            for fname, recs in ((f"{name}.jsonl", ev), (f"diag_{name}.jsonl", dg)):
+                out.mkdir(parents=True, exist_ok=True)
+                _write_jsonl(out / fname, recs)
+                counts[fname] = len(recs)
+    elif kind == "twiki":
+        for pair, files in sorted(twiki_pairs(inputs).items()):
+            for name, f in sorted(files.items()):
+                with open(f, encoding="utf-8", newline="") as fh:
+                    rows = [r for r in csv.reader(fh)]
+                if not rows or [h.strip() for h in rows[0]] != ["subject", "relation", "object"]:
+                    raise ValueError(f"{f}:1: expected header 'subject,relation,object'")
+                ev, dg = _diag_split({i: [r] for i, r in enumerate(rows[1:])}, f"{pair}_{name}", diag_frac, seed)
+                (out / pair).mkdir(parents=True, exist_ok=True)
+                for fname, recs in ((f"{pair}/{name}.csv", ev), (f"{pair}/diag_{name}.csv", dg)):
+                    _write_twiki(out / fname, recs)
+                    counts[fname] = len(recs)
+    elif kind == "ecbd":
+        years = sorted(f for i in inputs for f in Path(i).glob(f"*/{ecbd_file}"))
+        if not years:
+            raise ValueError(f"{', '.join(map(str, inputs))}: no YEAR/{ecbd_file} (ECBD's layout: one folder per year)")
+        for f in years:
+            groups = {}
+            for n, line in enumerate(open(f, encoding="utf-8"), 1):
+                if line.strip():
+                    rec = json.loads(line)
+                    _ecbd(rec, f"{f}:{n}", "new")  # validates the record
+                    groups.setdefault(str(rec.get("entity_span_str", n)), []).append(rec)  # diag by entity
+            ev, dg = _diag_split(groups, f"{f.parent.name}_new", diag_frac, seed)
+            (out / f.parent.name).mkdir(parents=True, exist_ok=True)
+            for fname, recs in ((f"{f.parent.name}/new.jsonl", ev), (f"{f.parent.name}/diag_new.jsonl", dg)):
+                _write_jsonl(out / fname, recs)
+                counts[fname] = len(recs)
+    else:
+        raise ValueError(f"unknown splits kind {kind!r} (templama, twiki or ecbd)")
+    return counts
+
+
 # ----------------------------------------------------------------------------- synthetic world
 # Relations as in TempLAMA (Wikidata ids). Every template ends with the object, so a causal LM
 # can be asked for it; "train" templates are used in the snapshots, "heldout" only in eval probes.
@@ -748,8 +873,59 @@ def make_world(out_dir, seed=0, n_entities=300, update_frac=0.2, new_frac=0.18, 
 # ----------------------------------------------------------------------------- CLI
 
 
+def _real_data_parsers(sub):
+    """The subcommands for real data: tokenize, probes, fetch, splits."""
+    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
+    t.add_argument("--text", required=True, help="a .txt file, a TemporalWiki .csv (text column), or a folder of them")
+    t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
+    t.add_argument("--max-tokens", type=int, help="only N tokens: the first N, or a sample with --sample-seed")
+    t.add_argument("--sample-seed", type=int, help="with --max-tokens: a seeded random sample of whole documents")
+    t.add_argument("--cache-dir", help="folder for the token cache (default: next to the text)")
+    p = sub.add_parser("probes", help="read probe files and print counts per split")
+    p.add_argument("--probes", nargs="+", required=True,
+                   help="probe files (.jsonl, .json, .csv, .tsv); FILE@DATES:SPLIT selects dates and names the split")
+    p.add_argument("--date", help="keep only probes of these dates: 2019, 2019-Q1, 2018,2020 or 2019..2020")
+    import fetch
+    fetch.add_arguments(sub.add_parser("fetch", help="download a public data set into $TGL_CACHE/data"))
+    s = sub.add_parser("splits", help="write updated/new/unchanged (+ diag_*) probe files from real data")
+    s.add_argument("kind", choices=("templama", "twiki", "ecbd"), help="templama covers Dynamic TempLAMA too")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="templama: .json/.jsonl files or folders; twiki: folders of MMNN-MMNN_*.csv; ecbd: the root")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--from", dest="t0", help="templama: the first date (e.g. 2019, or 2019-Q4)")
+    s.add_argument("--to", dest="t1", help="templama: the second date; probes are its records")
+    s.add_argument("--diag-frac", type=float, default=0.25, help="fraction of each split kept apart for tracing")
+    s.add_argument("--seed", type=int, default=0, help="seed of the diagnostic sample")
+    s.add_argument("--ecbd-file", default="np_spans_test.json", help="ecbd: the file taken from each year folder")
+
+
+def _run_real_data(args):
+    if args.cmd == "tokenize":
+        tok = load_tokenizer(args.tokenizer)
+        if args.sample_seed is not None and args.max_tokens is None:
+            raise ValueError("--sample-seed needs --max-tokens")
+        n = len(load_tokens(args.text, tok, args.cache_dir, args.max_tokens, args.sample_seed))
+        print(f"{args.text}: {n:,} tokens ({tok.name}, vocab {tok.n_vocab})")
+    elif args.cmd == "probes":
+        probes = [p for p in read_probe_files(args.probes)]
+        if args.date:
+            probes = filter_dates(probes, args.date, " ".join(args.probes))
+        for s, n in sorted(Counter(pr.split for pr in probes).items()):
+            print(f"{s:>16} {n:6d}")
+    elif args.cmd == "fetch":
+        import fetch
+        fetch.run(args)
+    else:
+        if not 0 <= args.diag_frac < 1:
+            raise ValueError("--diag-frac must be in [0, 1)")
+        counts = make_splits(args.kind, args.input, args.out, args.t0, args.t1, args.diag_frac, args.seed, args.ecbd_file)
+        for name, n in counts.items():
+            print(f"{name:>32} {n:6d}")
+        print(f"probe files in {args.out}")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("world", help="write the synthetic temporal world")
     w.add_argument("--out", required=True, help="output folder")
@@ -758,11 +934,7 @@ def main(argv=None):
     w.add_argument("--update-frac", type=float, default=0.2, help="fraction of T0 facts that change at T1")
     w.add_argument("--new-frac", type=float, default=0.18, help="new entities at T1, as a fraction of --n-entities")
     w.add_argument("--diag-frac", type=float, default=0.25, help="fraction of updated/new facts kept for tracing")
-    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
-    t.add_argument("--text", required=True, help="text file or folder of .txt files")
-    t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
-    p = sub.add_parser("probes", help="read probe files and print counts per split")
-    p.add_argument("--probes", nargs="+", required=True, help="probe files (.jsonl, .csv, .tsv)")
+    _real_data_parsers(sub)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "world":
@@ -770,15 +942,10 @@ def main(argv=None):
                 ap.error("need --n-entities >= 10, 0 < --update-frac < 1, 0 <= --diag-frac < 1")
             meta = make_world(args.out, args.seed, args.n_entities, args.update_frac, args.new_frac, args.diag_frac)
             print(f"world in {args.out}: {json.dumps(meta['counts'])}")
-        elif args.cmd == "tokenize":
-            tok = load_tokenizer(args.tokenizer)
-            print(f"{args.text}: {len(load_tokens(args.text, tok)):,} tokens ({tok.name}, vocab {tok.n_vocab})")
         else:
-            counts = Counter(pr.split for f in args.probes for pr in read_probes(f))
-            for s, n in sorted(counts.items()):
-                print(f"{s:>16} {n:6d}")
+            _run_real_data(args)
     except (ValueError, OSError) as e:
-        fail(str(e))
+        fail(str(e), prog="data.py")
 
 
 if __name__ == "__main__":
