@@ -448,18 +448,23 @@ def filter_dates(probes, dates, where):
     return kept
 
 
+def _json_line(line, where):
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object per line")
+    return rec
+
+
 def _read_jsonl(f, path, split, default, notes):
     probes = []
     for n, line in enumerate(f, 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object per line")
+        rec = _json_line(line, where)
         s = split or rec.get("split") or default
         if "query" in rec:
             p = _templama(rec, where, s, notes)
@@ -603,11 +608,8 @@ def _jsonl_records(path):
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or "query" not in rec or "date" not in rec:
+                rec = _json_line(line, f"{path}:{n}")
+                if "query" not in rec or "date" not in rec:
                     raise ValueError(f"{path}:{n}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
                 yield rec, f"{path}:{n}"
 
@@ -703,11 +705,12 @@ def make_splits(kind, inputs, out, t0=None, t1=None, diag_frac=0.25, seed=0, ecb
             raise ValueError(f"{', '.join(map(str, inputs))}: no YEAR/{ecbd_file} (ECBD's layout: one folder per year)")
         for f in years:
             groups = {}
-            for n, line in enumerate(open(f, encoding="utf-8"), 1):
-                if line.strip():
-                    rec = json.loads(line)
-                    _ecbd(rec, f"{f}:{n}", "new")  # validates the record
-                    groups.setdefault(str(rec.get("entity_span_str", n)), []).append(rec)  # diag by entity
+            with open(f, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        rec = _json_line(line, f"{f}:{n}")
+                        _ecbd(rec, f"{f}:{n}", "new")  # validates the record
+                        groups.setdefault(str(rec.get("entity_span_str", n)), []).append(rec)  # diag by entity
             ev, dg = _diag_split(groups, f"{f.parent.name}_new", diag_frac, seed)
             (out / f.parent.name).mkdir(parents=True, exist_ok=True)
             for fname, recs in ((f"{f.parent.name}/new.jsonl", ev), (f"{f.parent.name}/diag_new.jsonl", dg)):

@@ -156,3 +156,80 @@ def test_splits_of_colliding_files_keep_apart(tmp_path, capsys):
     assert [p.split for p in both] == ["new", "new"]
     y = read_probe_files([f"{REAL / 'templama' / 'test.json'}@2019:upd"])
     assert {p.split for p in y} == {"upd"} and {p.date for p in y} == {"2019"}
+
+# ----------------------------------------------------------------------------- splits
+
+
+def by_query(path):
+    return {(r["relation"], r["query"]): r for r in map(json.loads, open(path))}
+
+
+def test_templama_splits_between_two_years(tmp_path, capsys):
+    src = REAL / "templama" / "test.json"
+    recs = [json.loads(line) for line in open(src)]
+    old = {(r["relation"], r["query"]): r["answer"]["name"] for r in recs if r["date"] == "2018"}
+    new = [r for r in recs if r["date"] == "2020"]
+    data.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2020", "--out", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    files = {k: by_query(tmp_path / "a" / f"{k}.jsonl") for k in
+             ("updated", "new", "unchanged", "diag_updated", "diag_new", "diag_unchanged")}
+    for k, got in files.items():
+        assert f"{k}.jsonl {len(got):6d}" in out
+    assert sum(len(v) for v in files.values()) == len(new)
+    for kind in ("updated", "new", "unchanged"):
+        both = {**files[kind], **files["diag_" + kind]}
+        assert not set(files[kind]) & set(files["diag_" + kind])  # diagnostic probes are disjoint
+        for key, r in both.items():
+            assert r["date"] == "2020"
+            want = "new" if key not in old else "unchanged" if old[key] == r["answer"]["name"] else "updated"
+            assert want == kind
+    assert files["updated"] or files["diag_updated"]
+    assert all(p.date == "2020" for p in read_probes(tmp_path / "a" / "updated.jsonl"))
+    data.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2020", "--out", str(tmp_path / "b")])
+    assert (tmp_path / "a" / "diag_unchanged.jsonl").read_text() == (tmp_path / "b" / "diag_unchanged.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        data.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2031", "--out", str(tmp_path)])
+    assert "test.json: no record has date 2031" in capsys.readouterr().err
+
+
+def test_dynamic_templama_quarters_updated_new_unchanged(tmp_path):
+    def rec(q, names, date):
+        return json.dumps({"query": q, "answer": [{"name": n} for n in names], "date": date, "relation": "P54"})
+    src = tmp_path / "dyn.jsonl"
+    src.write_text("\n".join([rec("A plays for _X_.", ["X", "Y"], "2019-Q4"), rec("A plays for _X_.", ["Y", "X"], "2020-Q4"),
+                              rec("B plays for _X_.", ["X"], "2019-Q4"), rec("B plays for _X_.", ["Z"], "2020-Q4"),
+                              rec("C plays for _X_.", ["Z"], "2020-Q4")]) + "\n")
+    counts = data.make_splits("templama", [src], tmp_path / "o", "2019-Q4", "2020-Q4", diag_frac=0)
+    assert counts == {"updated.jsonl": 1, "diag_updated.jsonl": 0, "new.jsonl": 1, "diag_new.jsonl": 0,
+                      "unchanged.jsonl": 1, "diag_unchanged.jsonl": 0}  # an answer set, in any order
+    assert read_probes(tmp_path / "o" / "updated.jsonl")[0].prompt == "B plays for"
+    assert read_probes(tmp_path / "o" / "new.jsonl")[0].prompt == "C plays for"
+
+
+def test_twiki_splits_per_month_pair(tmp_path):
+    counts = data.make_splits("twiki", [TWIKI], tmp_path, diag_frac=0.1, seed=3)
+    assert len(counts) == 16  # 4 pairs x (changed, unchanged) x (eval, diag)
+    for f in sorted(TWIKI.glob("*.csv")):
+        pair, kind = f.stem.split("_")
+        rows = list(csv.reader(open(f, newline="")))[1:]
+        ev = list(csv.reader(open(tmp_path / pair / f"{kind}.csv", newline="")))[1:]
+        dg = list(csv.reader(open(tmp_path / pair / f"diag_{kind}.csv", newline="")))[1:]
+        assert sorted(ev + dg) == sorted(rows) and len(dg) == round(0.1 * len(rows))
+    probes = read_probe_files([tmp_path / "0801-0901" / "changed.csv", tmp_path / "0901-1001" / "changed.csv",
+                               tmp_path / "0801-0901" / "diag_changed.csv"])
+    assert {p.split for p in probes} == {"0801-0901/changed", "0901-1001/changed", "diag_changed"}
+
+
+def test_ecbd_splits_per_year_folder_diag_by_entity(tmp_path):
+    root = tmp_path / "ecbd"
+    rec = json.loads((REAL / "ecbd2019" / "np_spans_test.json").read_text())
+    write(root / "ecbd2019" / "np_spans_test.json", json.dumps(rec) + "\n")
+    lines = [dict(rec, ex_id=f"{e}_{i}", entity_span_str=e) for e in ("E1", "E2", "E3", "E4") for i in range(3)]
+    write(root / "ecbd2020" / "np_spans_test.json", "".join(json.dumps(r) + "\n" for r in lines))
+    counts = data.make_splits("ecbd", [root], tmp_path / "o", diag_frac=0.5, seed=0)
+    assert counts == {"ecbd2019/new.jsonl": 1, "ecbd2019/diag_new.jsonl": 0,
+                      "ecbd2020/new.jsonl": 6, "ecbd2020/diag_new.jsonl": 6}
+    ev, dg = (read_probes(tmp_path / "o" / "ecbd2020" / f) for f in ("new.jsonl", "diag_new.jsonl"))
+    assert not {p.id.split("_")[0] for p in ev} & {p.id.split("_")[0] for p in dg}  # no entity in both
+    assert {p.split for p in read_probe_files([tmp_path / "o" / y / "new.jsonl" for y in ("ecbd2019", "ecbd2020")])} \
+        == {"ecbd2019/new", "ecbd2020/new"}
