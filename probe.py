@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data import read_probes, span_example
+from data import read_probe_files, span_example
 from common import fail, write_text
 
 
@@ -221,7 +221,7 @@ def main(argv=None):
         from data import load_tokenizer
         from model import load_model, pick_device
         device = pick_device(args.device)
-        probes = [p for f in args.probes for p in read_probes(f)]
+        probes = read_probe_files(args.probes)  # same-named splits of two files never merge
         if not probes:
             raise ValueError("the probe files hold no probes")
         model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake

@@ -397,7 +397,7 @@ def main(argv=None):
         if rank == 0 and world > 1:
             dist.barrier()
         stream = Stream(tokens, replay, args, rank, world)
-        probes = [pr for f in args.probes for pr in data.read_probes(f)]
+        probes = data.read_probe_files(args.probes)  # same-named splits of two files never merge
     except ValueError as e:
         fail(str(e))
     wte = model.transformer.wte.weight
@@ -526,6 +526,7 @@ def main(argv=None):
             if getattr(model, "lora", None):
                 merge_lora(model)
             model.save_pretrained(args.export_hf)
+            tokenizer.save_hf(args.export_hf, model.config.block_size)  # AutoTokenizer loads the export too
             say(f"exported to {args.export_hf}")
     if world > 1:
         dist.destroy_process_group()
