@@ -135,7 +135,7 @@ def _fetch_once(url: str, part: str, timeout: float, size: int) -> int:
     return total
 
 
-def download(url: str, dest: str, retries: int = 3, timeout: float = 30.0, size: int = 0) -> str:
+def download(url: str, dest: str, retries: int = 3, timeout=30.0, size: int = 0) -> str:
     """Fetch url into dest.part, renamed to dest only when complete and of the announced size (and of
     `size` bytes, when given). An interrupted transfer is resumed from the .part file with an HTTP
     Range request, by the retries here or by a later call. No network at all fails at once (the

@@ -134,7 +134,7 @@ def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
             print(f"{name}: {fname} already in {folder}")
             continue
         if not dest.exists():
-            download(f"{ds.base()}/{fname}", str(dest), timeout=60.0)
+            download(f"{ds.base()}/{fname}", str(dest), timeout=(10.0, 60.0))  # (connect, read): no network fails fast
         if fname.endswith(".zip"):
             unpack(dest, folder, ds.layout)
             done.touch()
