@@ -262,7 +262,9 @@ def _sample_docs(path, max_tokens, seed, chars_per_token):
     """A seeded random set of document indices holding about max_tokens tokens (estimated from
     characters), for a sample of a corpus that is too big to tokenize whole. One pass counts the
     documents' lengths without tokenizing (fast); the caller grows the estimate if it fell short."""
-    lengths = np.fromiter((len(d) for d in iter_documents(path)), dtype=np.int64)
+    progress = Progress(f"counting the documents of {path}", unit="documents")
+    lengths = np.fromiter((len(d) for i, d in enumerate(iter_documents(path)) if progress.update(i) or True), np.int64)
+    progress.close(len(lengths))
     order = np.random.default_rng(seed).permutation(len(lengths))
     k = int(np.searchsorted(np.cumsum(lengths[order]), max_tokens * chars_per_token)) + 1
     keep = np.zeros(len(lengths), dtype=bool)
@@ -289,13 +291,17 @@ def _tokenize_to(tmp, path, tokenizer, dtype, max_tokens, sample_seed):
 
 def _source_hash(files, root, tokenizer, max_tokens, sample_seed):
     h = hashlib.sha1(f"{tokenizer.fingerprint()}|{max_tokens}|{sample_seed}".encode())
+    progress, done = Progress(f"hashing {root}", sum(f.stat().st_size for f in files)), 0
     for f in files:
         h.update(str(f.relative_to(root)).encode())
         fh = hashlib.sha1()
         with open(f, "rb") as src:  # in chunks: a snapshot does not fit in memory
             for chunk in iter(lambda: src.read(1 << 24), b""):
                 fh.update(chunk)
+                done += len(chunk)
+                progress.update(done)
         h.update(fh.digest())
+    progress.close(done)
     return h.hexdigest()[:16]
 
 

@@ -153,7 +153,9 @@ def register_ecbd(src, out=None) -> Path:
         raise ValueError(f"{src}: not an unpacked ECBD folder (no YEAR/np_spans_*.json inside). {ECBD_HELP}")
     link = Path(out or cache_root() / "ecbd")
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
+    if link.exists() and not link.is_symlink():
+        raise ValueError(f"{link} exists and is not a link; remove it or pass --out")
+    if link.is_symlink():
         link.unlink()
     link.symlink_to(src, target_is_directory=True)
     print(f"ecbd: {len(found)} files in {', '.join(sorted({f.parent.name for f in found}))}; linked as {link}")
@@ -299,8 +301,12 @@ def run(args):
         raise ValueError("--max-mb and --max-docs must be positive")
     try:
         return fetch(args.name, args.out, args.max_mb, args.max_docs, args.month)
-    except (FileNotFoundError, OSError) as e:
-        if isinstance(e, FileNotFoundError) and str(e).startswith("http"):
+    except FileNotFoundError as e:
+        if str(e).startswith("http"):  # download's 404
             raise OSError(f"{e}: not found (404) on the server") from None
-        raise OSError(f"{e}; or run `python data.py fetch {args.name}` where there is internet "
-                      f"and copy {cache_root() / args.name} here") from None
+        raise
+    except OSError as e:
+        if str(e).startswith("cannot reach"):
+            raise OSError(f"{e}; or run `python data.py fetch {args.name}` where there is internet "
+                          f"and copy {cache_root() / args.name} here") from None
+        raise
