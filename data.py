@@ -749,7 +749,8 @@ def make_splits(kind, inputs, out, t0=None, t1=None, diag_frac=0.25, seed=0, ecb
     if kind == "templama":
         if not (t0 and t1):
             raise ValueError("templama splits need --from and --to dates (e.g. 2019 2020, or 2019-Q4 2020-Q4)")
-        files = [f for i in inputs for f in (sorted(Path(i).glob("*.json*")) if Path(i).is_dir() else [Path(i)])]
+        files = [f for i in inputs for f in (sorted(g for g in Path(i).iterdir() if g.suffix in (".json", ".jsonl"))
+                                             if Path(i).is_dir() else [Path(i)])]
         for name, groups in temporal_splits(files, str(t0), str(t1)).items():
             ev, dg = _diag_split(groups, name, diag_frac, seed)
             for fname, recs in ((f"{name}.jsonl", ev), (f"diag_{name}.jsonl", dg)):
