@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data import read_probes, span_example
+from data import read_probe_files, span_example
 from common import Parser, check_output, input_errors, read_text, write_text
 
 
@@ -33,7 +33,7 @@ def probe_example(tokenizer, pr, answer, use_context, block_size):
     prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
     idx, tgt = span_example(tokenizer, prompt, answer)
     if len(idx) > block_size:
-        raise ValueError(f"probe {pr.id}: prompt + answer is {len(idx)} tokens, "
+        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} tokens, "
                          f"longer than the model's context ({block_size})")
     return idx, tgt
 
@@ -229,20 +229,6 @@ def parse_args(argv=None):
     return args
 
 
-def read_probe_files(paths) -> list:
-    """Every probe of every file; a file with no probes is an error that names it (never a silent skip)."""
-    probes = []
-    for f in paths:
-        try:
-            got = read_probes(f)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
-        if not got:
-            raise ValueError(f"{f}: holds no probes")
-        probes += got
-    return probes
-
-
 def main(argv=None):
     args = parse_args(argv)
     with input_errors("probe.py"):
@@ -254,7 +240,7 @@ def main(argv=None):
         from data import load_tokenizer
         from model import load_model, pick_device
         device = pick_device(args.device)
-        probes = read_probe_files(args.probes)
+        probes = read_probe_files(args.probes)  # same-named splits of two files never merge
         model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake
         tokenizer = load_tokenizer(args.tokenizer or args.init)
         if tokenizer.n_vocab > model.config.vocab_size:

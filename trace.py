@@ -388,9 +388,8 @@ class TraceOptions:
 def _probe_sets(probe_paths, tokenizer, opts: TraceOptions, block_size: int) -> dict:
     """{split: [(idx, targets)]}: up to n_span probes per split, a sample seeded by (seed, split)."""
     groups = {}
-    for path in probe_paths:
-        for p in data_module().read_probes(path):
-            groups.setdefault(p.split if opts.split_by == "probe" and p.split else Path(path).stem, []).append(p)
+    for p in data_module().read_probe_files(probe_paths):  # same-named splits of two files never merge
+        groups.setdefault(p.split if opts.split_by == "probe" and p.split else Path(p.source).stem, []).append(p)
     if not groups or "all" in groups:
         raise ValueError("no probes in the probe files" if not groups else "a probe split may not be named 'all'")
     sets = {}

@@ -498,14 +498,8 @@ def setup(args) -> tuple[Run, dict | None]:
     except ValueError as e:
         fail(str(e))
     # every probe file is read and length-checked now, with probe.py's rule, not at the first evaluation
-    probes = []
-    for f in args.probes:
-        got = probe.read_probe_files([f])
-        try:
-            probe.check_probes(tokenizer, got, cfg.block_size)
-        except ValueError as e:
-            raise ValueError(f"{f}: {e}") from None
-        probes += got
+    probes = data.read_probe_files(args.probes)  # same-named splits of two files never merge
+    probe.check_probes(tokenizer, probes, cfg.block_size)
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
               stream=stream, probes=probes, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
               metrics_path=os.path.join(args.out, "metrics.jsonl"))
@@ -725,6 +719,7 @@ def finish(run: Run) -> dict:
             if getattr(run.model, "lora", None):
                 merge_lora(run.model)
             run.model.save_pretrained(args.export_hf)
+            run.tokenizer.save_hf(args.export_hf, run.model.config.block_size)  # AutoTokenizer loads the export too
             run.say(f"exported to {args.export_hf}")
     if run.world > 1:
         dist.destroy_process_group()

@@ -261,6 +261,10 @@ def test_export_hf_merges_lora(world, tmp_path):
     hf = GPT.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randint(0, merged.config.vocab_size, (2, 8))
     torch.testing.assert_close(hf(x)[0], merged(x)[0], atol=1e-5, rtol=1e-5)
+    from transformers import AutoTokenizer  # the export's tokenizer: the world's word vocabulary
+    tok = data.load_tokenizer(world.dir / "tokenizer.json")
+    text = open(world.new).read().split("\n\n")[0] + " unknown-word"
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"] == tok.encode(text)
 
 
 def test_lora_runs_are_reproducible(world, tmp_path):
