@@ -662,6 +662,17 @@ def read_probe_files(specs):
     return out
 
 
+def sentence_example(tokenizer, prompt, answer):
+    """(idx, targets) for the whole probe sentence 'prompt answer', every token a target after an
+    end-of-text token: what TemporalWiki's own scorer measures (probe.py --metric sentence). The
+    span metric (span_example) is the paper's: template words any LM predicts do not dilute it."""
+    prompt, answer = prompt.rstrip(), answer.strip()
+    if not answer:
+        raise ValueError("empty answer")
+    full = [tokenizer.eot] + tokenizer.encode(f"{prompt} {answer}" if prompt else answer)
+    return full[:-1], full[1:]
+
+
 def span_example(tokenizer, prompt, answer):
     """(idx, targets) for a salient span: prompt + answer tokens, targets -1 except where the
     next token is an answer token. Prompt and answer are tokenized together (with a space
