@@ -188,7 +188,7 @@ def test_text_ppl_is_the_mean_nll_of_consecutive_windows(tok):
     nlls = []
     for s in range(0, 41 - 8, 8):  # windows 0..7 -> 1..8, ..., 32..39 -> 33..40: 5 windows, 40 targets
         with torch.no_grad():
-            logits, _ = model(torch.tensor([tokens[s:s + 8]], dtype=torch.long))
+            logits, _ = model(torch.tensor(tokens[s:s + 8], dtype=torch.long)[None])
         nlls.append(F.cross_entropy(logits[0], torch.tensor(tokens[s + 1:s + 9], dtype=torch.long), reduction="sum").item())
     assert len(nlls) == 5 and got == pytest.approx(math.exp(sum(nlls) / 40), rel=1e-5)
     with pytest.raises(ValueError, match="too few"):
