@@ -31,8 +31,13 @@ class GPT2Tokenizer:
     name = "gpt2"
 
     def __init__(self):
+        import requests
         import tiktoken
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:  # tiktoken downloads its two files once, then reads them from its cache
+            self.enc = tiktoken.get_encoding("gpt2")
+        except (requests.RequestException, OSError) as e:
+            raise ValueError("the GPT-2 BPE files could not be downloaded (no network?): copy tiktoken's cache from a "
+                             f"machine with internet and set TIKTOKEN_CACHE_DIR to it ({type(e).__name__})") from None
         self.n_vocab, self.eot = self.enc.n_vocab, self.enc.eot_token
 
     def encode(self, text):
