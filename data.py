@@ -31,8 +31,13 @@ class GPT2Tokenizer:
     name = "gpt2"
 
     def __init__(self):
+        import requests
         import tiktoken
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:  # tiktoken downloads its two files once, then reads them from its cache
+            self.enc = tiktoken.get_encoding("gpt2")
+        except (requests.RequestException, OSError) as e:
+            raise ValueError("the GPT-2 BPE files could not be downloaded (no network?): copy tiktoken's cache from a "
+                             f"machine with internet and set TIKTOKEN_CACHE_DIR to it ({type(e).__name__})") from None
         self.n_vocab, self.eot = self.enc.n_vocab, self.enc.eot_token
 
     def encode(self, text):
@@ -660,6 +665,17 @@ def read_probe_files(specs):
     print("probe splits named after their files to keep them apart: " +
           ", ".join(sorted({_label(c, depth) for c in clash})), file=sys.stderr)
     return out
+
+
+def sentence_example(tokenizer, prompt, answer):
+    """(idx, targets) for the whole probe sentence 'prompt answer', every token a target after an
+    end-of-text token: what TemporalWiki's own scorer measures (probe.py --metric sentence). The
+    span metric (span_example) is the paper's: template words any LM predicts do not dilute it."""
+    prompt, answer = prompt.rstrip(), answer.strip()
+    if not answer:
+        raise ValueError("empty answer")
+    full = [tokenizer.eot] + tokenizer.encode(f"{prompt} {answer}" if prompt else answer)
+    return full[:-1], full[1:]
 
 
 def span_example(tokenizer, prompt, answer):

@@ -3,6 +3,8 @@
     python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
     python probe.py --init gpt2 --probes ../shared/data/twiki_probes/0801-0901_changed.csv --json out.json
     python probe.py --compare runs/full runs/tgl_fp out.json        # runs, metrics.jsonl or --json files
+    python probe.py --init runs/t1 --text heldout.csv@200000        # held-out corpus perplexity
+    python probe.py --init gpt2 --probes changed.csv --metric sentence  # TemporalWiki's own metric
 
 How a probe counts. Per answer: NLL = sum over the answer tokens of -log p(token | prompt,
 earlier answer tokens), teacher-forced. With several gold answers (TempLAMA), every answer
@@ -23,35 +25,42 @@ from pathlib import Path
 
 import torch
 
-from data import read_probe_files, span_example
+from data import read_probe_files, sentence_example, span_example, windows
 from common import Parser, check_output, input_errors, read_text, write_text
 
 
-def probe_example(tokenizer, pr, answer, use_context, block_size):
+METRICS = ("span", "sentence")
+
+
+def probe_example(tokenizer, pr, answer, use_context, block_size, metric="span"):
     """(idx, targets) of one (probe, answer), or a ValueError if it does not fit the model's context.
-    The one length rule: probe.py checks it while scoring, train.py for every probe file at start."""
+    The one length rule: probe.py checks it while scoring, train.py for every probe file at start.
+    metric span: the answer tokens given the prompt (the paper); sentence: every token of
+    'prompt answer' (TemporalWiki's scorer, whose numbers are then comparable)."""
     prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
-    idx, tgt = span_example(tokenizer, prompt, answer)
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    idx, tgt = (span_example if metric == "span" else sentence_example)(tokenizer, prompt, answer)
     if len(idx) > block_size:
         raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} tokens, "
                          f"longer than the model's context ({block_size})")
     return idx, tgt
 
 
-def check_probes(tokenizer, probes, block_size, use_context=False):
+def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"):
     for pr in probes:
         for answer in pr.answers:
-            probe_example(tokenizer, pr, answer, use_context, block_size)
+            probe_example(tokenizer, pr, answer, use_context, block_size, metric)
 
 
-def _rows(tokenizer, probes, use_context, block_size):
+def _rows(tokenizer, probes, use_context, block_size, metric="span"):
     """Packed rows: list of (tokens, positions, segments, answers) where answers is a list of
     (gather positions, target tokens, probe indices). Identical (prompt, answer) pairs of
     different probes are scored once."""
     groups = {}  # prompt tokens -> {answer tokens: [probe indices]}
     for i, pr in enumerate(probes):
         for ans in pr.answers:
-            idx, tgt = probe_example(tokenizer, pr, ans, use_context, block_size)
+            idx, tgt = probe_example(tokenizer, pr, ans, use_context, block_size, metric)
             n_prompt = next(j for j, t in enumerate(tgt) if t != -1) + 1
             groups.setdefault(tuple(idx[:n_prompt]), {}).setdefault(tuple(tgt[n_prompt - 1:]), []).append(i)
     rows = []
@@ -82,13 +91,14 @@ def _token_nll(lm_head, h, targets, chunk=128):
     return torch.cat(nll), torch.cat(ok)
 
 
-def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
+def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
     """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} (best gold answer).
-    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions)."""
+    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions);
+    metric: span (the answer tokens) or sentence (every token, see probe_example)."""
     from model import autocast, unwrap
     model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
     device = device or next(model.parameters()).device
-    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size), key=lambda r: len(r[0]))
+    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size, metric), key=lambda r: len(r[0]))
     best = [None] * len(probes)  # (nll per token, nll, n_tokens)
     em = [0] * len(probes)
     was_training = model.training
@@ -147,8 +157,32 @@ def summarize(results):
     return out
 
 
-def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
-    return summarize(score(model, tokenizer, probes, batch_size, device, use_context))
+def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
+    return summarize(score(model, tokenizer, probes, batch_size, device, use_context, metric))
+
+
+@torch.inference_mode()
+def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
+    """Held-out text perplexity: exp(mean next-token NLL) over consecutive, non-overlapping windows of
+    the model's context covering the first n_tokens tokens of `tokens` (the same windows every time)."""
+    from model import autocast, unwrap
+    model = unwrap(model)
+    device = device or next(model.parameters()).device
+    T = min(model.config.block_size, len(tokens) - 1)
+    if T < 1:
+        raise ValueError(f"held-out text has {len(tokens)} tokens: too few to score")
+    starts = list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0]
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    try:
+        for b in range(0, len(starts), batch_size):
+            x, y = windows(tokens, starts[b:b + batch_size], T)  # (B, T) each
+            with autocast(str(device)):
+                _, loss = model(x.to(device), y.to(device))  # mean NLL over the B * T targets
+            total, count = total + loss.float().item() * y.numel(), count + y.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(min(total / count, 700.0))
 
 # ----------------------------------------------------------------------------- reports
 
@@ -215,6 +249,10 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
     a("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
+    a("--text", help="also score the corpus perplexity of this held-out text (file, folder, CSV; PATH@N for a prefix)")
+    a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive windows of the context)")
+    a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt (the "
+      "paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's own scorer)")
     a("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
     a("--json", default=None, help="write summary and per-probe results to this JSON file")
     a("--compare", nargs="+", default=None, help="print runs side by side: run folders, metrics.jsonl or --json outputs")
@@ -222,10 +260,10 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=64, help="packed rows per forward pass")
     a("--device", default="auto", help="cpu, cuda, mps or auto")
     args = ap.parse_args(argv)
-    if args.compare is None and (not args.init or not args.probes):
-        ap.error("need --init and --probes (or --compare)")
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
+    if args.compare is None and (not args.init or not (args.probes or args.text)):
+        ap.error("need --init and --probes and/or --text (or --compare)")
+    if args.batch_size < 1 or args.text_tokens < 1:
+        ap.error("--batch-size and --text-tokens must be >= 1")
     return args
 
 
@@ -237,7 +275,7 @@ def main(argv=None):
             return None
         if args.json:
             check_output(args.json, "--json")  # before the slow part
-        from data import load_tokenizer
+        from data import load_tokenizer, load_tokens
         from model import load_model, pick_device
         device = pick_device(args.device)
         probes = read_probe_files(args.probes)  # same-named splits of two files never merge
@@ -245,12 +283,16 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.tokenizer or args.init)
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
-        results = score(model, tokenizer, probes, args.batch_size, device, args.context)
+        results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric) if probes else []
         summary = summarize(results)
-        print(format_table(summary))
+        out = {"init": args.init, "probes": args.probes, "context": args.context, "metric": args.metric, "summary": summary}
+        if summary:
+            print(f"{args.metric} perplexity and exact match per split:\n" + format_table(summary))
+        if args.text:
+            out["text"], out["text_ppl"] = args.text, text_ppl(model, load_tokens(args.text, tokenizer), args.text_tokens, device=device)
+            print(f"held-out text perplexity of {args.text}: {out['text_ppl']:.3f}")
         if args.json:
-            out = {"init": args.init, "probes": args.probes, "context": args.context, "summary": summary, "results": results}
-            write_text(args.json, json.dumps(out, indent=1))
+            write_text(args.json, json.dumps(dict(out, results=results), indent=1))
     return summary
 
 

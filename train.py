@@ -241,7 +241,11 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     a("--seed", type=int, default=0, help="seed for init, data order and dropout")
     a("--probes", nargs="+", default=[], help="probe files scored every --eval-every steps and at the end")
-    a("--eval-every", type=int, default=0, help="score probes every N updates (0 = only at the end)")
+    a("--eval-every", type=int, default=0, help="score probes (and --val-data) every N updates (0 = only at the end)")
+    a("--val-data", help="held-out text whose perplexity is scored with the probes (file, folder or CSV; PATH@N: a prefix)")
+    a("--val-tokens", type=int, default=65536, help="--val-data: tokens scored, as consecutive context-length windows")
+    a("--metric", choices=probe.METRICS, default="span", help="probe perplexity of the answer span (the paper's) or "
+      "of the whole sentence (TemporalWiki's scorer)")
     a("--log-every", type=int, default=10, help="progress line, metrics line and NaN check every N updates")
     a("--save-every", type=int, default=0, help="checkpoint every N updates (0 = only at the end)")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
@@ -261,8 +265,11 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every flag and path checked before any slow work: a ValueError names the flag and what to do."""
-    for f in [args.data, args.replay_data, args.trace, args.trace_text, args.tokenizer_file] + args.probes + (args.trace_probes or []):
-        if f and not os.path.exists(f):
+    paths = [data.parse_text_spec(f)[0] for f in (args.data, args.replay_data, args.trace_text, args.val_data) if f]
+    paths += [f for f in (args.trace, args.tokenizer_file) if f]
+    paths += [data.parse_probe_spec(f)[0] for f in args.probes + (args.trace_probes or [])]  # FILE@DATES:SPLIT
+    for f in paths:
+        if not os.path.exists(f):
             raise ValueError(f"no such file: {f}")
     needs = [(f"--tgl {args.tgl} needs --trace FILE or --trace-probes FILE... --trace-text OLD",
               args.tgl != "none" and not (args.trace or args.trace_probes)),
@@ -272,7 +279,7 @@ def check_args(args):
         if bad:
             raise ValueError(msg)
     for flag in ("steps", "batch_size", "grad_accum", "log_every", "n_layer", "n_head", "n_embd", "lora_rank",
-                 "block_size", "threads", "trace_n_span", "trace_n_lm"):
+                 "block_size", "threads", "trace_n_span", "trace_n_lm", "val_tokens"):
         check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=1, integer=True)
     for flag in ("eval_every", "save_every", "warmup", "min_lr", "weight_decay", "grad_clip", "recadam_gamma", "replay_decay"):
         check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=0)
@@ -438,7 +445,8 @@ class Run:
     steps_now: int = 0              # updates done by this process (0: a finished run was resumed)
     saved_time: float = 0.0         # training seconds at the last checkpoint
     last_loss: float | None = None
-    probe_res: dict | None = None
+    val_tokens: object = None       # --val-data as a token array
+    evals: dict | None = None       # the latest evaluate(): probes and val_ppl
 
     @property
     def master(self):
@@ -499,9 +507,10 @@ def setup(args) -> tuple[Run, dict | None]:
         fail(str(e))
     # every probe file is read and length-checked now, with probe.py's rule, not at the first evaluation
     probes = data.read_probe_files(args.probes)  # same-named splits of two files never merge
-    probe.check_probes(tokenizer, probes, cfg.block_size)
+    probe.check_probes(tokenizer, probes, cfg.block_size, metric=args.metric)
+    val_tokens = data.load_tokens(args.val_data, tokenizer) if args.val_data else None
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
-              stream=stream, probes=probes, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
+              stream=stream, probes=probes, val_tokens=val_tokens, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
               metrics_path=os.path.join(args.out, "metrics.jsonl"))
     describe(run)
     return run, ck
@@ -607,10 +616,17 @@ def update(run: Run, mask):
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
 def evaluate(run: Run) -> dict:
+    """{"probes": {split: {ppl, em, n}}, "val_ppl": held-out text perplexity}, each where asked for.
+    probe.py does the scoring (eval mode, no grad), so a run and probe.py agree on every number."""
+    out = {}
     with autocast(run.device):
-        res = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device)  # eval mode, no grad: probe.py
-    run.say(f"eval step {run.step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(res.items())))
-    return res
+        if run.probes:
+            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.args.metric)
+        if run.val_tokens is not None:
+            out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, run.args.val_tokens, device=run.device)
+    shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
+    run.say(f"eval step {run.step}: " + " | ".join(shown + ([f"val ppl {out['val_ppl']:.2f}"] if "val_ppl" in out else [])))
+    return out
 
 
 def mean_loss(run: Run) -> float:
@@ -624,7 +640,7 @@ def mean_loss(run: Run) -> float:
     return loss
 
 
-def log_line(run: Run, lr: float, grad_norms: dict, probe_res: dict | None):
+def log_line(run: Run, lr: float, grad_norms: dict, evals: dict | None):
     """Progress on stdout, one JSON line in metrics.jsonl; then the loss average starts again."""
     args, now = run.args, time.time()
     tok_s = args.batch_size * args.block_size * args.grad_accum * run.n_sum / (now - run.t_log)
@@ -632,8 +648,7 @@ def log_line(run: Run, lr: float, grad_norms: dict, probe_res: dict | None):
             f"{run.elapsed + now - run.t_start:.1f}s")
     rec = dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
                time=run.elapsed + now - run.t_start)
-    if probe_res is not None:
-        rec["probes"] = probe_res
+    rec.update(evals or {})  # probes, val_ppl: on the lines where they were evaluated
     if run.master:
         with open(run.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -690,14 +705,14 @@ def train(run: Run, hooks):
 
         # once in a while: evaluate, log, checkpoint
         done = run.step == args.steps
-        do_eval = run.probes and (done or (args.eval_every and run.step % args.eval_every == 0))
+        do_eval = (run.probes or run.val_tokens is not None) and (done or (args.eval_every and run.step % args.eval_every == 0))
         do_save = done or (args.save_every and run.step % args.save_every == 0)
         if logging or do_save:
             run.last_loss = mean_loss(run)
         if do_eval:
-            run.probe_res = evaluate(run) if run.master else None
+            run.evals = evaluate(run) if run.master else None
         if logging:
-            log_line(run, lr, grad_norms, run.probe_res if do_eval else None)
+            log_line(run, lr, grad_norms, run.evals if do_eval else None)
         if do_save:
             checkpoint(run)
 
@@ -706,13 +721,17 @@ def finish(run: Run) -> dict:
     """summary.json, and the Hugging Face export if asked for."""
     args = run.args
     train_time = run.saved_time if run.steps_now else run.elapsed  # nothing trained now: the checkpoint's time
-    if run.probes and run.probe_res is None and run.master:  # resumed a finished run: still report
-        run.probe_res = evaluate(run)
+    if (run.probes or run.val_tokens is not None) and run.evals is None and run.master:  # resumed a finished run
+        run.evals = evaluate(run)
     # time: training time up to the final checkpoint, which a resumed finished run reads back from it,
     # so summary.json comes out exactly as the first time
     summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=run.step, final_loss=run.last_loss,
-                   probes=run.probe_res, scales=run.scales, trainable_params=sum(p.numel() for p in run.opt.params),
-                   time=train_time)
+                   probes=(run.evals or {}).get("probes"), scales=run.scales,
+                   trainable_params=sum(p.numel() for p in run.opt.params), time=train_time)
+    if args.val_data:
+        summary["val_ppl"] = (run.evals or {}).get("val_ppl")
+    if run.probes:
+        summary["metric"] = args.metric
     if run.master:
         write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         if args.export_hf:

@@ -219,3 +219,12 @@ def test_model_config_errors_are_value_errors():
         with pytest.raises(ValueError, match="model config"):
             GPT(GPTConfig(**bad))
     assert common.one_line(FileNotFoundError(2, "No such file or directory", "x.txt")) == "x.txt: No such file or directory"
+
+
+def test_init_hub_name_without_network_is_fast_and_says_what_to_do(w, tmp_path, capsys, monkeypatch):
+    import time
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("TGL_CACHE", str(tmp_path / "cache"))
+    t = time.time()
+    msg = one_line_error(capsys, train.main, train_argv(w, "--init", "gpt2", "--tokenizer", "gpt2", out="net"), "--init gpt2")
+    assert "no network" in msg and "folder" in msg and time.time() - t < 5

@@ -275,3 +275,20 @@ def test_lora_runs_are_reproducible(world, tmp_path):
     run(world, tmp_path / "b", "--method", "lora", "--steps", "2")  # ... must not matter
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert any("lora_A" in n for n in wa) and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_val_data_is_scored_with_the_probes_and_matches_probe_py(world, tmp_path, capsys):
+    out = tmp_path / "val"
+    s = run(world, out, "--val-data", world.old, "--val-tokens", "64", "--probes", world.probes, "--eval-every", "3",
+            "--metric", "sentence")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_ppl" in r] == [3, 6] and all("probes" in r for r in recs if "val_ppl" in r)
+    assert s["val_ppl"] == recs[-1]["val_ppl"] and s["metric"] == "sentence"
+    capsys.readouterr()
+    import probe
+    probe.main(["--init", str(out), "--text", world.old, "--text-tokens", "64", "--device", "cpu",
+                "--json", str(tmp_path / "p.json"), "--tokenizer", str(world.dir / "tokenizer.json")])
+    assert json.loads((tmp_path / "p.json").read_text())["text_ppl"] == pytest.approx(s["val_ppl"], rel=1e-6)
+    probe.main(["--init", str(out), "--probes", world.probes, "--metric", "sentence", "--device", "cpu",
+                "--json", str(tmp_path / "q.json"), "--tokenizer", str(world.dir / "tokenizer.json")])
+    assert json.loads((tmp_path / "q.json").read_text())["summary"] == s["probes"]
