@@ -249,13 +249,6 @@ def python(script, *args) -> list:
     return [sys.executable, str(HERE / script), *map(str, args)]
 
 
-def supports(script: str, flag: str) -> bool:
-    """Whether this checkout's script has a flag. Held-out perplexity (--val-data, --text) and --metric
-    came to train.py / probe.py together with this driver; with an older script the driver leaves them
-    out and the table shows '-' for val ppl, instead of failing a long run at its first command."""
-    return f'"{flag}"' in (HERE / script).read_text(encoding="utf-8")
-
-
 def common_flags(cfg) -> list:
     return ["--device", cfg.device] + (["--threads", cfg.threads] if cfg.threads else [])  # train.py's
 
@@ -274,15 +267,12 @@ def train_argv(cfg, k, arm, steps) -> list:
     args = ["--init", init_of(cfg, k, arm), "--data", sd / "data" / "train.csv", "--method", method, "--tgl", tgl,
             "--probes", *probe_files(cfg, k), "--steps", steps, "--batch-size", cfg.batch_size,
             "--block-size", cfg.block_size, "--grad-accum", cfg.grad_accum, "--lr", cfg.lr, "--warmup", cfg.warmup,
-            "--seed", cfg.seed, "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
+            "--seed", cfg.seed, "--val-data", sd / "data" / "val.csv", "--val-tokens", cfg.val_tokens, "--metric", cfg.metric,
+            "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
     if tgl != "none":
         args += ["--trace", trace_file(cfg, k, arm)]
     if method == "mixreview":
         args += ["--replay-data", old_text(cfg, k)]  # Mix-Review replays the old snapshot
-    if supports("train.py", "--val-data"):
-        args += ["--val-data", sd / "data" / "val.csv", "--val-tokens", cfg.val_tokens]
-    if cfg.metric != "span" or supports("train.py", "--metric"):
-        args += ["--metric", cfg.metric]
     args += (["--compile"] if cfg.compile else []) + shlex.split(cfg.train_args)
     if cfg.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
@@ -300,12 +290,8 @@ def trace_argv(cfg, k, arm) -> list:
 def init_probe_argv(cfg, k) -> list:
     """The untouched --init model on the stage's probes (and held-out text): the table's "init" row."""
     sd = stage_dir(cfg, k)
-    args = ["--init", cfg.init, "--probes", *probe_files(cfg, k), "--json", sd / "init.json", "--device", cfg.device]
-    if supports("probe.py", "--text"):
-        args += ["--text", sd / "data" / "val.csv", "--text-tokens", cfg.val_tokens]
-    if cfg.metric != "span" or supports("probe.py", "--metric"):
-        args += ["--metric", cfg.metric]
-    return python("probe.py", *args)
+    return python("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--text", sd / "data" / "val.csv",
+                  "--text-tokens", cfg.val_tokens, "--metric", cfg.metric, "--json", sd / "init.json", "--device", cfg.device)
 
 
 def sh(argv) -> str:
@@ -493,7 +479,7 @@ def table(rows) -> str:
         for s in splits:
             p = r["probes"].get(s)
             cells += [fmt(p and p["ppl"], ".2f"), fmt(p and 100 * p["em"], ".1f")]
-        cells += [fmt(r["val_ppl"], ".2f"), fmt(r["time"], ".0f"), fmt(r["tok_per_s"], ",.0f")]
+        cells += [fmt(r["val_ppl"], ".2f"), fmt(r["time"], ".1f"), fmt(r["tok_per_s"], ",.0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

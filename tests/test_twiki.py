@@ -53,7 +53,7 @@ def tiny_gpt2(folder):
 
 def argv(init, out, *more):
     return ["--init", init, "--out", str(out), "--methods", "full", "mixreview", "--tgl", "fp", "--stages", "1", "2",
-            "--max-train-tokens", "256", "--batch-size", "2", "--block-size", "32", "--lr", "1e-3",
+            "--max-train-tokens", "512", "--batch-size", "4", "--block-size", "32", "--lr", "1e-3",
             "--snapshot-mb", "0.002", "--val-every", "3", "--val-tokens", "500", "--device", "cpu", "--threads", "1",
             "--trace-args", "--n-span 4 --n-lm 4", *more]
 
@@ -83,10 +83,14 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     assert [(r["stage"], r["arm"]) for r in res["rows"]] == [(r["stage"], r["arm"]) for r in rows]
     md = (out / "results.md").read_text()
     assert "| 2 (0901-1001) | mixreview-fp |" in md and "changed ppl" in md and "val ppl" in md
+    for r in rows:  # held-out perplexity of every row, the init row (probe.py --text) included
+        assert r["val_ppl"] > 1.0, r
     for arm in arms:  # stage 2 trains on from the same arm's stage 1 run, and traced that model
         ck = M.load_checkpoint(out / "stage2" / arm / M.CKPT_NAME)
-        assert ck["run_flags"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 256 tokens / (2 x 32)
+        assert ck["run_flags"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 512 tokens / (4 x 32)
         assert json.loads((out / "stage2" / f"trace-{arm}.json").read_text())["model"] == str(out / "stage1" / arm)
+    full, mix = (r["probes"]["changed"]["ppl"] for r in rows[1:3])
+    assert full != mix  # Mix-Review replayed old text (1 of each 4 windows)
     train = (out / "stage1" / "data" / "train.csv").read_text()
     val = (out / "stage1" / "data" / "val.csv").read_text()
     assert train.count("Doc ") == 8 and val.count("Doc ") == 4 and "Doc 2." in val and "Doc 2." not in train
@@ -108,7 +112,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert not fresh.exists() and len(server.log) == n_requests
     assert text.count("train.py --init") == 8 and "data.py fetch twiki-diffsets" in text
-    assert "ASSUMED 1,000 tokens/s" in text and "2,048 training tokens in all" in text
+    assert "ASSUMED 1,000 tokens/s" in text and "4,096 training tokens in all" in text
     twiki.main(argv(init, out, "--plan"))
     assert capsys.readouterr().out.count("# done: python train.py") == 4 and snapshot(out) == before
 
@@ -127,7 +131,7 @@ def test_training_steps_under_torchrun(tmp_path):
                        str(twiki.HERE / "train.py")]
     flags = dict(zip(cmd[7::1], cmd[8::1]))
     assert flags["--init"] == str(tmp_path / "o" / "stage1" / "mixreview-fp") and flags["--steps"] == "7"
-    assert flags["--batch-size"] == "2" and "--replay-data" in cmd and "--resume" in cmd
+    assert flags["--batch-size"] == "4" and flags["--metric"] == "span" and "--replay-data" in cmd and "--resume" in cmd
     single = twiki.train_argv(twiki.parse_args(argv("gpt2", tmp_path / "o")), 2, "mixreview-fp", 7)
     assert single[:2] == [sys.executable, str(twiki.HERE / "train.py")] and single[2:] == cmd[7:]
     assert "torch.distributed.run --standalone --nproc_per_node 4" in twiki.plan(cfg)
