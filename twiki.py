@@ -547,7 +547,7 @@ def plan(cfg) -> str:
            f"#   twiki-probes    TWiki_Probes.zip: {fetch.DATASETS['twiki-probes'].disk}",
            f"#   twiki-diffsets  TWiki_Diffsets.zip: {fetch.DATASETS['twiki-diffsets'].disk}",
            f"#   twiki-snapshot  the first {cfg.snapshot_mb:g} MB of text of month(s) {', '.join(months)} "
-           f"(ranged reads of Wikipedia_Full.zip): about {len(months) * cfg.snapshot_mb:g} MB downloaded and on disk",
+           f"(ranged reads of Wikipedia_Full.zip): about {gb(len(months) * cfg.snapshot_mb * 1e6)} downloaded and on disk",
            sh(python("data.py", "fetch", "twiki-probes")), sh(python("data.py", "fetch", "twiki-diffsets")),
            sh(python("data.py", "splits", "twiki", "--input", root / "twiki-probes", "--out", Path(cfg.out) / "probes",
                      "--seed", cfg.seed))]
