@@ -516,7 +516,7 @@ def planned_tokens(cfg, k):
 
 def plan_stage(cfg, k) -> tuple[list, int]:
     """The commands of stage k, those already done marked; and the training tokens of the stage (all arms)."""
-    done = lambda ok, argv: ("# done: " if ok else "") + sh(argv)  # noqa: E731
+    done = lambda ok, argv: ("# done: " if ok and not cfg.overwrite else "") + sh(argv)  # noqa: E731
     tokens, steps = planned_tokens(cfg, k)
     lines = [f"\n# stage {k}: {STAGES[k - 1][0]} (old snapshot {STAGES[k - 1][1]}, diff {diff_name(k)})",
              done(old_text(cfg, k).is_file(), snapshot_argv(cfg, k)),

@@ -55,7 +55,7 @@ def argv(init, out, *more):
     return ["--init", init, "--out", str(out), "--methods", "full", "mixreview", "--tgl", "fp", "--stages", "1", "2",
             "--max-train-tokens", "512", "--batch-size", "4", "--block-size", "32", "--lr", "1e-3",
             "--snapshot-mb", "0.002", "--val-every", "3", "--val-tokens", "500", "--device", "cpu", "--threads", "1",
-            "--trace-args", "--n-span 4 --n-lm 4", *more]
+            "--trace-args", "--n-span 4 --n-lm 4", "--ecbd", str(SHARED / "real_formats" / "ecbd2019" / "np_spans_test.json"), *more]
 
 
 def snapshot(folder):
@@ -78,7 +78,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     arms = ["full-fp", "mixreview-fp"]
     assert [(r["stage"], r["arm"]) for r in rows] == [(k, a) for k in (1, 2) for a in ["init"] + arms]
     for r in rows:
-        assert {"changed", "unchanged"} <= set(r["probes"]) and r["probes"]["changed"]["n"] == 6, r
+        assert set(r["probes"]) == {"changed", "unchanged", "np_spans_test"} and r["probes"]["changed"]["n"] == 6, r
     res = json.loads((out / "results.json").read_text())
     assert [(r["stage"], r["arm"]) for r in res["rows"]] == [(r["stage"], r["arm"]) for r in rows]
     md = (out / "results.md").read_text()
@@ -118,6 +118,8 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
 
     # a changed run-defining flag is refused in one line naming it; unknown stage, chaining, own flags too
     assert "--lr 0.001 -> 0.01" in one_line_error(capsys, argv(init, out) + ["--lr", "1e-2"])
+    twiki.main(argv(init, out, "--lr", "1e-2", "--overwrite", "--plan"))  # --overwrite: accepted, all to do again
+    assert "# done:" not in capsys.readouterr().out and snapshot(out) == before
     assert "add stage 1 to --stages" in one_line_error(capsys, argv(init, tmp_path / "new") + ["--stages", "2"])
     assert "unknown stage '5'" in one_line_error(capsys, argv(init, out) + ["--stages", "5"])
     assert "--steps is set by twiki.py" in one_line_error(capsys, argv(init, out) + ["--train-args", "--steps 3"])
