@@ -111,19 +111,22 @@ def stage_number(text: str) -> int:
 def parse_args(argv=None) -> Config:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0])
     a, d = p.add_argument, Config(init="", out="")
-    a("--init", required=True, help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ... a local HF folder or a run folder")
+    a("--init", required=True,
+      help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ..., a local HF folder or a run folder")
     a("--out", required=True, help="the protocol's folder: protocol.json, probes/, stageK/ARM run folders, results.md/.json")
     a("--methods", nargs="+", choices=METHODS, default=d.methods, help="continual-learning methods (arms = methods x --tgl)")
     a("--tgl", nargs="+", choices=TGLS, default=d.tgl, help="TGL modes stacked on each method")
     a("--stages", nargs="+", default=["1", "2", "3", "4"], help="stages to run: numbers 1-4 or month pairs like 0901-1001")
-    a("--max-train-tokens", type=count, help="cap each stage's training at N tokens (5M, 200k); default one pass over the diff set")
+    a("--max-train-tokens", type=count,
+      help="cap each stage's training at N tokens (5M, 200k); default one pass over the diff set")
     a("--batch-size", type=int, default=d.batch_size, help="train.py --batch-size (the global batch, in windows)")
     a("--block-size", type=int, default=d.block_size, help="tokens per training window")
     a("--grad-accum", type=int, default=d.grad_accum, help="train.py --grad-accum (micro-steps per update)")
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--warmup", type=int, default=d.warmup, help="linear warmup updates per stage")
     a("--snapshot-mb", type=float, default=d.snapshot_mb, help="MB of text taken from each old snapshot (tracing, replay)")
-    a("--val-every", type=int, default=d.val_every, help="every Nth document of a diff set is held out for val ppl, never trained on")
+    a("--val-every", type=int, default=d.val_every,
+      help="every Nth document of a diff set is held out for val ppl, never trained on")
     a("--val-tokens", type=count, default=d.val_tokens, help="tokens of the held-out slice scored for val ppl")
     a("--metric", choices=["span", "sentence"], default=d.metric,
       help="probe perplexity over the answer span (the paper's) or the whole sentence (TemporalWiki's scorer)")
@@ -135,7 +138,8 @@ def parse_args(argv=None) -> Config:
     a("--device", default=d.device, help="auto | cpu | cuda | mps, for every step")
     a("--threads", type=int, help="CPU threads per step")
     a("--compile", action="store_true", help="train.py --compile (torch.compile, CUDA)")
-    a("--nproc", type=int, default=d.nproc, help="processes per training step: >1 runs train.py under torchrun --nproc_per_node N")
+    a("--nproc", type=int, default=d.nproc,
+      help="processes per training step: >1 runs train.py under torchrun --nproc_per_node N")
     a("--plan", action="store_true", help="print every command, download and disk sizes and a time estimate; run nothing")
     a("--assume-tok-s", type=float, help="--plan: ASSUMED training tokens/s per run, for the time estimate (not a measurement)")
     a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags")
@@ -333,9 +337,10 @@ def fetch_shared(cfg):
     if not all(find_file(root / "twiki-diffsets", diff_name(k)) for k in cfg.stages):
         print(f"$ {sh(python('data.py', 'fetch', 'twiki-diffsets'))}", flush=True)
         fetch.fetch("twiki-diffsets")
-    if not all((probe_dir(cfg, k) / f).is_file() for k in cfg.stages for f in ("changed.csv", "unchanged.csv", "diag_changed.csv")):
+    wanted = ("changed.csv", "unchanged.csv", "diag_changed.csv")
+    if not all((probe_dir(cfg, k) / f).is_file() for k in cfg.stages for f in wanted):
         # every pair at once: data.py splits writes each pair's eval and disjoint diag_* files (seeded)
-        print(f"$ {sh(python('data.py', 'splits', 'twiki', '--input', root / 'twiki-probes', '--out', Path(cfg.out) / 'probes', '--seed', cfg.seed))}")
+        print(f"$ {sh(splits_argv(cfg))}")
         data.make_splits("twiki", [root / "twiki-probes"], Path(cfg.out) / "probes", seed=cfg.seed)
 
 
@@ -352,6 +357,11 @@ def fetch_stage(cfg, k):
             raise ValueError(f"{fetch.cache_root() / 'twiki-diffsets'}: no {diff_name(k)} after fetching the diff sets")
         print(f"# held out: one document in {cfg.val_every} of {diff} -> {folder}/val.csv, the rest -> train.csv")
         split_diff(diff, folder, cfg.val_every)
+
+
+def splits_argv(cfg) -> list:
+    return python("data.py", "splits", "twiki", "--input", fetch.cache_root() / "twiki-probes",
+                  "--out", Path(cfg.out) / "probes", "--seed", cfg.seed)
 
 
 def snapshot_argv(cfg, k) -> list:
@@ -535,7 +545,8 @@ def plan_stage(cfg, k) -> tuple[list, int]:
                      "(or pass --max-train-tokens)")
     else:
         lines.append(f"# {steps:,} updates x {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} tokens = "
-                     f"{tokens:,} training tokens per arm" + ("" if cfg.max_train_tokens else " (diff size / 4 bytes per token: approximate)"))
+                     f"{tokens:,} training tokens per arm" +
+                     ("" if cfg.max_train_tokens else " (diff size / 4 bytes per token: approximate)"))
     return lines, tokens and tokens * len(cfg.arms)
 
 
@@ -549,8 +560,7 @@ def plan(cfg) -> str:
            f"#   twiki-snapshot  the first {cfg.snapshot_mb:g} MB of text of month(s) {', '.join(months)} "
            f"(ranged reads of Wikipedia_Full.zip): about {gb(len(months) * cfg.snapshot_mb * 1e6)} downloaded and on disk",
            sh(python("data.py", "fetch", "twiki-probes")), sh(python("data.py", "fetch", "twiki-diffsets")),
-           sh(python("data.py", "splits", "twiki", "--input", root / "twiki-probes", "--out", Path(cfg.out) / "probes",
-                     "--seed", cfg.seed))]
+           sh(splits_argv(cfg))]
     total = 0
     for k in cfg.stages:
         lines, tokens = plan_stage(cfg, k)
