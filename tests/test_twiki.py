@@ -6,7 +6,6 @@ invocation that re-runs nothing, --plan that runs nothing, and a changed flag re
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -125,7 +124,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     assert "--steps is set by twiki.py" in one_line_error(capsys, argv(init, out) + ["--train-args", "--steps 3"])
 
 
-def test_training_steps_under_torchrun(tmp_path):
+def test_nproc_builds_the_torchrun_command(tmp_path):
     """--nproc N: each train.py step runs under torchrun (DDP), with the same flags and the global batch."""
     cfg = twiki.parse_args(argv("gpt2", tmp_path / "o", "--nproc", "4"))
     cmd = twiki.train_argv(cfg, 2, "mixreview-fp", 7)
@@ -137,3 +136,15 @@ def test_training_steps_under_torchrun(tmp_path):
     single = twiki.train_argv(twiki.parse_args(argv("gpt2", tmp_path / "o")), 2, "mixreview-fp", 7)
     assert single[:2] == [sys.executable, str(twiki.HERE / "train.py")] and single[2:] == cmd[7:]
     assert "torch.distributed.run --standalone --nproc_per_node 4" in twiki.plan(cfg)
+
+
+def test_training_steps_run_under_torchrun(server, tmp_path):
+    """One stage, one arm, its training step really run by torchrun with 2 CPU processes (gloo)."""
+    serve_twiki(server)
+    out = tmp_path / "ddp"
+    rows = twiki.main(argv(tiny_gpt2(tmp_path / "tiny"), out, "--methods", "full", "--tgl", "none", "--stages", "1",
+                           "--nproc", "2"))
+    assert [r["arm"] for r in rows] == ["init", "full-none"]
+    ck = M.load_checkpoint(out / "stage1" / "full-none" / M.CKPT_NAME)
+    assert ck["world_size"] == 2 and ck["step"] == 4
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in (out / "stage1" / "logs" / "full-none.log").read_text()
