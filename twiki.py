@@ -2,7 +2,7 @@
 by month pair, with every method x TGL mode, and one table at the end.
 
     python twiki.py --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
-    python twiki.py --init gpt2 --out runs/smoke --max-train-tokens 5M        # the whole protocol, in minutes
+    python twiki.py --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test: every step, small
     python twiki.py --init gpt2-large --out runs/large --plan --assume-tok-s 50000   # commands, sizes, time; runs nothing
 
 For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order:
@@ -470,10 +470,13 @@ def init_row(cfg, k) -> dict | None:
 
 
 def collect(cfg) -> list:
-    """Every finished row of every stage (not only those run now): one table across stages and arms."""
+    """Every finished row of every stage, not only those run now (arms of earlier invocations with other
+    --methods / --tgl too, after this one's): one table across stages and arms."""
     rows = []
     for k in range(1, len(STAGES) + 1):
-        rows += [r for r in [init_row(cfg, k)] + [arm_row(cfg, k, arm) for arm in cfg.arms] if r]
+        found = sorted(p.name for p in stage_dir(cfg, k).glob("*-*") if p.name.split("-")[0] in METHODS)
+        arms = cfg.arms + [arm for arm in found if arm not in cfg.arms]
+        rows += [r for r in [init_row(cfg, k)] + [arm_row(cfg, k, arm) for arm in arms] if r]
     return rows
 
 
