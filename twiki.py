@@ -15,6 +15,7 @@ Every step is a plain data.py / trace.py / train.py / probe.py command, printed 
 by --plan), so any cell of the table can be re-run by hand. A finished step is never re-run: run
 the same command again after an interruption and it goes on where it stopped.
 """
+import argparse
 import csv
 import json
 import math
@@ -109,7 +110,7 @@ def stage_number(text: str) -> int:
 
 
 def parse_args(argv=None) -> Config:
-    p = Parser(prog=PROG, description=__doc__.split("\n")[0])
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a, d = p.add_argument, Config(init="", out="")
     a("--init", required=True,
       help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ..., a local HF folder or a run folder")
@@ -132,7 +133,8 @@ def parse_args(argv=None) -> Config:
       help="probe perplexity over the answer span (the paper's) or the whole sentence (TemporalWiki's scorer)")
     a("--templama", nargs="+", default=[], help="extra probe files scored at every stage (e.g. TempLAMA splits)")
     a("--ecbd", nargs="+", default=[], help="extra ECBD probe files scored at every stage")
-    a("--train-args", default="", help="more train.py flags for every run, quoted (e.g. '--recadam-gamma 50 --eval-every 500')")
+    a("--train-args", default="", help="more train.py flags for every run, quoted (e.g. '--recadam-gamma 50 --eval-every 500'; "
+      "one flag alone: --train-args=--flag)")
     a("--trace-args", default="", help="more trace.py flags, quoted (e.g. '--n-span 200 --select topk:8')")
     a("--seed", type=int, default=d.seed, help="seed of the probe splits and of training")
     a("--device", default=d.device, help="auto | cpu | cuda | mps, for every step")
