@@ -375,8 +375,8 @@ def split_diff(diff: Path, folder: Path, every: int):
     """Held-out text for val ppl: every `every`-th document of the diff set goes to val.csv, the rest to
     train.csv. A slice of the *new* text, because what a stage should learn is the new month; forgetting
     is what the unchanged probes measure. Documents, not windows, are held out (no shared text across
-    the cut), and spread over the whole file (a diff set is ordered by article, so a prefix would be
-    biased). val.csv is written last: its presence means both files are complete."""
+    the cut), and spread over the whole file (a prefix would hold only the articles that happen to come
+    first). val.csv is written last: its presence means both files are complete."""
     folder.mkdir(parents=True, exist_ok=True)
     n = [0, 0]
     with atomic_path(folder / "train.csv") as t_tmp, atomic_path(folder / "val.csv.tmp") as v_tmp:
