@@ -190,27 +190,28 @@ def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
 ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
 
 
-def _ordered(splits):
+def ordered(splits):
     splits = list(dict.fromkeys(splits))
     return sorted(splits, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), splits.index(s)))
 
 
 def format_table(summary):
     lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
-    for split in _ordered(summary):
+    for split in ordered(summary):
         s = summary[split]
         lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
     return "\n".join(lines)
 
 
-def load_summary(path):
-    """Probe summary {split: {...}} from a probe.py --json file, a metrics.jsonl (its last line
-    with "probes") or a run folder holding metrics.jsonl."""
+def load_summaries(path) -> list:
+    """[(column name, probe summary {split: {...}})] from a run folder or its metrics.jsonl (the last
+    line with "probes"), a probe.py --json file, or twiki.py's results.json (a column per stage x arm)."""
     p = Path(path)
+    name = p.name if p.name not in ("metrics.jsonl", "") else p.parent.name
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.is_file():
-        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl or probe.py --json output)")
+        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl, probe.py --json or results.json)")
     if p.suffix == ".jsonl":
         last = None
         for n, line in enumerate(read_text(p).splitlines(), 1):
@@ -222,21 +223,23 @@ def load_summary(path):
                 last = rec["probes"]
         if last is None:
             raise ValueError(f"{p}: no line with probe results")
-        return last
+        return [(name, last)]
     try:
         d = json.loads(read_text(p))
     except json.JSONDecodeError:
         raise ValueError(f"{p}: not valid JSON") from None
+    if isinstance(d, dict) and isinstance(d.get("rows"), list):  # twiki.py's results.json
+        return [(f"{r['stage']}/{r['arm']}", r["probes"]) for r in d["rows"]]
     if not isinstance(d, dict) or "summary" not in d:
-        raise ValueError(f"{p}: not a probe.py --json file (no 'summary')")
-    return d["summary"]
+        raise ValueError(f"{p}: not a probe.py --json file (no 'summary') nor a twiki.py results.json (no 'rows')")
+    return [(name, d["summary"])]
 
 
 def compare_table(paths):
-    sums = [load_summary(p) for p in paths]
-    names = [Path(p).name if Path(p).name not in ("metrics.jsonl", "") else Path(p).parent.name for p in paths]
+    columns = [c for p in paths for c in load_summaries(p)]
+    names, sums = [n for n, _ in columns], [s for _, s in columns]
     w = max(12, *(len(n) for n in names))
-    splits = _ordered(s for d in sums for s in d)
+    splits = ordered(s for d in sums for s in d)
     lines = [f"{'ppl / em':<16} " + " ".join(f"{n:>{w}}" for n in names)]
     for split in splits:
         cells = [f"{d[split]['ppl']:.2f} / {d[split]['em']:.2f}" if split in d else "-" for d in sums]

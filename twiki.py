@@ -485,7 +485,7 @@ def collect(cfg) -> list:
 def table(rows) -> str:
     """Markdown: a row per stage x arm; per split perplexity and EM (%), held-out ppl, time, tokens/s."""
     import probe
-    splits = probe._ordered(s for r in rows for s in r["probes"])
+    splits = probe.ordered(s for r in rows for s in r["probes"])
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     head = ["stage", "arm"] + [f"{s} {m}" for s in splits for m in ("ppl", "EM")] + ["val ppl", "time (s)", "tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

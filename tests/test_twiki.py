@@ -97,6 +97,10 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     probe.main(["--compare", str(out / "stage1" / "full-fp"), str(out / "stage2" / "full-fp"), str(out / "stage1" / "init.json")])
     cmp = capsys.readouterr().out
     assert "changed" in cmp and "full-fp" in cmp and "init.json" in cmp
+    probe.main(["--compare", str(out / "results.json")])  # the driver's JSON: a column per stage x arm
+    cmp = capsys.readouterr().out.splitlines()
+    assert cmp[0].split()[3:] == [f"{r['stage']}/{r['arm']}" for r in rows]
+    assert f"{rows[1]['probes']['changed']['ppl']:.2f}" in next(line for line in cmp if line.startswith("changed "))
 
     # a second invocation re-runs nothing: no request, no file written, no step started
     n_requests, before = len(server.log), snapshot(out)
