@@ -230,7 +230,7 @@ def test_cli_end_to_end(world, capsys):
     out = world / "trace.json"
     argv = ["--init", str(world / "run"), "--probes", str(world / "diag_updated.jsonl"), str(world / "diag_new.jsonl"),
             "--text", str(world / "t0.txt"), "--out", str(out), "--n-span", "2", "--n-lm", "2", "--block-size", "16",
-            "--device", "cpu", "--select", "topk:2", "--rank-units", "all"]
+            "--device", "cpu", "--select", "topk:2"]
     d = tgl_trace.main(argv)
     saved = tgl_trace.load_trace(out)
     assert saved == json.loads(json.dumps(d))
