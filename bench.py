@@ -5,18 +5,24 @@
     python bench.py probe --n-layer 12 --n-embd 768 --n-head 12 --n-probes 128   # GPT-2 small size
     python bench.py trace --n-layer 4 --n-embd 256 --device cuda
     python bench.py train --device cuda --n-layer 12 --n-embd 768 --vocab 50257 --block-size 512 --batch-size 8
+    python bench.py tokenize --n-tokens 20000000                      # peak memory of streaming tokenization
 
 `python bench.py` alone runs `all`; `python bench.py COMMAND --help` explains each one. model and probe
 compare against transformers, a test and benchmark dependency (pip install -r requirements-dev.txt).
 """
 import argparse
+import csv
 import os
+import random
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -332,6 +338,50 @@ Returns {setup: dict(ms, tok_s, state, saved, peak, trainable)}."""
 
 # command: (function, default --device, default (--n-layer, --n-head, --n-embd) or None, other flags).
 # A flag is {name: (default, help)}: an int >= 1, or >= a third item; a list default = choices, first chosen.
+def _peak_rss_mb(code: str):
+    """(peak resident memory in MB, last line printed) of a fresh Python running `code` in this folder."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if TIKTOKEN_CACHE.is_dir():
+        env.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    rss = "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"  # kB on Linux
+    out = subprocess.run([sys.executable, "-c", code + rss], cwd=Path(__file__).resolve().parent, env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"error: the measured run failed: {out.stderr.strip().splitlines()[-1:]}")
+    lines = out.stdout.split("\n")
+    return int(lines[-2]) / 1024, lines[-3] if len(lines) > 2 else ""
+
+
+def bench_tokenize(device="cpu", seed=0, n_tokens=20_000_000):
+    """Peak memory of data.load_tokens on a TemporalWiki-layout CSV of at least --n-tokens GPT-2 tokens.
+
+    Tokenizing streams documents into the cache file, so the peak should not grow with the corpus;
+    the old reader held a Python list of every token (about 51 bytes per token: 1 GB at 20M tokens).
+    The peak is the max RSS of a fresh process, minus that of one that only loads the tokenizer."""
+    rng = random.Random(seed)
+    words = sorted({w for f in Path(__file__).resolve().parent.glob("*.md") for w in re.findall(r"[A-Za-z]+", f.read_text())})
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "wikipedia_0809_gpt2.csv"
+        with open(src, "w", newline="", encoding="utf-8") as f:  # ~5.3 characters per GPT-2 token in this text
+            w, size = csv.writer(f), 0
+            w.writerow(["text"])
+            while size < n_tokens * 6:
+                doc = " ".join(rng.choice(words) for _ in range(rng.randint(50, 600))) + "."
+                w.writerow([doc])
+                size += len(doc) + 3
+        base, _ = _peak_rss_mb("from data import GPT2Tokenizer; GPT2Tokenizer()")
+        peak, elapsed = _peak_rss_mb("import time; from data import GPT2Tokenizer, load_tokens; tok = GPT2Tokenizer(); "
+                                     f"t = time.time(); load_tokens({str(src)!r}, tok); print(time.time() - t)")
+        elapsed = float(elapsed)
+        n, csv_mb = len(np.fromfile(next(Path(d).glob("*.tokens.bin")), dtype=np.uint16)), src.stat().st_size / 1e6
+    print(f"tokenized {n / 1e6:.1f}M tokens ({csv_mb:.0f} MB CSV) "
+          f"in {elapsed:.0f} s ({n / elapsed / 1e6:.2f}M tokens/s, one process)")
+    print(f"peak RSS {peak:.0f} MB; tokenizer alone {base:.0f} MB; tokenizing added {peak - base:.0f} MB "
+          f"(a 1M-token write buffer, whatever the corpus size; the old list-of-ids reader took ~51 bytes/token, "
+          f"{51 * n / 2 ** 30:.1f} GiB here)")
+    return dict(tokens=n, peak_mb=peak, base_mb=base, seconds=elapsed)
+
+
 COMMANDS = {
     "model": (bench_model, "auto", (12, 12, 768), {
         "steps": (5, "timed steps per model (median reported)"),
@@ -348,6 +398,8 @@ COMMANDS = {
         "seq-len": (24, "tokens per example (probe-like)"),
         "n-targets": (3, "answer tokens per example (at most --seq-len)"),
         "repeats": (3, "timed repeats; the best is reported")}),
+    "tokenize": (bench_tokenize, "cpu", None, {
+        "n-tokens": (20_000_000, "GPT-2 tokens in the generated corpus (at least)")}),
     "train": (bench_train, "cpu", (4, 4, 128), {
         "vocab": (2000, "vocabulary size"),
         "block-size": (64, "tokens per window"),
@@ -390,7 +442,7 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
         return p
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    sub, parsers = ap.add_subparsers(dest="command", metavar="{model,probe,trace,train,all}"), {}
+    sub, parsers = ap.add_subparsers(dest="command", metavar="{model,probe,trace,train,tokenize,all}"), {}
     for name, (fn, device, size, flags) in {**COMMANDS, "all": (bench_all, "auto", None, {})}.items():
         p = parsers[name] = sub.add_parser(name, parents=[common(device)], help=fn.__doc__.splitlines()[0],
                                            description=fn.__doc__, formatter_class=fmt)

@@ -118,6 +118,7 @@ def pretrain(args, cfg, seed, world_dir, base, meta):
                  "--weight-decay", 0.1, "--seed", seed, "--log-every", max(1, cfg["pre_steps"] // 10),
                  "--threads", threads)
     key = sh(pre[1:]) + "\nworld " + json.dumps(meta["config"], sort_keys=True)
+    pre.append("--overwrite")  # a stale or partial base is replaced (not part of the cache key)
     key_file = os.path.join(base, "demo_command.txt")
     if os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file) and open(key_file).read() == key:
         print(f"[seed {seed}] base model: cached in {base}", flush=True)
@@ -210,7 +211,8 @@ def continual_jobs(args, cfg, seed, root):
     common = ["--init", base, "--data", os.path.join(world_dir, "diff.txt"), "--probes", *probes,
               "--steps", cfg["steps"], "--batch-size", cfg["batch"], "--block-size", cfg["block"],
               "--warmup", max(1, cfg["steps"] // 10), "--seed", seed, "--log-every", max(1, cfg["steps"] // 10),
-              "--eval-every", max(1, cfg["steps"] // 5), "--threads", args.threads, "--rank-units", RANK_UNITS]
+              "--eval-every", max(1, cfg["steps"] // 5), "--threads", args.threads, "--rank-units", RANK_UNITS,
+              "--overwrite"]  # the demo re-runs its arms
     extra = {"mixreview": ["--replay-data", os.path.join(world_dir, "t0.txt")], "recadam": [],
              "lora": ["--lora-rank", args.lora_rank], "full": []}
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_path, download, write_text
+from common import atomic_path, download, one_line, read_json, write_text
 
 
 @dataclass
@@ -33,6 +33,18 @@ class GPTConfig:
     scale_attn: bool = True         # GPT-Neo does not divide q.k by sqrt(head_dim)
     attention_layers: list = field(default_factory=list)  # per layer "global"/"local"; [] = all global
     window_size: int = 256          # how far back a "local" layer may look (GPT-Neo)
+
+    def __post_init__(self):
+        """A shape that cannot be built is bad input (a flag or a config.json), not a bug: say which."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model config: width n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_layers and len(self.attention_layers) != self.n_layer:
+            raise ValueError(f"model config: {len(self.attention_layers)} attention_layers for {self.n_layer} layers")
 
     def is_local(self, layer: int) -> bool:
         return bool(self.attention_layers) and self.attention_layers[layer] == "local"
@@ -252,7 +264,16 @@ def unit_names(n_layer: int) -> list:
 # ----------------------------------------------------------------------------- devices
 
 def pick_device(name: str = "auto") -> str:
+    """auto: cuda, else mps, else cpu. A named device must exist here (checked now, not at the first tensor)."""
     if name != "auto":
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch build sees no CUDA GPU; use --device cpu or install a CUDA torch")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -312,7 +333,12 @@ def load_model(init: str, device: str = "cpu") -> GPT:
     Hugging Face folder (config.json + model.safetensors), or a known hub name."""
     path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
     if os.path.isfile(path) and path.endswith(".pt"):
-        model = model_from_checkpoint(load_checkpoint(path))
+        ckpt = load_checkpoint(path)
+        try:  # a nanoGPT or other foreign .pt loads (weights_only) but is not laid out as ours
+            model = model_from_checkpoint(ckpt)
+        except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a tgl checkpoint ({type(e).__name__}: {one_line(e)}); "
+                             "pass a tgl run folder, a Hugging Face folder or a known model name") from None
     else:
         model = GPT.from_pretrained(init)
     return model.to(device)
@@ -459,8 +485,13 @@ def load_hf(name_or_path: str) -> GPT:
         folder = hub_folder(name_or_path)
     if folder is None or not os.path.exists(os.path.join(folder, "config.json")):
         raise ValueError(f"{name_or_path}: neither a folder with config.json nor a known name ({', '.join(HUB_NAMES)})")
-    with open(os.path.join(folder, "config.json")) as f:
-        config = config_from_hf(json.load(f))
+    try:
+        config = config_from_hf(read_json(os.path.join(folder, "config.json")))
+    except ValueError as e:
+        msg = one_line(e)
+        if not msg.startswith(folder):  # name the file: "FOLDER/config.json: ..."
+            msg = os.path.join(folder, msg) if msg.startswith("config.json") else f"{folder}/config.json: {msg}"
+        raise ValueError(msg) from None
     path = os.path.join(folder, "model.safetensors")
     if os.path.exists(path):
         sd = read_safetensors(path)

@@ -3,6 +3,8 @@
     python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
     python probe.py --init gpt2 --probes ../shared/data/twiki_probes/0801-0901_changed.csv --json out.json
     python probe.py --compare runs/full runs/tgl_fp out.json        # runs, metrics.jsonl or --json files
+    python probe.py --init runs/t1 --text heldout.csv@200000        # held-out corpus perplexity
+    python probe.py --init gpt2 --probes changed.csv --metric sentence  # TemporalWiki's own metric
 
 How a probe counts. Per answer: NLL = sum over the answer tokens of -log p(token | prompt,
 earlier answer tokens), teacher-forced. With several gold answers (TempLAMA), every answer
@@ -23,23 +25,43 @@ from pathlib import Path
 
 import torch
 
-from data import read_probes, span_example
-from common import fail, write_text
+from data import read_probe_files, sentence_example, span_example, windows
+from common import Parser, check_output, input_errors, read_text, write_text
 
 
-def _rows(tokenizer, probes, use_context, block_size):
+METRICS = ("span", "sentence")
+
+
+def probe_example(tokenizer, pr, answer, use_context, block_size, metric="span"):
+    """(idx, targets) of one (probe, answer), or a ValueError if it does not fit the model's context.
+    The one length rule: probe.py checks it while scoring, train.py for every probe file at start.
+    metric span: the answer tokens given the prompt (the paper); sentence: every token of
+    'prompt answer' (TemporalWiki's scorer, whose numbers are then comparable)."""
+    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    idx, tgt = (span_example if metric == "span" else sentence_example)(tokenizer, prompt, answer)
+    if len(idx) > block_size:
+        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} tokens, "
+                         f"longer than the model's context ({block_size})")
+    return idx, tgt
+
+
+def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"):
+    for pr in probes:
+        for answer in pr.answers:
+            probe_example(tokenizer, pr, answer, use_context, block_size, metric)
+
+
+def _rows(tokenizer, probes, use_context, block_size, metric="span"):
     """Packed rows: list of (tokens, positions, segments, answers) where answers is a list of
     (gather positions, target tokens, probe indices). Identical (prompt, answer) pairs of
     different probes are scored once."""
     groups = {}  # prompt tokens -> {answer tokens: [probe indices]}
     for i, pr in enumerate(probes):
-        prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
         for ans in pr.answers:
-            idx, tgt = span_example(tokenizer, prompt, ans)
+            idx, tgt = probe_example(tokenizer, pr, ans, use_context, block_size, metric)
             n_prompt = next(j for j, t in enumerate(tgt) if t != -1) + 1
-            if len(idx) > block_size:
-                raise ValueError(f"probe {pr.id}: prompt + answer is {len(idx)} tokens, "
-                                 f"longer than the model's context ({block_size})")
             groups.setdefault(tuple(idx[:n_prompt]), {}).setdefault(tuple(tgt[n_prompt - 1:]), []).append(i)
     rows = []
     for prompt, answers in groups.items():
@@ -69,14 +91,14 @@ def _token_nll(lm_head, h, targets, chunk=128):
     return torch.cat(nll), torch.cat(ok)
 
 
-def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
+def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
     """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} (best gold answer).
-    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions)."""
-    from model import autocast
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)  # DDP
+    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions);
+    metric: span (the answer tokens) or sentence (every token, see probe_example)."""
+    from model import autocast, unwrap
+    model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
     device = device or next(model.parameters()).device
-    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size), key=lambda r: len(r[0]))
+    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size, metric), key=lambda r: len(r[0]))
     best = [None] * len(probes)  # (nll per token, nll, n_tokens)
     em = [0] * len(probes)
     was_training = model.training
@@ -135,8 +157,32 @@ def summarize(results):
     return out
 
 
-def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False):
-    return summarize(score(model, tokenizer, probes, batch_size, device, use_context))
+def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
+    return summarize(score(model, tokenizer, probes, batch_size, device, use_context, metric))
+
+
+@torch.inference_mode()
+def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
+    """Held-out text perplexity: exp(mean next-token NLL) over consecutive, non-overlapping windows of
+    the model's context covering the first n_tokens tokens of `tokens` (the same windows every time)."""
+    from model import autocast, unwrap
+    model = unwrap(model)
+    device = device or next(model.parameters()).device
+    T = min(model.config.block_size, len(tokens) - 1)
+    if T < 1:
+        raise ValueError(f"held-out text has {len(tokens)} tokens: too few to score")
+    starts = list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0]
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    try:
+        for b in range(0, len(starts), batch_size):
+            x, y = windows(tokens, starts[b:b + batch_size], T)  # (B, T) each
+            with autocast(str(device)):
+                _, loss = model(x.to(device), y.to(device))  # mean NLL over the B * T targets
+            total, count = total + loss.float().item() * y.numel(), count + y.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(min(total / count, 700.0))
 
 # ----------------------------------------------------------------------------- reports
 
@@ -144,30 +190,31 @@ def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=F
 ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
 
 
-def _ordered(splits):
+def ordered(splits):
     splits = list(dict.fromkeys(splits))
     return sorted(splits, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), splits.index(s)))
 
 
 def format_table(summary):
     lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
-    for split in _ordered(summary):
+    for split in ordered(summary):
         s = summary[split]
         lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
     return "\n".join(lines)
 
 
-def load_summary(path):
-    """Probe summary {split: {...}} from a probe.py --json file, a metrics.jsonl (its last line
-    with "probes") or a run folder holding metrics.jsonl."""
+def load_summaries(path) -> list:
+    """[(column name, probe summary {split: {...}})] from a run folder or its metrics.jsonl (the last
+    line with "probes"), a probe.py --json file, or twiki.py's results.json (a column per stage x arm)."""
     p = Path(path)
+    name = p.name if p.name not in ("metrics.jsonl", "") else p.parent.name
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.is_file():
-        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl or probe.py --json output)")
+        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl, probe.py --json or results.json)")
     if p.suffix == ".jsonl":
         last = None
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(p).splitlines(), 1):
             try:
                 rec = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError:
@@ -176,21 +223,23 @@ def load_summary(path):
                 last = rec["probes"]
         if last is None:
             raise ValueError(f"{p}: no line with probe results")
-        return last
+        return [(name, last)]
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(read_text(p))
     except json.JSONDecodeError:
         raise ValueError(f"{p}: not valid JSON") from None
-    if "summary" not in d:
-        raise ValueError(f"{p}: not a probe.py --json file (no 'summary')")
-    return d["summary"]
+    if isinstance(d, dict) and isinstance(d.get("rows"), list):  # twiki.py's results.json
+        return [(f"{r['stage']}/{r['arm']}", r["probes"]) for r in d["rows"]]
+    if not isinstance(d, dict) or "summary" not in d:
+        raise ValueError(f"{p}: not a probe.py --json file (no 'summary') nor a twiki.py results.json (no 'rows')")
+    return [(name, d["summary"])]
 
 
 def compare_table(paths):
-    sums = [load_summary(p) for p in paths]
-    names = [Path(p).name if Path(p).name not in ("metrics.jsonl", "") else Path(p).parent.name for p in paths]
+    columns = [c for p in paths for c in load_summaries(p)]
+    names, sums = [n for n, _ in columns], [s for _, s in columns]
     w = max(12, *(len(n) for n in names))
-    splits = _ordered(s for d in sums for s in d)
+    splits = ordered(s for d in sums for s in d)
     lines = [f"{'ppl / em':<16} " + " ".join(f"{n:>{w}}" for n in names)]
     for split in splits:
         cells = [f"{d[split]['ppl']:.2f} / {d[split]['em']:.2f}" if split in d else "-" for d in sums]
@@ -198,44 +247,55 @@ def compare_table(paths):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
-    ap.add_argument("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
-    ap.add_argument("--json", default=None, help="write summary and per-probe results to this JSON file")
-    ap.add_argument("--compare", nargs="+", default=None,
-                    help="print runs side by side: run folders, metrics.jsonl or --json outputs")
-    ap.add_argument("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
-    ap.add_argument("--batch-size", type=int, default=64, help="packed rows per forward pass")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+def parse_args(argv=None):
+    ap = Parser(prog="probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
+    a("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
+    a("--text", help="also score the corpus perplexity of this held-out text (file, folder, CSV; PATH@N for a prefix)")
+    a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive windows of the context)")
+    a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt (the "
+      "paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's own scorer)")
+    a("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
+    a("--json", default=None, help="write summary and per-probe results to this JSON file")
+    a("--compare", nargs="+", default=None, help="print runs side by side: run folders, metrics.jsonl or --json outputs")
+    a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
+    a("--batch-size", type=int, default=64, help="packed rows per forward pass")
+    a("--device", default="auto", help="cpu, cuda, mps or auto")
     args = ap.parse_args(argv)
-    if args.compare is None and (not args.init or not args.probes):
-        ap.error("need --init and --probes (or --compare)")
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
-    try:
+    if args.compare is None and (not args.init or not (args.probes or args.text)):
+        ap.error("need --init and --probes and/or --text (or --compare)")
+    if args.batch_size < 1 or args.text_tokens < 1:
+        ap.error("--batch-size and --text-tokens must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with input_errors("probe.py"):
         if args.compare is not None:
             print(compare_table(args.compare))
             return None
-        from data import load_tokenizer
+        if args.json:
+            check_output(args.json, "--json")  # before the slow part
+        from data import load_tokenizer, load_tokens
         from model import load_model, pick_device
         device = pick_device(args.device)
-        probes = [p for f in args.probes for p in read_probes(f)]
-        if not probes:
-            raise ValueError("the probe files hold no probes")
+        probes = read_probe_files(args.probes)  # same-named splits of two files never merge
         model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake
         tokenizer = load_tokenizer(args.tokenizer or args.init)
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
-        results = score(model, tokenizer, probes, args.batch_size, device, args.context)
-    except (ValueError, OSError) as e:
-        fail(str(e))
-    summary = summarize(results)
-    print(format_table(summary))
-    if args.json:
-        out = {"init": args.init, "probes": args.probes, "context": args.context, "summary": summary, "results": results}
-        write_text(args.json, json.dumps(out, indent=1))
+        results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric) if probes else []
+        summary = summarize(results)
+        out = {"init": args.init, "probes": args.probes, "context": args.context, "metric": args.metric, "summary": summary}
+        if summary:
+            print(f"{args.metric} perplexity and exact match per split:\n" + format_table(summary))
+        if args.text:
+            out["text"], out["text_ppl"] = args.text, text_ppl(model, load_tokens(args.text, tokenizer), args.text_tokens, device=device)
+            print(f"held-out text perplexity of {args.text}: {out['text_ppl']:.3f}")
+        if args.json:
+            write_text(args.json, json.dumps(dict(out, results=results), indent=1))
     return summary
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import Parser, fail, write_text
+from common import Parser, check_output, fail, input_errors, read_json, write_text
 from model import autocast, load_model, pick_device, unit_names, unit_of, unwrap
 
 # ----------------------------------------------------------------------------- hooks
@@ -391,9 +391,8 @@ class TraceOptions:
 def _probe_sets(probe_paths, tokenizer, opts: TraceOptions, block_size: int) -> dict:
     """{split: [(idx, targets)]}: up to n_span probes per split, a sample seeded by (seed, split)."""
     groups = {}
-    for path in probe_paths:
-        for p in data_module().read_probes(path):
-            groups.setdefault(p.split if opts.split_by == "probe" and p.split else Path(path).stem, []).append(p)
+    for p in data_module().read_probe_files(probe_paths):  # same-named splits of two files never merge
+        groups.setdefault(p.split if opts.split_by == "probe" and p.split else Path(p.source).stem, []).append(p)
     if not groups or "all" in groups:
         raise ValueError("no probes in the probe files" if not groups else "a probe split may not be named 'all'")
     sets = {}
@@ -444,11 +443,7 @@ def save_trace(path, d: dict):
 
 def load_trace(path) -> dict:
     """A trace file, checked: a dict with 'rgn' {unit: number}; anything else is one clear error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a trace file ({e}); write one with trace.py") from None
+    d = read_json(path)
     if not isinstance(d, dict) or not isinstance(d.get("rgn"), dict):
         raise ValueError(f"{path}: not a trace file (no 'rgn' per unit)")
     return d
@@ -566,25 +561,25 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, opts = parse_args(argv)
-    if args.plot:
-        need_matplotlib()  # fail before the slow part
-    for f in args.probes + [args.text]:  # probe files; the text may be a file or a folder
-        if not (Path(f).is_file() or (f == args.text and Path(f).is_dir())):
-            fail(f"{f}: no such file", prog="trace.py")
-    device = pick_device(args.device)
-    try:
+    with input_errors("trace.py"):  # the one error path: bad input is one line, bugs keep their traceback
+        if args.plot:
+            need_matplotlib()  # fail before the slow part
+            check_output(args.plot, "--plot")
+        check_output(args.out, "--out")
+        for f in args.probes + [args.text]:  # probe files; the text may be a file or a folder
+            if not (Path(f).is_file() or (f == args.text and Path(f).is_dir())):
+                raise ValueError(f"{f}: no such file")
+        device = pick_device(args.device)
         model = load_model(args.init, device)
         tokenizer = data_module().load_tokenizer(args.tokenizer or args.init)
         d = trace_files(model, tokenizer, args.probes, args.text, opts, device)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e), prog="trace.py")
-    d["model"] = args.init
-    save_trace(args.out, d)
-    print(report(d))
-    print(f"\nwrote {args.out}")
-    if args.plot:
-        plot_png(d, args.plot)
-        print(f"wrote {args.plot}")
+        d["model"] = args.init
+        save_trace(args.out, d)
+        print(report(d))
+        print(f"\nwrote {args.out}")
+        if args.plot:
+            plot_png(d, args.plot)
+            print(f"wrote {args.plot}")
     return d
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
-from common import Parser, fail as cli_fail, write_text
+from common import Parser, check_number, check_output, fail as cli_fail, input_errors, read_text, write_text
 from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, merge_lora,
                    pick_device, save_checkpoint, unit_names, unit_of)
 
@@ -248,7 +248,11 @@ def get_args(argv=None):
            "train; global: one norm over the trained parameters (an FP run is then clipped less than a full one)")
     a("--seed", type=int, default=0, help="seed for init, data order and dropout")
     a("--probes", nargs="+", default=[], help="probe files scored every --eval-every steps and at the end")
-    a("--eval-every", type=int, default=0, help="score probes every N updates (0 = only at the end)")
+    a("--eval-every", type=int, default=0, help="score probes (and --val-data) every N updates (0 = only at the end)")
+    a("--val-data", help="held-out text whose perplexity is scored with the probes (file, folder or CSV; PATH@N: a prefix)")
+    a("--val-tokens", type=int, default=65536, help="--val-data: tokens scored, as consecutive context-length windows")
+    a("--metric", choices=probe.METRICS, default="span", help="probe perplexity of the answer span (the paper's) or "
+      "of the whole sentence (TemporalWiki's scorer)")
     a("--log-every", type=int, default=10, help="progress line, metrics line and NaN check every N updates")
     a("--save-every", type=int, default=0, help="checkpoint every N updates (0 = only at the end)")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
@@ -256,26 +260,86 @@ def get_args(argv=None):
     a("--device", default="auto", help="auto | cpu | cuda | mps")
     a("--compile", action="store_true", help="torch.compile the model (CUDA)")
     a("--threads", type=int, help="CPU threads (default: torch's, shared among local processes)")
+    a("--overwrite", action="store_true", help="replace an existing run in --out (without it, a finished or "
+      "partial run there is refused: use --resume to continue it)")
     args = p.parse_args(argv)
-
-    files = [args.data, args.replay_data, args.trace, args.trace_text, args.tokenizer_file] + args.probes + (args.trace_probes or [])
-    checks = [(f"no such file: {f}", f and not os.path.exists(f)) for f in files] + [
-        (f"--tgl {args.tgl} needs --trace FILE or --trace-probes FILE... --trace-text OLD",
-         args.tgl != "none" and not (args.trace or args.trace_probes)),
-        ("--trace-probes needs --trace-text (old text for the LM gradient norm)", args.trace_probes and not args.trace_text),
-        ("--method mixreview needs --replay-data", args.method == "mixreview" and not args.replay_data),
-        ("--replay-ratio must be in [0, 1] and --replay-decay >= 0", not 0 <= args.replay_ratio <= 1 or args.replay_decay < 0),
-        ("--steps, --batch-size, --grad-accum and --log-every must be >= 1",
-         min(args.steps, args.batch_size, args.grad_accum, args.log_every) < 1)]
-    for msg, bad in checks:
-        if bad:
-            fail(msg)
-    try:
-        args.selection = tgl_trace.selection_from_args(args)
-    except ValueError as e:
-        fail(str(e))
+    with input_errors("train.py"):
+        check_args(args)
+    args.run_flags = run_flags(args)  # as given, before defaults are filled in: what --resume compares
     args.recadam_t0 = args.steps / 4 if args.recadam_t0 is None else args.recadam_t0
     return args
+
+
+def check_args(args):
+    """Every flag and path checked before any slow work: a ValueError names the flag and what to do."""
+    paths = [data.parse_text_spec(f)[0] for f in (args.data, args.replay_data, args.trace_text, args.val_data) if f]
+    paths += [f for f in (args.trace, args.tokenizer_file) if f]
+    paths += [data.parse_probe_spec(f)[0] for f in args.probes + (args.trace_probes or [])]  # FILE@DATES:SPLIT
+    for f in paths:
+        if not os.path.exists(f):
+            raise ValueError(f"no such file: {f}")
+    needs = [(f"--tgl {args.tgl} needs --trace FILE or --trace-probes FILE... --trace-text OLD",
+              args.tgl != "none" and not (args.trace or args.trace_probes)),
+             ("--trace-probes needs --trace-text (old text for the LM gradient norm)", args.trace_probes and not args.trace_text),
+             ("--method mixreview needs --replay-data", args.method == "mixreview" and not args.replay_data)]
+    for msg, bad in needs:
+        if bad:
+            raise ValueError(msg)
+    for flag in ("steps", "batch_size", "grad_accum", "log_every", "n_layer", "n_head", "n_embd", "lora_rank",
+                 "block_size", "threads", "trace_n_span", "trace_n_lm", "val_tokens"):
+        check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=1, integer=True)
+    for flag in ("eval_every", "save_every", "warmup", "min_lr", "weight_decay", "grad_clip", "recadam_gamma", "replay_decay"):
+        check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=0)
+    check_number("--lr", args.lr, low=0, low_open=True)
+    check_number("--lora-alpha", args.lora_alpha, low=0, low_open=True)
+    check_number("--replay-ratio", args.replay_ratio, low=0, high=1)
+    check_number("--recadam-k", args.recadam_k)
+    check_number("--recadam-t0", args.recadam_t0)
+    for flag, value in (("--beta1", args.beta1), ("--beta2", args.beta2), ("--dropout", args.dropout)):
+        check_number(flag, value, low=0, high=1, high_open=True)  # beta = 1 divides by 1 - beta^t = 0
+    if args.init == "scratch" and args.n_embd % args.n_head:
+        raise ValueError(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    args.selection = tgl_trace.selection_from_args(args)
+    pick_device(args.device)  # --device cuda without CUDA fails here, not at the first tensor
+    check_output(args.out, "--out", "dir")
+    if args.export_hf:
+        check_output(args.export_hf, "--export-hf", "dir")
+    ckpt = os.path.join(args.out, CKPT_NAME)
+    first_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 may already be writing --out
+    if first_rank and not args.resume and not args.overwrite and any(
+            os.path.exists(os.path.join(args.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json")):
+        raise ValueError(f"--out {args.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    if args.resume and os.path.isfile(ckpt):
+        check_resume(args, load_checkpoint(ckpt), ckpt)
+
+
+# The flags that define what a run computes. --resume refuses to change any of them; the others (device,
+# threads, log / eval / save cadence, probes scored, export, and a larger --steps) may change on resume.
+RUN_FLAGS = ("init", "data", "replay_data", "tokenizer", "tokenizer_file", "n_layer", "n_head", "n_embd", "block_size",
+             "dropout", "method", "replay_ratio", "replay_decay", "recadam_gamma", "recadam_k", "recadam_t0",
+             "lora_rank", "lora_alpha", "tgl", "trace", "trace_probes", "trace_text", "trace_n_span", "trace_n_lm",
+             "select", "rank_units", "alr_norm", "floor", "trace_split", "control", "embed_rows", "batch_size",
+             "grad_accum", "lr", "min_lr", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "clip_by", "seed")
+
+
+def run_flags(args) -> dict:
+    return {k: getattr(args, k) for k in RUN_FLAGS}
+
+
+def check_resume(args, ck: dict, path: str):
+    """--resume continues the run the checkpoint describes, or refuses in one line listing what differs."""
+    saved = ck.get("run_flags")
+    if saved is None:
+        raise ValueError(f"{path}: written by an older tgl without its run flags; re-run with --overwrite")
+    now = run_flags(args)
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_FLAGS if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff)}); "
+                         "resume with the same flags, or start a new run with --overwrite or another --out")
+    if args.steps < ck["step"]:
+        raise ValueError(f"--steps {args.steps} is below the checkpoint's step {ck['step']}; --steps can only grow on resume")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -328,7 +392,8 @@ def get_scales(args, model, tokenizer, device, rank):
                 tgl_trace.save_trace(os.path.join(args.out, "trace.json"), trace)
         return tgl_trace.tgl_plan(trace, args.tgl, args.selection, unit_names(model.config.n_layer))
     except ValueError as e:
-        fail(str(e))
+        source = args.trace or os.path.join(args.out, "trace.json")
+        fail(str(e) if str(e).startswith(source) else f"{source}: {e}")
 
 
 def setup_ddp(args):
@@ -384,8 +449,11 @@ class Run:
     t_log: float = 0.0
     loss_sum: torch.Tensor = None   # sum of micro-step losses since the last log line, on the device
     n_sum: int = 0                  # updates in loss_sum
+    steps_now: int = 0              # updates done by this process (0: a finished run was resumed)
+    saved_time: float = 0.0         # training seconds at the last checkpoint
     last_loss: float | None = None
-    probe_res: dict | None = None
+    val_tokens: object = None       # --val-data as a token array
+    evals: dict | None = None       # the latest evaluate(): probes and val_ppl
 
     @property
     def master(self):
@@ -408,6 +476,10 @@ def setup(args) -> tuple[Run, dict | None]:
     ck = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
     if ck and ck["world_size"] != world:
         fail(f"{ckpt_path} was written by {ck['world_size']} processes; resume with as many")
+    if args.overwrite and rank == 0:  # the old run goes now, so nothing of it can be mistaken for the new one
+        for f in (CKPT_NAME, "metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
 
     tokenizer = get_tokenizer(args)
     model = build_model(args, tokenizer.n_vocab, device)
@@ -438,11 +510,14 @@ def setup(args) -> tuple[Run, dict | None]:
         if rank == 0 and world > 1:
             dist.barrier()
         stream = Stream(tokens, replay, args, rank, world)
-        probes = [pr for f in args.probes for pr in data.read_probes(f)]
     except ValueError as e:
         fail(str(e))
+    # every probe file is read and length-checked now, with probe.py's rule, not at the first evaluation
+    probes = data.read_probe_files(args.probes)  # same-named splits of two files never merge
+    probe.check_probes(tokenizer, probes, cfg.block_size, metric=args.metric)
+    val_tokens = data.load_tokens(args.val_data, tokenizer) if args.val_data else None
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
-              stream=stream, probes=probes, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
+              stream=stream, probes=probes, val_tokens=val_tokens, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
               metrics_path=os.path.join(args.out, "metrics.jsonl"))
     describe(run)
     return run, ck
@@ -472,20 +547,37 @@ def restore(run: Run, ck: dict | None):
         random.setstate(rng["python"])
         if rng["cuda"] is not None and run.device.startswith("cuda"):
             torch.cuda.set_rng_state(rng["cuda"], run.device)
-        run.step, run.elapsed = ck["step"], ck["time"]
+        run.step, run.elapsed, run.last_loss = ck["step"], ck["time"], ck.get("last_loss")
         run.say(f"resumed from {run.ckpt_path} at step {run.step}")
     else:
         torch.manual_seed(run.args.seed + run.rank)  # dropout stream, independent of how setup used the RNG
         random.seed(run.args.seed + run.rank)
     if run.master:  # the log must agree with the checkpoint: drop lines past it
-        old = open(run.metrics_path).read().splitlines() if ck and os.path.exists(run.metrics_path) else []
-        write_text(run.metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= run.step))
+        lines = logged_lines(run.metrics_path) if ck and os.path.exists(run.metrics_path) else []
+        write_text(run.metrics_path, "".join(line + "\n" for line, rec in lines if rec["step"] <= run.step))
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(run.args.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if run.args.compile else run.model
     if run.world > 1:
         ids = [run.device] if run.device.startswith("cuda") else None
         run.dmodel = torch.nn.parallel.DistributedDataParallel(run.dmodel, device_ids=ids)
+
+
+def logged_lines(path) -> list:
+    """metrics.jsonl as [(line, record)]. A torn last line (killed mid-append) lies past the checkpoint
+    and is dropped; a bad line anywhere else is an error that names it."""
+    lines = read_text(path).splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            out.append((line, rec))
+            rec["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a metrics line; move the file away to resume") from None
+    return out
 
 
 # ----------------------------------------------------------------------------- one update
@@ -544,10 +636,17 @@ def update(run: Run, mask):
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
 def evaluate(run: Run) -> dict:
+    """{"probes": {split: {ppl, em, n}}, "val_ppl": held-out text perplexity}, each where asked for.
+    probe.py does the scoring (eval mode, no grad), so a run and probe.py agree on every number."""
+    out = {}
     with autocast(run.device):
-        res = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device)  # eval mode, no grad: probe.py
-    run.say(f"eval step {run.step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(res.items())))
-    return res
+        if run.probes:
+            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.args.metric)
+        if run.val_tokens is not None:
+            out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, run.args.val_tokens, device=run.device)
+    shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
+    run.say(f"eval step {run.step}: " + " | ".join(shown + ([f"val ppl {out['val_ppl']:.2f}"] if "val_ppl" in out else [])))
+    return out
 
 
 def mean_loss(run: Run) -> float:
@@ -561,7 +660,7 @@ def mean_loss(run: Run) -> float:
     return loss
 
 
-def log_line(run: Run, lr: float, grad_norms: dict, probe_res: dict | None):
+def log_line(run: Run, lr: float, grad_norms: dict, evals: dict | None):
     """Progress on stdout, one JSON line in metrics.jsonl; then the loss average starts again."""
     args, now = run.args, time.time()
     tok_s = args.batch_size * args.block_size * args.grad_accum * run.n_sum / (now - run.t_log)
@@ -569,8 +668,7 @@ def log_line(run: Run, lr: float, grad_norms: dict, probe_res: dict | None):
             f"{run.elapsed + now - run.t_start:.1f}s")
     rec = dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
                time=run.elapsed + now - run.t_start)
-    if probe_res is not None:
-        rec["probes"] = probe_res
+    rec.update(evals or {})  # probes, val_ppl: on the lines where they were evaluated
     if run.master:
         with open(run.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -588,10 +686,12 @@ def checkpoint(run: Run):
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
                  step=run.step, optimizer=run.opt.state_dict(), sampler=gathered(run.stream.state_dict(), run.world),
                  rng=gathered(rng, run.world), args=vars(run.args), tokenizer="word" if hasattr(run.tokenizer, "save") else "gpt2",
-                 scales=run.scales, world_size=run.world, time=run.elapsed + time.time() - run.t_start)
+                 scales=run.scales, world_size=run.world, time=run.elapsed + time.time() - run.t_start,
+                 run_flags=run.args.run_flags, last_loss=run.last_loss)
     state["args"] = {k: v for k, v in state["args"].items() if k != "selection"} | {"selection": asdict(run.args.selection)}
     if run.master:
         save_checkpoint(run.ckpt_path, state)
+    run.saved_time = state["time"]
 
 
 def stop(run: Run, why: str):
@@ -621,17 +721,18 @@ def train(run: Run, hooks):
             grad_norms = hooks.norms() if run.world == 1 else tgl_trace.unit_grad_norms(run.model)  # DDP: after the all-reduce
         update(run, mask)
         run.n_sum += 1
+        run.steps_now += 1
 
         # once in a while: evaluate, log, checkpoint
         done = run.step == args.steps
-        do_eval = run.probes and (done or (args.eval_every and run.step % args.eval_every == 0))
+        do_eval = (run.probes or run.val_tokens is not None) and (done or (args.eval_every and run.step % args.eval_every == 0))
         do_save = done or (args.save_every and run.step % args.save_every == 0)
         if logging or do_save:
             run.last_loss = mean_loss(run)
         if do_eval:
-            run.probe_res = evaluate(run) if run.master else None
+            run.evals = evaluate(run) if run.master else None
         if logging:
-            log_line(run, lr, grad_norms, run.probe_res if do_eval else None)
+            log_line(run, lr, grad_norms, run.evals if do_eval else None)
         if do_save:
             checkpoint(run)
 
@@ -639,17 +740,25 @@ def train(run: Run, hooks):
 def finish(run: Run) -> dict:
     """summary.json, and the Hugging Face export if asked for."""
     args = run.args
-    if run.probes and run.probe_res is None and run.master:  # resumed a finished run: still report
-        run.probe_res = evaluate(run)
+    train_time = run.saved_time if run.steps_now else run.elapsed  # nothing trained now: the checkpoint's time
+    if (run.probes or run.val_tokens is not None) and run.evals is None and run.master:  # resumed a finished run
+        run.evals = evaluate(run)
+    # time: training time up to the final checkpoint, which a resumed finished run reads back from it,
+    # so summary.json comes out exactly as the first time
     summary = dict(out=args.out, method=args.method, tgl=args.tgl, steps=run.step, final_loss=run.last_loss,
-                   probes=run.probe_res, scales=run.scales, trainable_params=sum(p.numel() for p in run.opt.params),
-                   time=run.elapsed + time.time() - run.t_start)
+                   probes=(run.evals or {}).get("probes"), scales=run.scales,
+                   trainable_params=sum(p.numel() for p in run.opt.params), time=train_time)
+    if args.val_data:
+        summary["val_ppl"] = (run.evals or {}).get("val_ppl")
+    if run.probes:
+        summary["metric"] = args.metric
     if run.master:
         write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         if args.export_hf:
             if getattr(run.model, "lora", None):
                 merge_lora(run.model)
             run.model.save_pretrained(args.export_hf)
+            run.tokenizer.save_hf(args.export_hf, run.model.config.block_size)  # AutoTokenizer loads the export too
             run.say(f"exported to {args.export_hf}")
     if run.world > 1:
         dist.destroy_process_group()
@@ -658,12 +767,13 @@ def finish(run: Run) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
-    run, ck = setup(args)
-    restore(run, ck)
-    # trace.py's hooks log per-unit gradient norms while training; on for the whole run
-    with tgl_trace.GradNormHooks(run.model) as hooks:
-        train(run, hooks)
-    return finish(run)
+    with input_errors("train.py"):  # the one error path: bad input is one line, bugs keep their traceback
+        run, ck = setup(args)
+        restore(run, ck)
+        # trace.py's hooks log per-unit gradient norms while training; on for the whole run
+        with tgl_trace.GradNormHooks(run.model) as hooks:
+            train(run, hooks)
+        return finish(run)
 
 
 if __name__ == "__main__":

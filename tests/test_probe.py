@@ -159,3 +159,37 @@ def test_cli_json_and_compare(tmp_path, tok, capsys):
             probe.main(bad)
         assert e.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_sentence_metric_scores_every_token_of_the_sentence(tok):
+    model = tiny(tok.n_vocab).eval()
+    probes = probes_for_test()
+    got = probe.score(model, tok, probes, metric="sentence")
+    for pr, r in zip(probes, got):
+        best = None
+        for ans in pr.answers:  # by hand: <eot> then 'prompt answer', every token a target
+            ids = [tok.eot] + tok.encode(f"{pr.prompt} {ans}".strip())
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[:-1]]))
+            nll = F.cross_entropy(logits[0], torch.tensor(ids[1:]), reduction="sum").item()
+            if best is None or nll / (len(ids) - 1) < best[0] / best[1]:
+                best = (nll, len(ids) - 1)
+        assert r["nll"] == pytest.approx(best[0], rel=1e-4) and r["n_tokens"] == best[1], pr.id
+    span = probe.score(model, tok, probes)
+    assert all(s["n_tokens"] < t["n_tokens"] for s, t in zip(span, got) if probes[[p.id for p in probes].index(s["id"])].prompt)
+    with pytest.raises(ValueError, match="--metric"):
+        probe.score(model, tok, probes, metric="word")
+
+
+def test_text_ppl_is_the_mean_nll_of_consecutive_windows(tok):
+    model = tiny(tok.n_vocab, block_size=8).eval()
+    tokens = torch.randint(0, tok.n_vocab, (50,), generator=torch.Generator().manual_seed(0)).numpy()
+    got = probe.text_ppl(model, tokens, n_tokens=40, batch_size=2)
+    nlls = []
+    for s in range(0, 41 - 8, 8):  # windows 0..7 -> 1..8, ..., 32..39 -> 33..40: 5 windows, 40 targets
+        with torch.no_grad():
+            logits, _ = model(torch.tensor(tokens[s:s + 8], dtype=torch.long)[None])
+        nlls.append(F.cross_entropy(logits[0], torch.tensor(tokens[s + 1:s + 9], dtype=torch.long), reduction="sum").item())
+    assert len(nlls) == 5 and got == pytest.approx(math.exp(sum(nlls) / 40), rel=1e-5)
+    with pytest.raises(ValueError, match="too few"):
+        probe.text_ppl(model, tokens[:1])

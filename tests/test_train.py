@@ -93,8 +93,8 @@ def test_adamw_matches_torch():
 
 
 def test_alr_scales_reach_groups(world, tmp_path):
-    run(world, tmp_path / "alr", "--tgl", "alr", "--trace", world.trace, "--rank-units", "all", "--steps", "1", "--decay", "none",
-        "--grad-clip", "0", "--weight-decay", "0")
+    run(world, tmp_path / "alr", "--tgl", "alr", "--trace", world.trace, "--steps", "1", "--decay", "none",
+        "--grad-clip", "0", "--weight-decay", "0", "--rank-units", "all")
     before, after = weights(world.base), weights(tmp_path / "alr")
     top = max(world.rgn.values())
     for name, w in after.items():
@@ -112,7 +112,7 @@ def test_alr_scales_reach_groups(world, tmp_path):
 
 
 def test_fp_freezes_unselected_units(world, tmp_path, capsys):
-    run(world, tmp_path / "fp", "--tgl", "fp", "--trace", world.trace, "--rank-units", "all")  # embed ranked too
+    run(world, tmp_path / "fp", "--tgl", "fp", "--trace", world.trace, "--rank-units", "all")
     assert "frozen: embed" in capsys.readouterr().out
     before, after = weights(world.base), weights(tmp_path / "fp")
     ck = load_checkpoint(tmp_path / "fp" / "ckpt.pt")
@@ -122,6 +122,13 @@ def test_fp_freezes_unselected_units(world, tmp_path, capsys):
             assert not torch.equal(w, before[name]) or name.endswith("bias"), name
         else:
             assert torch.equal(w, before[name]), name
+
+
+def test_fp_default_ranks_blocks_and_always_trains_embed_and_ln_f(world, tmp_path, capsys):
+    run(world, tmp_path / "fpb", "--tgl", "fp", "--trace", world.trace)
+    assert "| frozen: h.0.mlp h.1.attn\n" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "fpb" / "ckpt.pt")
+    assert ck["optimizer"]["units"] == ["embed", "h.0.attn", "h.1.mlp", "ln_f"]
 
 
 def test_lora_fp_adapters_only_in_selected_units(world, tmp_path):
@@ -254,6 +261,10 @@ def test_export_hf_merges_lora(world, tmp_path):
     hf = GPT.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randint(0, merged.config.vocab_size, (2, 8))
     torch.testing.assert_close(hf(x)[0], merged(x)[0], atol=1e-5, rtol=1e-5)
+    from transformers import AutoTokenizer  # the export's tokenizer: the world's word vocabulary
+    tok = data.load_tokenizer(world.dir / "tokenizer.json")
+    text = open(world.new).read().split("\n\n")[0] + " unknown-word"
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"] == tok.encode(text)
 
 
 def test_lora_runs_are_reproducible(world, tmp_path):
@@ -290,3 +301,20 @@ def test_mixreview_replay_decays_by_default():
     args = train.get_args(["--data", __file__, "--method", "mixreview", "--replay-data", __file__, "--steps", "100"])
     s = train.Stream(torch.arange(500), torch.arange(500), Namespace(**dict(vars(args), batch_size=16, block_size=4)))
     assert s.n_replay(0) == 4 and s.n_replay(99) == 1  # 0.25 of the batch at the start, a quarter of that at the end
+
+
+def test_val_data_is_scored_with_the_probes_and_matches_probe_py(world, tmp_path, capsys):
+    out = tmp_path / "val"
+    s = run(world, out, "--val-data", world.old, "--val-tokens", "64", "--probes", world.probes, "--eval-every", "3",
+            "--metric", "sentence")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_ppl" in r] == [3, 6] and all("probes" in r for r in recs if "val_ppl" in r)
+    assert s["val_ppl"] == recs[-1]["val_ppl"] and s["metric"] == "sentence"
+    capsys.readouterr()
+    import probe
+    probe.main(["--init", str(out), "--text", world.old, "--text-tokens", "64", "--device", "cpu",
+                "--json", str(tmp_path / "p.json"), "--tokenizer", str(world.dir / "tokenizer.json")])
+    assert json.loads((tmp_path / "p.json").read_text())["text_ppl"] == pytest.approx(s["val_ppl"], rel=1e-6)
+    probe.main(["--init", str(out), "--probes", world.probes, "--metric", "sentence", "--device", "cpu",
+                "--json", str(tmp_path / "q.json"), "--tokenizer", str(world.dir / "tokenizer.json")])
+    assert json.loads((tmp_path / "q.json").read_text())["summary"] == s["probes"]

@@ -1,0 +1,312 @@
+"""Download the public data sets of the paper's experiment into $TGL_CACHE/data/NAME, resumably.
+
+    python data.py fetch twiki-probes                       # TemporalWiki probes (620 kB zip)
+    python data.py fetch twiki-diffsets                     # TemporalWiki diff sets (932 MB zip)
+    python data.py fetch twiki-snapshot --max-mb 500        # the first 500 MB of text of one snapshot
+    python data.py fetch templama                           # TempLAMA train/val/test.json
+    python data.py fetch dynamic-templama                   # Dynamic TempLAMA train/val/test.jsonl
+    python data.py fetch ecbd --folder ~/Downloads/ecbd     # browser-only: register the unpacked folder
+
+Hub downloads honour $HF_ENDPOINT (a Hugging Face mirror); TempLAMA and Dynamic TempLAMA come from
+$TGL_TEMPLAMA_URL and $TGL_DYNAMIC_TEMPLAMA_URL when set. Files arrive as NAME.part and are resumed
+with HTTP Range requests after an interruption (common.download).
+"""
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import atomic_path, download
+
+ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
+             "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "
+             "`python data.py fetch ecbd --folder PATH` (PATH holds one folder per year, e.g. "
+             "ecbd2021/np_spans_test.json), or pass its files to --probes directly")
+TEMPLAMA_URL = "https://storage.googleapis.com/gresearch/templama"
+DYNAMIC_URL = ("https://raw.githubusercontent.com/amazon-science/temporal-robustness/main/data/dynamic-templama/"
+               "dataset_from_2019-1-1_to_2022-6-31_per_quarter")
+SNAPSHOT_PART = re.compile(r"(?:^|/)wikipedia_(\d{2})_gpt2/[^/]*\.csv$")  # Wikipedia_Full/wikipedia_08_gpt2/part0.csv
+
+
+def twiki_url():
+    from model import hub_endpoint  # the one reading of $HF_ENDPOINT
+    return f"{hub_endpoint()}/datasets/seonghyeonye/TemporalWiki/resolve/main"
+
+
+@dataclass
+class Dataset:
+    base: object  # () -> the base URL, read when fetching so the environment variables count
+    files: tuple  # file names under the base URL
+    layout: str  # a regex that some member of the archive (or the file itself) must match
+    disk: str  # what it takes on disk, for the help and the README
+
+
+DATASETS = {
+    "twiki-probes": Dataset(twiki_url, ("TWiki_Probes.zip",), r"(?:^|/)\d{4}-\d{4}_(?:un)?changed\.csv$",
+                            "1 MB download, a few MB unpacked"),
+    "twiki-diffsets": Dataset(twiki_url, ("TWiki_Diffsets.zip",), r"(?:^|/)wikipedia_\d{4}_gpt2\.csv$",
+                              "932 MB download plus the unpacked CSVs (checked before unpacking)"),
+    "twiki-snapshot": Dataset(twiki_url, ("Wikipedia_Full.zip",), SNAPSHOT_PART.pattern,
+                              "24.7 GB download plus the unpacked CSVs; with --max-mb N about N MB"),
+    "templama": Dataset(lambda: os.environ.get("TGL_TEMPLAMA_URL", TEMPLAMA_URL).rstrip("/"),
+                        ("train.json", "val.json", "test.json"), "query", "about 20 MB"),
+    "dynamic-templama": Dataset(lambda: os.environ.get("TGL_DYNAMIC_TEMPLAMA_URL", DYNAMIC_URL).rstrip("/"),
+                                ("train.jsonl", "val.jsonl", "test.jsonl"), "query", "about 20 MB"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TGL_CACHE") or Path.home() / ".cache" / "tgl") / "data"
+
+
+# ----------------------------------------------------------------------------- archives and files
+
+def _check_members(zf, where, layout):
+    """Refuse an archive that is not the expected layout, or that would write outside its folder."""
+    names = zf.namelist()
+    bad = [n for n in names if n.startswith(("/", "\\")) or ".." in Path(n).parts]
+    if bad:
+        raise ValueError(f"{where}: unsafe member path {bad[0]!r}; not unpacking")
+    if not any(re.search(layout, n) for n in names):
+        raise ValueError(f"{where}: not the expected layout (no member matches {layout!r}; "
+                         f"first members: {', '.join(names[:3]) or 'none'})")
+
+
+def unpack(archive: Path, folder: Path, layout: str):
+    """Unzip archive into folder, all or nothing: into a temporary folder first, renamed member by
+    member once the whole archive is out. The archive is removed afterwards (it doubles the disk)."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{archive}: not a zip file; remove it and fetch again") from None
+    with zf:
+        _check_members(zf, archive, layout)
+        need, free = sum(i.file_size for i in zf.infolist()), shutil.disk_usage(folder).free
+        if need > free:
+            raise OSError(f"{archive}: unpacking needs {need / 1e9:.1f} GB, {folder} has {free / 1e9:.1f} GB free")
+        tmp = folder / f".unpack.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            zf.extractall(tmp)
+            for top in tmp.iterdir():
+                shutil.rmtree(folder / top.name, ignore_errors=True)
+                os.replace(top, folder / top.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    archive.unlink()
+
+
+def _check_jsonl(path: Path, key: str):
+    """A TempLAMA file must be JSON lines with `key`: an HTML error page saved as .json is refused."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        ok = key in json.loads(first)
+    except (json.JSONDecodeError, TypeError):
+        ok = False
+    if not ok:
+        path.rename(path.with_suffix(path.suffix + ".bad"))
+        raise ValueError(f"{path}: not the expected layout (JSON lines with '{key}'); kept as {path.name}.bad")
+
+
+def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
+    """Download (and unpack) data set `name` into out (default $TGL_CACHE/data/name); returns the folder.
+    A finished fetch is not repeated: a file or unpacked archive already there is kept."""
+    if name == "ecbd":
+        raise ValueError(ECBD_HELP)
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(list(DATASETS) + ['ecbd'])}")
+    ds, folder = DATASETS[name], Path(out or cache_root() / name)
+    folder.mkdir(parents=True, exist_ok=True)
+    if max_mb or max_docs:
+        if name != "twiki-snapshot":
+            raise ValueError(f"--max-mb/--max-docs apply to twiki-snapshot only, not {name}")
+        return snapshot_prefix(f"{ds.base()}/{ds.files[0]}", folder, max_mb, max_docs, month)
+    for fname in ds.files:
+        dest, done = folder / fname, folder / f".{fname}.done"
+        if done.exists() or (dest.exists() and not fname.endswith(".zip")):
+            print(f"{name}: {fname} already in {folder}")
+            continue
+        if not dest.exists():
+            download(f"{ds.base()}/{fname}", str(dest), timeout=(10.0, 60.0))  # (connect, read): no network fails fast
+        if fname.endswith(".zip"):
+            unpack(dest, folder, ds.layout)
+            done.touch()
+        else:
+            _check_jsonl(dest, ds.layout)
+    print(f"{name}: in {folder}")
+    return folder
+
+
+def register_ecbd(src, out=None) -> Path:
+    """Check an unpacked ECBD folder (year folders of np_spans_*.json / random_spans_*.json) and
+    link it into the cache as data/ecbd."""
+    src = Path(src).expanduser().resolve()
+    found = sorted(src.glob("*/*_spans_*.json"))
+    if not src.is_dir() or not found:
+        raise ValueError(f"{src}: not an unpacked ECBD folder (no YEAR/np_spans_*.json inside). {ECBD_HELP}")
+    link = Path(out or cache_root() / "ecbd")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.exists() and not link.is_symlink():
+        raise ValueError(f"{link} exists and is not a link; remove it or pass --out")
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(src, target_is_directory=True)
+    print(f"ecbd: {len(found)} files in {', '.join(sorted({f.parent.name for f in found}))}; linked as {link}")
+    return link
+
+
+# ----------------------------------------------------------------------------- a prefix of the snapshot zip
+# Wikipedia_Full.zip is 24.7 GB. A zip's table of contents (the central directory) is at its end, so
+# a prefix of the archive cannot be unzipped in general. Instead the remote file is opened as a
+# seekable file that reads with HTTP Range requests: zipfile reads the central directory from the
+# end (a few MB), then streams only the first CSV parts of one snapshot month, inflating as it
+# goes, and stops once --max-mb of text or --max-docs rows are out. Only those bytes are downloaded.
+
+class RangeFile(io.RawIOBase):
+    """A remote file as a read-only seekable file; each non-sequential read opens a Range request."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        import requests
+        self.url, self.timeout, self.pos, self.resp, self.resp_pos, self.fetched = url, timeout, 0, None, -1, 0
+        try:
+            r = requests.get(url, headers={"Range": "bytes=0-0"}, timeout=timeout)
+        except requests.ConnectionError as e:
+            raise OSError(f"cannot reach {url} ({type(e).__name__})") from None
+        if r.status_code == 404:
+            raise FileNotFoundError(url)
+        r.raise_for_status()
+        total = r.headers.get("Content-Range", "").rsplit("/", 1)[-1]
+        if r.status_code != 206 or not total.isdigit():
+            raise OSError(f"{url}: the server does not serve byte ranges, so no prefix can be read; "
+                          "fetch without --max-mb/--max-docs")
+        self.size = int(total)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=0):
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def readinto(self, b):
+        import requests
+        if self.pos >= self.size:
+            return 0
+        if self.resp is None or self.resp_pos != self.pos:
+            self._drop()
+            self.resp = requests.get(self.url, headers={"Range": f"bytes={self.pos}-"}, stream=True, timeout=self.timeout)
+            if self.resp.status_code != 206:
+                raise OSError(f"{self.url}: range request at byte {self.pos} answered {self.resp.status_code}")
+            self.resp_pos = self.pos
+        data = self.resp.raw.read(len(b))
+        if not data:
+            raise OSError(f"{self.url}: the connection closed at byte {self.pos} of {self.size}")
+        b[:len(data)] = data
+        self.pos += len(data)
+        self.resp_pos, self.fetched = self.pos, self.fetched + len(data)
+        return len(data)
+
+    def _drop(self):
+        if self.resp is not None:
+            self.resp.close()
+            self.resp = None
+
+    def close(self):
+        self._drop()
+        super().close()
+
+
+def _snapshot_members(zf, month, where):
+    parts = sorted((n for n in zf.namelist() if SNAPSHOT_PART.search(n)), key=lambda n: (len(n), n))  # part2 < part10
+    months = sorted({SNAPSHOT_PART.search(n).group(1) for n in parts})
+    if not parts:
+        raise ValueError(f"{where}: not the expected layout (no wikipedia_MM_gpt2/*.csv member)")
+    month = month or months[0]
+    if month not in months:
+        raise ValueError(f"{where}: no snapshot for month {month!r}; the archive has {', '.join(months)}")
+    return month, [n for n in parts if SNAPSHOT_PART.search(n).group(1) == month]
+
+
+def _copy_rows(zf, members, w, max_bytes, max_docs, where):
+    """Rows of the members' `text` column into csv writer w, until the limits. Returns (docs, bytes)."""
+    csv.field_size_limit(2 ** 31 - 1)
+    docs, size = 0, 0
+    for m in members:
+        with zf.open(m) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+            rows = csv.reader(text)
+            header = next(rows, [])
+            if "text" not in header:
+                raise ValueError(f"{where}:{m}:1: no 'text' column")
+            col = header.index("text")
+            for row in rows:
+                w.writerow([row[col]])
+                docs, size = docs + 1, size + len(row[col].encode())
+                if (max_docs and docs >= max_docs) or (max_bytes and size >= max_bytes):
+                    return docs, size
+    return docs, size
+
+
+def snapshot_prefix(url: str, folder: Path, max_mb=None, max_docs=None, month=None) -> Path:
+    """The first documents of one snapshot month of Wikipedia_Full.zip, read remotely (see above),
+    written as wikipedia_MM_gpt2_prefix.csv (a `text` column, as the snapshot parts have)."""
+    f = RangeFile(url)
+    try:
+        with zipfile.ZipFile(io.BufferedReader(f, buffer_size=1 << 18)) as zf:
+            month, members = _snapshot_members(zf, month, url)
+            dest = folder / f"wikipedia_{month}_gpt2_prefix.csv"
+            with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
+                w = csv.writer(out)
+                w.writerow(["text"])
+                docs, size = _copy_rows(zf, members, w, int((max_mb or 0) * 1e6), max_docs, url)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{url}: not a zip file ({e})") from None
+    finally:
+        f.close()
+    print(f"twiki-snapshot: {docs:,} documents, {size / 1e6:.1f} MB of text of month {month} in {dest} "
+          f"({f.fetched / 1e6:.1f} MB downloaded of {f.size / 1e6:.1f} MB)", file=sys.stderr)
+    return dest
+
+
+def add_arguments(p):
+    """The `fetch` subcommand's flags (data.py's CLI)."""
+    p.add_argument("name", choices=list(DATASETS) + ["ecbd"], help="data set to download")
+    p.add_argument("--out", help="folder to write (default: $TGL_CACHE/data/NAME, TGL_CACHE default ~/.cache/tgl)")
+    p.add_argument("--max-mb", type=float, help="twiki-snapshot: only the first N MB of text of one month")
+    p.add_argument("--max-docs", type=int, help="twiki-snapshot: only the first N documents of one month")
+    p.add_argument("--month", help="twiki-snapshot with a limit: the snapshot month, e.g. 08 (default: the first)")
+    p.add_argument("--folder", help="ecbd: the unpacked folder you downloaded in a browser")
+
+
+def run(args):
+    """data.py fetch: returns the folder; errors are ValueError/OSError for data.py to print in one line."""
+    if args.name == "ecbd":
+        if not args.folder:
+            print(ECBD_HELP, file=sys.stderr)
+            raise SystemExit(1)  # nothing fetched: a script must not go on as if it had been
+        return register_ecbd(args.folder, args.out)
+    if (args.max_mb is not None and args.max_mb <= 0) or (args.max_docs is not None and args.max_docs <= 0):
+        raise ValueError("--max-mb and --max-docs must be positive")
+    try:
+        return fetch(args.name, args.out, args.max_mb, args.max_docs, args.month)
+    except FileNotFoundError as e:
+        if str(e).startswith("http"):  # download's 404
+            raise OSError(f"{e}: not found (404) on the server") from None
+        raise
+    except OSError as e:
+        if str(e).startswith("cannot reach"):
+            raise OSError(f"{e}; or run `python data.py fetch {args.name}` where there is internet "
+                          f"and copy {cache_root() / args.name} here") from None
+        raise

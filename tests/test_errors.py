@@ -1,0 +1,230 @@
+"""Bad input, every script: exit code 2, one line on stderr that names the file or flag, no traceback.
+Also: resume refuses changed run flags, a finished run's summary is reproduced, crash leftovers are
+cleaned. The cases are classes of careless input, one or more examples each; tiny configs, in process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import probe
+import train
+import trace as tgl_trace
+from model import GPT, GPTConfig, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+        "--tokenizer", "word", "--log-every", "1", "--threads", "1", "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """A word vocabulary, a text, probes, a tiny trained run, a trace, and some broken files."""
+    d = tmp_path_factory.mktemp("errors")
+    words = [f"w{i}" for i in range(30)]
+    (d / "text.txt").write_text("\n\n".join(" ".join(words[(i + j) % 30] for j in range(20)) for i in range(30)))
+    import data
+    data.WordTokenizer.build([" ".join(words)]).save(str(d / "tokenizer.json"))
+    (d / "probes.jsonl").write_text(json.dumps({"query": "w1 w2 _X_.", "answer": [{"name": "w3"}], "id": "p0"}) + "\n")
+    (d / "long.jsonl").write_text(json.dumps({"query": " ".join(words) + " _X_.", "answer": [{"name": "w3"}], "id": "p9"}) + "\n")
+    (d / "empty.jsonl").write_text("")
+    (d / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    (d / "a_file").write_text("x")
+    train.main(["--data", str(d / "text.txt"), "--out", str(d / "run"), "--tokenizer-file", str(d / "tokenizer.json")] + TINY)
+    units = ["embed", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "ln_f"]
+    (d / "trace_str.json").write_text(json.dumps({"rgn": {u: "3" for u in units}}))
+    (d / "trace_nan.json").write_text(json.dumps({"rgn": {u: 1.0 for u in units}}).replace("1.0}", "NaN}"))
+    (d / "trace_ok.json").write_text(json.dumps({"rgn": {u: float(i) for i, u in enumerate(units)}}))
+    (d / "vocab_bad.json").write_text(json.dumps({"type": "word", "vocab": ["a", "b"]}))
+    torch.save({"model": {"transformer.wte.weight": torch.zeros(2, 2)}, "model_args": {"n_layer": 2}}, d / "nanogpt.pt")
+    (d / "truncated").mkdir()
+    (d / "truncated" / "ckpt.pt").write_bytes((d / "run" / "ckpt.pt").read_bytes()[:300])
+    hf = d / "hf_bad"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 16, "vocab_size": 40, "n_layer": 1,
+                                                "n_head": 3, "n_embd": 16}))
+    (d / "hf_binary").mkdir()
+    (d / "hf_binary" / "config.json").write_bytes(b"\xff{")
+    return d
+
+
+def one_line_error(capsys, fn, argv, name):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert len(err) == 1 and "error" in err[0] and "Traceback" not in err[0], err
+    assert name in err[0], err
+    return err[0]
+
+
+def train_argv(w, *extra, out="x"):
+    return ["--data", str(w / "text.txt"), "--out", str(w / out), "--tokenizer-file", str(w / "tokenizer.json"),
+            "--init", str(w / "run")] + TINY + list(extra)
+
+
+TRAIN_FLAG_CASES = [  # (extra flags, what the one line must name)
+    (["--init", "scratch", "--n-embd", "16", "--n-head", "3"], "--n-embd"),
+    (["--beta1", "1"], "--beta1"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--method", "lora", "--lora-rank", "0"], "--lora-rank"),
+    (["--dropout", "2"], "--dropout"),
+    (["--threads", "-1"], "--threads"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--block-size", "-4"], "--block-size"),
+    (["--block-size", "0"], "--block-size"),
+    (["--eval-every", "-1"], "--eval-every"),
+    (["--grad-clip", "inf"], "--grad-clip"),
+    (["--control", "random:x"], "--control"),
+    (["--floor", "nan"], "--floor"),
+    (["--device", "warp9"], "--device"),
+]
+
+
+@pytest.mark.parametrize("extra,name", TRAIN_FLAG_CASES, ids=[c[1] + ":" + " ".join(c[0][-1:]) for c in TRAIN_FLAG_CASES])
+def test_train_bad_flags(w, capsys, extra, name):
+    one_line_error(capsys, train.main, train_argv(w, *extra), name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this case is about a torch that has no CUDA")
+def test_train_cuda_on_a_cpu_only_torch(w, capsys):
+    one_line_error(capsys, train.main, train_argv(w, "--device", "cuda"), "--device")
+
+
+def test_train_bad_files(w, capsys):
+    cases = [  # (argv, name); each fails before any training
+        (train_argv(w, "--out", str(w / "a_file")), "--out"),
+        (train_argv(w, "--export-hf", str(w / "a_file")), "--export-hf"),
+        (train_argv(w, "--tgl", "fp", "--trace", str(w / "trace_str.json")), "trace_str.json"),
+        (train_argv(w, "--tgl", "fp", "--trace", str(w / "trace_nan.json")), "trace_nan.json"),
+        (train_argv(w, "--probes", str(w / "empty.jsonl")), "empty.jsonl"),
+        (train_argv(w, "--probes", str(w / "long.jsonl")), "long.jsonl"),
+        (train_argv(w, "--init", str(w / "nanogpt.pt")), "nanogpt.pt"),
+        (train_argv(w, "--init", str(w / "hf_bad")), "config.json"),
+        (train_argv(w, "--init", str(w / "hf_binary")), "config.json"),
+        (train_argv(w, "--tokenizer-file", str(w / "vocab_bad.json")), "vocab_bad.json"),
+        (train_argv(w, out="run"), "--out"),  # a finished run is not silently replaced
+    ]
+    for argv, name in cases:
+        one_line_error(capsys, train.main, argv, name)
+        assert not (w / "x" / "ckpt.pt").exists()  # nothing trained, nothing written
+
+
+def test_truncated_checkpoint_on_resume_is_one_line(w, capsys):
+    argv = ["--data", str(w / "text.txt"), "--out", str(w / "truncated"), "--tokenizer-file", str(w / "tokenizer.json"),
+            "--resume"] + TINY
+    one_line_error(capsys, train.main, argv, "ckpt.pt")
+
+
+def test_a_long_probe_fails_at_start_and_keeps_nothing_half_done(w, tmp_path, capsys):
+    out = tmp_path / "run"
+    one_line_error(capsys, train.main, train_argv(w, "--probes", str(w / "long.jsonl"), out=str(out)), "long.jsonl")
+    assert not (out / "ckpt.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_trace_and_probe_bad_input(w, capsys, tmp_path):
+    base = ["--init", str(w / "run"), "--probes", str(w / "probes.jsonl"), "--text", str(w / "text.txt"), "--n-span", "1",
+            "--n-lm", "1", "--block-size", "8", "--device", "cpu"]
+    one_line_error(capsys, tgl_trace.main, base + ["--out", str(tmp_path)], "--out")  # a folder
+    one_line_error(capsys, tgl_trace.main, base + ["--out", str(tmp_path / "no" / "t.json")], "--out")
+    one_line_error(capsys, tgl_trace.main, ["--init", str(w / "nanogpt.pt")] + base[2:] + ["--out", str(tmp_path / "t.json")],
+                   "nanogpt.pt")
+    one_line_error(capsys, tgl_trace.main, base + ["--out", str(tmp_path / "t.json"), "--rank-units", "nope"], "--rank-units")
+    pbase = ["--init", str(w / "run"), "--probes", str(w / "probes.jsonl"), "--device", "cpu"]
+    one_line_error(capsys, probe.main, pbase + ["--json", str(tmp_path / "missing" / "p.json")], "--json")
+    one_line_error(capsys, probe.main, ["--init", str(w / "nanogpt.pt")] + pbase[2:], "nanogpt.pt")
+    one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "empty.jsonl")], "empty.jsonl")
+    one_line_error(capsys, probe.main, ["--compare", str(w / "binary.jsonl")], "binary.jsonl")
+    one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "binary.jsonl")], "binary.jsonl")
+    one_line_error(capsys, probe.main, pbase + ["--device", "warp9"], "--device")
+
+
+def test_trace_accepts_a_folder_of_text(w, tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text((w / "text.txt").read_text())
+    d = tgl_trace.main(["--init", str(w / "run"), "--probes", str(w / "probes.jsonl"), "--text", str(folder), "--n-span", "1",
+                        "--n-lm", "2", "--block-size", "8", "--device", "cpu", "--out", str(tmp_path / "t.json")])
+    assert d["n_lm"] == 2 and (tmp_path / "t.json").is_file()
+
+
+def test_cli_subprocess_has_no_traceback(w):
+    r = subprocess.run([sys.executable, "train.py"] + train_argv(w, "--beta1", "1"), cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--beta1" in r.stderr
+
+
+# ----------------------------------------------------------------------------- resume is safe
+
+def test_resume_refuses_changed_run_flags_and_allows_harmless_ones(w, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = train_argv(w, "--save-every", "1", out=str(out))
+    train.main(argv)
+    capsys.readouterr()
+    for changed, name in ((["--lr", "0.5"], "--lr"), (["--method", "recadam"], "--method"), (["--batch-size", "2"], "--batch-size"),
+                          (["--tgl", "fp", "--trace", str(w / "trace_ok.json")], "--tgl"), (["--seed", "3"], "--seed")):
+        msg = one_line_error(capsys, train.main, argv + ["--resume"] + changed, name)
+        assert "--overwrite" in msg
+    one_line_error(capsys, train.main, argv + ["--resume", "--steps", "2"], "--steps")
+    # harmless: threads, log cadence, a longer run
+    s = train.main(argv + ["--resume", "--steps", "5", "--log-every", "2", "--threads", "1"])
+    assert s["steps"] == 5
+    # --overwrite starts again from scratch, with new flags
+    s = train.main(argv + ["--overwrite", "--lr", "0.002"])
+    assert s["steps"] == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resuming_a_finished_run_reproduces_its_summary(w, tmp_path):
+    out = tmp_path / "f"
+    argv = train_argv(w, "--probes", str(w / "probes.jsonl"), out=str(out))
+    train.main(argv)
+    first = (out / "summary.json").read_text()
+    assert json.loads(first)["final_loss"] is not None
+    (out / "summary.json").unlink()  # as if killed between the last checkpoint and the summary
+    train.main(argv + ["--resume"])
+    assert (out / "summary.json").read_text() == first
+    train.main(argv + ["--resume"])
+    assert (out / "summary.json").read_text() == first
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(w, tmp_path):
+    out = tmp_path / "t"
+    argv = train_argv(w, "--save-every", "1", out=str(out))
+    train.main(argv)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-append
+    train.main(argv + ["--resume", "--steps", "4"])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"ckpt.pt.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    alive = tmp_path / f"ckpt.pt.{os.getppid()}.tmp"  # a live process's write in progress is left alone
+    alive.write_bytes(b"in progress")
+    save_checkpoint(target, {"x": torch.zeros(1)})
+    assert not stale.exists() and alive.exists() and target.exists()
+
+
+def test_model_config_errors_are_value_errors():
+    for bad in (dict(n_embd=16, n_head=3), dict(n_layer=0), dict(dropout=1.0)):
+        with pytest.raises(ValueError, match="model config"):
+            GPT(GPTConfig(**bad))
+    assert common.one_line(FileNotFoundError(2, "No such file or directory", "x.txt")) == "x.txt: No such file or directory"
+
+
+def test_init_hub_name_without_network_is_fast_and_says_what_to_do(w, tmp_path, capsys, monkeypatch):
+    import time
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("TGL_CACHE", str(tmp_path / "cache"))
+    t = time.time()
+    msg = one_line_error(capsys, train.main, train_argv(w, "--init", "gpt2", "--tokenizer", "gpt2", out="net"), "--init gpt2")
+    assert "no network" in msg and "folder" in msg and time.time() - t < 5

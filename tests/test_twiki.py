@@ -1,0 +1,154 @@
+"""twiki.py end to end, offline: a tiny random GPT-2 (GPT-2 BPE, d=32, 2 layers) in the Hugging Face
+layout, and tiny archives in TemporalWiki's real layouts (TWiki_Probes.zip, TWiki_Diffsets.zip,
+Wikipedia_Full.zip) served by the local test server through HF_ENDPOINT. Two stages x two arms:
+fetch, probe splits, held-out slice, init row, traces, training, chaining, the table; then a second
+invocation that re-runs nothing, --plan that runs nothing, and a changed flag refused in one line."""
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import model as M
+import probe
+import twiki
+from httpserver import HF, zip_bytes
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def csv_text(header, rows):
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header] + rows)
+    return buf.getvalue()
+
+
+def serve_twiki(server):
+    """Real probe rows (8 per file) for the first two month pairs; diff sets and snapshots of documents
+    that state those facts (so training moves the probes), in the archives' real member layouts."""
+    probes, facts = {}, []
+    for pair in ("0801-0901", "0901-1001"):
+        for kind in ("changed", "unchanged"):
+            rows = list(csv.reader(open(SHARED / "twiki_probes" / f"{pair}_{kind}.csv", encoding="utf-8")))[1:9]
+            probes[f"TWiki_Probes/{pair}_{kind}.csv"] = csv_text(["subject", "relation", "object"], rows)
+            facts += [" ".join(r) + "." for r in rows]
+    docs = lambda n, off: [[i, f"Doc {i}. " + " ".join(facts[(i + off + j) % len(facts)] for j in range(4))]  # noqa: E731
+                           for i in range(n)]
+    server.files[HF + "TWiki_Probes.zip"] = zip_bytes(probes)
+    server.files[HF + "TWiki_Diffsets.zip"] = zip_bytes({
+        f"TWiki_Diffsets/wikipedia_{m}_gpt2.csv": csv_text(["text"], [[d[1]] for d in docs(12, i)])
+        for i, m in enumerate(("0809", "0910", "1011", "1112"))})
+    server.files[HF + "Wikipedia_Full.zip"] = zip_bytes({
+        f"Wikipedia_Full/wikipedia_{m}_gpt2/part0.csv": csv_text(["id", "text"], docs(10, 3 * i))
+        for i, m in enumerate(("08", "09", "10", "11", "12"))})
+
+
+def tiny_gpt2(folder):
+    M.GPT(M.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(folder)
+    return str(folder)
+
+
+def argv(init, out, *more):
+    return ["--init", init, "--out", str(out), "--methods", "full", "mixreview", "--tgl", "fp", "--stages", "1", "2",
+            "--max-train-tokens", "512", "--batch-size", "4", "--block-size", "32", "--lr", "1e-3",
+            "--snapshot-mb", "0.002", "--val-every", "3", "--val-tokens", "500", "--device", "cpu", "--threads", "1",
+            "--trace-args", "--n-span 4 --n-lm 4", "--ecbd", str(SHARED / "real_formats" / "ecbd2019" / "np_spans_test.json"), *more]
+
+
+def snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in Path(folder).rglob("*")}
+
+
+def one_line_error(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        twiki.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    serve_twiki(server)
+    init, out = tiny_gpt2(tmp_path / "tiny"), tmp_path / "twiki"
+    rows = twiki.main(argv(init, out))
+    arms = ["full-fp", "mixreview-fp"]
+    assert [(r["stage"], r["arm"]) for r in rows] == [(k, a) for k in (1, 2) for a in ["init"] + arms]
+    for r in rows:
+        assert set(r["probes"]) == {"changed", "unchanged", "np_spans_test"} and r["probes"]["changed"]["n"] == 6, r
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["stage"], r["arm"]) for r in res["rows"]] == [(r["stage"], r["arm"]) for r in rows]
+    md = (out / "results.md").read_text()
+    assert "| 2 (0901-1001) | mixreview-fp |" in md and "changed ppl" in md and "val ppl" in md
+    for r in rows:  # held-out perplexity of every row, the init row (probe.py --text) included
+        assert r["val_ppl"] > 1.0, r
+    for arm in arms:  # stage 2 trains on from the same arm's stage 1 run, and traced that model
+        ck = M.load_checkpoint(out / "stage2" / arm / M.CKPT_NAME)
+        assert ck["run_flags"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 512 tokens / (4 x 32)
+        assert json.loads((out / "stage2" / f"trace-{arm}.json").read_text())["model"] == str(out / "stage1" / arm)
+    full, mix = (r["probes"]["changed"]["ppl"] for r in rows[1:3])
+    assert full != mix  # Mix-Review replayed old text (1 of each 4 windows)
+    train = (out / "stage1" / "data" / "train.csv").read_text()
+    val = (out / "stage1" / "data" / "val.csv").read_text()
+    assert train.count("Doc ") == 8 and val.count("Doc ") == 4 and "Doc 2." in val and "Doc 2." not in train
+    capsys.readouterr()
+    probe.main(["--compare", str(out / "stage1" / "full-fp"), str(out / "stage2" / "full-fp"), str(out / "stage1" / "init.json")])
+    cmp = capsys.readouterr().out
+    assert "changed" in cmp and "full-fp" in cmp and "init.json" in cmp
+    probe.main(["--compare", str(out / "results.json")])  # the driver's JSON: a column per stage x arm
+    cmp = capsys.readouterr().out.splitlines()
+    assert cmp[0].split()[3:] == [f"{r['stage']}/{r['arm']}" for r in rows]
+    assert f"{rows[1]['probes']['changed']['ppl']:.2f}" in next(line for line in cmp if line.startswith("changed "))
+
+    # a second invocation re-runs nothing: no request, no file written, no step started
+    n_requests, before = len(server.log), snapshot(out)
+    monkeypatch.setattr(twiki.subprocess, "Popen", lambda *a, **k: pytest.fail("a step ran again"))
+    again = twiki.main(argv(init, out))
+    assert len(server.log) == n_requests and snapshot(out) == before and again == rows
+    assert "every arm finished, nothing to run" in capsys.readouterr().out
+
+    # --plan runs nothing and makes no request, in a fresh folder too; it marks what is done
+    fresh = tmp_path / "fresh"
+    assert twiki.main(argv(init, fresh, "--plan", "--stages", "1", "2", "3", "4", "--assume-tok-s", "1000")) is None
+    text = capsys.readouterr().out
+    assert not fresh.exists() and len(server.log) == n_requests
+    assert text.count("train.py --init") == 8 and "data.py fetch twiki-diffsets" in text
+    assert "ASSUMED 1,000 tokens/s" in text and "4,096 training tokens in all" in text
+    twiki.main(argv(init, out, "--plan"))
+    assert capsys.readouterr().out.count("# done: python train.py") == 4 and snapshot(out) == before
+
+    # a changed run-defining flag is refused in one line naming it; unknown stage, chaining, own flags too
+    assert "--lr 0.001 -> 0.01" in one_line_error(capsys, argv(init, out) + ["--lr", "1e-2"])
+    twiki.main(argv(init, out, "--lr", "1e-2", "--overwrite", "--plan"))  # --overwrite: accepted, all to do again
+    assert "# done:" not in capsys.readouterr().out and snapshot(out) == before
+    assert "add stage 1 to --stages" in one_line_error(capsys, argv(init, tmp_path / "new") + ["--stages", "2"])
+    assert "unknown stage '5'" in one_line_error(capsys, argv(init, out) + ["--stages", "5"])
+    assert "--steps is set by twiki.py" in one_line_error(capsys, argv(init, out) + ["--train-args", "--steps 3"])
+
+
+def test_nproc_builds_the_torchrun_command(tmp_path):
+    """--nproc N: each train.py step runs under torchrun (DDP), with the same flags and the global batch."""
+    cfg = twiki.parse_args(argv("gpt2", tmp_path / "o", "--nproc", "4"))
+    cmd = twiki.train_argv(cfg, 2, "mixreview-fp", 7)
+    assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                       str(twiki.HERE / "train.py")]
+    flags = dict(zip(cmd[7::1], cmd[8::1]))
+    assert flags["--init"] == str(tmp_path / "o" / "stage1" / "mixreview-fp") and flags["--steps"] == "7"
+    assert flags["--batch-size"] == "4" and flags["--metric"] == "span" and "--replay-data" in cmd and "--resume" in cmd
+    single = twiki.train_argv(twiki.parse_args(argv("gpt2", tmp_path / "o")), 2, "mixreview-fp", 7)
+    assert single[:2] == [sys.executable, str(twiki.HERE / "train.py")] and single[2:] == cmd[7:]
+    assert "torch.distributed.run --standalone --nproc_per_node 4" in twiki.plan(cfg)
+
+
+def test_training_steps_run_under_torchrun(server, tmp_path):
+    """One stage, one arm, its training step really run by torchrun with 2 CPU processes (gloo)."""
+    serve_twiki(server)
+    out = tmp_path / "ddp"
+    rows = twiki.main(argv(tiny_gpt2(tmp_path / "tiny"), out, "--methods", "full", "--tgl", "none", "--stages", "1",
+                           "--nproc", "2"))
+    assert [r["arm"] for r in rows] == ["init", "full-none"]
+    ck = M.load_checkpoint(out / "stage1" / "full-none" / M.CKPT_NAME)
+    assert ck["world_size"] == 2 and ck["step"] == 4
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in (out / "stage1" / "logs" / "full-none.log").read_text()
