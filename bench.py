@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 import probe
 from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
-from world import WorldConfig, make_world
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from trace import _collate, trace_norms
 from train import AdamW, make_param_groups
+from world import WorldConfig, make_world
 
 # GPT-2 BPE offline, as the tests get it: tiktoken's files from ../shared unless TIKTOKEN_CACHE_DIR is set
 TIKTOKEN_CACHE = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
