@@ -10,7 +10,6 @@
 Every step is a plain call of world.py, train.py, trace.py and probe.py with the flags printed,
 so any line of the table can be re-run (or ablated) by hand.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -24,7 +23,7 @@ import data
 import probe
 import trace as tgl_trace
 import world as tgl_world
-from common import Parser, write_text
+from common import Parser, fail, write_text
 from model import load_model, unit_names, unit_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -300,6 +299,8 @@ def table(per_seed: list) -> str:
 def parse_args(argv=None):
     ap = Parser(prog="demo.py", description=__doc__.split("\n")[0])
     a = ap.add_argument
+    a("--world", choices=["synthetic", "twiki"], default="synthetic", help="synthetic: this demo; twiki: the paper's "
+      "TemporalWiki protocol on real data (every other flag then goes to twiki.py: see python twiki.py --help)")
     a("--out", help="folder for worlds, base models, traces and runs (default: out/demo, quick: out/demo-quick)")
     a("--seeds", type=int, nargs="+", default=[0], help="one full replicate (world, base, runs) per seed")
     a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
@@ -329,6 +330,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--world" in argv:  # --world twiki: the paper's real protocol (twiki.py); --world synthetic: this demo
+        i = argv.index("--world")
+        world = argv[i + 1] if i + 1 < len(argv) else ""
+        if world not in ("synthetic", "twiki"):
+            fail(f"--world {world!r}: use synthetic (the demo) or twiki (the paper's TemporalWiki protocol)", "demo.py")
+        del argv[i:i + 2]
+        if world == "twiki":
+            import twiki
+            return twiki.main(argv)
     args = parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for key, val in (("steps", args.steps), ("lr", args.lr), ("pre_steps", args.pretrain_steps)):

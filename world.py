@@ -26,7 +26,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import Parser, fail, write_text
+from common import Parser, check_output, fail, input_errors, write_text
 from data import WordTokenizer
 
 # ----------------------------------------------------------------------------- knowledge: relations
@@ -404,7 +404,9 @@ def main(argv=None):
     if not 0 <= a.general_frac < 1 or a.old_things_frac < 0 or a.heldout_words < 100:
         fail("need 0 <= --general-frac < 1, --old-things-frac >= 0 and --heldout-words >= 100", "world.py")
     cfg = WorldConfig(**{k: v for k, v in vars(a).items() if k != "out"})
-    meta = make_world(a.out, cfg)
+    with input_errors("world.py"):
+        check_output(a.out, "--out", "dir")  # '' would write the world into the current folder
+        meta = make_world(a.out, cfg)
     print(f"world in {a.out}: {json.dumps(meta['counts'])}")
     return meta
 

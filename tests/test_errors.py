@@ -228,3 +228,22 @@ def test_init_hub_name_without_network_is_fast_and_says_what_to_do(w, tmp_path, 
     t = time.time()
     msg = one_line_error(capsys, train.main, train_argv(w, "--init", "gpt2", "--tokenizer", "gpt2", out="net"), "--init gpt2")
     assert "no network" in msg and "folder" in msg and time.time() - t < 5
+
+
+def test_world_and_demo_bad_flags(tmp_path, capsys):
+    import demo
+    import world
+    one_line_error(capsys, world.main, ["--out", str(tmp_path / "w"), "--new-frac", "-0.5"], "--new-frac")
+    one_line_error(capsys, world.main, ["--out", ""], "--out")
+    (tmp_path / "f").write_text("x")
+    one_line_error(capsys, world.main, ["--out", str(tmp_path / "f")], "--out")
+    one_line_error(capsys, demo.main, ["--world", "mars"], "--world")
+
+
+def test_demo_world_twiki_forwards_to_the_driver(tmp_path, capsys, monkeypatch):
+    import demo
+    import twiki
+    seen = []
+    monkeypatch.setattr(twiki, "main", lambda argv: seen.append(argv) or "ran")
+    assert demo.main(["--world", "twiki", "--init", "gpt2", "--out", str(tmp_path), "--plan"]) == "ran"
+    assert seen == [["--init", "gpt2", "--out", str(tmp_path), "--plan"]]
