@@ -55,10 +55,13 @@ class GradNormHooks:
         self.reset()
 
     def _hook(self, i):
+        # Why a post-accumulate hook on the Parameter, not a hook on its gradient tensor: a tensor hook
+        # fires once per *use* (the tied wte is used twice: embedding and LM head) and would see partial
+        # gradients; this one fires once, on the finished sum, which is what the optimizer would see.
         def hook(p):
             if self.enabled:  # one reduction kernel, no sync; fp32 accumulation whatever the grad dtype
                 self._norms[i] = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-            if self.free_grads:
+            if self.free_grads:  # tracing: the norm is all we need, so no full gradient copy is ever held
                 p.grad = None
         return hook
 
@@ -144,6 +147,10 @@ def _sum_norms(model, hooks, examples, trace_batch, device):
     which is smaller than the mean of per-example norms: faster, but only an approximation."""
     total = torch.zeros(len(hooks.units), device=device)
     n = 0
+    # Why one example per backward by default: the method averages per-example norms. The gradient of a
+    # batch is a mean of per-example gradients whose directions partly cancel, so its norm shrinks with the
+    # batch size, and differently for the span loss (few, similar tokens) and the LM loss (many tokens):
+    # rgn would then measure the batching, not the knowledge.
     for i in range(0, len(examples), trace_batch):
         x, y = _collate(examples[i:i + trace_batch], device)  # (B, T) each
         hooks.reset()
@@ -167,6 +174,8 @@ def trace_norms(model, example_sets: dict, trace_batch=1, device=None, all_param
             if len(idx) != len(tgt) or all(t == -1 for t in tgt):
                 raise ValueError(f"{name} example {k}: needs equal-length idx/targets with at least one target")
     device = device or next(model.parameters()).device
+    # span examples and LM windows go through the same hooks and the same model state, so the ratio of their
+    # norms compares like with like
     with _tracing(model, all_params), GradNormHooks(model, free_grads=True) as hooks:
         sums, counts = {}, {}
         for name, examples in example_sets.items():

@@ -140,6 +140,8 @@ def recadam_pull(opt, anchors, gamma, lam):
     """RecAdam's decoupled quadratic pull: theta <- theta - lr * gamma * (1 - lambda) * (theta - theta0),
     the step of (1 - lambda) * gamma/2 * ||theta - theta0||^2 applied outside Adam's moments (the
     Adam part is scaled by lambda in AdamW.step). The factor is capped at 1: never past theta0."""
+    # per parameter, the unit's own lr: under TGL+ALR a slow unit is also pulled back slowly, so the pull
+    # never dominates a unit that TGL asked to move little
     coefs = [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]]
     diff = torch._foreach_sub(opt.params, anchors)
     torch._foreach_mul_(diff, coefs)
@@ -177,6 +179,8 @@ class Stream:
         return 0 if self.old is None else round(self.b * a.replay_ratio * a.replay_decay ** (step / a.steps))
 
     def next(self, step):
+        # both samplers draw every step, even when no replay row is kept, so the data a step sees depends
+        # only on the step number: that is what makes resume exact
         x, y = self.new.next()  # (b, T) each
         if self.old is not None:
             xr, yr = self.old.next()
