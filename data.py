@@ -233,7 +233,10 @@ def _csv_docs(path):
 def iter_documents(path):
     """Every document of a text source (.txt, TemporalWiki .csv, or a folder of either), streamed."""
     for f in _source_files(path):
-        yield from (_csv_docs(f) if f.suffix.lower() == ".csv" else _txt_docs(f))
+        try:
+            yield from (_csv_docs(f) if f.suffix.lower() == ".csv" else _txt_docs(f))
+        except UnicodeDecodeError as e:  # name the file: the codec's message names only a byte
+            raise ValueError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it to UTF-8") from None
 
 
 def parse_text_spec(spec):

@@ -247,3 +247,13 @@ def test_demo_world_twiki_forwards_to_the_driver(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(twiki, "main", lambda argv: seen.append(argv) or "ran")
     assert demo.main(["--world", "twiki", "--init", "gpt2", "--out", str(tmp_path), "--plan"]) == "ran"
     assert seen == [["--init", "gpt2", "--out", str(tmp_path), "--plan"]]
+
+
+def test_text_that_is_not_utf8_names_its_file(w, tmp_path, capsys):
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not text\n")
+    (tmp_path / "bad.csv").write_bytes(b"text\n\xff\n")
+    for f in ("bad.txt", "bad.csv"):
+        argv = ["--data", str(tmp_path / f), "--out", str(tmp_path / f"o{f}"), "--tokenizer-file", str(w / "tokenizer.json")]
+        one_line_error(capsys, train.main, argv + TINY[:-2], f)
+    one_line_error(capsys, tgl_trace.main, ["--init", str(w / "run"), "--probes", str(w / "probes.jsonl"), "--text",
+                                            str(tmp_path / "bad.txt"), "--out", str(tmp_path / "t.json")], "bad.txt")
