@@ -308,15 +308,12 @@ def check_args(args):
     check_output(args.out, "--out", "dir")
     if args.export_hf:
         check_output(args.export_hf, "--export-hf", "dir")
-    ckpt = os.path.join(args.out, CKPT_NAME)
     first_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 may already be writing --out
     if first_rank and not args.resume and not args.overwrite and any(
             os.path.exists(os.path.join(args.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json")):
         raise ValueError(f"--out {args.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
-    if args.resume and os.path.isfile(ckpt):
-        check_resume(args, load_checkpoint(ckpt), ckpt)
 
 
 # The flags that define what a run computes. --resume refuses to change any of them; the others (device,
@@ -337,7 +334,7 @@ def check_resume(args, ck: dict, path: str):
     saved = ck.get("run_flags")
     if saved is None:
         raise ValueError(f"{path}: written by an older tgl without its run flags; re-run with --overwrite")
-    now = run_flags(args)
+    now = args.run_flags  # the flags as given, recorded by get_args before defaults were filled in
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_FLAGS if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff)}); "
@@ -478,6 +475,8 @@ def setup(args) -> tuple[Run, dict | None]:
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, CKPT_NAME)
     ck = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
+    if ck:  # read once, here: the flags are compared before the model is built
+        check_resume(args, ck, ckpt_path)
     if ck and ck["world_size"] != world:
         fail(f"{ckpt_path} was written by {ck['world_size']} processes; resume with as many")
     if args.overwrite and rank == 0:  # the old run goes now, so nothing of it can be mistaken for the new one
@@ -491,6 +490,10 @@ def setup(args) -> tuple[Run, dict | None]:
     args.block_size = args.block_size or cfg.block_size
     if args.block_size > cfg.block_size or tokenizer.n_vocab > cfg.vocab_size:
         fail(f"block size {args.block_size} / vocab {tokenizer.n_vocab} exceed the model's {cfg.block_size} / {cfg.vocab_size}")
+    # every probe file is read and length-checked now, with probe.py's rule: before tracing and training,
+    # not at the first evaluation
+    probes = data.read_probe_files(args.probes)  # same-named splits of two files never merge
+    probe.check_probes(tokenizer, probes, cfg.block_size, metric=args.metric)
 
     # TGL steps 1-2 (trace, select) happen once, before training; a resume reuses the scales it saved
     scales = [ck["scales"] if ck else get_scales(args, model, tokenizer, device, rank)]
@@ -506,19 +509,13 @@ def setup(args) -> tuple[Run, dict | None]:
     opt = AdamW(groups, args.lr, (args.beta1, args.beta2), weight_decay=args.weight_decay)
     anchors = [p.detach().clone() for p in opt.params] if args.method == "recadam" and args.recadam_gamma > 0 else None
 
-    try:
-        if rank > 0:  # rank 0 tokenizes first (load_tokens caches), the others then read the cache
-            dist.barrier()
-        tokens = data.load_tokens(args.data, tokenizer)
-        replay = data.load_tokens(args.replay_data, tokenizer) if args.method == "mixreview" else None
-        if rank == 0 and world > 1:
-            dist.barrier()
-        stream = Stream(tokens, replay, args, rank, world)
-    except ValueError as e:
-        fail(str(e))
-    # every probe file is read and length-checked now, with probe.py's rule, not at the first evaluation
-    probes = data.read_probe_files(args.probes)  # same-named splits of two files never merge
-    probe.check_probes(tokenizer, probes, cfg.block_size, metric=args.metric)
+    if rank > 0:  # rank 0 tokenizes first (load_tokens caches), the others then read the cache
+        dist.barrier()
+    tokens = data.load_tokens(args.data, tokenizer)
+    replay = data.load_tokens(args.replay_data, tokenizer) if args.method == "mixreview" else None
+    if rank == 0 and world > 1:
+        dist.barrier()
+    stream = Stream(tokens, replay, args, rank, world)
     val_tokens = data.load_tokens(args.val_data, tokenizer) if args.val_data else None
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model, opt=opt,
               stream=stream, probes=probes, val_tokens=val_tokens, scales=scales, anchors=anchors, ckpt_path=ckpt_path,
