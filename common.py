@@ -68,6 +68,11 @@ def check_output(path, flag: str, kind: str = "file"):
         raise ValueError(f"{flag} {path}: the folder {parent} does not exist; create it first")
 
 
+def script(name: str, *args) -> list:
+    """argv that runs one of this project's scripts with this Python: what demo.py and twiki.py launch."""
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name), *map(str, args)]
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose own errors (unknown flag, bad type) are one line too, with no usage block."""
 
@@ -77,14 +82,18 @@ class Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- files
 
+def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
+    """The error for a file that is not UTF-8: the codec's own message names a byte, not the file."""
+    return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8")
+
+
 def read_text(path) -> str:
     """A UTF-8 text file; a binary or mis-encoded file is a one-line error that names it."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                         "convert it to UTF-8") from None
+        raise not_utf8(path, e) from None
 
 
 def read_json(path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Parser, Progress, atomic_path, fail, read_json, write_text
+from common import Parser, Progress, atomic_path, fail, not_utf8, read_json, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -236,7 +236,7 @@ def iter_documents(path):
         try:
             yield from (_csv_docs(f) if f.suffix.lower() == ".csv" else _txt_docs(f))
         except UnicodeDecodeError as e:  # name the file: the codec's message names only a byte
-            raise ValueError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it to UTF-8") from None
+            raise not_utf8(f, e) from None
 
 
 def parse_text_spec(spec):
@@ -619,7 +619,7 @@ def read_probes(path, split=None, dates=None):
             else:
                 probes = _read_jsonl(f, path, split, default, notes)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        raise not_utf8(path, e) from None
     for p in probes:
         p.source = path
     if notes:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from data import read_probe_files, sentence_example, span_example, windows
-from common import Parser, check_output, input_errors, read_text, write_text
+from common import Parser, check_output, input_errors, read_json, read_text, write_text
 
 
 METRICS = ("span", "sentence")
@@ -224,10 +224,7 @@ def load_summaries(path) -> list:
         if last is None:
             raise ValueError(f"{p}: no line with probe results")
         return [(name, last)]
-    try:
-        d = json.loads(read_text(p))
-    except json.JSONDecodeError:
-        raise ValueError(f"{p}: not valid JSON") from None
+    d = read_json(p)
     if isinstance(d, dict) and isinstance(d.get("rows"), list):  # twiki.py's results.json
         return [(f"{r['stage']}/{r['arm']}", r["probes"]) for r in d["rows"]]
     if not isinstance(d, dict) or "summary" not in d:
