@@ -23,10 +23,9 @@ import data
 import probe
 import trace as tgl_trace
 import world as tgl_world
-from common import Parser, fail, write_text
+from common import Parser, fail, script, write_text
 from model import load_model, unit_names, unit_of
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "mixreview", "recadam", "lora")
 TGLS = ("none", "fp", "alr")
 SPLITS = ("updated", "new", "unchanged")
@@ -41,10 +40,6 @@ QUICK = dict(entities=24, heldout_words=1500, n_layer=2, n_head=2, n_embd=32, bl
 
 def sh(argv):
     return " ".join(a if a and " " not in a else repr(a) for a in argv)
-
-
-def python(script, *args):
-    return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
 def thread_env(threads):
@@ -110,7 +105,7 @@ def pretrain(args, cfg, seed, world_dir, base, meta):
     """The base model, pretrained from scratch on T0; cached by its exact command and world config.
     It runs alone, so it gets every core the parallel runs share."""
     threads = args.threads * args.jobs
-    pre = python("train.py", "--init", "scratch", "--tokenizer", "word", "--data", os.path.join(world_dir, "t0.txt"),
+    pre = script("train.py", "--init", "scratch", "--tokenizer", "word", "--data", os.path.join(world_dir, "t0.txt"),
                  "--out", base, "--n-layer", cfg["n_layer"], "--n-head", cfg["n_head"], "--n-embd", cfg["n_embd"],
                  "--block-size", cfg["block"], "--steps", cfg["pre_steps"], "--batch-size", cfg["pre_batch"],
                  "--lr", cfg["pre_lr"], "--warmup", max(1, cfg["pre_steps"] // 20), "--min-lr", cfg["pre_lr"] / 10,
@@ -217,11 +212,11 @@ def continual_jobs(args, cfg, seed, root):
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step
     jobs = []
     for name, m, flags in run_specs(cfg, "all" if args.only else args.controls, seed):  # --only may name any run
-        argv = python("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
+        argv = script("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
                       "--out", os.path.join(root, "runs", name))
         jobs.append((name, argv + (["--trace", trace_path] if "none" not in flags else [])))
     alr_lr = cfg["lr"] * mean_alr_scale(trace_path, base)
-    jobs.append(("full@alr-lr", python("train.py", *common, "--method", "full", "--tgl", "none", "--lr", alr_lr,
+    jobs.append(("full@alr-lr", script("train.py", *common, "--method", "full", "--tgl", "none", "--lr", alr_lr,
                                        "--out", os.path.join(root, "runs", "full@alr-lr"))))
     return [j for j in jobs if not args.only or j[0] in args.only]
 

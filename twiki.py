@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import data
 import fetch
-from common import Parser, atomic_path, check_number, check_output, input_errors, read_json, write_text
+from common import Parser, atomic_path, check_number, check_output, input_errors, read_json, script, write_text
 from model import HUB_NAMES
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.path.dirname(os.path.abspath(__file__)))  # as common.script builds paths
 PROG = "twiki.py"
 METHODS = ("full", "mixreview", "recadam", "lora")
 TGLS = ("none", "fp", "alr")
@@ -251,10 +252,6 @@ def probe_files(cfg, k) -> list:
 
 # ----------------------------------------------------------------------------- commands
 
-def python(script, *args) -> list:
-    return [sys.executable, str(HERE / script), *map(str, args)]
-
-
 def common_flags(cfg) -> list:
     return ["--device", cfg.device] + (["--threads", cfg.threads] if cfg.threads else [])  # train.py's
 
@@ -283,12 +280,12 @@ def train_argv(cfg, k, arm, steps) -> list:
     if cfg.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                 str(HERE / "train.py"), *map(str, args)]
-    return python("train.py", *args)
+    return script("train.py", *args)
 
 
 def trace_argv(cfg, k, arm) -> list:
     """Trace the arm's current model on the stage's diagnostic changed facts against the old snapshot."""
-    return python("trace.py", "--init", init_of(cfg, k, arm), "--probes", probe_dir(cfg, k) / "diag_changed.csv",
+    return script("trace.py", "--init", init_of(cfg, k, arm), "--probes", probe_dir(cfg, k) / "diag_changed.csv",
                   "--text", old_text(cfg, k), "--out", trace_file(cfg, k, arm), "--seed", cfg.seed,
                   "--device", cfg.device, *shlex.split(cfg.trace_args))
 
@@ -296,7 +293,7 @@ def trace_argv(cfg, k, arm) -> list:
 def init_probe_argv(cfg, k) -> list:
     """The untouched --init model on the stage's probes (and held-out text): the table's "init" row."""
     sd = stage_dir(cfg, k)
-    return python("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--text", sd / "data" / "val.csv",
+    return script("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--text", sd / "data" / "val.csv",
                   "--text-tokens", cfg.val_tokens, "--metric", cfg.metric, "--json", sd / "init.json", "--device", cfg.device)
 
 
@@ -334,10 +331,10 @@ def fetch_shared(cfg):
     root = fetch.cache_root()
     pairs = [STAGES[k - 1][0] for k in cfg.stages]
     if not all(find_file(root / "twiki-probes", f"{p}_{s}.csv") for p in pairs for s in ("changed", "unchanged")):
-        print(f"$ {sh(python('data.py', 'fetch', 'twiki-probes'))}", flush=True)
+        print(f"$ {sh(script('data.py', 'fetch', 'twiki-probes'))}", flush=True)
         fetch.fetch("twiki-probes")
     if not all(find_file(root / "twiki-diffsets", diff_name(k)) for k in cfg.stages):
-        print(f"$ {sh(python('data.py', 'fetch', 'twiki-diffsets'))}", flush=True)
+        print(f"$ {sh(script('data.py', 'fetch', 'twiki-diffsets'))}", flush=True)
         fetch.fetch("twiki-diffsets")
     wanted = ("changed.csv", "unchanged.csv", "diag_changed.csv")
     if not all((probe_dir(cfg, k) / f).is_file() for k in cfg.stages for f in wanted):
@@ -362,12 +359,12 @@ def fetch_stage(cfg, k):
 
 
 def splits_argv(cfg) -> list:
-    return python("data.py", "splits", "twiki", "--input", fetch.cache_root() / "twiki-probes",
+    return script("data.py", "splits", "twiki", "--input", fetch.cache_root() / "twiki-probes",
                   "--out", Path(cfg.out) / "probes", "--seed", cfg.seed)
 
 
 def snapshot_argv(cfg, k) -> list:
-    return python("data.py", "fetch", "twiki-snapshot", "--max-mb", f"{cfg.snapshot_mb:g}", "--month",
+    return script("data.py", "fetch", "twiki-snapshot", "--max-mb", f"{cfg.snapshot_mb:g}", "--month",
                   STAGES[k - 1][1], "--out", old_text(cfg, k).parent)
 
 
@@ -439,11 +436,6 @@ def write_new(path: Path, text: str):
 
 # ----------------------------------------------------------------------------- the table
 
-def median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
-
-
 def arm_row(cfg, k, arm) -> dict | None:
     """One finished run's numbers: summary.json (probes, val ppl, time) and metrics.jsonl (tokens/s:
     the median of the logged rates, so a first step slowed by compilation does not count)."""
@@ -459,7 +451,7 @@ def arm_row(cfg, k, arm) -> dict | None:
             except (ValueError, KeyError, TypeError):
                 pass
     return dict(stage=k, pair=STAGES[k - 1][0], arm=arm, run=str(run), init=init_of(cfg, k, arm), steps=s.get("steps"),
-                probes=s["probes"], val_ppl=s.get("val_ppl"), time=s.get("time"), tok_per_s=median(rates))
+                probes=s["probes"], val_ppl=s.get("val_ppl"), time=s.get("time"), tok_per_s=statistics.median(rates) if rates else None)
 
 
 def init_row(cfg, k) -> dict | None:
@@ -564,7 +556,7 @@ def plan(cfg) -> str:
            f"#   twiki-diffsets  TWiki_Diffsets.zip: {fetch.DATASETS['twiki-diffsets'].disk}",
            f"#   twiki-snapshot  the first {cfg.snapshot_mb:g} MB of text of month(s) {', '.join(months)} "
            f"(ranged reads of Wikipedia_Full.zip): about {gb(len(months) * cfg.snapshot_mb * 1e6)} downloaded and on disk",
-           sh(python("data.py", "fetch", "twiki-probes")), sh(python("data.py", "fetch", "twiki-diffsets")),
+           sh(script("data.py", "fetch", "twiki-probes")), sh(script("data.py", "fetch", "twiki-diffsets")),
            sh(splits_argv(cfg))]
     total = 0
     for k in cfg.stages:
