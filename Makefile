@@ -17,21 +17,21 @@ $(BIN)/.dev-deps: $(BIN)/.run-deps requirements-dev.txt
 	touch $@
 
 demo: $(BIN)/.run-deps
-	$(BIN)/python demo.py $(DEMO_ARGS)
+	$(BIN)/python -m experiments.demo $(DEMO_ARGS)
 
 demo-quick: $(BIN)/.run-deps
-	$(BIN)/python demo.py --quick $(DEMO_ARGS)
+	$(BIN)/python -m experiments.demo --quick $(DEMO_ARGS)
 
 test: $(BIN)/.dev-deps
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.dev-deps
-	$(BIN)/python bench.py
+	$(BIN)/python -m experiments.bench
 
 # The README's results table: the demo over 3 seeds (each its own world and base model), mean and spread,
 # with the random / complement controls for every method (make demo has them for `full` only).
 results: $(BIN)/.run-deps
-	$(BIN)/python demo.py --seeds 0 1 2 --controls all --results assets/results.md
+	$(BIN)/python -m experiments.demo --seeds 0 1 2 --controls all --results assets/results.md
 
 clean:
 	rm -rf out
@@ -41,7 +41,7 @@ clean:
 FIG_RUNS = full+none full+fp full+fp:complement
 figure: $(BIN)/.run-deps
 	$(BIN)/python -m pip install --quiet -r requirements-extra.txt
-	$(BIN)/python demo.py --only $(FIG_RUNS) --plot
-	$(BIN)/python plot.py $(addprefix out/demo/seed0/runs/,$(FIG_RUNS)) --png assets/figure1.png --out assets/figure1.txt
+	$(BIN)/python -m experiments.demo --only $(FIG_RUNS) --plot
+	$(BIN)/python -m experiments.plot $(addprefix out/demo/seed0/runs/,$(FIG_RUNS)) --png assets/figure1.png --out assets/figure1.txt
 	cp out/demo/seed0/trace.png assets/trace.png
 	cp out/demo/seed0/trace_facts.png assets/trace_facts.png

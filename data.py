@@ -840,7 +840,7 @@ def _real_data_parsers(sub):
     p.add_argument("--probes", nargs="+", required=True,
                    help="probe files (.jsonl, .json, .csv, .tsv); FILE@DATES:SPLIT selects dates and names the split")
     p.add_argument("--date", help="keep only probes of these dates: 2019, 2019-Q1, 2018,2020 or 2019..2020")
-    import fetch
+    from experiments import fetch
     fetch.add_arguments(sub.add_parser("fetch", help="download a public data set into $TGL_CACHE/data"))
     s = sub.add_parser("splits", help="write updated/new/unchanged (+ diag_*) probe files from real data")
     s.add_argument("kind", choices=("templama", "twiki", "ecbd"), help="templama covers Dynamic TempLAMA too")
@@ -868,7 +868,7 @@ def _run_real_data(args):
         for s, n in sorted(Counter(pr.split for pr in probes).items()):
             print(f"{s:>16} {n:6d}")
     elif args.cmd == "fetch":
-        import fetch
+        from experiments import fetch
         fetch.run(args)
     else:
         if not 0 <= args.diag_frac < 1:

@@ -3,7 +3,7 @@ controls and the matched-LR control, and the table. Also: caching, and rebuildin
 parameters change."""
 import json
 
-import demo
+from experiments import demo
 
 # every TGL arm and control of `full`, and one arm of each other method: every code path, fewer subprocesses
 ONLY = [f"full+{t}" for t in demo.TGLS] + ["mixreview+fp", "recadam+alr", "lora+alr", "full@alr-lr",

@@ -231,8 +231,8 @@ def test_init_hub_name_without_network_is_fast_and_says_what_to_do(w, tmp_path, 
 
 
 def test_world_and_demo_bad_flags(tmp_path, capsys):
-    import demo
-    import world
+    from experiments import demo
+    from experiments import world
     one_line_error(capsys, world.main, ["--out", str(tmp_path / "w"), "--new-frac", "-0.5"], "--new-frac")
     one_line_error(capsys, world.main, ["--out", ""], "--out")
     (tmp_path / "f").write_text("x")
@@ -241,8 +241,8 @@ def test_world_and_demo_bad_flags(tmp_path, capsys):
 
 
 def test_demo_world_twiki_forwards_to_the_driver(tmp_path, capsys, monkeypatch):
-    import demo
-    import twiki
+    from experiments import demo
+    from experiments import twiki
     seen = []
     monkeypatch.setattr(twiki, "main", lambda argv: seen.append(argv) or "ran")
     assert demo.main(["--world", "twiki", "--init", "gpt2", "--out", str(tmp_path), "--plan"]) == "ran"

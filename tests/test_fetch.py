@@ -15,7 +15,7 @@ import pytest
 
 import common
 import data
-import fetch
+from experiments import fetch
 from httpserver import HF, zip_bytes  # the `server` fixture comes from conftest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-import plot
+from experiments import plot
 import train
-from world import WorldConfig, make_world
+from experiments.world import WorldConfig, make_world
 
 
 @pytest.fixture(scope="module")

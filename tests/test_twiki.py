@@ -13,7 +13,7 @@ import pytest
 
 import model as M
 import probe
-import twiki
+from experiments import twiki
 from httpserver import HF, zip_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

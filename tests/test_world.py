@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-import world
+from experiments import world
 from data import load_tokenizer, read_probes
-from world import WorldConfig, make_world, world_matches
+from experiments.world import WorldConfig, make_world, world_matches
 
 FILES = ["t0.txt", "t0_facts.txt", "general_heldout.txt", "t1.txt", "diff.txt", "tokenizer.json", "world.json"] + [
     f"probes/{s}.jsonl" for s in ("updated", "unchanged", "new", "diag_updated", "diag_new")]

@@ -31,10 +31,10 @@ from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from trace import _collate, trace_norms
 from train import AdamW, make_param_groups
-from world import WorldConfig, make_world
+from experiments.world import WorldConfig, make_world
 
 # GPT-2 BPE offline, as the tests get it: tiktoken's files from ../shared unless TIKTOKEN_CACHE_DIR is set
-TIKTOKEN_CACHE = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
+TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -344,7 +344,7 @@ def _peak_rss_mb(code: str):
     if TIKTOKEN_CACHE.is_dir():
         env.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
     rss = "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"  # kB on Linux
-    out = subprocess.run([sys.executable, "-c", code + rss], cwd=Path(__file__).resolve().parent, env=env,
+    out = subprocess.run([sys.executable, "-c", code + rss], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"error: the measured run failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -359,7 +359,7 @@ def bench_tokenize(device="cpu", seed=0, n_tokens=20_000_000):
     the old reader held a Python list of every token (about 51 bytes per token: 1 GB at 20M tokens).
     The peak is the max RSS of a fresh process, minus that of one that only loads the tokenizer."""
     rng = random.Random(seed)
-    words = sorted({w for f in Path(__file__).resolve().parent.glob("*.md") for w in re.findall(r"[A-Za-z]+", f.read_text())})
+    words = sorted({w for f in Path(__file__).resolve().parents[1].glob("*.md") for w in re.findall(r"[A-Za-z]+", f.read_text())})
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "wikipedia_0809_gpt2.csv"
         with open(src, "w", newline="", encoding="utf-8") as f:  # ~5.3 characters per GPT-2 token in this text

@@ -22,7 +22,7 @@ import time
 import data
 import probe
 import trace as tgl_trace
-import world as tgl_world
+from experiments import world as tgl_world
 from common import Parser, fail, script, write_text
 from model import load_model, unit_names, unit_of
 
@@ -333,7 +333,7 @@ def main(argv=None):
             fail(f"--world {world!r}: use synthetic (the demo) or twiki (the paper's TemporalWiki protocol)", "demo.py")
         del argv[i:i + 2]
         if world == "twiki":
-            import twiki
+            from experiments import twiki
             return twiki.main(argv)
     args = parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
-import fetch
+from experiments import fetch
 from common import Parser, atomic_path, check_number, check_output, input_errors, read_json, script, write_text
 from model import HUB_NAMES
 
-HERE = Path(os.path.dirname(os.path.abspath(__file__)))  # as common.script builds paths
+HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
 PROG = "twiki.py"
 METHODS = ("full", "mixreview", "recadam", "lora")
 TGLS = ("none", "fp", "alr")
