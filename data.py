@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Parser, Progress, atomic_path, fail, not_utf8, read_json, write_text
+from common import Parser, atomic_path, fail, not_utf8, read_json, write_text
+from experiments.tools import Progress  # temporary
 
 # ----------------------------------------------------------------------------- tokenizers
 

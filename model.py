@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_path, download, one_line, read_json, write_text
+from common import atomic_path, download, read_json, write_text
+one_line = lambda e: " ".join(str(e).split())  # noqa: E731  (temporary)
 
 
 @dataclass

@@ -25,7 +25,8 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
-from common import Parser, check_number, check_output, fail as cli_fail, input_errors, read_text, write_text
+from common import Parser, check_output, fail as cli_fail, input_errors, read_text, write_text
+from experiments.tools import check_number  # temporary
 from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, merge_lora,
                    pick_device, save_checkpoint, unit_names, unit_of)
 

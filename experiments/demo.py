@@ -23,7 +23,8 @@ import data
 import probe
 import trace as tgl_trace
 from experiments import world as tgl_world
-from common import Parser, fail, script, write_text
+from common import Parser, fail, write_text
+from experiments.tools import script
 from model import load_model, unit_names, unit_of
 
 METHODS = ("full", "mixreview", "recadam", "lora")

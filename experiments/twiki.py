@@ -31,7 +31,8 @@ from pathlib import Path
 
 import data
 from experiments import fetch
-from common import Parser, atomic_path, check_number, check_output, input_errors, read_json, script, write_text
+from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
+from experiments.tools import check_number, script
 from model import HUB_NAMES
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths

@@ -214,11 +214,13 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert not stale.exists() and alive.exists() and target.exists()
 
 
-def test_model_config_errors_are_value_errors():
+def test_model_config_errors_are_value_errors(capsys):
     for bad in (dict(n_embd=16, n_head=3), dict(n_layer=0), dict(dropout=1.0)):
         with pytest.raises(ValueError, match="model config"):
             GPT(GPTConfig(**bad))
-    assert common.one_line(FileNotFoundError(2, "No such file or directory", "x.txt")) == "x.txt: No such file or directory"
+    with pytest.raises(SystemExit), common.input_errors("x"):
+        raise FileNotFoundError(2, "No such file or directory", "x.txt")
+    assert "x: error: x.txt: No such file or directory" in capsys.readouterr().err
 
 
 def test_init_hub_name_without_network_is_fast_and_says_what_to_do(w, tmp_path, capsys, monkeypatch):

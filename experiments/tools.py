@@ -1,0 +1,63 @@
+"""What the scripts under experiments/ share: launching the project's scripts, number checks, progress lines."""
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: the method's files
+
+
+def script(name: str, *args) -> list:
+    """argv that runs one of this project's scripts with this Python: a top-level file ("train.py") by path,
+    an experiment ("experiments.fetch") as a module (its imports need the root on sys.path, so cwd=ROOT)."""
+    if name.endswith(".py"):
+        return [sys.executable, str(ROOT / name), *map(str, args)]
+    return [sys.executable, "-m", name, *map(str, args)]
+
+
+def check_number(flag: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """A flag's value must be a finite number in [low, high] (open ends where asked): else one clear line."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (not integer or float(value).is_integer())
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{flag} must be a finite number {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.1f}h"
+
+
+
+class Progress:
+    """One self-overwriting line on stderr: done, rate and ETA. Silent for jobs shorter than
+    `after` seconds, so quick runs and tests print nothing."""
+
+    def __init__(self, what: str, total: int = 0, unit: str = "MB", scale: float = 1e6, start: int = 0, after=2.0):
+        self.what, self.total, self.unit, self.scale, self.after = what, total, unit, scale, after
+        self.t0, self.start, self.shown, self.printed = time.time(), start, 0.0, False
+
+    def update(self, done: int, total: int = None):
+        self.total = total or self.total
+        now = time.time()
+        if now - self.t0 < self.after or now - self.shown < 0.5:
+            return
+        self.shown, self.printed = now, True
+        rate = (done - self.start) / (now - self.t0)
+        of = f" of {self.total / self.scale:,.1f}" if self.total else ""
+        eta = f", ETA {_duration((self.total - done) / rate)}" if self.total and rate > 0 else ""
+        m = "" if self.unit == "MB" else "M "
+        print(f"\r{self.what}: {done / self.scale:,.1f}{of} {m}{self.unit}, {rate / self.scale:,.2f} {m}{self.unit}/s{eta}   ",
+              end="", file=sys.stderr, flush=True)
+
+    def close(self, done: int):
+        if self.printed:
+            self.shown = 0.0
+            self.update(done)
+            print(file=sys.stderr)
