@@ -2,10 +2,12 @@
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import MISSING, field, fields, is_dataclass
 
 
 def fail(msg: str, prog: str = "", code: int = 2):
@@ -31,6 +33,54 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(message, prog=self.prog)
+
+
+def flag(default, help: str, resume_free=False, **argparse_kw):
+    """A config field that is also a command-line flag (--field-name); argparse keywords ride along.
+    resume_free: the flag may change when a run is resumed (it does not change what the run computes)."""
+    factory = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
+    return field(**factory, metadata=dict(help=help, resume_free=resume_free, argparse=argparse_kw))
+
+
+def add_flags(parser, config):
+    """The flags of a config dataclass, from its fields: the one place a script's flags are declared.
+    A field whose default is itself a dataclass (e.g. train's Selection) adds that one's flags too."""
+    for f in fields(config):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if is_dataclass(default):
+            add_flags(parser, default)
+        elif "help" in f.metadata:
+            kw = dict(f.metadata["argparse"], help=f.metadata["help"])
+            if isinstance(default, bool):
+                kw["action"] = "store_true"
+            elif default is not None and "type" not in kw and "nargs" not in kw:
+                kw["type"] = type(default)
+            parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kw)
+
+
+def from_args(config, args):
+    """A config dataclass filled from parsed flags (nested dataclasses too)."""
+    values = {}
+    for f in fields(config):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        values[f.name] = from_args(type(default), args) if is_dataclass(default) else getattr(args, f.name)
+    return config(**values)
+
+
+def number(interval: str, kind=float):
+    """An argparse type for a finite number in an interval such as "[0, 1)" or "(0, inf)"; kind int or float."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want {kind.__name__}, got {text!r}") from None
+        inside = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
+        if not (math.isfinite(v) and inside):
+            raise argparse.ArgumentTypeError(f"want a finite {kind.__name__} in {interval}, got {text}")
+        return v
+    return parse
 
 
 def check_output(path, flag: str, kind: str = "file"):

@@ -22,7 +22,7 @@ import time
 import data
 import probe
 import trace as tgl_trace
-from experiments import world as tgl_world
+from experiments import plot, world as tgl_world
 from common import Parser, fail, write_text
 from experiments.tools import script
 from model import load_model, unit_names, unit_of
@@ -133,11 +133,12 @@ def run_trace(args, cfg, seed, root, lm_text, name):
     path = os.path.join(root, f"{name}.json")
     targv = ["--init", base, "--probes", *diag, "--text", os.path.join(world_dir, lm_text), "--out", path,
              "--n-span", cfg["n_span"], "--n-lm", cfg["n_lm"], "--seed", seed, "--rank-units", RANK_UNITS]
-    if args.plot:
-        targv += ["--plot", os.path.join(root, f"{name}.png")]
     print(f"[seed {seed}] tracing against {lm_text}:\n  {sh(['trace.py', *map(str, targv)])}", flush=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the side-by-side profile below says it shorter
-        return tgl_trace.main([str(a) for a in targv])
+        d = tgl_trace.main([str(a) for a in targv])
+    if args.plot:
+        plot.trace_png(d, os.path.join(root, f"{name}.png"))
+    return d
 
 
 def profile_table(traces: dict) -> str:

@@ -1,7 +1,9 @@
-"""The paper's Figure 1 for our runs: loss, probe perplexity and per-unit gradient norms over training.
+"""The paper's figures for our runs. Figure 1: loss, probe perplexity and per-unit gradient norms over
+training; Figure 2: a trace's relative gradient norm per layer.
 
-    python plot.py out/demo/seed0/runs/full+none out/demo/seed0/runs/full+fp        # terminal
-    python plot.py RUN... --png figure1.png                                         # and a PNG (matplotlib)
+    python -m experiments.plot out/demo/seed0/runs/full+none out/demo/seed0/runs/full+fp   # terminal
+    python -m experiments.plot RUN... --png figure1.png                                    # and a PNG (matplotlib)
+    python -m experiments.plot --trace out/demo/seed0/trace.json --png trace.png           # Figure 2 as a PNG
 
 Reads each run's metrics.jsonl (train.py writes a line every --log-every updates, with the
 per-unit gradient norms before clipping, and the probe scores every --eval-every updates).
@@ -10,7 +12,8 @@ The terminal view is always there (one sparkline per series); the PNG needs matp
 import json
 import os
 
-from common import Parser, fail, write_text
+from common import Parser, fail, input_errors, write_text
+from trace import load_trace
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -60,10 +63,40 @@ def terminal(runs: dict, width=40) -> str:
     return "\n".join(lines)
 
 
+def need_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        fail("matplotlib is needed for --png: pip install matplotlib")
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def trace_png(d: dict, path):
+    """Figure 2 as a PNG: per split, relative gradient norm per layer, attention and MLP bars side by side."""
+    plt = need_matplotlib()
+    names = list(d["splits"])
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        rgn = d["splits"][name]["rgn"]
+        layers = sorted({int(u.split(".")[1]) for u in rgn if u.startswith("h.")})
+        for off, sub in ((-0.2, "attn"), (0.2, "mlp")):
+            ax.bar([i + off for i in layers], [rgn.get(f"h.{i}.{sub}", 0.0) for i in layers], width=0.4, label=sub)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("rgn")
+        ax.set_xticks(layers)
+    axes[-1, 0].set_xlabel("layer")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=8)
+    fig.suptitle("span / LM gradient norm per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def png(runs: dict, path):
     """Top: loss and probe perplexity (colour per run, line style per split); below, one panel per run:
     gradient norm per unit (attention solid, MLP dashed, colour by layer)."""
-    from trace import need_matplotlib
     plt = need_matplotlib()
     n = len(runs)
     fig = plt.figure(figsize=(10, 3.2 * (1 + n)))
@@ -102,7 +135,8 @@ def png(runs: dict, path):
 
 def main(argv=None):
     ap = Parser(prog="plot.py", description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="train.py run folders (or metrics.jsonl files)")
+    ap.add_argument("runs", nargs="*", help="train.py run folders (or metrics.jsonl files)")
+    ap.add_argument("--trace", help="a trace.py output: draw its Figure 2 into --png instead")
     ap.add_argument("--png", help="also write the figure here (needs matplotlib)")
     ap.add_argument("--units", help="comma list of units to show (default: all)")
     ap.add_argument("--width", type=int, default=40, help="sparkline width in characters")
@@ -111,8 +145,14 @@ def main(argv=None):
     if args.width < 2:
         ap.error("--width must be >= 2")
     if args.png:
-        from trace import need_matplotlib
         need_matplotlib()  # fail before reading anything
+    if bool(args.trace) == bool(args.runs) or (args.trace and not args.png):
+        ap.error("give run folders, or --trace FILE with --png")
+    if args.trace:
+        with input_errors("plot.py"):
+            trace_png(load_trace(args.trace), args.png)
+        print(f"wrote {args.png}")
+        return None
     runs = {}
     for r in args.runs:
         s = series(read_metrics(r))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import trace as tgl_trace
+from experiments import plot
 from model import GPT, GPTConfig, add_lora, save_checkpoint, unit_names, unit_of
-from trace import GradNormHooks, select, trace, unit_grad_norms
+from trace import GradNormHooks, grad_norms, select, trace
 
 V = 64
 
@@ -97,8 +98,11 @@ def test_tied_weight_counted_once():
     with GradNormHooks(model) as hooks:
         _, loss = model(torch.tensor([idx]), torch.tensor([tgt]))
         loss.backward()
-        got = hooks.sq_norms()["embed"]
+        got = hooks.norms()["embed"] ** 2
     assert len(calls) == 1  # one hook call per backward for the tied weight
+    assert model.transformer.wte.weight.grad is None  # read, then dropped: tracing keeps no gradient
+    _, loss = model(torch.tensor([idx]), torch.tensor([tgt]))
+    loss.backward()  # the same backward without hooks
     g = model.transformer.wte.weight.grad  # embedding + lm_head contributions, summed by autograd
     want = g.square().sum().item() + model.transformer.wpe.weight.grad.square().sum().item()
     assert got == pytest.approx(want, rel=1e-5)  # counted twice would be about 2x
@@ -109,11 +113,10 @@ def test_every_param_in_exactly_one_unit():
     for p in model.parameters():
         p.requires_grad_(True)
     hooks = GradNormHooks(model)
-    assert hooks.units == unit_names(2)
     names = [n for n, _ in model.named_parameters()]
-    assert len(names) == len(set(names)) == len(hooks.params)
-    assert all(unit_of(n) in hooks.units for n in names)
-    assert hooks._unit_idx.bincount(minlength=len(hooks.units)).sum() == len(names)
+    assert len(names) == len(set(names)) == len(hooks.named)
+    assert all(unit_of(n) in unit_names(2) for n in names)
+    assert list(hooks.norms()) == unit_names(2)
 
 
 def test_state_untouched_and_deterministic():
@@ -141,24 +144,26 @@ def test_hooks_removed_after_context():
     hooks.reset()
     _, loss = model(torch.tensor([idx]), torch.tensor([tgt]))
     loss.backward()
-    assert all(v == 0 for v in hooks.sq_norms().values())
-    assert model.transformer.wte.weight.grad is not None  # the backward did run
+    assert all(v == 0 for v in hooks.norms().values())
+    assert model.transformer.wte.weight.grad is not None  # the backward did run and kept its gradient
 
 
-def test_accumulated_gradient_norms():
-    """free_grads=False: after the last micro-step the record is the norm of the summed .grad."""
+def test_training_grad_norms_are_of_the_accumulated_gradient():
+    """train.py logs grad_norms(model) after the last micro-step: the norm of the summed .grad, per unit,
+    which equals autograd's gradient of the summed loss."""
     model = tiny()
     span, _ = examples()
-    with GradNormHooks(model) as hooks:
-        for idx, tgt in span[:3]:  # three micro-steps into one .grad
-            _, loss = model(torch.tensor([idx]), torch.tensor([tgt]))
-            (loss / 3).backward()
-        assert_close(hooks.norms(), unit_grad_norms(model))
-        hooks.enabled = False  # a disabled hook records nothing new
-        hooks.reset()
-        _, loss = model(torch.tensor([span[3][0]]), torch.tensor([span[3][1]]))
-        loss.backward()
-        assert all(v == 0 for v in hooks.sq_norms().values())
+    for idx, tgt in span[:3]:  # three micro-steps into one .grad
+        _, loss = model(torch.tensor([idx]), torch.tensor([tgt]))
+        (loss / 3).backward()
+    got = grad_norms(model)
+    model.zero_grad()
+    loss = sum(model(torch.tensor([i]), torch.tensor([t]))[1] for i, t in span[:3]) / 3
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    sq = {}
+    for (n, _), g in zip(model.named_parameters(), grads):
+        sq[unit_of(n)] = sq.get(unit_of(n), 0.0) + g.double().square().sum().item()
+    assert_close(got, {u: math.sqrt(v) for u, v in sq.items()})
 
 
 def test_trace_batch_is_norm_of_mean():
@@ -263,18 +268,19 @@ def test_cli_errors(world, capsys, monkeypatch):
         tgl_trace.main(base[:3] + [str(world / "missing.jsonl")] + base[4:])
     assert e.value.code == 2 and "missing.jsonl" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    tgl_trace.main(base)
     with pytest.raises(SystemExit) as e:
-        tgl_trace.main(base + ["--plot", str(world / "p.png")])
+        plot.main(["--trace", str(world / "x.json"), "--png", str(world / "p.png")])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: matplotlib is needed for --plot: pip install matplotlib"
+    assert capsys.readouterr().err.strip() == "error: matplotlib is needed for --png: pip install matplotlib"
 
 
 def test_cli_plot(world):
     pytest.importorskip("matplotlib")
-    png = world / "trace.png"
+    png, t = world / "trace.png", str(world / "t.json")
     tgl_trace.main(["--init", str(world / "run"), "--probes", str(world / "diag_new.jsonl"), "--text",
-                    str(world / "t0.txt"), "--out", str(world / "t.json"), "--n-lm", "1", "--block-size", "8",
-                    "--plot", str(png)])
+                    str(world / "t0.txt"), "--out", t, "--n-lm", "1", "--block-size", "8"])
+    plot.main(["--trace", t, "--png", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -314,8 +320,10 @@ def test_selection_flags_are_declared_once_for_trace_and_train():
     import argparse
     import train
     flags = {"--select", "--rank-units", "--alr-norm", "--floor", "--trace-split", "--control"}
-    parser = argparse.ArgumentParser()
-    tgl_trace.add_selection_args(parser)
-    assert flags <= set(parser._option_string_actions)
-    args = train.get_args(["--data", __file__, "--control", "random:2", "--rank-units", "mlp"])
-    assert args.selection == tgl_trace.Selection(rank_units="mlp", control="random:2")
+    from common import add_flags
+    for config in (tgl_trace.TraceConfig, train.Config):  # each declares them by holding a Selection
+        parser = argparse.ArgumentParser()
+        add_flags(parser, config)
+        assert flags <= set(parser._option_string_actions)
+    cfg = train.get_config(["--data", __file__, "--control", "random:2", "--rank-units", "mlp"])
+    assert cfg.selection == tgl_trace.Selection(rank_units="mlp", control="random:2")

@@ -1,4 +1,5 @@
 """train.py: optimizer parity, freezing, ALR scales, methods, resume, DDP, failure modes. Tiny configs."""
+import dataclasses
 import json
 import os
 import random
@@ -169,7 +170,7 @@ def test_recadam_gamma0_is_adamw_and_gamma_pulls(world, tmp_path):
 def test_mixreview_share():
     args = Namespace(batch_size=8, block_size=4, seed=0, replay_ratio=0.25, replay_decay=0.5, steps=10)
     new, old = np.arange(0, 100) % 50, np.arange(100, 300)  # replay tokens are >= 100
-    s = train.Stream(new, old, args)
+    s = train.Stream(new, old, args, args.block_size)
     shares = []
     for step in range(10):
         x, y = s.next(step)
@@ -294,12 +295,12 @@ def test_clip_by_unit_is_the_same_whichever_units_train():
     assert torch.equal(clipped("unit", True), clipped("unit", False))
     assert clipped("unit", True).norm().item() == pytest.approx(1 / 2 ** 0.5)
     assert not torch.allclose(clipped("global", True), clipped("global", False))
-    assert train.get_args(["--data", __file__]).clip_by == "unit"
+    assert train.get_config(["--data", __file__]).clip_by == "unit"
 
 
 def test_mixreview_replay_decays_by_default():
-    args = train.get_args(["--data", __file__, "--method", "mixreview", "--replay-data", __file__, "--steps", "100"])
-    s = train.Stream(torch.arange(500), torch.arange(500), Namespace(**dict(vars(args), batch_size=16, block_size=4)))
+    args = train.get_config(["--data", __file__, "--method", "mixreview", "--replay-data", __file__, "--steps", "100"])
+    s = train.Stream(torch.arange(500), torch.arange(500), dataclasses.replace(args, batch_size=16), 4)
     assert s.n_replay(0) == 4 and s.n_replay(99) == 1  # 0.25 of the batch at the start, a quarter of that at the end
 
 

@@ -86,7 +86,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
         assert r["val_ppl"] > 1.0, r
     for arm in arms:  # stage 2 trains on from the same arm's stage 1 run, and traced that model
         ck = M.load_checkpoint(out / "stage2" / arm / M.CKPT_NAME)
-        assert ck["run_flags"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 512 tokens / (4 x 32)
+        assert ck["train_config"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 512 tokens / (4 x 32)
         assert json.loads((out / "stage2" / f"trace-{arm}.json").read_text())["model"] == str(out / "stage1" / arm)
     full, mix = (r["probes"]["changed"]["ppl"] for r in rows[1:3])
     assert full != mix  # Mix-Review replayed old text (1 of each 4 windows)
