@@ -141,20 +141,6 @@ def test_lora_fp_adapters_only_in_selected_units(world, tmp_path):
     assert any(not torch.equal(w, torch.zeros_like(w)) for n, w in after.items() if "lora_B" in n)
 
 
-def test_embed_rows_seen_leaves_unseen_rows(world, tmp_path):
-    run(world, tmp_path / "seen", "--embed-rows", "seen", "--weight-decay", "0.1")
-    tok = data.WordTokenizer.load(str(world.dir / "tokenizer.json"))
-    unused = [tok.index[f"z{i}"] for i in range(20)]
-    b, a = weights(world.base)["transformer.wte.weight"], weights(tmp_path / "seen")["transformer.wte.weight"]
-    assert torch.equal(a[unused], b[unused])
-    used = [tok.index[f"a{i}"] for i in range(40)]
-    assert not torch.equal(a[used], b[used])
-    m = load_checkpoint(tmp_path / "seen" / "ckpt.pt")["optimizer"]["m"][0]  # wte is the first parameter
-    assert m[unused].abs().sum() == 0
-    run(world, tmp_path / "all")  # without the option every row moves (tied LM head)
-    assert not torch.equal(weights(tmp_path / "all")["transformer.wte.weight"][unused], b[unused])
-
-
 def test_recadam_gamma0_is_adamw_and_gamma_pulls(world, tmp_path):
     run(world, tmp_path / "full", "--weight-decay", "0.1")
     run(world, tmp_path / "rec0", "--method", "recadam", "--recadam-gamma", "0", "--weight-decay", "0.1")
