@@ -9,12 +9,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import MISSING, field, fields, is_dataclass
 
-
 def fail(msg: str, prog: str = "", code: int = 2):
     """Bad input: one line on stderr ("prog: error: ..."), a non-zero exit, no traceback."""
     print(f"{prog + ': ' if prog else ''}error: {' '.join(str(msg).split())}", file=sys.stderr)
     raise SystemExit(code)
-
 
 @contextmanager
 def input_errors(prog: str):
@@ -27,20 +25,17 @@ def input_errors(prog: str):
         named = isinstance(e, OSError) and e.filename is not None and e.strerror
         fail(f"{e.filename}: {e.strerror}" if named else str(e) or type(e).__name__, prog)
 
-
 class Parser(argparse.ArgumentParser):
     """argparse whose own errors (unknown flag, bad type) are one line too, with no usage block."""
 
     def error(self, message):
         fail(message, prog=self.prog)
 
-
 def flag(default, help: str, resume_free=False, **argparse_kw):
     """A config field that is also a command-line flag (--field-name); argparse keywords ride along.
     resume_free: the flag may change when a run is resumed (it does not change what the run computes)."""
     factory = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
     return field(**factory, metadata=dict(help=help, resume_free=resume_free, argparse=argparse_kw))
-
 
 def add_flags(parser, config):
     """The flags of a config dataclass, from its fields: the one place a script's flags are declared.
@@ -57,7 +52,6 @@ def add_flags(parser, config):
                 kw["type"] = type(default)
             parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kw)
 
-
 def from_args(config, args):
     """A config dataclass filled from parsed flags (nested dataclasses too)."""
     values = {}
@@ -65,7 +59,6 @@ def from_args(config, args):
         default = f.default if f.default is not MISSING else f.default_factory()
         values[f.name] = from_args(type(default), args) if is_dataclass(default) else getattr(args, f.name)
     return config(**values)
-
 
 def number(interval: str, kind=float):
     """An argparse type for a finite number in an interval such as "[0, 1)" or "(0, inf)"; kind int or float."""
@@ -82,7 +75,6 @@ def number(interval: str, kind=float):
         return v
     return parse
 
-
 def check_output(path, flag: str, kind: str = "file"):
     """Before slow work: `path` can be written as a `kind` ("file" or "dir")."""
     if not path:
@@ -94,11 +86,9 @@ def check_output(path, flag: str, kind: str = "file"):
     if kind == "file" and not os.path.isdir(os.path.dirname(path) or "."):
         raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist; create it first")
 
-
 def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
     """The codec's own message names a byte, not the file."""
     return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8")
-
 
 def read_text(path) -> str:
     try:
@@ -107,13 +97,11 @@ def read_text(path) -> str:
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from None
 
-
 def read_json(path):
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -123,7 +111,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         pass  # another user's live process
     return True
-
 
 @contextmanager
 def atomic_path(path):
@@ -141,11 +128,9 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def write_text(path, text: str):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-
 
 def _get(url, part, timeout, size) -> int:
     """One request, appended to `part` from its size (HTTP Range). Returns the full size announced (0: unknown)."""
@@ -181,7 +166,6 @@ def _get(url, part, timeout, size) -> int:
                     shown = time.time()
                     print(f"{url.rsplit('/', 1)[-1]}: {done / 1e6:,.0f} of {(total or size) / 1e6:,.0f} MB", file=sys.stderr)
     return total
-
 
 def download(url: str, dest: str, retries: int = 3, timeout=30.0, size: int = 0) -> str:
     """url -> dest, through dest.part, renamed only once complete (of the announced size, and of `size`

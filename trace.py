@@ -4,8 +4,7 @@
          span_norm[u] = mean over probes of ||grad_u L_span||   (the loss on the answer tokens only)
          lm_norm[u]   = mean over random windows of old text of ||grad_u L_lm||
          rgn[u]       = span_norm[u] / lm_norm[u]
-  2. Select. tgl_plan() turns a trace into one number per unit for the optimizer: 0 (frozen, TGL+FP)
-     or an LR scale (TGL+ALR). It is the one place a TGL choice is made; train.py is step 3.
+  2. Select. tgl_plan() turns a trace into a number per unit: 0 (frozen, TGL+FP) or an LR scale (TGL+ALR).
 
     python trace.py --init RUN --probes diag_updated.jsonl diag_new.jsonl --text t0.txt --out trace.json
 """
@@ -24,15 +23,12 @@ from model import autocast, load_model, pick_device, unit_names, unit_of, unwrap
 
 # ----------------------------------------------------------------------------- step 1: gradient norms per unit
 
-
 def unit_norms(named_norms, n_layer: int) -> dict:
-    """{unit: norm} from [(parameter name, ||grad||)]: a unit's norm is the 2-norm of all its parameters'
-    gradients together, i.e. the root of the sum of their squared norms. One sync."""
+    """{unit: norm} from [(parameter name, ||grad||)]: the 2-norm of all the unit's gradients together. One sync."""
     units = [u for u in unit_names(n_layer) if u in {unit_of(n) for n, _ in named_norms}]
     idx = torch.tensor([units.index(unit_of(n)) for n, _ in named_norms], device=named_norms[0][1].device)
     sq = torch.stack([norm for _, norm in named_norms]).square()  # (P,)
     return dict(zip(units, torch.zeros(len(units), device=sq.device).index_add_(0, idx, sq).sqrt().tolist()))
-
 
 def grad_norms(model) -> dict:
     """{unit: norm} of the gradients now in .grad: training's log (after DDP's all-reduce, so every rank agrees)."""
@@ -40,23 +36,19 @@ def grad_norms(model) -> dict:
              for n, p in model.named_parameters() if p.grad is not None]
     return unit_norms(named, unwrap(model).config.n_layer) if named else {}
 
-
 class GradNormHooks:
-    """One hand-written hook per parameter: it records ||grad|| of that backward and drops the gradient.
+    """One hand-written hook per parameter that requires grad: it records ||grad|| and drops the gradient.
 
-    Why a post-accumulate hook on the Parameter, not a hook on its gradient tensor: a tensor hook fires
-    once per *use* (the tied wte is used twice, as embedding and LM head) and would see partial
-    gradients; this one fires once, on the finished sum, which is the parameter's gradient. Dropping
-    p.grad right after means every backward starts from nothing and no full gradient is ever kept:
-    tracing costs a forward and a backward, not the optimizer's memory. Only parameters that require
-    grad get hooks. Norms stay on the device until read (.norms(): one sync).
+    Why a post-accumulate hook on the Parameter, not a hook on its gradient tensor: a tensor hook fires once
+    per *use* (the tied wte is used twice, as embedding and LM head) and would see partial gradients; this
+    one fires once, on the finished sum. Dropping p.grad right after means every backward starts from
+    nothing and no full gradient is ever kept: tracing costs a forward and a backward, no optimizer memory.
     """
 
     def __init__(self, model):
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.named, self.n_layer = [(n, p) for n, p in model.named_parameters() if p.requires_grad], model.config.n_layer
         if not self.named:
             raise ValueError("no parameter requires grad: nothing to trace")
-        self.n_layer, self._handles = unwrap(model).config.n_layer, []
         self.reset()
 
     def _hook(self, i):
@@ -76,14 +68,13 @@ class GradNormHooks:
     def reset(self):
         self._norms = [torch.zeros((), device=p.device) for _, p in self.named]
 
-    def norms(self) -> dict:
+    def norms(self) -> dict:  # one sync
         return unit_norms([(n, v) for (n, _), v in zip(self.named, self._norms)], self.n_layer)
-
 
 @contextmanager
 def _tracing(model, all_params: bool):
-    """Eval mode (dropout off: the norms are of the model's gradient, not of a random sub-network), grads
-    on, old .grad set aside; on exit every flag, mode and .grad is as it was."""
+    """Eval mode (dropout off: the norms are of the model's gradient, not a random sub-network's), grads on,
+    .grad set aside; on exit every flag, mode and .grad is as it was."""
     params = list(model.parameters())
     flags, grads, was_training = [p.requires_grad for p in params], [p.grad for p in params], model.training
     try:
@@ -99,20 +90,17 @@ def _tracing(model, all_params: bool):
             p.grad = g
         model.train(was_training)
 
-
 def collate(examples, device):
-    """Right-pad [(idx, targets)] to (B, T) tensors; padding has target -1, and with a causal model right
-    padding does not change the logits of the real positions."""
+    """Right-pad [(idx, targets)] to (B, T); padding has target -1 (and, causal, leaves real logits alone)."""
     T = max(len(idx) for idx, _ in examples)
     x, y = torch.zeros(len(examples), T, dtype=torch.long), torch.full((len(examples), T), -1)
     for b, (idx, tgt) in enumerate(examples):
         x[b, :len(idx)], y[b, :len(tgt)] = torch.tensor(idx), torch.tensor(tgt)
     return x.to(device), y.to(device)
 
-
 def trace_norms(model, example_sets: dict, trace_batch=1, device=None, all_params=False) -> dict:
-    """{name: ({unit: mean gradient norm}, number of backward passes)} for named sets of (idx, targets).
-    Traces the parameters that require grad (a LoRA model: its adapters), or all with all_params."""
+    """{name: ({unit: mean gradient norm}, backward passes)} for named sets of (idx, targets) examples, over
+    the parameters that require grad (a LoRA model: its adapters), or all of them with all_params."""
     if trace_batch < 1:
         raise ValueError("trace_batch must be >= 1")
     for name, examples in example_sets.items():
@@ -137,7 +125,6 @@ def trace_norms(model, example_sets: dict, trace_batch=1, device=None, all_param
             out[name] = ({u: v / n for u, v in total.items()}, n)
     return out
 
-
 def result(span, lm) -> dict:
     """A trace from the span and LM norms, each ({unit: mean norm}, passes)."""
     # The ratio, not the span norm alone, is what the method ranks: some units have large gradients for any
@@ -147,10 +134,8 @@ def result(span, lm) -> dict:
     return {"units": list(s), "span_norm": s, "lm_norm": m, "n_span": n_span, "n_lm": n_lm,
             "rgn": {u: s[u] / m[u] if m[u] > 0 else 0.0 for u in s}}
 
-
 def trace(model, span_examples, lm_windows, trace_batch=1, device=None, all_params=False) -> dict:
-    """Per-unit span norm, LM norm and relative norm of (idx, targets) examples: span examples from
-    data.span_example, LM windows w as (w[:-1], w[1:]). Weights, .grad, flags and mode are left as they were."""
+    """Span norm, LM norm and rgn per unit, from data.span_example examples and LM windows w as (w[:-1], w[1:])."""
     t = trace_norms(model, {"span": span_examples, "lm": lm_windows}, trace_batch, device, all_params)
     return result(t["span"], t["lm"])
 
@@ -158,22 +143,17 @@ def trace(model, span_examples, lm_windows, trace_batch=1, device=None, all_para
 
 DEFAULT_FLOOR = 0.01  # ALR's smallest LR scale: no unit is frozen by ALR unless --floor 0 asks for it
 
-
 @dataclass
 class Selection:
-    """How a trace becomes TGL's per-unit choice; one definition for trace.py and train.py. The paper leaves
-    these choices open, so each is a flag with a documented default."""
-    select: str = flag("mean", "fp rule: mean (rgn above the mean of the ranked units), topk:K or frac:F")
+    """How a trace becomes TGL's per-unit choice, for trace.py and train.py. The paper leaves these open: flags."""
+    select: str = flag("mean", "fp rule: mean (rgn above the mean), topk:K or frac:F")
     # Default blocks: the paper's figures and selection are per layer, and letting FP freeze the tied
     # embedding cost more learning than anything else tried; embed and ln_f then always train.
-    rank_units: str = flag("blocks", "units ranked by the selection: all, blocks, attn, mlp or a comma list; "
-                           "units not ranked always train")
+    rank_units: str = flag("blocks", "units ranked: all, blocks, attn, mlp or a list; the others always train")
     alr_norm: str = flag("max", "alr scale: rgn/max (paper) or rgn/mean capped at 1", choices=["max", "mean"])
     floor: float = flag(DEFAULT_FLOOR, "alr: smallest LR scale (0 lets alr freeze units)", type=number("[0, 1]"))
-    trace_split: str = flag("all", "which traced split's relative norms select units (all, updated, new, ...)")
-    control: str = flag("none", "a control for the selection: none; complement (fp: train the ranked units TGL "
-                        "would freeze); random:SEED (fp: as many ranked units, drawn at random; alr: TGL's scales "
-                        "shuffled among the ranked units)")
+    trace_split: str = flag("all", "the traced split whose rgn selects (all, updated, new, ...)")
+    control: str = flag("none", "none, complement or random:SEED (see tgl_plan)")
 
     def check(self):
         """Raise ValueError naming the flag at fault, before any slow work."""
@@ -184,7 +164,6 @@ class Selection:
         if self.control not in ("none", "complement") and not (kind == "random" and seed.lstrip("-").isdigit()):
             raise ValueError(f"bad --control {self.control!r}: use none, complement or random:SEED (an integer)")
         return self
-
 
 def rule(text: str):
     """--select: 'mean' | 'topk:K' (K >= 1) | 'frac:F' (0 < F <= 1) -> (kind, value)."""
@@ -200,7 +179,6 @@ def rule(text: str):
         pass
     raise ValueError(f"bad --select {text!r}: use mean, topk:K (K >= 1) or frac:F (0 < F <= 1)")
 
-
 def resolve_units(spec: str, units) -> list:
     """--rank-units: all | blocks | attn | mlp | a comma list of unit names."""
     pick = {"all": lambda u: True, "blocks": lambda u: u.startswith("h."), "attn": lambda u: u.endswith(".attn"),
@@ -209,7 +187,6 @@ def resolve_units(spec: str, units) -> list:
     if not chosen or any(u not in units for u in chosen):
         raise ValueError(f"bad --rank-units {spec!r}: use all, blocks, attn, mlp or unit names from {list(units)}")
     return chosen
-
 
 def select(rgn: dict, mode="fp", rule_="mean", units=None, alr_norm="max", floor=DEFAULT_FLOOR) -> dict:
     """{unit: scale} from relative norms; only `units` (default: all) are ranked, the others keep 1.0.
@@ -232,7 +209,6 @@ def select(rgn: dict, mode="fp", rule_="mean", units=None, alr_norm="max", floor
     ref = max(values) if alr_norm == "max" else sum(values) / len(values)
     return dict(scales, **{u: max(floor, min(1.0, rgn[u] / ref)) if ref > 0 else 1.0 for u in ranked})
 
-
 def control(scales: dict, mode: str, spec: str, ranked: list) -> dict:
     """The controls ask "does the trace pick better units than chance?"; unranked units are untouched.
     complement (fp): the ranked units TGL would freeze train, and those it would train are frozen.
@@ -250,7 +226,6 @@ def control(scales: dict, mode: str, spec: str, ranked: list) -> dict:
     shuffled = [scales[u] for u in ranked]
     rng.shuffle(shuffled)
     return dict(scales, **dict(zip(ranked, shuffled)))
-
 
 def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
     """THE place where TGL decides: a trace -> {unit: lr scale} for every unit of a model with these
@@ -272,10 +247,9 @@ def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
 
 # ----------------------------------------------------------------------------- probe files in, trace file out
 
-
 @dataclass
 class TraceConfig:
-    """trace.py's flags, one field each."""
+    """trace.py's flags."""
     init: str = flag(None, "model: run folder, ckpt.pt, local HF folder or hub name", required=True)
     probes: list = flag([], "diagnostic probe files (any format data.read_probes reads)", nargs="+", required=True)
     text: str = flag(None, "old (pretraining-like) text for the LM windows: file or folder", required=True)
@@ -290,7 +264,6 @@ class TraceConfig:
     seed: int = flag(0, "seed of the probe sample and the LM windows")
     device: str = flag("auto", "cpu, cuda, mps or auto")
     selection: Selection = field(default_factory=Selection)
-
 
 def probe_sets(cfg: TraceConfig, tokenizer, block_size: int) -> dict:
     """{split: [(idx, targets)]}: up to n_span probes per split, a sample seeded by (seed, split); each
@@ -307,7 +280,6 @@ def probe_sets(cfg: TraceConfig, tokenizer, block_size: int) -> dict:
         examples = [data.span_example(tokenizer, p.prompt, p.answers[0]) for p in probes]
         sets[name] = [(i[-block_size:], t[-block_size:]) for i, t in examples if any(v != -1 for v in t[-block_size:])]
     return sets
-
 
 def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     """Trace probe files against old text: per split and all splits together, against one shared set of LM
@@ -336,7 +308,6 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
                           alr=tgl_plan(d, "alr", cfg.selection, units))
     return d
 
-
 def load_trace(path) -> dict:
     """A trace file, checked: a dict with 'rgn' {unit: number}; anything else is one clear error."""
     d = read_json(path)
@@ -345,7 +316,6 @@ def load_trace(path) -> dict:
     return d
 
 # ----------------------------------------------------------------------------- report
-
 
 def bar_chart(rgn: dict, title: str, width: int = 40, mark=()) -> str:
     """The paper's Figure 2 in text: a row per unit in network order, bar length relative to the largest
@@ -359,7 +329,6 @@ def bar_chart(rgn: dict, title: str, width: int = 40, mark=()) -> str:
         bar = ("█" * full + (eighths[part] if part else "")).ljust(width)
         lines.append(f"{label:>10} │{bar} {rgn[u]:.3f}{' *' if u in mark else ''}")
     return "\n".join(lines)
-
 
 def report(d: dict) -> str:
     """A row per unit (span norm, LM norm, rgn of every split, FP mask, ALR scale), then a chart per split."""
@@ -378,7 +347,6 @@ def report(d: dict) -> str:
         rows.append(bar_chart(s["rgn"], title, mark={u for u, v in fp.items() if v}))
     return "\n".join(rows)
 
-
 def main(argv=None) -> dict:
     parser = Parser(prog="trace.py", description=__doc__.split("\n")[0])
     add_flags(parser, TraceConfig)
@@ -395,7 +363,6 @@ def main(argv=None) -> dict:
         write_text(cfg.out, json.dumps(d, indent=1))
         print(report(d) + f"\n\nwrote {cfg.out}")
     return d
-
 
 if __name__ == "__main__":
     main()

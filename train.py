@@ -29,7 +29,6 @@ from model import save_checkpoint, unit_names, unit_of
 INT, POS, NONNEG, UNIT = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)"), number("[0, 1)")
 REAL = number("(-inf, inf)")
 
-
 @dataclass
 class Config:
     """train.py's flags, one field each. The checkpoint records them; --resume refuses to change any
@@ -117,7 +116,6 @@ class Config:
 
 # ----------------------------------------------------------------------------- the optimizer
 
-
 class AdamW:
     """AdamW (Loshchilov & Hutter 2019), written out. For each parameter, at update t:
 
@@ -174,7 +172,6 @@ class AdamW:
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, d["m"] + d["v"]):
             dst.copy_(src)
 
-
 def make_param_groups(model, scales=None):
     """One group per unit that trains, in network order. `scales` is tgl_plan's {unit: scale}; a missing
     unit (or no TGL) trains at 1.0. Parameters already frozen (LoRA's base weights) stay out."""
@@ -189,7 +186,6 @@ def make_param_groups(model, scales=None):
     # TGL step 3, ALR: each unit's group carries its scale; AdamW trains it at lr * lr_scale
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
-
 def clip_gradients(opt, max_norm, by, n_units):
     """Clipping that treats every arm alike. A global norm over the *trained* parameters is smaller when FP
     freezes units, so FP runs would be clipped less. Per unit, each unit is clipped to max_norm / sqrt(n_units)
@@ -198,7 +194,6 @@ def clip_gradients(opt, max_norm, by, n_units):
     for params in [opt.params] if by == "global" else [g["params"] for g in opt.param_groups]:
         torch.nn.utils.clip_grad_norm_(params, max_norm if by == "global" else max_norm / math.sqrt(n_units),
                                        foreach=True)
-
 
 def lr_at(step, cfg: Config):
     """Base learning rate of update `step` (0-based): linear warmup, then cosine, linear or no decay."""
@@ -210,14 +205,12 @@ def lr_at(step, cfg: Config):
 
 # ----------------------------------------------------------------------------- continual-learning methods
 
-
 def recadam_lambda(t, k, t0):
     """RecAdam (Chen et al. 2020) weighs the new-text loss against a quadratic pull back to the pretrained
     weights; lambda(t) = 1 / (1 + exp(-k (t - t0))) anneals from ~0 (mostly recall) to 1 (all new data), so
     the early updates, when the new text's gradients are least informed, move the model least."""
     x = k * (t - t0)
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # overflow-safe
-
 
 @torch.no_grad()
 def recadam_pull(opt, anchors, gamma, lam):
@@ -227,7 +220,6 @@ def recadam_pull(opt, anchors, gamma, lam):
     diff = torch._foreach_sub(opt.params, anchors)
     torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
     torch._foreach_add_(opt.params, diff)
-
 
 class Stream:
     """Mix-Review (He et al. 2021) fights forgetting by replaying old pretraining text inside the new batches.
@@ -260,7 +252,6 @@ class Stream:
 
 # ----------------------------------------------------------------------------- setup
 
-
 def get_tokenizer(cfg: Config):
     """--tokenizer-file; else word: the tokenizer.json of --init or next to --data; else gpt2 or the init's."""
     if cfg.tokenizer == "word" or cfg.tokenizer_file:
@@ -270,7 +261,6 @@ def get_tokenizer(cfg: Config):
             raise ValueError(f"--tokenizer word: no tokenizer.json in {' or '.join(near)}; pass --tokenizer-file")
         return data.load_tokenizer(path)
     return data.load_tokenizer("gpt2" if cfg.tokenizer == "gpt2" or cfg.init == "scratch" else cfg.init)
-
 
 def build_model(cfg: Config, n_vocab, device):
     """The starting model (also theta0 for RecAdam): fresh from --seed, or loaded with load_model."""
@@ -291,7 +281,6 @@ def build_model(cfg: Config, n_vocab, device):
                 m.dropout = cfg.dropout
     return model
 
-
 def get_scales(cfg: Config, model):
     """TGL steps 1-2 as trace.py did them: {unit: lr scale} (0 = frozen) from --trace; None without TGL."""
     if cfg.tgl == "none":
@@ -301,7 +290,6 @@ def get_scales(cfg: Config, model):
                                   unit_names(model.config.n_layer))
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
-
 
 def setup_ddp(cfg: Config):
     """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device."""
@@ -318,14 +306,12 @@ def setup_ddp(cfg: Config):
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.get_world_size()} processes")
     return dist.get_rank(), dist.get_world_size(), device
 
-
 def gathered(obj, world):
     """obj of every rank, as a list by rank."""
     out = [obj] * world
     if world > 1:
         dist.all_gather_object(out, obj)
     return out
-
 
 @dataclass
 class Run:
@@ -353,7 +339,6 @@ class Run:
         if self.rank == 0:
             print(*a, flush=True)
 
-
 def check_resume(cfg: Config, ck: dict, path):
     """--resume continues the run the checkpoint describes, or refuses in one line listing what differs."""
     saved = ck.get("train_config") or {}
@@ -367,7 +352,6 @@ def check_resume(cfg: Config, ck: dict, path):
     if ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
         raise ValueError(f"{path} was written by {ck['world_size']} processes; resume with as many")
 
-
 def load_data(run: Run):
     """Training text (and Mix-Review's replay), then the held-out text. Rank 0 tokenizes first (the token
     cache is shared), the others then read its cache."""
@@ -380,7 +364,6 @@ def load_data(run: Run):
         dist.barrier()
     run.stream = Stream(tokens, replay, cfg, run.block_size, run.rank, run.world)
     run.val_tokens = data.load_tokens(cfg.val_data, tok) if cfg.val_data else None
-
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
     """Devices, the model, TGL's scales, the optimizer and data: the same on a fresh start and a resume
@@ -419,7 +402,6 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
             + " | frozen: " + (" ".join(frozen) or "-"))
     return run, ck
 
-
 def restore(run: Run, ck: dict | None):
     """Resume: weights, optimizer, sampler and RNG exactly as saved, so the run continues bit for bit. A fresh
     start seeds the dropout stream. Either way the metrics log is cut back to the checkpoint."""
@@ -453,7 +435,6 @@ def restore(run: Run, ck: dict | None):
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
-
 def logged_lines(path) -> list:
     """metrics.jsonl as [(line, record)]. A torn last line (killed mid-append) lies past the checkpoint and
     is dropped; a bad line anywhere else is an error that names it."""
@@ -470,7 +451,6 @@ def logged_lines(path) -> list:
 
 # ----------------------------------------------------------------------------- evaluate and checkpoint
 
-
 def evaluate(run: Run) -> dict:
     """{"probes": {split: {ppl, em, n}}, "val_ppl": held-out perplexity}, each where asked for. probe.py
     scores, so a run and probe.py agree on every number."""
@@ -485,13 +465,11 @@ def evaluate(run: Run) -> dict:
     run.say(f"eval step {run.step}: " + " | ".join(shown))
     return out
 
-
 def stop(run: Run, why: str):
     """A run that diverged stops with exit 3 and keeps its last good checkpoint."""
     path = os.path.join(run.cfg.out, CKPT_NAME)
     last = f"step {load_checkpoint(path)['step']}" if os.path.exists(path) else "none"
     fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
-
 
 def log(run: Run, rec: dict):
     """A progress line on stdout and a JSON line in metrics.jsonl (what plots and probe.py read)."""
@@ -502,7 +480,6 @@ def log(run: Run, rec: dict):
     if run.rank == 0:
         with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
-
 
 def checkpoint(run: Run, elapsed: float):
     """Everything needed to continue bit for bit, written atomically by rank 0."""
@@ -519,7 +496,6 @@ def checkpoint(run: Run, elapsed: float):
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
 # ----------------------------------------------------------------------------- the loop
-
 
 def train(run: Run):
     """From run.step to --steps updates."""
@@ -573,7 +549,6 @@ def train(run: Run):
         if saving:
             checkpoint(run, elapsed0 + now - t_start)
 
-
 def finish(run: Run) -> dict:
     """summary.json. A resumed finished run (nothing left to train) reads its time back from the checkpoint,
     so its summary comes out exactly as the first time."""
@@ -591,12 +566,10 @@ def finish(run: Run) -> dict:
         dist.destroy_process_group()
     return summary
 
-
 def get_config(argv=None) -> Config:
     parser = Parser(prog="train.py", description=__doc__.split("\n")[0])
     add_flags(parser, Config)
     return from_args(Config, parser.parse_args(argv))
-
 
 def main(argv=None):
     cfg = get_config(argv)
@@ -605,7 +578,6 @@ def main(argv=None):
         restore(run, ck)
         train(run)
         return finish(run)
-
 
 if __name__ == "__main__":
     main()
