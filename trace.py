@@ -317,34 +317,16 @@ def load_trace(path) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def bar_chart(rgn: dict, title: str, width: int = 40, mark=()) -> str:
-    """The paper's Figure 2 in text: a row per unit in network order, bar length relative to the largest
-    rgn; '*' marks the units in `mark`."""
-    top, eighths, lines = max(rgn.values()) or 1.0, " ▏▎▍▌▋▊▉", [title]
-    n_layer = 1 + max((int(u.split(".")[1]) for u in rgn if u.startswith("h.")), default=-1)
-    for u in [u for u in unit_names(n_layer) if u in rgn]:
-        block, _, sub = u.rpartition(".")  # 'h.3 attn' then ' mlp': a layer's two units read as a pair
-        label = u if not block else (block if sub == "attn" else "") + " " + sub
-        full, part = divmod(round(rgn[u] / top * width * 8), 8)
-        bar = ("█" * full + (eighths[part] if part else "")).ljust(width)
-        lines.append(f"{label:>10} │{bar} {rgn[u]:.3f}{' *' if u in mark else ''}")
-    return "\n".join(lines)
-
 def report(d: dict) -> str:
-    """A row per unit (span norm, LM norm, rgn of every split, FP mask, ALR scale), then a chart per split."""
+    """A row per unit: span norm, LM norm, rgn (all probes, then per split), the FP mask, the ALR scale.
+    (python -m experiments.plot --trace FILE draws it as the paper's Figure 2.)"""
     sel, splits = d["selection"], [s for s in d["splits"] if s != "all"]
-    extra = splits if len(splits) > 1 else []
-    head = f"{'unit':<10} {'span':>10} {'lm':>10} {'rgn':>7}" + "".join(f" {s[:9]:>9}" for s in extra) + "  fp   alr"
+    head = f"{'unit':<10} {'span':>10} {'lm':>10} {'rgn':>7}" + "".join(f" {s[:9]:>9}" for s in splits) + "  fp   alr"
     rows = [head, "-" * len(head)]
     for u in d["units"]:
         row = f"{u:<10} {d['span_norm'][u]:>10.4g} {d['lm_norm'][u]:>10.4g} {d['rgn'][u]:>7.3f}"
-        rows.append(row + "".join(f" {d['splits'][s]['rgn'][u]:>9.3f}" for s in extra)
+        rows.append(row + "".join(f" {d['splits'][s]['rgn'][u]:>9.3f}" for s in splits)
                     + f"  {'yes' if sel['fp'][u] else ' - ':<4} {sel['alr'][u]:.3f}")
-    base = Selection(**{k: sel.get(k, v) for k, v in asdict(Selection()).items()})
-    for name, s in d["splits"].items():
-        fp = tgl_plan(d, "fp", Selection(**dict(asdict(base), trace_split=name)), s["units"])
-        title = f"\nrelative gradient norm, {name} ({s['n_span']} span / {s['n_lm']} LM passes; * = selected)"
-        rows.append(bar_chart(s["rgn"], title, mark={u for u, v in fp.items() if v}))
     return "\n".join(rows)
 
 def main(argv=None) -> dict:

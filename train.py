@@ -22,7 +22,8 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import Parser, add_flags, check_output, fail, flag, from_args, input_errors, number, read_text, write_text
+from common import Parser, add_flags, check_output, fail, flag, from_args, input_errors, number, read_text
+from common import write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
@@ -46,8 +47,8 @@ class Config:
     # the continual-learning method that TGL is stacked on
     method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
     replay_data: str = flag(None, "mixreview: old pretraining text replayed into each batch")
-    replay_ratio: float = flag(0.25, "mixreview: share of each batch that is replay at step 0", type=number("[0, 1]"))
-    # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the starting share is left at the end
+    replay_ratio: float = flag(0.25, "mixreview: share of a batch that is replay at step 0", type=number("[0, 1]"))
+    # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left at the end
     replay_decay: float = flag(0.25, "mixreview: share left at the end, a fraction of the start (1: constant)",
                                type=NONNEG)
     recadam_gamma: float = flag(100.0, "recadam: strength of the pull toward the start weights", type=NONNEG)
@@ -56,7 +57,7 @@ class Config:
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter scale (output times alpha/rank)", type=number("(0, inf)"))
     # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
-    tgl: str = flag("none", "fp freezes unselected units, alr scales each unit's LR", choices=["none", "fp", "alr"])
+    tgl: str = flag("none", "fp freezes unselected units, alr scales units' LR", choices=["none", "fp", "alr"])
     trace: str = flag(None, "the trace.json of trace.py (needed by --tgl fp/alr)")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
@@ -77,10 +78,11 @@ class Config:
     # evaluation, logging, checkpoints, hardware: none changes what is trained
     probes: list = flag([], "probe files scored every --eval-every updates and at the end", resume_free=True,
                         nargs="+")
-    eval_every: int = flag(0, "score probes and --val-data every N updates (0: at the end)", resume_free=True, type=INT)
+    eval_every: int = flag(0, "score probes and --val-data every N updates (0: at the end)", resume_free=True,
+                           type=INT)
     val_data: str = flag(None, "held-out text whose perplexity is scored with the probes", resume_free=True)
     val_tokens: int = flag(65536, "--val-data: tokens scored", resume_free=True, type=POS)
-    metric: str = flag("span", "probe perplexity of the answer span (the paper's) or the sentence (TemporalWiki's)",
+    metric: str = flag("span", "perplexity of the answer span (the paper's) or the sentence (TemporalWiki's)",
                        resume_free=True, choices=probe.METRICS)
     log_every: int = flag(10, "log line and NaN check every N updates", resume_free=True, type=POS)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", resume_free=True, type=INT)
@@ -93,19 +95,20 @@ class Config:
     def check(self):
         """What argparse cannot check alone, before any slow work: a ValueError that names the flag."""
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data, self.val_data) if f]
-        paths += [f for f in (self.trace, self.tokenizer_file) if f] + [data.parse_probe_spec(f)[0] for f in self.probes]
+        paths += [f for f in (self.trace, self.tokenizer_file) if f]
+        paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
-                         (self.tgl != "none" and not self.trace, f"--tgl {self.tgl} needs --trace FILE (trace.py)"),
-                         (self.method == "mixreview" and not self.replay_data, "--method mixreview needs --replay-data"),
-                         (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd must be a multiple of --n-head"),
+                         (self.tgl != "none" and not self.trace, f"--tgl {self.tgl} needs --trace FILE"),
+                         (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
+                         (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd: not a multiple of --n-head"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other")]:
             if bad:
                 raise ValueError(msg.format(bad))
         self.selection.check()
         pick_device(self.device)  # --device cuda without CUDA fails here, not at the first tensor
         check_output(self.out, "--out", "dir")
-        held = [f for f in (CKPT_NAME, "metrics.jsonl", "summary.json") if os.path.exists(os.path.join(self.out, f))]
-        if held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0":  # rank 0 may be writing
+        held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
+        if held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0":  # 0 may be writing
             raise ValueError(f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")
         return self
 
@@ -147,7 +150,7 @@ class AdamW:
         lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
         lrs = [lrs[i] for i in live]
         bias1, bias2_sqrt = 1 - self.beta1 ** self.t, math.sqrt(1 - self.beta2 ** self.t)
-        if self.weight_decay:  # decoupled: shrink the weights, not the gradient; vectors (biases, LN) are exempt
+        if self.weight_decay:  # decoupled: shrink the weights, not the gradient; biases and LN are exempt
             mats = [k for k, p in enumerate(params) if p.ndim >= 2]
             torch._foreach_mul_([params[k] for k in mats], [1 - lrs[k] * self.weight_decay for k in mats])
         torch._foreach_lerp_(m, grads, 1 - self.beta1)
@@ -163,7 +166,8 @@ class AdamW:
             p.grad = None
 
     def state_dict(self):
-        return {"t": self.t, "units": [g["unit"] for g in self.param_groups], "m": self.exp_avg, "v": self.exp_avg_sq}
+        units = [g["unit"] for g in self.param_groups]
+        return {"t": self.t, "units": units, "m": self.exp_avg, "v": self.exp_avg_sq}
 
     def load_state_dict(self, d):
         if d["units"] != [g["unit"] for g in self.param_groups]:
@@ -217,7 +221,7 @@ def recadam_pull(opt, anchors, gamma, lam):
     """theta <- theta - lr * gamma * (1 - lambda) * (theta - theta0): the step of (1 - lambda) * gamma/2 *
     ||theta - theta0||^2 outside Adam's moments (AdamW.step scales the Adam part by lambda). Each parameter
     uses its unit's lr, so under TGL+ALR a slow unit is pulled back slowly too; capped: never past theta0."""
-    diff = torch._foreach_sub(opt.params, anchors)
+    diff = torch._foreach_sub(opt.params, anchors)  # theta - theta0
     torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
     torch._foreach_add_(opt.params, diff)
 
@@ -258,7 +262,7 @@ def get_tokenizer(cfg: Config):
         near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
         path = cfg.tokenizer_file or next((p for p in near if os.path.isfile(p)), None)
         if path is None:
-            raise ValueError(f"--tokenizer word: no tokenizer.json in {' or '.join(near)}; pass --tokenizer-file")
+            raise ValueError(f"--tokenizer word: none of {', '.join(near)} exists; pass --tokenizer-file")
         return data.load_tokenizer(path)
     return data.load_tokenizer("gpt2" if cfg.tokenizer == "gpt2" or cfg.init == "scratch" else cfg.init)
 
@@ -345,8 +349,8 @@ def check_resume(cfg: Config, ck: dict, path):
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
     if diff:
-        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff[:4])}); resume with the "
-                         "same flags, or start a new run with --overwrite or another --out")
+        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff[:4])}); resume with "
+                         "the same flags, or start a new run with --overwrite or another --out")
     if cfg.steps < ck["step"]:
         raise ValueError(f"--steps {cfg.steps} is below the checkpoint's step {ck['step']}: it can only grow")
     if ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
@@ -393,13 +397,14 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     if not groups:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    anchors = [p.detach().clone() for p in opt.params] if cfg.method == "recadam" and cfg.recadam_gamma else None
+    recadam = cfg.method == "recadam" and cfg.recadam_gamma > 0
+    anchors = [p.detach().clone() for p in opt.params] if recadam else None  # theta0
     run = Run(cfg, rank, world, device, tokenizer, model, opt, scales[0], anchors, probes, block_size)
     load_data(run)
     frozen = [u for u in unit_names(model.config.n_layer) if u not in {g["unit"] for g in groups}]
-    run.say(f"{cfg.method}, tgl {cfg.tgl}: training {sum(p.numel() for p in opt.params):,} of {model.num_params():,}"
-            " parameters\nunits (lr scale): " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
-            + " | frozen: " + (" ".join(frozen) or "-"))
+    n_train = sum(p.numel() for p in opt.params)
+    run.say(f"{cfg.method}, tgl {cfg.tgl}: training {n_train:,} of {model.num_params():,} parameters\nunits (lr scale): "
+            + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups) + " | frozen: " + (" ".join(frozen) or "-"))
     return run, ck
 
 def restore(run: Run, ck: dict | None):
@@ -422,7 +427,7 @@ def restore(run: Run, ck: dict | None):
         random.seed(cfg.seed + run.rank)
     if run.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old is mistaken for the new run
+        for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for the new run
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
         path = os.path.join(cfg.out, "metrics.jsonl")
@@ -457,7 +462,8 @@ def evaluate(run: Run) -> dict:
     out = {}
     with autocast(run.device):
         if run.probes:
-            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
+            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device,
+                                           metric=run.cfg.metric)
         if run.val_tokens is not None:
             out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, run.cfg.val_tokens, device=run.device)
     shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
@@ -489,9 +495,9 @@ def checkpoint(run: Run, elapsed: float):
            "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
     run.elapsed = elapsed
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
-                 step=run.step, optimizer=run.opt.state_dict(), sampler=gathered(run.stream.state_dict(), run.world),
-                 rng=gathered(rng, run.world), train_config=run.cfg.run_defining(), scales=run.scales,
-                 world_size=run.world, time=elapsed, last_loss=run.last_loss)
+                 step=run.step, optimizer=run.opt.state_dict(), rng=gathered(rng, run.world),
+                 sampler=gathered(run.stream.state_dict(), run.world), train_config=run.cfg.run_defining(),
+                 scales=run.scales, world_size=run.world, time=elapsed, last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
@@ -533,7 +539,7 @@ def train(run: Run):
         # once in a while: evaluate, log, checkpoint
         now, done = time.time(), run.step == cfg.steps
         saving = done or (cfg.save_every and run.step % cfg.save_every == 0)
-        if logging or saving:  # the mean loss since the last log line: the one place the loop waits for the device
+        if logging or saving:  # the mean loss since the last log line: the one place that waits for the device
             if run.world > 1:
                 dist.all_reduce(loss_sum)
             run.last_loss = loss_sum.item() / n_sum / run.world

@@ -13,7 +13,8 @@ import json
 import os
 
 from common import Parser, fail, input_errors, write_text
-from trace import load_trace
+from model import unit_names
+from trace import Selection, load_trace, tgl_plan
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -61,6 +62,30 @@ def terminal(runs: dict, width=40) -> str:
             lines.append(f"  {key:<16} {sparkline(v, width):<{width}}  {v[0]:9.4g} -> {v[-1]:9.4g}  "
                          f"(steps {pts[0][0]}-{pts[-1][0]})")
     return "\n".join(lines)
+
+
+def bar_chart(rgn: dict, title: str, width: int = 40, mark=()) -> str:
+    """The paper's Figure 2 in text: a row per unit in network order, bar length relative to the largest
+    rgn; '*' marks the units in `mark`."""
+    top, eighths, lines = max(rgn.values()) or 1.0, " ▏▎▍▌▋▊▉", [title]
+    n_layer = 1 + max((int(u.split(".")[1]) for u in rgn if u.startswith("h.")), default=-1)
+    for u in [u for u in unit_names(n_layer) if u in rgn]:
+        block, _, sub = u.rpartition(".")  # 'h.3 attn' then ' mlp': a layer's two units read as a pair
+        label = u if not block else (block if sub == "attn" else "") + " " + sub
+        full, part = divmod(round(rgn[u] / top * width * 8), 8)
+        bar = ("█" * full + (eighths[part] if part else "")).ljust(width)
+        lines.append(f"{label:>10} │{bar} {rgn[u]:.3f}{' *' if u in mark else ''}")
+    return "\n".join(lines)
+
+def trace_charts(d: dict) -> str:
+    """Figure 2 in text: a chart per traced split, '*' on the units TGL+FP selects with that split."""
+    sel, out = d["selection"], []
+    base = Selection(**{k: sel[k] for k in ("select", "rank_units", "alr_norm", "floor", "control") if k in sel})
+    for name, s in d["splits"].items():
+        fp = tgl_plan(d, "fp", Selection(**dict(vars(base), trace_split=name)), s["units"])
+        title = f"relative gradient norm, {name} ({s['n_span']} span / {s['n_lm']} LM passes; * = selected)"
+        out.append(bar_chart(s["rgn"], title, mark={u for u, v in fp.items() if v}))
+    return "\n\n".join(out)
 
 
 def need_matplotlib():
@@ -136,7 +161,7 @@ def png(runs: dict, path):
 def main(argv=None):
     ap = Parser(prog="plot.py", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="*", help="train.py run folders (or metrics.jsonl files)")
-    ap.add_argument("--trace", help="a trace.py output: draw its Figure 2 into --png instead")
+    ap.add_argument("--trace", help="a trace.py output: draw its Figure 2 instead (terminal; --png too)")
     ap.add_argument("--png", help="also write the figure here (needs matplotlib)")
     ap.add_argument("--units", help="comma list of units to show (default: all)")
     ap.add_argument("--width", type=int, default=40, help="sparkline width in characters")
@@ -146,12 +171,15 @@ def main(argv=None):
         ap.error("--width must be >= 2")
     if args.png:
         need_matplotlib()  # fail before reading anything
-    if bool(args.trace) == bool(args.runs) or (args.trace and not args.png):
-        ap.error("give run folders, or --trace FILE with --png")
+    if bool(args.trace) == bool(args.runs):
+        ap.error("give run folders, or --trace FILE")
     if args.trace:
         with input_errors("plot.py"):
-            trace_png(load_trace(args.trace), args.png)
-        print(f"wrote {args.png}")
+            d = load_trace(args.trace)
+            print(trace_charts(d))
+            if args.png:
+                trace_png(d, args.png)
+                print(f"wrote {args.png}")
         return None
     runs = {}
     for r in args.runs:

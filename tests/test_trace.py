@@ -207,7 +207,7 @@ def test_select_rules():
 
 def test_report_chart():
     rgn = {"embed": 1.0, "h.0.attn": 4.0, "h.0.mlp": 2.0, "ln_f": 0.5}
-    lines = tgl_trace.bar_chart(rgn, "t", width=8, mark={"h.0.attn"}).splitlines()
+    lines = plot.bar_chart(rgn, "t", width=8, mark={"h.0.attn"}).splitlines()
     assert lines[2].count("█") == 8 and lines[2].endswith("4.000 *")  # the largest fills the width
     assert lines[3].count("█") == 4 and "mlp" in lines[3]
 
@@ -252,7 +252,10 @@ def test_cli_end_to_end(world, capsys):
         s = saved["splits"]
         assert saved["span_norm"][u] == pytest.approx((s["diag_updated"]["span_norm"][u] + s["diag_new"]["span_norm"][u]) / 2)
     text = capsys.readouterr().out
-    assert "h.1 attn" in text and "diag_new" in text
+    assert "h.1.attn" in text and "diag_new" in text
+    plot.main(["--trace", str(out)])  # Figure 2 in text, a chart per split
+    charts = capsys.readouterr().out
+    assert "h.1 attn" in charts and "relative gradient norm, diag_new" in charts
     capsys.readouterr()
     assert tgl_trace.main(argv) == d  # deterministic
 
