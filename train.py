@@ -1,12 +1,9 @@
-"""Step 3 of TGL: continual pretraining with the traced units only (FP) or at per-unit learning rates (ALR).
+"""Step 3 of TGL: continual pretraining of the traced units only (FP) or at per-unit learning rates (ALR).
 
     python train.py --init scratch --data world/t0.txt --tokenizer word --out runs/base
-    python train.py --init runs/base --data world/diff.txt --method recadam --tgl fp \\
-        --trace trace.json --probes world/probes/*.jsonl --out runs/recadam_fp
+    python train.py --init runs/base --data world/diff.txt --method recadam --tgl fp --trace trace.json \\
+        --probes world/probes/*.jsonl --out runs/recadam_fp
     torchrun --nproc_per_node 4 train.py ...            # DDP: --batch-size is the global batch
-
-One file: a hand-written AdamW with one parameter group per unit (model.unit_of), the continual-learning
-methods (full, mixreview, recadam, lora) that TGL is stacked on, atomic checkpoints with exact resume, DDP.
 """
 import json
 import math
@@ -28,12 +25,11 @@ from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint
 from model import save_checkpoint, unit_names, unit_of
 
 INT, POS, NONNEG, UNIT = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)"), number("[0, 1)")
-REAL = number("(-inf, inf)")
+
 
 @dataclass
 class Config:
-    """train.py's flags, one field each. The checkpoint records them; --resume refuses to change any
-    but the resume_free ones (and --steps may only grow)."""
+    """train.py's flags. A checkpoint records them; --resume may change only the resume_free ones."""
     init: str = flag("scratch", "scratch | known model name | local HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder: ckpt.pt, metrics.jsonl, summary.json", resume_free=True)
     data: str = flag(None, "training text (.txt, TemporalWiki .csv, a folder; PATH@N: a prefix)", required=True)
@@ -46,19 +42,18 @@ class Config:
     dropout: float = flag(None, "dropout (default: scratch 0, else the model's)", type=UNIT)
     # the continual-learning method that TGL is stacked on
     method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
-    replay_data: str = flag(None, "mixreview: old pretraining text replayed into each batch")
-    replay_ratio: float = flag(0.25, "mixreview: share of a batch that is replay at step 0", type=number("[0, 1]"))
+    replay_data: str = flag(None, "mixreview: old text replayed in each batch")
+    replay_ratio: float = flag(0.25, "mixreview: replay share of a batch at step 0", type=number("[0, 1]"))
     # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left at the end
-    replay_decay: float = flag(0.25, "mixreview: share left at the end, a fraction of the start (1: constant)",
-                               type=NONNEG)
+    replay_decay: float = flag(0.25, "mixreview: share left at the end, relative to the start", type=NONNEG)
     recadam_gamma: float = flag(100.0, "recadam: strength of the pull toward the start weights", type=NONNEG)
-    recadam_k: float = flag(0.05, "recadam: slope k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=REAL)
-    recadam_t0: float = flag(None, "recadam: midpoint t0 of lambda(t) (default: steps / 4)", type=REAL)
+    recadam_k: float = flag(0.05, "recadam: slope k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=number("(-inf, inf)"))
+    recadam_t0: float = flag(None, "recadam: midpoint t0 (default: steps / 4)", type=number("(-inf, inf)"))
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter scale (output times alpha/rank)", type=number("(0, inf)"))
     # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
     tgl: str = flag("none", "fp freezes unselected units, alr scales units' LR", choices=["none", "fp", "alr"])
-    trace: str = flag(None, "the trace.json of trace.py (needed by --tgl fp/alr)")
+    trace: str = flag(None, "the trace.json of trace.py")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
     steps: int = flag(500, "optimizer updates (may grow on --resume)", resume_free=True, type=POS)
@@ -72,17 +67,15 @@ class Config:
     beta1: float = flag(0.9, "Adam beta1", type=UNIT)  # beta = 1 would divide by 1 - beta^t = 0
     beta2: float = flag(0.99, "Adam beta2", type=UNIT)
     grad_clip: float = flag(1.0, "clipping threshold (0: off)", type=NONNEG)
-    clip_by: str = flag("unit", "unit: each unit to grad_clip/sqrt(units), whichever units train; global: one "
-                        "norm over the trained parameters", choices=["unit", "global"])
+    clip_by: str = flag("unit", "unit: each unit to grad_clip/sqrt(units); global: one norm over the trained "
+                        "parameters", choices=["unit", "global"])
     seed: int = flag(0, "seed of the init, the data order and dropout")
-    # evaluation, logging, checkpoints, hardware: none changes what is trained
-    probes: list = flag([], "probe files scored every --eval-every updates and at the end", resume_free=True,
-                        nargs="+")
-    eval_every: int = flag(0, "score probes and --val-data every N updates (0: at the end)", resume_free=True,
-                           type=INT)
+    # evaluation, logging, checkpoints, hardware: none of these changes what is trained
+    probes: list = flag([], "probe files scored every --eval-every updates", resume_free=True, nargs="+")
+    eval_every: int = flag(0, "score every N updates (0: at the end only)", resume_free=True, type=INT)
     val_data: str = flag(None, "held-out text whose perplexity is scored with the probes", resume_free=True)
     val_tokens: int = flag(65536, "--val-data: tokens scored", resume_free=True, type=POS)
-    metric: str = flag("span", "perplexity of the answer span (the paper's) or the sentence (TemporalWiki's)",
+    metric: str = flag("span", "perplexity of the answer span (the paper's) or of the sentence (TemporalWiki's)",
                        resume_free=True, choices=probe.METRICS)
     log_every: int = flag(10, "log line and NaN check every N updates", resume_free=True, type=POS)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", resume_free=True, type=INT)
@@ -95,25 +88,24 @@ class Config:
     def check(self):
         """What argparse cannot check alone, before any slow work: a ValueError that names the flag."""
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data, self.val_data) if f]
-        paths += [f for f in (self.trace, self.tokenizer_file) if f]
-        paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
+        paths += [f for f in (self.trace, self.tokenizer_file) if f] + [data.parse_probe_spec(f)[0] for f in self.probes]
+        held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
-                         (self.tgl != "none" and not self.trace, f"--tgl {self.tgl} needs --trace FILE"),
+                         (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd: not a multiple of --n-head"),
-                         (self.resume and self.overwrite, "--resume and --overwrite contradict each other")]:
+                         (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
+                         (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
+                          f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
                 raise ValueError(msg.format(bad))
         self.selection.check()
         pick_device(self.device)  # --device cuda without CUDA fails here, not at the first tensor
         check_output(self.out, "--out", "dir")
-        held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
-        if held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0":  # 0 may be writing
-            raise ValueError(f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")
         return self
 
     def run_defining(self) -> dict:
-        """{flag: value} of everything that decides what the run computes: what --resume compares."""
+        """{flag: value} of what decides what the run computes: what --resume compares."""
         flat = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("resume_free")}
         return dict(flat, **asdict(flat.pop("selection")))
 
@@ -127,10 +119,10 @@ class AdamW:
         v     <- b2 * v + (1 - b2) * g^2                    second moment
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    s is `update_scale` (1, or RecAdam's lambda(t)). The operations and their order are torch.optim.AdamW's,
-    so the two agree to float rounding. A group is one unit, {"unit", "params", "lr_scale"}, and the loop
-    sets its lr to base_lr(step) * lr_scale: that is how TGL+ALR's per-unit scales reach the update. Units
-    frozen by TGL+FP are never given to the optimizer: they hold no state and cost no update.
+    s is 1, or RecAdam's lambda(t). The operations and their order are torch.optim.AdamW's, so the two agree
+    to float rounding. A group is one unit, {"unit", "params", "lr_scale"}, and the loop sets its lr to
+    lr(step) * lr_scale: that is how TGL+ALR's scales reach the update. Units that TGL+FP freezes are never
+    given to the optimizer: they hold no state and cost no update.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -144,12 +136,10 @@ class AdamW:
     def step(self, update_scale=1.0):
         """The four lines above on all parameters at once, in fused torch._foreach_* calls."""
         self.t += 1
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params, grads = [self.params[i] for i in live], [self.params[i].grad for i in live]
-        m, v = [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live]
         lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
-        lrs = [lrs[i] for i in live]
-        bias1, bias2_sqrt = 1 - self.beta1 ** self.t, math.sqrt(1 - self.beta2 ** self.t)
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params, grads, lrs = [self.params[i] for i in live], [self.params[i].grad for i in live], [lrs[i] for i in live]
+        m, v = [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live]
         if self.weight_decay:  # decoupled: shrink the weights, not the gradient; biases and LN are exempt
             mats = [k for k, p in enumerate(params) if p.ndim >= 2]
             torch._foreach_mul_([params[k] for k in mats], [1 - lrs[k] * self.weight_decay for k in mats])
@@ -157,17 +147,16 @@ class AdamW:
         torch._foreach_mul_(v, self.beta2)
         torch._foreach_addcmul_(v, grads, grads, 1 - self.beta2)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_div_(denom, math.sqrt(1 - self.beta2 ** self.t))
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr * update_scale / bias1 for lr in lrs])
+        torch._foreach_addcdiv_(params, m, denom, [-lr * update_scale / (1 - self.beta1 ** self.t) for lr in lrs])
 
     def zero_grad(self):
         for p in self.params:
             p.grad = None
 
     def state_dict(self):
-        units = [g["unit"] for g in self.param_groups]
-        return {"t": self.t, "units": units, "m": self.exp_avg, "v": self.exp_avg_sq}
+        return {"t": self.t, "units": [g["unit"] for g in self.param_groups], "m": self.exp_avg, "v": self.exp_avg_sq}
 
     def load_state_dict(self, d):
         if d["units"] != [g["unit"] for g in self.param_groups]:
@@ -191,16 +180,14 @@ def make_param_groups(model, scales=None):
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 def clip_gradients(opt, max_norm, by, n_units):
-    """Clipping that treats every arm alike. A global norm over the *trained* parameters is smaller when FP
-    freezes units, so FP runs would be clipped less. Per unit, each unit is clipped to max_norm / sqrt(n_units)
-    (all units of the model): a unit's update never depends on which others train, and a model whose units
-    all sit at the threshold has global norm max_norm."""
+    """A global norm over the *trained* parameters is smaller when FP freezes units, so FP runs would be
+    clipped less. By unit, each unit is clipped to max_norm / sqrt(n_units) (all units of the model): a
+    unit's update never depends on which others train, and at the threshold the global norm is max_norm."""
     for params in [opt.params] if by == "global" else [g["params"] for g in opt.param_groups]:
-        torch.nn.utils.clip_grad_norm_(params, max_norm if by == "global" else max_norm / math.sqrt(n_units),
-                                       foreach=True)
+        torch.nn.utils.clip_grad_norm_(params, max_norm / math.sqrt(1 if by == "global" else n_units), foreach=True)
 
 def lr_at(step, cfg: Config):
-    """Base learning rate of update `step` (0-based): linear warmup, then cosine, linear or no decay."""
+    """The learning rate of update `step` (0-based): linear warmup, then cosine, linear or no decay."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -210,26 +197,25 @@ def lr_at(step, cfg: Config):
 # ----------------------------------------------------------------------------- continual-learning methods
 
 def recadam_lambda(t, k, t0):
-    """RecAdam (Chen et al. 2020) weighs the new-text loss against a quadratic pull back to the pretrained
-    weights; lambda(t) = 1 / (1 + exp(-k (t - t0))) anneals from ~0 (mostly recall) to 1 (all new data), so
-    the early updates, when the new text's gradients are least informed, move the model least."""
+    """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the pretrained weights;
+    lambda(t) = 1 / (1 + exp(-k (t - t0))) anneals from ~0 (mostly recall) to 1 (all new text), so early
+    updates, when the new text's gradients are least informed, move the model least."""
     x = k * (t - t0)
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # overflow-safe
 
 @torch.no_grad()
 def recadam_pull(opt, anchors, gamma, lam):
     """theta <- theta - lr * gamma * (1 - lambda) * (theta - theta0): the step of (1 - lambda) * gamma/2 *
-    ||theta - theta0||^2 outside Adam's moments (AdamW.step scales the Adam part by lambda). Each parameter
-    uses its unit's lr, so under TGL+ALR a slow unit is pulled back slowly too; capped: never past theta0."""
-    diff = torch._foreach_sub(opt.params, anchors)  # theta - theta0
+    ||theta - theta0||^2, outside Adam's moments. A parameter uses its unit's lr, so under TGL+ALR a slow
+    unit is pulled back slowly too; capped at 1, never past theta0."""
+    diff = torch._foreach_sub(opt.params, anchors)
     torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
     torch._foreach_add_(opt.params, diff)
 
 class Stream:
-    """Mix-Review (He et al. 2021) fights forgetting by replaying old pretraining text inside the new batches.
-    A step's batch (B rows of T tokens): windows of --data, the last round(B * ratio(step)) rows taken from
-    --replay-data, ratio(step) = replay_ratio * replay_decay ** (step / steps). Both samplers draw every step,
-    even when no replay row is kept, so the data of a step depends on the step only: exact resume."""
+    """Mix-Review (He et al. 2021) fights forgetting by replaying old text inside the new batches: the last
+    round(B * replay_ratio * replay_decay ** (step / steps)) rows of a batch come from --replay-data. Both
+    samplers draw every step, so the data of a step depends on the step only: exact resume."""
 
     def __init__(self, tokens, replay, cfg: Config, block_size, rank=0, world=1):
         self.b, self.cfg = cfg.batch_size // world, cfg
@@ -267,7 +253,7 @@ def get_tokenizer(cfg: Config):
     return data.load_tokenizer("gpt2" if cfg.tokenizer == "gpt2" or cfg.init == "scratch" else cfg.init)
 
 def build_model(cfg: Config, n_vocab, device):
-    """The starting model (also theta0 for RecAdam): fresh from --seed, or loaded with load_model."""
+    """The starting model (RecAdam's theta0 too): fresh from --seed, or loaded with load_model."""
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
         return GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=n_vocab, n_layer=cfg.n_layer,
@@ -276,22 +262,18 @@ def build_model(cfg: Config, n_vocab, device):
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {cfg.init}: {e}") from None
-    if cfg.dropout is not None:  # dropout lives in the modules, not in the weights
-        model.config.dropout = cfg.dropout
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = cfg.dropout
-            elif isinstance(getattr(m, "dropout", None), float):
-                m.dropout = cfg.dropout
+    for m in model.modules() if cfg.dropout is not None else ():  # dropout lives in modules, not in weights
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = cfg.dropout
     return model
 
 def get_scales(cfg: Config, model):
-    """TGL steps 1-2 as trace.py did them: {unit: lr scale} (0 = frozen) from --trace; None without TGL."""
-    if cfg.tgl == "none":
-        return None
+    """TGL steps 1-2, as trace.py did them: {unit: lr scale} (0 = frozen) from --trace; None without TGL."""
     try:
-        return tgl_trace.tgl_plan(tgl_trace.load_trace(cfg.trace), cfg.tgl, cfg.selection,
-                                  unit_names(model.config.n_layer))
+        trace = tgl_trace.load_trace(cfg.trace) if cfg.tgl != "none" else None
+        return trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(model.config.n_layer))
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
 
@@ -319,7 +301,7 @@ def gathered(obj, world):
 
 @dataclass
 class Run:
-    """What the loop reads and writes, built by setup() and restore(): one object instead of closures."""
+    """What the loop reads and writes, built by setup() and restore()."""
     cfg: Config
     rank: int
     world: int
@@ -328,7 +310,7 @@ class Run:
     model: GPT                      # the GPT itself: checkpoints and evaluation use it
     opt: AdamW
     scales: dict | None             # tgl_plan's {unit: lr scale}; None without TGL
-    anchors: list | None            # RecAdam's theta0, one tensor per trained parameter
+    anchors: list | None            # RecAdam's theta0, a tensor per trained parameter
     probes: list
     block_size: int
     stream: Stream = None
@@ -337,14 +319,14 @@ class Run:
     step: int = 0                   # optimizer updates done
     elapsed: float = 0.0            # training seconds, as of the last checkpoint
     last_loss: float = None
-    evals: dict = None              # the latest evaluate(): probes and val_ppl
+    evals: dict = None              # the latest evaluate()
 
     def say(self, *a):
         if self.rank == 0:
             print(*a, flush=True)
 
 def check_resume(cfg: Config, ck: dict, path):
-    """--resume continues the run the checkpoint describes, or refuses in one line listing what differs."""
+    """--resume continues the run the checkpoint describes, or refuses in one line saying what differs."""
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
@@ -356,25 +338,12 @@ def check_resume(cfg: Config, ck: dict, path):
     if ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
         raise ValueError(f"{path} was written by {ck['world_size']} processes; resume with as many")
 
-def load_data(run: Run):
-    """Training text (and Mix-Review's replay), then the held-out text. Rank 0 tokenizes first (the token
-    cache is shared), the others then read its cache."""
-    cfg, tok = run.cfg, run.tokenizer
-    if run.rank > 0:
-        dist.barrier()
-    tokens = data.load_tokens(cfg.data, tok)
-    replay = data.load_tokens(cfg.replay_data, tok) if cfg.method == "mixreview" else None
-    if run.rank == 0 and run.world > 1:
-        dist.barrier()
-    run.stream = Stream(tokens, replay, cfg, run.block_size, run.rank, run.world)
-    run.val_tokens = data.load_tokens(cfg.val_data, tok) if cfg.val_data else None
-
 def setup(cfg: Config) -> tuple[Run, dict | None]:
     """Devices, the model, TGL's scales, the optimizer and data: the same on a fresh start and a resume
     (restore() then loads the state). Returns the run and the checkpoint to resume, if any."""
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     rank, world, device = setup_ddp(cfg)
-    torch.manual_seed(cfg.seed)  # whatever is random before training (LoRA's A) follows --seed too
+    torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
     path = os.path.join(cfg.out, CKPT_NAME)
     ck = load_checkpoint(path) if cfg.resume and os.path.isfile(path) else None
     if ck:  # read once, and compared before the model is built
@@ -387,8 +356,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
                          f"{model.config.block_size} / {model.config.vocab_size}")
     probes = data.read_probe_files(cfg.probes)  # read and length-checked now, not at the first evaluation
     probe.check_probes(tokenizer, probes, model.config.block_size, metric=cfg.metric)
-    # TGL steps 1-2 (trace, select) happen once, before training; a resume reuses the scales it saved
-    scales = [ck["scales"] if ck else get_scales(cfg, model)]
+    scales = [ck["scales"] if ck else get_scales(cfg, model)]  # a resume reuses the scales it saved
     if world > 1:
         dist.broadcast_object_list(scales, 0)  # every rank trains the same units
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
@@ -398,13 +366,19 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     recadam = cfg.method == "recadam" and cfg.recadam_gamma > 0
-    anchors = [p.detach().clone() for p in opt.params] if recadam else None  # theta0
-    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales[0], anchors, probes, block_size)
-    load_data(run)
-    frozen = [u for u in unit_names(model.config.n_layer) if u not in {g["unit"] for g in groups}]
-    n_train = sum(p.numel() for p in opt.params)
-    run.say(f"{cfg.method}, tgl {cfg.tgl}: training {n_train:,} of {model.num_params():,} parameters\nunits (lr scale): "
-            + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups) + " | frozen: " + (" ".join(frozen) or "-"))
+    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales[0],
+              [p.detach().clone() for p in opt.params] if recadam else None, probes, block_size)
+    if rank > 0:  # rank 0 tokenizes first, the others then read its token cache
+        dist.barrier()
+    tokens = data.load_tokens(cfg.data, tokenizer)
+    replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
+    if rank == 0 and world > 1:
+        dist.barrier()
+    run.stream = Stream(tokens, replay, cfg, block_size, rank, world)
+    run.val_tokens = data.load_tokens(cfg.val_data, tokenizer) if cfg.val_data else None
+    run.say(f"{cfg.method}, tgl {cfg.tgl}: training {sum(p.numel() for p in opt.params):,} parameters in units "
+            + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups) + " | frozen: "
+            + (" ".join(u for u in unit_names(model.config.n_layer) if u not in {g["unit"] for g in groups}) or "-"))
     return run, ck
 
 def restore(run: Run, ck: dict | None):
@@ -454,21 +428,19 @@ def logged_lines(path) -> list:
             return out[:n - 1]
     return out
 
-# ----------------------------------------------------------------------------- evaluate and checkpoint
+# ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
 def evaluate(run: Run) -> dict:
-    """{"probes": {split: {ppl, em, n}}, "val_ppl": held-out perplexity}, each where asked for. probe.py
-    scores, so a run and probe.py agree on every number."""
-    out = {}
+    """{"probes": {split: {ppl, em, n}}, "val_ppl"}, where asked for: probe.py's scorer, so a run and
+    probe.py agree on every number."""
+    out, cfg = {}, run.cfg
     with autocast(run.device):
         if run.probes:
-            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device,
-                                           metric=run.cfg.metric)
+            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=cfg.metric)
         if run.val_tokens is not None:
-            out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, run.cfg.val_tokens, device=run.device)
+            out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, cfg.val_tokens, device=run.device)
     shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
-    shown += [f"val ppl {out['val_ppl']:.2f}"] if "val_ppl" in out else []
-    run.say(f"eval step {run.step}: " + " | ".join(shown))
+    run.say(f"eval step {run.step}: " + " | ".join(shown + ([f"val ppl {out['val_ppl']:.2f}"] if cfg.val_data else [])))
     return out
 
 def stop(run: Run, why: str):
@@ -478,7 +450,7 @@ def stop(run: Run, why: str):
     fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
 
 def log(run: Run, rec: dict):
-    """A progress line on stdout and a JSON line in metrics.jsonl (what plots and probe.py read)."""
+    """A progress line, and a JSON line in metrics.jsonl (what plots and experiments/compare.py read)."""
     if not math.isfinite(rec["loss"]):
         stop(run, f"loss is {rec['loss']}")
     run.say(f"step {rec['step']}/{run.cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -525,7 +497,7 @@ def train(run: Run):
             loss_sum += loss.detach() / cfg.grad_accum
         run.step, n_sum = run.step + 1, n_sum + 1
         logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
-        # per-unit norms of the update's gradient before clipping (the paper's Figure 1), the same on every rank
+        # per-unit norms of this update's gradient before clipping (the paper's Figure 1), the same on every rank
         grad_norms = tgl_trace.grad_norms(model) if logging else None
         if cfg.grad_clip > 0:
             clip_gradients(opt, cfg.grad_clip, cfg.clip_by, len(unit_names(model.config.n_layer)))
@@ -543,14 +515,13 @@ def train(run: Run):
             if run.world > 1:
                 dist.all_reduce(loss_sum)
             run.last_loss = loss_sum.item() / n_sum / run.world
-        evaluating = (run.probes or run.val_tokens is not None) and (done or cfg.eval_every
-                                                                       and run.step % cfg.eval_every == 0)
-        if evaluating:
+        scoring = (run.probes or cfg.val_data) and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
+        if scoring:
             run.evals = evaluate(run) if run.rank == 0 else None
         if logging:
             tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * n_sum / (now - t_log)
             log(run, dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
-                          time=elapsed0 + now - t_start, **(run.evals or {} if evaluating else {})))
+                          time=elapsed0 + now - t_start, **(run.evals or {} if scoring else {})))
             loss_sum, n_sum, t_log = loss_sum * 0, 0, time.time()
         if saving:
             checkpoint(run, elapsed0 + now - t_start)
@@ -559,13 +530,13 @@ def finish(run: Run) -> dict:
     """summary.json. A resumed finished run (nothing left to train) reads its time back from the checkpoint,
     so its summary comes out exactly as the first time."""
     cfg = run.cfg
-    if (run.probes or run.val_tokens is not None) and run.evals is None and run.rank == 0:
+    if (run.probes or cfg.val_data) and run.evals is None and run.rank == 0:
         run.evals = evaluate(run)
     summary = dict(out=cfg.out, method=cfg.method, tgl=cfg.tgl, steps=run.step, final_loss=run.last_loss,
                    probes=(run.evals or {}).get("probes"), scales=run.scales,
                    trainable_params=sum(p.numel() for p in run.opt.params), time=run.elapsed)
-    summary.update({"val_ppl": (run.evals or {}).get("val_ppl")} if cfg.val_data else {})
-    summary.update({"metric": cfg.metric} if run.probes else {})
+    summary.update(({"val_ppl": (run.evals or {}).get("val_ppl")} if cfg.val_data else {}),
+                   **({"metric": cfg.metric} if run.probes else {}))
     if run.rank == 0:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
     if run.world > 1:
