@@ -232,8 +232,7 @@ class Batcher:
         self.seed, self.step = int(d["seed"]), int(d["step"])
 
 # ----------------------------------------------------------------------------- token arrays
-# Corpora are big (a TemporalWiki snapshot is billions of tokens): documents are streamed and their tokens
-# go straight to the cache file, so memory stays flat.
+# Corpora are big (a snapshot is billions of tokens): streamed a document at a time, memory stays flat.
 
 def _source_files(path):
     p, kinds = Path(path), (".txt", ".csv")
@@ -246,29 +245,32 @@ def _source_files(path):
 
 
 def iter_documents(path):
-    """The documents of a .txt file (blocks between blank lines), of a TemporalWiki .csv (its `text`
-    column, a row each), or of every .txt and .csv in a folder, streamed."""
+    """The documents of a .txt (blocks between blank lines), a TemporalWiki .csv (`text`) or a folder of them."""
     for f in _source_files(path):
         is_csv = f.suffix.lower() == ".csv"
         try:
             with open(f, encoding="utf-8", newline="" if is_csv else None) as lines:
-                blocks = ("".join(b).strip() for blank, b in itertools.groupby(lines, str.isspace) if not blank)
-                yield from _csv_texts(lines, f) if is_csv else blocks
+                if is_csv:
+                    docs = (rec["text"].strip() for _, rec in _csv_records(lines, f, ["text"]))
+                else:
+                    docs = ("".join(b).strip() for blank, b in itertools.groupby(lines, str.isspace) if not blank)
+                yield from (d for d in docs if d)
         except UnicodeDecodeError as e:  # name the file: the codec's message names only a byte
             raise not_utf8(f, e) from None
 
 
-def _csv_texts(lines, path):
+def _csv_records(lines, path, columns):
+    """(line number, {column: field}) of the rows of a CSV whose header has `columns`."""
     csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows exceed csv's default 131,072 characters
     rows = csv.reader(lines)
     header = [h.strip() for h in next(rows, None) or []]
-    if "text" not in header:  # never read as plain text: that would train on the header and the quotes
-        raise ValueError(f"{path}:1: no 'text' column (header: {','.join(header)[:80]!r})")
+    missing = [c for c in columns if c not in header]
+    if missing:  # e.g. a CSV is never read as plain text: that would train on its header and quotes
+        raise ValueError(f"{path}:1: no {', '.join(map(repr, missing))} column (header: {','.join(header)[:80]!r})")
     for row in rows:
         if len(row) != len(header):
             raise ValueError(f"{path}:{rows.line_num}: expected {len(header)} fields, got {len(row)}")
-        if row[header.index("text")].strip():
-            yield row[header.index("text")].strip()
+        yield rows.line_num, dict(zip(header, row))
 
 
 def parse_text_spec(spec):
@@ -281,40 +283,33 @@ def parse_text_spec(spec):
     return m.group(1), n, (int(m.group(4)) if m.group(4) is not None else None)
 
 
-def _tokenize(tmp, docs, tokenizer, dtype, max_tokens):
-    """Tokens of docs, an eot after each, into file tmp, up to max_tokens: their count."""
-    n = 0
-    with open(tmp, "wb") as f:
-        for doc in docs:
-            ids = (tokenizer.encode(doc) + [tokenizer.eot])[:max_tokens - n if max_tokens else None]
-            f.write(np.asarray(ids, dtype=dtype).tobytes())
-            n += len(ids)
-            if n == max_tokens:
-                break
-    return n
-
-
 def _write_tokens(tmp, path, tokenizer, dtype, max_tokens, seed):
-    """All tokens of path, the first max_tokens, or with seed a seeded sample of whole documents (in corpus
-    order) holding max_tokens: drawn by characters, counted in one fast pass, grown while it falls short."""
-    if seed is None:
-        return _tokenize(tmp, iter_documents(path), tokenizer, dtype, max_tokens)
-    lengths = np.fromiter((len(d) for d in iter_documents(path)), np.int64)
-    order, ratio = np.random.default_rng(seed).permutation(len(lengths)), 4.0  # ~4 characters a GPT-2 token
+    """All, the first max_tokens, or a seeded sample of whole documents (in order) holding max_tokens."""
+    keep = None
+    if seed is not None:  # a sample drawn by characters, counted in one pass (tokenizing a snapshot is slow)
+        lengths = np.fromiter((len(d) for d in iter_documents(path)), np.int64)
+        order, ratio = np.random.default_rng(seed).permutation(len(lengths)), 4.0  # ~4 characters a GPT-2 token
     while True:
-        keep = np.zeros(len(lengths), dtype=bool)
-        keep[order[:int(np.searchsorted(np.cumsum(lengths[order]), max_tokens * ratio)) + 1]] = True
-        n = _tokenize(tmp, (d for d, k in zip(iter_documents(path), keep) if k), tokenizer, dtype, max_tokens)
-        if keep.all() or n >= max_tokens:
+        if seed is not None:
+            keep = np.zeros(len(lengths), dtype=bool)
+            keep[order[:int(np.searchsorted(np.cumsum(lengths[order]), max_tokens * ratio)) + 1]] = True
+        n = 0
+        with open(tmp, "wb") as f:
+            for doc in (d for i, d in enumerate(iter_documents(path)) if keep is None or keep[i]):
+                ids = (tokenizer.encode(doc) + [tokenizer.eot])[:max_tokens - n if max_tokens else None]
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                n += len(ids)
+                if n == max_tokens:
+                    break
+        if keep is None or keep.all() or n >= max_tokens:
             return n
-        ratio *= 1.2 * max_tokens / max(n, 1)
+        ratio *= 1.2 * max_tokens / max(n, 1)  # the sample fell short: more documents, same seed
 
 
 def load_tokens(path, tokenizer, cache_dir=None, max_tokens=None, sample_seed=None):
-    """Text source (iter_documents) -> 1-D token array (a memmap), an eot after each document: all, the
-    first max_tokens, or with sample_seed a sample (or 'PATH@20M', 'PATH@20M,seed=3'). Cached next to the
-    source (in cache_dir; in ~/.cache/tgl if read-only) under a hash of the source bytes, the tokenizer and
-    the prefix/sample, so any change re-tokenizes."""
+    """Text (iter_documents) -> token array (a memmap), an eot after each document: all, max_tokens, or a
+    sample_seed sample of them ('PATH@20M', 'PATH@20M,seed=3'). Cached next to the text (else cache_dir or
+    ~/.cache/tgl) under a hash of its bytes, the tokenizer and the prefix/sample: a change re-tokenizes."""
     if max_tokens is None:
         path, max_tokens, sample_seed = parse_text_spec(path)
     if max_tokens is not None and max_tokens < 1:
@@ -325,7 +320,8 @@ def load_tokens(path, tokenizer, cache_dir=None, max_tokens=None, sample_seed=No
             h.update(str(f.relative_to(root)).encode() + hashlib.file_digest(src, "sha1").digest())
     part = "" if max_tokens is None else f".n{max_tokens}" + ("" if sample_seed is None else f".s{sample_seed}")
     stem = f"{Path(path).name}.{tokenizer.name}{part}"
-    name, dtype = f"{stem}-{h.hexdigest()[:16]}.tokens.bin", np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
+    name = f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
+    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     dirs = [Path(cache_dir)] if cache_dir else [root, Path.home() / ".cache" / "tgl"]
     d = next((d for d in dirs if (d / name).is_file()), None)
     if d is None:
@@ -348,10 +344,10 @@ class Probe:
     answers: list
     split: str
     relation: str = ""
-    context: str = ""  # e.g. ECBD's definition, put before the prompt when scoring with context
-    date: str = ""  # as the data has it: a year ('2019'), a quarter ('2019-Q1'), a month pair ('0801-0901')
+    context: str = ""  # ECBD's definition: put before the prompt when scoring with context
+    date: str = ""  # as the data has it: '2019', '2019-Q1', a month pair '0801-0901'
     year: int = 0  # of a year or quarter date, else 0
-    source: str = field(default="", compare=False)  # the file it came from, for errors
+    source: str = field(default="", compare=False)  # its file, for errors
 
     def __post_init__(self):
         self.year = self.year or (int(self.date[:4]) if re.fullmatch(r"\d{4}(-Q\d)?", self.date) else 0)
@@ -361,11 +357,11 @@ class Probe:
 # id, relation, date). A .csv is TemporalWiki's subject,relation,object; a .tsv prompt<TAB>answer[<TAB>split].
 JSON_FORMATS = {"query": ("_X_", "answer", "id", "relation", "date"),  # TempLAMA, Dynamic TempLAMA
                 "masked_sentence": ("<extra_id_0>", "answer_str", "ex_id", "span_type", "year")}  # ECBD
-# TempLAMA's P286 head coach, P6 head of government and P488 chair put the object first: '_X_ is the head
-# coach of Chelsea F.C..' A causal LM cannot be asked for a span before the subject: rewritten object-last
-# as Dynamic TempLAMA's `_improved` templates do ('The head coach of Chelsea F.C. is _X_.').
+# TempLAMA's P286, P6 and P488 put the object first ('_X_ is the head coach of Chelsea F.C..'); a causal LM
+# cannot be asked for a span before its subject: object last, as Dynamic TempLAMA's `_improved` templates.
 OBJECT_FIRST = re.compile(r"_X_ is (the .+?)\.?")
 TWIKI_PAIR = re.compile(r"(\d{4}-\d{4})_(changed|unchanged)")  # TemporalWiki: 0801-0901_changed.csv
+TWIKI_COLUMNS = ("subject", "relation", "object")
 
 
 def answer_names(ans, key="answer"):
@@ -383,7 +379,8 @@ def _json(rec, rid, notes):
     key = next((k for k in JSON_FORMATS if k in rec), None)
     if key is None:
         raise ValueError("unknown probe format (need 'query' or 'masked_sentence')")
-    (slot, answer, id_key, relation, date), text, context = JSON_FORMATS[key], str(rec[key]), rec.get("definition")
+    slot, answer, id_key, relation, date = JSON_FORMATS[key]
+    text, context = str(rec[key]), rec.get("definition")
     if slot not in text:
         raise ValueError(f"{key} has no {slot} slot: {text!r}")
     if slot == "_X_" and not text.split(slot)[0].strip():  # object first: never score after an empty prompt
@@ -401,10 +398,8 @@ def _json(rec, rid, notes):
                  re.sub(r"\[ENT_(START|END)\]", "", context or "").strip(), str(rec.get(date) or ""))
 
 
-def _twiki(row, rid, notes):
-    if len(row) != 3:
-        raise ValueError(f"expected 3 fields, got {len(row)}")
-    subj, rel, obj = (x.strip() for x in row)
+def _twiki(rec, rid, notes):
+    subj, rel, obj = (rec[k].strip() for k in TWIKI_COLUMNS)
     if not subj or not obj:
         raise ValueError("empty subject or object")
     pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # the date: the file name's month pair
@@ -423,18 +418,15 @@ READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki, ".tsv": _tsv}
 
 
 def probe_records(path):
-    """(line number, record) of a probe file: a JSON object per line, or a CSV row's or a TSV line's fields."""
+    """(line number, record) of a probe file: a JSON object per line, a CSV row's {column: field}, a TSV
+    line's fields."""
     ext = Path(path).suffix.lower()
     if ext not in READERS:
         raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .json, .csv or .tsv)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if ext == ".csv":
-                rows = csv.reader(f)
-                header = next(rows, None)
-                if header is None or [h.strip() for h in header] != ["subject", "relation", "object"]:
-                    raise ValueError(f"{path}:1: expected header 'subject,relation,object', got {header}")
-                yield from ((rows.line_num, row) for row in rows)
+                yield from _csv_records(f, path, TWIKI_COLUMNS)
             for n, line in enumerate(f, 1):  # JSON or TSV lines (a CSV has been read to its end)
                 if ext == ".tsv" and line.strip() and not line.startswith("#"):  # '#': a comment
                     yield n, line.rstrip("\r\n").split("\t")
@@ -457,9 +449,8 @@ def _split_from_name(path):
 
 
 def read_probes(path, split=None, dates=None):
-    """The probes of a file (READERS); `path` may be 'FILE@DATES:SPLIT' (parse_probe_spec). A file of
-    several dates (TempLAMA has a row per year, with different answers) gets a split per date
-    ('test@2019'), so no year's answer is scored against another's."""
+    """The probes of 'FILE[@DATES][:SPLIT]'. Several dates in a file (TempLAMA's years, with different
+    answers) get a split each ('test@2019'): no year's answer is scored against another's."""
     path, spec_dates, spec_split = parse_probe_spec(path)
     split, dates, notes, probes = split or spec_split, dates or spec_dates, Counter(), []
     read = READERS.get(Path(path).suffix.lower())

@@ -116,7 +116,9 @@ def _write(path, recs):
     """JSON lines, or a TemporalWiki CSV (rows of subject,relation,object): the format read_probes reads."""
     if path.suffix == ".csv":
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows([["subject", "relation", "object"]] + recs)
+        w = csv.DictWriter(buf, data.TWIKI_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(recs)
         text = buf.getvalue()
     else:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
