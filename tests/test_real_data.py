@@ -157,6 +157,21 @@ def test_splits_of_colliding_files_keep_apart(tmp_path, capsys):
     y = read_probe_files([f"{REAL / 'templama' / 'test.json'}@2019:upd"])
     assert {p.split for p in y} == {"upd"} and {p.date for p in y} == {"2019"}
 
+def test_realdata_tokenize_and_probes_commands(tmp_path, capsys):
+    docs = [f"doc{i} " + " ".join(["w"] * (3 + i % 5)) for i in range(50)]
+    src = write(tmp_path / "c.txt", "\n\n".join(docs))
+    WordTokenizer.build(docs).save(tmp_path / "tokenizer.json")
+    tok = ["--tokenizer", str(tmp_path / "tokenizer.json"), "--cache-dir", str(tmp_path / "cache")]
+    realdata.main(["tokenize", "--text", str(src), "--max-tokens", "40", "--sample-seed", "2"] + tok)
+    assert capsys.readouterr().out.startswith(f"{src}: 40 tokens (word, vocab ")
+    assert len(list((tmp_path / "cache").glob("c.txt.word.n40.s2-*.tokens.bin"))) == 1
+    with pytest.raises(SystemExit) as e:
+        realdata.main(["tokenize", "--text", str(src), "--sample-seed", "2"] + tok)
+    assert e.value.code == 2 and "--sample-seed needs --max-tokens" in capsys.readouterr().err
+    realdata.main(["probes", "--probes", str(REAL / "templama" / "test.json"), "--date", "2019..2020"])
+    out = capsys.readouterr().out.split()
+    assert out[0::2] == ["test@2019", "test@2020"] and all(n.isdigit() for n in out[1::2])
+
 # ----------------------------------------------------------------------------- splits
 
 
