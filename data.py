@@ -456,9 +456,10 @@ def read_probes(path, split=None, dates=None):
     read = READERS.get(Path(path).suffix.lower())
     for n, rec in probe_records(path):
         try:
-            probes += [p for p in [read(rec, f"{Path(path).stem}:{n}", notes)] if p]
+            probes.append(read(rec, f"{Path(path).stem}:{n}", notes))
         except ValueError as e:  # the readers' errors name no place
             raise ValueError(f"{path}:{n}: {e}") from None
+    probes = [p for p in probes if p]  # None: skipped
     for p in probes:
         p.split, p.source = split or p.split or _split_from_name(path), path
     if notes:
