@@ -377,7 +377,7 @@ def bench_tokenize(device="cpu", seed=0, n_tokens=20_000_000):
     print(f"tokenized {n / 1e6:.1f}M tokens ({csv_mb:.0f} MB CSV) "
           f"in {elapsed:.0f} s ({n / elapsed / 1e6:.2f}M tokens/s, one process)")
     print(f"peak RSS {peak:.0f} MB; tokenizer alone {base:.0f} MB; tokenizing added {peak - base:.0f} MB "
-          f"(a 1M-token write buffer, whatever the corpus size; the old list-of-ids reader took ~51 bytes/token, "
+          f"(one document's tokens at a time, whatever the corpus size; the old list-of-ids reader took ~51 bytes/token, "
           f"{51 * n / 2 ** 30:.1f} GiB here)")
     return dict(tokens=n, peak_mb=peak, base_mb=base, seconds=elapsed)
 

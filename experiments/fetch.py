@@ -1,11 +1,5 @@
-"""Download the public data sets of the paper's experiment into $TGL_CACHE/data/NAME, resumably.
-
-    python data.py fetch twiki-probes                       # TemporalWiki probes (620 kB zip)
-    python data.py fetch twiki-diffsets                     # TemporalWiki diff sets (932 MB zip)
-    python data.py fetch twiki-snapshot --max-mb 500        # the first 500 MB of text of one snapshot
-    python data.py fetch templama                           # TempLAMA train/val/test.json
-    python data.py fetch dynamic-templama                   # Dynamic TempLAMA train/val/test.jsonl
-    python data.py fetch ecbd --folder ~/Downloads/ecbd     # browser-only: register the unpacked folder
+"""Download the public data sets of the paper's experiment into $TGL_CACHE/data/NAME, resumably
+(the command line: `python -m experiments.realdata fetch NAME`).
 
 Hub downloads honour $HF_ENDPOINT (a Hugging Face mirror); TempLAMA and Dynamic TempLAMA come from
 $TGL_TEMPLAMA_URL and $TGL_DYNAMIC_TEMPLAMA_URL when set. Files arrive as NAME.part and are resumed
@@ -26,7 +20,7 @@ from common import atomic_path, download
 
 ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
              "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "
-             "`python data.py fetch ecbd --folder PATH` (PATH holds one folder per year, e.g. "
+             "`python -m experiments.realdata fetch ecbd --folder PATH` (PATH holds one folder per year, e.g. "
              "ecbd2021/np_spans_test.json), or pass its files to --probes directly")
 TEMPLAMA_URL = "https://storage.googleapis.com/gresearch/templama"
 DYNAMIC_URL = ("https://raw.githubusercontent.com/amazon-science/temporal-robustness/main/data/dynamic-templama/"
@@ -278,35 +272,3 @@ def snapshot_prefix(url: str, folder: Path, max_mb=None, max_docs=None, month=No
     print(f"twiki-snapshot: {docs:,} documents, {size / 1e6:.1f} MB of text of month {month} in {dest} "
           f"({f.fetched / 1e6:.1f} MB downloaded of {f.size / 1e6:.1f} MB)", file=sys.stderr)
     return dest
-
-
-def add_arguments(p):
-    """The `fetch` subcommand's flags (data.py's CLI)."""
-    p.add_argument("name", choices=list(DATASETS) + ["ecbd"], help="data set to download")
-    p.add_argument("--out", help="folder to write (default: $TGL_CACHE/data/NAME, TGL_CACHE default ~/.cache/tgl)")
-    p.add_argument("--max-mb", type=float, help="twiki-snapshot: only the first N MB of text of one month")
-    p.add_argument("--max-docs", type=int, help="twiki-snapshot: only the first N documents of one month")
-    p.add_argument("--month", help="twiki-snapshot with a limit: the snapshot month, e.g. 08 (default: the first)")
-    p.add_argument("--folder", help="ecbd: the unpacked folder you downloaded in a browser")
-
-
-def run(args):
-    """data.py fetch: returns the folder; errors are ValueError/OSError for data.py to print in one line."""
-    if args.name == "ecbd":
-        if not args.folder:
-            print(ECBD_HELP, file=sys.stderr)
-            raise SystemExit(1)  # nothing fetched: a script must not go on as if it had been
-        return register_ecbd(args.folder, args.out)
-    if (args.max_mb is not None and args.max_mb <= 0) or (args.max_docs is not None and args.max_docs <= 0):
-        raise ValueError("--max-mb and --max-docs must be positive")
-    try:
-        return fetch(args.name, args.out, args.max_mb, args.max_docs, args.month)
-    except FileNotFoundError as e:
-        if str(e).startswith("http"):  # download's 404
-            raise OSError(f"{e}: not found (404) on the server") from None
-        raise
-    except OSError as e:
-        if str(e).startswith("cannot reach"):
-            raise OSError(f"{e}; or run `python data.py fetch {args.name}` where there is internet "
-                          f"and copy {cache_root() / args.name} here") from None
-        raise

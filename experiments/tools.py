@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root: the method's 
 
 def script(name: str, *args) -> list:
     """argv that runs one of this project's scripts with this Python: a top-level file ("train.py") by path,
-    an experiment ("experiments.fetch") as a module (its imports need the root on sys.path, so cwd=ROOT)."""
+    an experiment ("experiments.realdata") as a module (its imports need the root on sys.path, so cwd=ROOT)."""
     if name.endswith(".py"):
         return [sys.executable, str(ROOT / name), *map(str, args)]
     return [sys.executable, "-m", name, *map(str, args)]

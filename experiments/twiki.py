@@ -11,7 +11,7 @@ For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order
   current model on the stage's diagnostic probes against the old snapshot -> continually pretrain
   each arm (method x TGL mode) on the diff set -> train.py scores the probes and the held-out text
   -> each arm's run folder is its --init in the next stage.
-Every step is a plain data.py / trace.py / train.py / probe.py command, printed as it runs (and
+Every step is a plain experiments.realdata / trace.py / train.py / probe.py command, printed as it runs (and
 by --plan), so any cell of the table can be re-run by hand. A finished step is never re-run: run
 the same command again after an interruption and it goes on where it stopped.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
-from experiments import fetch
+from experiments import fetch, realdata
 from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
 from experiments.tools import check_number, script
 from model import HUB_NAMES
@@ -332,16 +332,16 @@ def fetch_shared(cfg):
     root = fetch.cache_root()
     pairs = [STAGES[k - 1][0] for k in cfg.stages]
     if not all(find_file(root / "twiki-probes", f"{p}_{s}.csv") for p in pairs for s in ("changed", "unchanged")):
-        print(f"$ {sh(script('data.py', 'fetch', 'twiki-probes'))}", flush=True)
+        print(f"$ {sh(script('experiments.realdata', 'fetch', 'twiki-probes'))}", flush=True)
         fetch.fetch("twiki-probes")
     if not all(find_file(root / "twiki-diffsets", diff_name(k)) for k in cfg.stages):
-        print(f"$ {sh(script('data.py', 'fetch', 'twiki-diffsets'))}", flush=True)
+        print(f"$ {sh(script('experiments.realdata', 'fetch', 'twiki-diffsets'))}", flush=True)
         fetch.fetch("twiki-diffsets")
     wanted = ("changed.csv", "unchanged.csv", "diag_changed.csv")
     if not all((probe_dir(cfg, k) / f).is_file() for k in cfg.stages for f in wanted):
-        # every pair at once: data.py splits writes each pair's eval and disjoint diag_* files (seeded)
+        # every pair at once: realdata's splits write each pair's eval and disjoint diag_* files (seeded)
         print(f"$ {sh(splits_argv(cfg))}")
-        data.make_splits("twiki", [root / "twiki-probes"], Path(cfg.out) / "probes", seed=cfg.seed)
+        realdata.make_splits("twiki", [root / "twiki-probes"], Path(cfg.out) / "probes", seed=cfg.seed)
 
 
 def fetch_stage(cfg, k):
@@ -360,12 +360,12 @@ def fetch_stage(cfg, k):
 
 
 def splits_argv(cfg) -> list:
-    return script("data.py", "splits", "twiki", "--input", fetch.cache_root() / "twiki-probes",
+    return script("experiments.realdata", "splits", "twiki", "--input", fetch.cache_root() / "twiki-probes",
                   "--out", Path(cfg.out) / "probes", "--seed", cfg.seed)
 
 
 def snapshot_argv(cfg, k) -> list:
-    return script("data.py", "fetch", "twiki-snapshot", "--max-mb", f"{cfg.snapshot_mb:g}", "--month",
+    return script("experiments.realdata", "fetch", "twiki-snapshot", "--max-mb", f"{cfg.snapshot_mb:g}", "--month",
                   STAGES[k - 1][1], "--out", old_text(cfg, k).parent)
 
 
@@ -557,7 +557,8 @@ def plan(cfg) -> str:
            f"#   twiki-diffsets  TWiki_Diffsets.zip: {fetch.DATASETS['twiki-diffsets'].disk}",
            f"#   twiki-snapshot  the first {cfg.snapshot_mb:g} MB of text of month(s) {', '.join(months)} "
            f"(ranged reads of Wikipedia_Full.zip): about {gb(len(months) * cfg.snapshot_mb * 1e6)} downloaded and on disk",
-           sh(script("data.py", "fetch", "twiki-probes")), sh(script("data.py", "fetch", "twiki-diffsets")),
+           sh(script("experiments.realdata", "fetch", "twiki-probes")),
+           sh(script("experiments.realdata", "fetch", "twiki-diffsets")),
            sh(splits_argv(cfg))]
     total = 0
     for k in cfg.stages:

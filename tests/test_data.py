@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import data
 from data import (Batcher, GPT2Tokenizer, Probe, WordTokenizer, load_tokenizer, load_tokens,
                   read_probes, span_example)
 
@@ -167,7 +166,7 @@ def test_read_hand_written_formats(tmp_path):
     ("c.jsonl", '\n{"query": "A _X_.", "answer": [{"name": ""}]}\n', r"c\.jsonl:2: empty or malformed answer"),
     ("d.jsonl", '{"sentence": "x"}\n', r"d\.jsonl:1: unknown probe format"),
     ("e.jsonl", '{"masked_sentence": "A <extra_id_0>.", "answer_str": "<extra_id_0> <extra_id_1>"}\n',
-     r"e\.jsonl:1: empty answer_str"),
+     r"e\.jsonl:1: empty or malformed answer_str"),
     ("f.csv", "subject,relation,object\nA,r,B\nA,r\n", r"f\.csv:3: expected 3 fields"),
     ("g.csv", "subject,relation,object\nA,r,\n", r"g\.csv:2: empty subject or object"),
     ("h.tsv", "prompt\tanswer\nonly a prompt\n", r"h\.tsv:2: expected prompt<TAB>answer"),
@@ -206,6 +205,7 @@ def test_span_example_word_tokenizer():
 
 
 def test_probes_cli_error(tmp_path, capsys):
+    from experiments import realdata
     with pytest.raises(SystemExit) as e:
-        data.main(["probes", "--probes", str(tmp_path / "missing.jsonl")])
+        realdata.main(["probes", "--probes", str(tmp_path / "missing.jsonl")])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err

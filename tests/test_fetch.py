@@ -1,6 +1,7 @@
-"""fetch.py and common.download against a local HTTP server on 127.0.0.1 (started here) serving small
-archives in the real layouts: unpacking, resume after an interruption, size checks, 404, no network,
-wrong layouts, and the ranged read of a snapshot prefix. No other host is contacted."""
+"""experiments/fetch.py (`python -m experiments.realdata fetch`) and common.download against a local HTTP
+server on 127.0.0.1 (started here) serving small archives in the real layouts: unpacking, resume after
+an interruption, size checks, 404, no network, wrong layouts, and the ranged read of a snapshot prefix.
+No other host is contacted."""
 import base64
 import csv
 import io
@@ -15,7 +16,7 @@ import pytest
 
 import common
 import data
-from experiments import fetch
+from experiments import fetch, realdata
 from httpserver import HF, zip_bytes  # the `server` fixture comes from conftest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -23,7 +24,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def one_line_error(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        data.main(argv)
+        realdata.main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err
     return err
@@ -34,13 +35,13 @@ def one_line_error(capsys, argv):
 def test_fetch_twiki_probes_unpacks_and_then_makes_no_request(server, tmp_path, capsys):
     real = (SHARED / "twiki_probes" / "0801-0901_changed.csv").read_text().splitlines()[:6]
     server.files[HF + "TWiki_Probes.zip"] = zip_bytes({"TWiki_Probes/0801-0901_changed.csv": "\n".join(real) + "\n"})
-    data.main(["fetch", "twiki-probes"])
+    realdata.main(["fetch", "twiki-probes"])
     folder = tmp_path / "cache" / "data" / "twiki-probes"
     probes = data.read_probes(folder / "TWiki_Probes" / "0801-0901_changed.csv")
     assert len(probes) == 5 and probes[0].split == "changed" and probes[0].date == "0801-0901"
     assert not (folder / "TWiki_Probes.zip").exists() and not list(folder.glob("*.part"))
     n = len(server.log)
-    data.main(["fetch", "twiki-probes"])
+    realdata.main(["fetch", "twiki-probes"])
     assert len(server.log) == n  # done once: no second download
 
 
@@ -91,7 +92,8 @@ def test_no_network_fails_fast_in_one_line(monkeypatch, tmp_path, capsys):
     t = time.time()
     err = one_line_error(capsys, ["fetch", "twiki-diffsets"])
     assert time.time() - t < 5
-    assert "cannot reach" in err and "no network" in err and "data.py fetch twiki-diffsets" in err
+    assert "cannot reach" in err and "no network" in err
+    assert "python -m experiments.realdata fetch twiki-diffsets" in err
 
 
 def test_wrong_layouts_name_the_file(server, tmp_path, capsys):
@@ -110,8 +112,8 @@ def test_templama_and_dynamic_templama_files(server, tmp_path):
     dyn = (SHARED / "real_formats" / "dynamic_templama" / "test.jsonl").read_bytes()
     for f in ("train", "val", "test"):
         server.files[f"/templama/{f}.json"], server.files[f"/dyn/{f}.jsonl"] = rec, dyn
-    data.main(["fetch", "templama"])
-    data.main(["fetch", "dynamic-templama", "--out", str(tmp_path / "dyn")])
+    realdata.main(["fetch", "templama"])
+    realdata.main(["fetch", "dynamic-templama", "--out", str(tmp_path / "dyn")])
     assert (tmp_path / "cache" / "data" / "templama" / "test.json").read_bytes() == rec
     assert data.read_probes(tmp_path / "dyn" / "val.jsonl")[0].date == "2019-Q1"
 
@@ -119,9 +121,9 @@ def test_templama_and_dynamic_templama_files(server, tmp_path):
 def test_ecbd_prints_where_to_get_it_and_takes_the_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TGL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit) as e:
-        data.main(["fetch", "ecbd"])
+        realdata.main(["fetch", "ecbd"])
     assert e.value.code == 1 and "github.com/yasumasaonoe/ecbd" in capsys.readouterr().err
-    data.main(["fetch", "ecbd", "--folder", str(SHARED / "real_formats")])
+    realdata.main(["fetch", "ecbd", "--folder", str(SHARED / "real_formats")])
     link = tmp_path / "cache" / "data" / "ecbd"
     assert (link / "ecbd2019" / "np_spans_test.json").is_file()
     assert "not an unpacked ECBD folder" in one_line_error(capsys, ["fetch", "ecbd", "--folder", str(tmp_path)])
@@ -149,7 +151,7 @@ def snapshot_zip():
 def test_snapshot_prefix_reads_only_the_members_it_needs(server, tmp_path, capsys):
     _, small, body = snapshot_zip()
     server.files[HF + "Wikipedia_Full.zip"] = body
-    data.main(["fetch", "twiki-snapshot", "--max-docs", "3"])
+    realdata.main(["fetch", "twiki-snapshot", "--max-docs", "3"])
     out = tmp_path / "cache" / "data" / "twiki-snapshot" / "wikipedia_08_gpt2_prefix.csv"
     with open(out, newline="") as f:
         assert [r["text"] for r in csv.DictReader(f)] == small[:3]

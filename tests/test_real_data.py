@@ -1,6 +1,6 @@
-"""data.py on the real corpora's layouts: TemporalWiki CSV text, TempLAMA dates and object-first
-templates, ECBD definitions, split names that never merge, prefix and sampled token arrays.
-Uses the real samples in ../shared/data/real_formats where possible."""
+"""data.py and experiments/realdata.py on the real corpora's layouts: TemporalWiki CSV text, TempLAMA
+dates and object-first templates, ECBD definitions, split names that never merge, prefix and sampled
+token arrays, probe splits. Uses the real samples in ../shared/data/real_formats where possible."""
 import csv
 import json
 from pathlib import Path
@@ -9,6 +9,7 @@ import pytest
 
 import data
 from data import WordTokenizer, load_tokens, read_probe_files, read_probes
+from experiments import realdata
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = SHARED / "real_formats"
@@ -156,6 +157,21 @@ def test_splits_of_colliding_files_keep_apart(tmp_path, capsys):
     y = read_probe_files([f"{REAL / 'templama' / 'test.json'}@2019:upd"])
     assert {p.split for p in y} == {"upd"} and {p.date for p in y} == {"2019"}
 
+def test_realdata_tokenize_and_probes_commands(tmp_path, capsys):
+    docs = [f"doc{i} " + " ".join(["w"] * (3 + i % 5)) for i in range(50)]
+    src = write(tmp_path / "c.txt", "\n\n".join(docs))
+    WordTokenizer.build(docs).save(tmp_path / "tokenizer.json")
+    tok = ["--tokenizer", str(tmp_path / "tokenizer.json"), "--cache-dir", str(tmp_path / "cache")]
+    realdata.main(["tokenize", "--text", str(src), "--max-tokens", "40", "--sample-seed", "2"] + tok)
+    assert capsys.readouterr().out.startswith(f"{src}: 40 tokens (word, vocab ")
+    assert len(list((tmp_path / "cache").glob("c.txt.word.n40.s2-*.tokens.bin"))) == 1
+    with pytest.raises(SystemExit) as e:
+        realdata.main(["tokenize", "--text", str(src), "--sample-seed", "2"] + tok)
+    assert e.value.code == 2 and "--sample-seed needs --max-tokens" in capsys.readouterr().err
+    realdata.main(["probes", "--probes", str(REAL / "templama" / "test.json"), "--date", "2019..2020"])
+    out = capsys.readouterr().out.split()
+    assert out[0::2] == ["test@2019", "test@2020"] and all(n.isdigit() for n in out[1::2])
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -168,7 +184,7 @@ def test_templama_splits_between_two_years(tmp_path, capsys):
     recs = [json.loads(line) for line in open(src)]
     old = {(r["relation"], r["query"]): r["answer"]["name"] for r in recs if r["date"] == "2018"}
     new = [r for r in recs if r["date"] == "2020"]
-    data.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2020", "--out", str(tmp_path / "a")])
+    realdata.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2020", "--out", str(tmp_path / "a")])
     out = capsys.readouterr().out
     files = {k: by_query(tmp_path / "a" / f"{k}.jsonl") for k in
              ("updated", "new", "unchanged", "diag_updated", "diag_new", "diag_unchanged")}
@@ -184,10 +200,10 @@ def test_templama_splits_between_two_years(tmp_path, capsys):
             assert want == kind
     assert files["updated"] or files["diag_updated"]
     assert all(p.date == "2020" for p in read_probes(tmp_path / "a" / "updated.jsonl"))
-    data.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2020", "--out", str(tmp_path / "b")])
+    realdata.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2020", "--out", str(tmp_path / "b")])
     assert (tmp_path / "a" / "diag_unchanged.jsonl").read_text() == (tmp_path / "b" / "diag_unchanged.jsonl").read_text()
     with pytest.raises(SystemExit):
-        data.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2031", "--out", str(tmp_path)])
+        realdata.main(["splits", "templama", "--input", str(src), "--from", "2018", "--to", "2031", "--out", str(tmp_path)])
     assert "test.json: no record has date 2031" in capsys.readouterr().err
 
 
@@ -198,7 +214,7 @@ def test_dynamic_templama_quarters_updated_new_unchanged(tmp_path):
     src.write_text("\n".join([rec("A plays for _X_.", ["X", "Y"], "2019-Q4"), rec("A plays for _X_.", ["Y", "X"], "2020-Q4"),
                               rec("B plays for _X_.", ["X"], "2019-Q4"), rec("B plays for _X_.", ["Z"], "2020-Q4"),
                               rec("C plays for _X_.", ["Z"], "2020-Q4")]) + "\n")
-    counts = data.make_splits("templama", [src], tmp_path / "o", "2019-Q4", "2020-Q4", diag_frac=0)
+    counts = realdata.make_splits("templama", [src], tmp_path / "o", ("2019-Q4", "2020-Q4"), diag_frac=0)
     assert counts == {"updated.jsonl": 1, "diag_updated.jsonl": 0, "new.jsonl": 1, "diag_new.jsonl": 0,
                       "unchanged.jsonl": 1, "diag_unchanged.jsonl": 0}  # an answer set, in any order
     assert read_probes(tmp_path / "o" / "updated.jsonl")[0].prompt == "B plays for"
@@ -206,7 +222,7 @@ def test_dynamic_templama_quarters_updated_new_unchanged(tmp_path):
 
 
 def test_twiki_splits_per_month_pair(tmp_path):
-    counts = data.make_splits("twiki", [TWIKI], tmp_path, diag_frac=0.1, seed=3)
+    counts = realdata.make_splits("twiki", [TWIKI], tmp_path, diag_frac=0.1, seed=3)
     assert len(counts) == 16  # 4 pairs x (changed, unchanged) x (eval, diag)
     for f in sorted(TWIKI.glob("*.csv")):
         pair, kind = f.stem.split("_")
@@ -225,7 +241,7 @@ def test_ecbd_splits_per_year_folder_diag_by_entity(tmp_path):
     write(root / "ecbd2019" / "np_spans_test.json", json.dumps(rec) + "\n")
     lines = [dict(rec, ex_id=f"{e}_{i}", entity_span_str=e) for e in ("E1", "E2", "E3", "E4") for i in range(3)]
     write(root / "ecbd2020" / "np_spans_test.json", "".join(json.dumps(r) + "\n" for r in lines))
-    counts = data.make_splits("ecbd", [root], tmp_path / "o", diag_frac=0.5, seed=0)
+    counts = realdata.make_splits("ecbd", [root], tmp_path / "o", diag_frac=0.5, seed=0)
     assert counts == {"ecbd2019/new.jsonl": 1, "ecbd2019/diag_new.jsonl": 0,
                       "ecbd2020/new.jsonl": 6, "ecbd2020/diag_new.jsonl": 6}
     ev, dg = (read_probes(tmp_path / "o" / "ecbd2020" / f) for f in ("new.jsonl", "diag_new.jsonl"))

@@ -114,7 +114,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     assert twiki.main(argv(init, fresh, "--plan", "--stages", "1", "2", "3", "4", "--assume-tok-s", "1000")) is None
     text = capsys.readouterr().out
     assert not fresh.exists() and len(server.log) == n_requests
-    assert text.count("train.py --init") == 8 and "data.py fetch twiki-diffsets" in text
+    assert text.count("train.py --init") == 8 and "-m experiments.realdata fetch twiki-diffsets" in text
     assert "ASSUMED 1,000 tokens/s" in text and "4,096 training tokens in all" in text
     twiki.main(argv(init, out, "--plan"))
     assert capsys.readouterr().out.count("# done: python train.py") == 4 and snapshot(out) == before
