@@ -18,7 +18,6 @@ from common import atomic_path, not_utf8, read_json, write_text
 
 # ----------------------------------------------------------------------------- tokenizers
 
-
 class GPT2Tokenizer:
     """GPT-2 BPE through tiktoken (offline when TIKTOKEN_CACHE_DIR holds its files)."""
     name = "gpt2"
@@ -60,7 +59,6 @@ class GPT2Tokenizer:
         write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(dict(
             special, tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, add_prefix_space=False)))
 
-
 def _bytes_to_unicode():
     """GPT-2's map of the 256 byte values to printable characters, as in its encoder.py."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
@@ -70,7 +68,6 @@ def _bytes_to_unicode():
             bs.append(b)
             cs.append(256 + len(cs) - 188)  # 188 printable bytes keep their own character
     return {b: chr(c) for b, c in zip(bs, cs)}
-
 
 def _last_merge(ranks, token):
     """The pair of tokens whose merge made `token`: byte-pair encoding of its bytes with the merges
@@ -82,7 +79,6 @@ def _last_merge(ranks, token):
             raise ValueError(f"cannot rebuild the merge of token {token!r}")
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts
-
 
 class WordTokenizer:
     """Closed word-level vocabulary (anything else is <unk>): a small softmax, fast to train on a CPU."""
@@ -147,7 +143,6 @@ class WordTokenizer:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
-
 def load_tokenizer(spec):
     """'gpt2' -> GPT-2 BPE; a tokenizer.json, or a folder holding one -> WordTokenizer;
     any other folder (an HF checkpoint, a GPT-2 run) or hub name -> GPT-2 BPE."""
@@ -185,7 +180,6 @@ def span_example(tokenizer, prompt, answer):
     targets = [-1] * (len(p) - 1) + full[len(p):]
     return idx, targets
 
-
 def sentence_example(tokenizer, prompt, answer):
     """(idx, targets) of 'prompt answer' after end-of-text, every token a target (TemporalWiki's metric)."""
     prompt, answer = prompt.rstrip(), answer.strip()
@@ -203,12 +197,10 @@ def random_starts(n_tokens: int, n: int, block_size: int, seed) -> np.ndarray:
                          "use a smaller --block-size or more text")
     return np.random.default_rng(seed).integers(0, n_tokens - block_size, size=n)
 
-
 def windows(tokens, starts, block_size: int):
     """(x, y) = (B, T) inputs and (B, T) next-token targets of the windows that begin at `starts`."""
     w = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
     return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
-
 
 class Batcher:
     """Random windows as (x, y): batch k is this rank's slice of batch_size * world_size windows drawn
@@ -243,7 +235,6 @@ def _source_files(path):
         raise ValueError(f"{p}: not a .txt file, a TemporalWiki .csv, or a folder holding some")
     return files
 
-
 def iter_documents(path):
     """The documents of a .txt (blocks between blank lines), a TemporalWiki .csv (`text`) or a folder of them."""
     for f in _source_files(path):
@@ -258,7 +249,6 @@ def iter_documents(path):
         except UnicodeDecodeError as e:  # name the file: the codec's message names only a byte
             raise not_utf8(f, e) from None
 
-
 def _csv_records(lines, path, columns):
     """(line number, {column: field}) of the rows of a CSV whose header has `columns`."""
     csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows exceed csv's default 131,072 characters
@@ -272,7 +262,6 @@ def _csv_records(lines, path, columns):
             raise ValueError(f"{path}:{rows.line_num}: expected {len(header)} fields, got {len(row)}")
         yield rows.line_num, dict(zip(header, row))
 
-
 def parse_text_spec(spec):
     """'PATH' -> (PATH, None, None); 'PATH@20M' -> its first 20M tokens; 'PATH@20M,seed=3' -> a sample."""
     spec = str(spec)
@@ -281,7 +270,6 @@ def parse_text_spec(spec):
         return spec, None, None
     n = int(float(m.group(2)) * {"": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m.group(3)])
     return m.group(1), n, (int(m.group(4)) if m.group(4) is not None else None)
-
 
 def _write_tokens(tmp, path, tokenizer, dtype, max_tokens, seed):
     """All, the first max_tokens, or a seeded sample of whole documents (in order) holding max_tokens."""
@@ -304,7 +292,6 @@ def _write_tokens(tmp, path, tokenizer, dtype, max_tokens, seed):
         if keep is None or keep.all() or n >= max_tokens:
             return n
         ratio *= 1.2 * max_tokens / max(n, 1)  # the sample fell short: more documents, same seed
-
 
 def load_tokens(path, tokenizer, cache_dir=None, max_tokens=None, sample_seed=None):
     """Text (iter_documents) -> token array (a memmap), an eot after each document: all, max_tokens, or a
@@ -352,7 +339,6 @@ class Probe:
     def __post_init__(self):
         self.year = self.year or (int(self.date[:4]) if re.fullmatch(r"\d{4}(-Q\d)?", self.date) else 0)
 
-
 # JSON-lines probes, by the key of the text whose answer slot ends the prompt: (slot, keys of the answer,
 # id, relation, date). A .csv is TemporalWiki's subject,relation,object; a .tsv prompt<TAB>answer[<TAB>split].
 JSON_FORMATS = {"query": ("_X_", "answer", "id", "relation", "date"),  # TempLAMA, Dynamic TempLAMA
@@ -363,7 +349,6 @@ OBJECT_FIRST = re.compile(r"_X_ is (the .+?)\.?")
 TWIKI_PAIR = re.compile(r"(\d{4}-\d{4})_(changed|unchanged)")  # TemporalWiki: 0801-0901_changed.csv
 TWIKI_COLUMNS = ("subject", "relation", "object")
 
-
 def answer_names(ans, key="answer"):
     """A name, {"name": ...} or a list of them (TempLAMA, Dynamic TempLAMA; ECBD's <extra_id_N> dropped)."""
     names = [a.get("name") if isinstance(a, dict) else a for a in (ans if isinstance(ans, list) else [ans])]
@@ -371,7 +356,6 @@ def answer_names(ans, key="answer"):
     if not names or not all(names):
         raise ValueError(f"empty or malformed {key} {ans!r}")
     return names
-
 
 # Readers (READERS): a record and a default id -> a Probe (split '' if the record names none) or None (skip).
 
@@ -397,14 +381,12 @@ def _json(rec, rid, notes):
                  str(rec.get("split") or ""), str(rec.get(relation, "")),
                  re.sub(r"\[ENT_(START|END)\]", "", context or "").strip(), str(rec.get(date) or ""))
 
-
 def _twiki(rec, rid, notes):
     subj, rel, obj = (rec[k].strip() for k in TWIKI_COLUMNS)
     if not subj or not obj:
         raise ValueError("empty subject or object")
     pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # the date: the file name's month pair
     return Probe(rid, f"{subj} {rel}", [obj], "", rel, date=pair.group(1) if pair else "")
-
 
 def _tsv(row, rid, notes):
     if len(row) not in (2, 3):
@@ -413,9 +395,7 @@ def _tsv(row, rid, notes):
         raise ValueError("empty answer")
     return Probe(rid, row[0].rstrip(), [row[1].strip()], row[2].strip() if len(row) > 2 else "")
 
-
 READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki, ".tsv": _tsv}
-
 
 def probe_records(path):
     """(line number, record) of a probe file: a JSON object per line, a CSV row's {column: field}, a TSV
@@ -441,12 +421,10 @@ def probe_records(path):
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from None
 
-
 def _split_from_name(path):
     """TemporalWiki's 0801-0901_changed.csv -> 'changed' (diag_changed stays itself); else the stem."""
     m = re.fullmatch(r"(.*)_(changed|unchanged)", Path(path).stem.lower())
     return m.group(2) if m and "diag" not in m.group(1) else Path(path).stem
-
 
 def read_probes(path, split=None, dates=None):
     """The probes of 'FILE[@DATES][:SPLIT]'. Several dates in a file (TempLAMA's years, with different
@@ -471,7 +449,6 @@ def read_probes(path, split=None, dates=None):
             p.split = f"{p.split}@{p.date}"
     return probes
 
-
 def read_probe_files(specs):
     """The probes of several files. Splits never merge silently: files whose default split names collide
     (TemporalWiki's four *_changed.csv, ECBD's year folders) get splits named after the file, with as many
@@ -494,7 +471,6 @@ def read_probe_files(specs):
               ", ".join(sorted({label(c, depth) for c in clash})), file=sys.stderr)
     return [p for _, _, probes in files for p in probes]
 
-
 def parse_probe_spec(spec):
     """'FILE[@DATES][:SPLIT]' -> (FILE, DATES or None, SPLIT or None); a path that exists is taken as is."""
     path, dates, split = str(spec), None, None
@@ -505,7 +481,6 @@ def parse_probe_spec(spec):
     if not Path(path).exists() and "@" in path:
         path, dates = path.rsplit("@", 1)
     return path, dates, split
-
 
 def filter_dates(probes, dates, where):
     """The probes of `dates`: '2019' (also 2019-Q1..Q4), '2019-Q1', '2018,2020' or '2019-Q1..2020-Q4'."""
