@@ -2,7 +2,6 @@
 
     python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
     python probe.py --init gpt2 --probes ../shared/data/twiki_probes/0801-0901_changed.csv --json out.json
-    python probe.py --compare runs/full runs/tgl_fp out.json        # runs, metrics.jsonl or --json files
     python probe.py --init runs/t1 --text heldout.csv@200000        # held-out corpus perplexity
     python probe.py --init gpt2 --probes changed.csv --metric sentence  # TemporalWiki's own metric
 
@@ -16,17 +15,17 @@ How it is fast. Probes are grouped by prompt tokens; one row holds the prompt on
 by each answer (tree packing: an answer attends to the prompt and to itself only, and its
 positions restart where the prompt ends), so several answers or several probes with the same
 prompt share one prompt computation. Rows are sorted by length (little padding), and the LM
-head runs only at the answer positions, not at every position of every row.
+head runs only at the answer positions, not at every position of every row. Runs side by side:
+python -m experiments.compare.
 """
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
 
 from data import read_probe_files, sentence_example, span_example, windows
-from common import Parser, check_output, input_errors, read_json, read_text, write_text
+from common import Parser, check_output, input_errors, write_text
 
 
 METRICS = ("span", "sentence")
@@ -203,47 +202,6 @@ def format_table(summary):
     return "\n".join(lines)
 
 
-def load_summaries(path) -> list:
-    """[(column name, probe summary {split: {...}})] from a run folder or its metrics.jsonl (the last
-    line with "probes"), a probe.py --json file, or twiki.py's results.json (a column per stage x arm)."""
-    p = Path(path)
-    name = p.name if p.name not in ("metrics.jsonl", "") else p.parent.name
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.is_file():
-        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl, probe.py --json or results.json)")
-    if p.suffix == ".jsonl":
-        last = None
-        for n, line in enumerate(read_text(p).splitlines(), 1):
-            try:
-                rec = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError:
-                raise ValueError(f"{p}:{n}: not valid JSON") from None
-            if rec.get("probes"):
-                last = rec["probes"]
-        if last is None:
-            raise ValueError(f"{p}: no line with probe results")
-        return [(name, last)]
-    d = read_json(p)
-    if isinstance(d, dict) and isinstance(d.get("rows"), list):  # twiki.py's results.json
-        return [(f"{r['stage']}/{r['arm']}", r["probes"]) for r in d["rows"]]
-    if not isinstance(d, dict) or "summary" not in d:
-        raise ValueError(f"{p}: not a probe.py --json file (no 'summary') nor a twiki.py results.json (no 'rows')")
-    return [(name, d["summary"])]
-
-
-def compare_table(paths):
-    columns = [c for p in paths for c in load_summaries(p)]
-    names, sums = [n for n, _ in columns], [s for _, s in columns]
-    w = max(12, *(len(n) for n in names))
-    splits = ordered(s for d in sums for s in d)
-    lines = [f"{'ppl / em':<16} " + " ".join(f"{n:>{w}}" for n in names)]
-    for split in splits:
-        cells = [f"{d[split]['ppl']:.2f} / {d[split]['em']:.2f}" if split in d else "-" for d in sums]
-        lines.append(f"{split:<16} " + " ".join(f"{c:>{w}}" for c in cells))
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     ap = Parser(prog="probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -255,13 +213,12 @@ def parse_args(argv=None):
       "paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's own scorer)")
     a("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
     a("--json", default=None, help="write summary and per-probe results to this JSON file")
-    a("--compare", nargs="+", default=None, help="print runs side by side: run folders, metrics.jsonl or --json outputs")
     a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
     a("--batch-size", type=int, default=64, help="packed rows per forward pass")
     a("--device", default="auto", help="cpu, cuda, mps or auto")
     args = ap.parse_args(argv)
-    if args.compare is None and (not args.init or not (args.probes or args.text)):
-        ap.error("need --init and --probes and/or --text (or --compare)")
+    if not args.init or not (args.probes or args.text):
+        ap.error("need --init and --probes and/or --text")
     if args.batch_size < 1 or args.text_tokens < 1:
         ap.error("--batch-size and --text-tokens must be >= 1")
     return args
@@ -270,9 +227,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with input_errors("probe.py"):
-        if args.compare is not None:
-            print(compare_table(args.compare))
-            return None
         if args.json:
             check_output(args.json, "--json")  # before the slow part
         from data import load_tokenizer, load_tokens

@@ -13,6 +13,7 @@ import common
 import probe
 import train
 import trace as tgl_trace
+from experiments import compare
 from model import GPT, GPTConfig, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,7 @@ def test_trace_and_probe_bad_input(w, capsys, tmp_path):
     one_line_error(capsys, probe.main, pbase + ["--json", str(tmp_path / "missing" / "p.json")], "--json")
     one_line_error(capsys, probe.main, ["--init", str(w / "nanogpt.pt")] + pbase[2:], "nanogpt.pt")
     one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "empty.jsonl")], "empty.jsonl")
-    one_line_error(capsys, probe.main, ["--compare", str(w / "binary.jsonl")], "binary.jsonl")
+    one_line_error(capsys, compare.main, [str(w / "binary.jsonl")], "binary.jsonl")
     one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "binary.jsonl")], "binary.jsonl")
     one_line_error(capsys, probe.main, pbase + ["--device", "warp9"], "--device")
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 import model as M
-import probe
-from experiments import twiki
+from experiments import compare, twiki
 from httpserver import HF, zip_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -94,10 +93,10 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     val = (out / "stage1" / "data" / "val.csv").read_text()
     assert train.count("Doc ") == 8 and val.count("Doc ") == 4 and "Doc 2." in val and "Doc 2." not in train
     capsys.readouterr()
-    probe.main(["--compare", str(out / "stage1" / "full-fp"), str(out / "stage2" / "full-fp"), str(out / "stage1" / "init.json")])
+    compare.main([str(out / "stage1" / "full-fp"), str(out / "stage2" / "full-fp"), str(out / "stage1" / "init.json")])
     cmp = capsys.readouterr().out
     assert "changed" in cmp and "full-fp" in cmp and "init.json" in cmp
-    probe.main(["--compare", str(out / "results.json")])  # the driver's JSON: a column per stage x arm
+    compare.main([str(out / "results.json")])  # the driver's JSON: a column per stage x arm
     cmp = capsys.readouterr().out.splitlines()
     assert cmp[0].split()[3:] == [f"{r['stage']}/{r['arm']}" for r in rows]
     assert f"{rows[1]['probes']['changed']['ppl']:.2f}" in next(line for line in cmp if line.startswith("changed "))
