@@ -1,22 +1,12 @@
-"""Score knowledge probes: answer-span perplexity and greedy exact match, per split.
+"""Score knowledge probes (answer-span perplexity and greedy exact match per split) and held-out text.
 
     python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
-    python probe.py --init gpt2 --probes ../shared/data/twiki_probes/0801-0901_changed.csv --json out.json
+    python probe.py --init gpt2 --probes changed.csv --metric sentence --json out.json  # TemporalWiki's metric
     python probe.py --init runs/t1 --text heldout.csv@200000        # held-out corpus perplexity
-    python probe.py --init gpt2 --probes changed.csv --metric sentence  # TemporalWiki's own metric
 
-How a probe counts. Per answer: NLL = sum over the answer tokens of -log p(token | prompt,
-earlier answer tokens), teacher-forced. With several gold answers (TempLAMA), every answer
-is scored and the best one (lowest NLL per token) gives the probe's nll/n_tokens; exact match
-is 1 when greedy decoding reproduces any gold answer, i.e. the argmax at every position of
-some answer is that answer's token. Split perplexity = exp(total NLL / total answer tokens).
-
-How it is fast. Probes are grouped by prompt tokens; one row holds the prompt once followed
-by each answer (tree packing: an answer attends to the prompt and to itself only, and its
-positions restart where the prompt ends), so several answers or several probes with the same
-prompt share one prompt computation. Rows are sorted by length (little padding), and the LM
-head runs only at the answer positions, not at every position of every row. Runs side by side:
-python -m experiments.compare.
+Per gold answer: NLL = sum of -log p(answer token | prompt, earlier answer tokens); exact match = the argmax
+is the answer token at every answer position. A probe counts its best answer (lowest NLL per token), and
+exact match if any answer matches. Split perplexity = exp(total NLL / total answer tokens).
 """
 import argparse
 import json
@@ -24,25 +14,24 @@ import math
 
 import torch
 
-from data import read_probe_files, sentence_example, span_example, windows
 from common import Parser, check_output, input_errors, write_text
-
+from data import load_tokenizer, load_tokens, read_probe_files, sentence_example, span_example, windows
+from model import autocast, load_model, pick_device, unwrap
 
 METRICS = ("span", "sentence")
+MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's (B, T, V) logits are then at most 0.8 GB in fp32
 
 
 def probe_example(tokenizer, pr, answer, use_context, block_size, metric="span"):
-    """(idx, targets) of one (probe, answer), or a ValueError if it does not fit the model's context.
-    The one length rule: probe.py checks it while scoring, train.py for every probe file at start.
-    metric span: the answer tokens given the prompt (the paper); sentence: every token of
-    'prompt answer' (TemporalWiki's scorer, whose numbers are then comparable)."""
-    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
+    """(idx, targets) of a (probe, answer); a ValueError if too long (the one length rule: train.py checks
+    every probe with it at start). span: the answer tokens (the paper); sentence: all (TemporalWiki's)."""
     if metric not in METRICS:
         raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
     idx, tgt = (span_example if metric == "span" else sentence_example)(tokenizer, prompt, answer)
     if len(idx) > block_size:
-        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} tokens, "
-                         f"longer than the model's context ({block_size})")
+        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} "
+                         f"tokens, longer than the model's context ({block_size})")
     return idx, tgt
 
 
@@ -52,98 +41,41 @@ def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"
             probe_example(tokenizer, pr, answer, use_context, block_size, metric)
 
 
-def _rows(tokenizer, probes, use_context, block_size, metric="span"):
-    """Packed rows: list of (tokens, positions, segments, answers) where answers is a list of
-    (gather positions, target tokens, probe indices). Identical (prompt, answer) pairs of
-    different probes are scored once."""
-    groups = {}  # prompt tokens -> {answer tokens: [probe indices]}
-    for i, pr in enumerate(probes):
-        for ans in pr.answers:
-            idx, tgt = probe_example(tokenizer, pr, ans, use_context, block_size, metric)
-            n_prompt = next(j for j, t in enumerate(tgt) if t != -1) + 1
-            groups.setdefault(tuple(idx[:n_prompt]), {}).setdefault(tuple(tgt[n_prompt - 1:]), []).append(i)
-    rows = []
-    for prompt, answers in groups.items():
-        L = len(prompt)
-        row = None
-        for ans, owners in answers.items():
-            if row is None or len(row[0]) + len(ans) - 1 > block_size:  # full: start another row
-                row = (list(prompt), list(range(L)), [0] * L, [])
-                rows.append(row)
-            start, seg = len(row[0]), len(row[3]) + 1
-            row[0].extend(ans[:-1])  # the last answer token is only a target, never an input
-            row[1].extend(range(L, L + len(ans) - 1))
-            row[2].extend([seg] * (len(ans) - 1))
-            row[3].append(([L - 1] + list(range(start, start + len(ans) - 1)), list(ans), owners))
-    return rows
+def _score_batch(model, examples, device):
+    """[(nll, n_tokens, exact match)] of (idx, targets) examples in one forward. Rows are right-padded
+    (target -1): in a causal model no real position sees the padding after it."""
+    x = torch.zeros(len(examples), max(len(idx) for idx, _ in examples), dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for i, (idx, tgt) in enumerate(examples):
+        x[i, :len(idx)], y[i, :len(tgt)] = torch.tensor(idx), torch.tensor(tgt)
+    x, y = x.to(device), y.to(device)
+    with autocast(device):
+        logits, _ = model(x)  # (B, T, V)
+    at = y != -1  # (B, T); the log-softmax only at these N answer positions: (N, V)
+    logp, t = logits[at].float().log_softmax(-1), y[at]
+    nll = torch.zeros(y.shape, device=device).masked_scatter_(at, -logp.gather(1, t[:, None])[:, 0])
+    hit = torch.ones_like(at).masked_scatter_(at, logp.argmax(-1) == t)
+    return zip(nll.sum(1).tolist(), at.sum(1).tolist(), hit.all(1).tolist())
 
 
-def _token_nll(lm_head, h, targets, chunk=128):
-    """Per row of h (N, C): -log p(target) and whether the target is the argmax. The LM head
-    runs only on these rows, `chunk` at a time, so the (chunk, V) logits stay cache-sized."""
-    nll, ok = [], []
-    for i in range(0, len(h), chunk):
-        logits = lm_head(h[i:i + chunk]).float()  # (n, V)
-        t = targets[i:i + chunk]
-        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1))
-        ok.append(logits.argmax(-1) == t)
-    return torch.cat(nll), torch.cat(ok)
-
-
+@torch.inference_mode()
 def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
-    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} (best gold answer).
-    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions);
-    metric: span (the answer tokens) or sentence (every token, see probe_example)."""
-    from model import autocast, unwrap
-    model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
+    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} of its best answer (ties: the first).
+    Sorted by length, a batch has little padding; use_context prepends probe.context (ECBD definitions)."""
+    model, was_training = unwrap(model), model.training  # the GPT inside a compiled / DDP wrapper
     device = device or next(model.parameters()).device
-    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size, metric), key=lambda r: len(r[0]))
-    best = [None] * len(probes)  # (nll per token, nll, n_tokens)
-    em = [0] * len(probes)
-    was_training = model.training
+    items = sorted(((probe_example(tokenizer, pr, ans, use_context, model.config.block_size, metric), i, j)
+                    for i, pr in enumerate(probes) for j, ans in enumerate(pr.answers)), key=lambda it: len(it[0][0]))
+    best, em = [(math.inf,)] * len(probes), [False] * len(probes)
     model.eval()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(rows), batch_size):
-                chunk = rows[b:b + batch_size]
-                T = max(len(r[0]) for r in chunk)
-                idx = torch.zeros(len(chunk), T, dtype=torch.long)
-                pos = torch.zeros(len(chunk), T, dtype=torch.long)
-                seg = torch.full((len(chunk), T), -1, dtype=torch.long)  # -1 = padding
-                rb, rt, tg, aid = [], [], [], []  # row, position, target, answer number
-                answers = []
-                for i, (toks, p, s, ans) in enumerate(chunk):
-                    idx[i, :len(toks)], pos[i, :len(toks)], seg[i, :len(toks)] = map(torch.tensor, (toks, p, s))
-                    for gather, target, owners in ans:
-                        rb += [i] * len(gather)
-                        rt += gather
-                        tg += target
-                        aid += [len(answers)] * len(gather)
-                        answers.append(owners)
-                mask = None  # one answer per row: plain causal attention (faster kernel)
-                if seg.max() > 1:
-                    causal = torch.ones(T, T, dtype=torch.bool).tril()
-                    mask = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))  # (B, T, T)
-                    mask = mask.to(device)
-                tg = torch.tensor(tg, device=device)
-                aid = torch.tensor(aid, device=device)
-                with autocast(str(device)):
-                    h = model.hidden(idx.to(device), pos.to(device), mask)  # (B, T, C)
-                    at = (torch.tensor(rb, device=device), torch.tensor(rt, device=device))
-                    tok_nll, tok_ok = _token_nll(model.lm_head, h[at], tg)  # answer positions only
-                nll = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_nll).tolist()
-                ntok = torch.zeros(len(answers), device=device).index_add_(0, aid, torch.ones_like(tok_nll)).tolist()
-                nok = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_ok.float()).tolist()
-                for a, owners in enumerate(answers):
-                    for i in owners:
-                        cand = (nll[a] / ntok[a], nll[a], int(ntok[a]))
-                        if best[i] is None or cand[0] < best[i][0]:
-                            best[i] = cand
-                        em[i] |= int(nok[a] == ntok[a])
-    finally:
-        model.train(was_training)
-    return [{"id": pr.id, "split": pr.split, "nll": bst[1], "n_tokens": bst[2], "nll_per_token": bst[0], "em": e}
-            for pr, bst, e in zip(probes, best, em)]
+    while items:  # sorted: row batch_size (or the last) is at least as long as any in the batch
+        n = max(1, min(batch_size, MAX_TOKENS // len(items[min(batch_size, len(items)) - 1][0][0])))
+        batch, items = items[:n], items[n:]
+        for (_, i, j), (nll, ntok, hit) in zip(batch, _score_batch(model, [ex for ex, _, _ in batch], device)):
+            best[i], em[i] = min(best[i], (nll / ntok, j, nll, ntok)), em[i] or hit
+    model.train(was_training)
+    return [{"id": pr.id, "split": pr.split, "nll": b[2], "n_tokens": b[3], "nll_per_token": b[0], "em": int(e)}
+            for pr, b, e in zip(probes, best, em)]
 
 
 def summarize(results):
@@ -162,28 +94,20 @@ def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=F
 
 @torch.inference_mode()
 def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
-    """Held-out text perplexity: exp(mean next-token NLL) over consecutive, non-overlapping windows of
-    the model's context covering the first n_tokens tokens of `tokens` (the same windows every time)."""
-    from model import autocast, unwrap
-    model = unwrap(model)
+    """exp(mean next-token NLL) over the consecutive context windows that cover the first n_tokens tokens."""
+    model, was_training = unwrap(model), model.training
     device = device or next(model.parameters()).device
     T = min(model.config.block_size, len(tokens) - 1)
     if T < 1:
         raise ValueError(f"held-out text has {len(tokens)} tokens: too few to score")
-    starts = list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0]
-    was_training, total, count = model.training, 0.0, 0
+    starts, total = list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0], 0.0
     model.eval()
-    try:
-        for b in range(0, len(starts), batch_size):
-            x, y = windows(tokens, starts[b:b + batch_size], T)  # (B, T) each
-            with autocast(str(device)):
-                _, loss = model(x.to(device), y.to(device))  # mean NLL over the B * T targets
-            total, count = total + loss.float().item() * y.numel(), count + y.numel()
-    finally:
-        model.train(was_training)
-    return math.exp(min(total / count, 700.0))
-
-# ----------------------------------------------------------------------------- reports
+    for b in range(0, len(starts), batch_size):
+        x, y = windows(tokens, starts[b:b + batch_size], T)  # (B, T) each
+        with autocast(device):
+            total += model(x.to(device), y.to(device))[1].item() * y.numel()  # mean NLL of B * T targets
+    model.train(was_training)
+    return math.exp(min(total / (len(starts) * T), 700.0))
 
 
 ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
@@ -195,59 +119,48 @@ def ordered(splits):
 
 
 def format_table(summary):
-    lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
-    for split in ordered(summary):
-        s = summary[split]
-        lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
-    return "\n".join(lines)
-
-
-def parse_args(argv=None):
-    ap = Parser(prog="probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument
-    a("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
-    a("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
-    a("--text", help="also score the corpus perplexity of this held-out text (file, folder, CSV; PATH@N for a prefix)")
-    a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive windows of the context)")
-    a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt (the "
-      "paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's own scorer)")
-    a("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
-    a("--json", default=None, help="write summary and per-probe results to this JSON file")
-    a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
-    a("--batch-size", type=int, default=64, help="packed rows per forward pass")
-    a("--device", default="auto", help="cpu, cuda, mps or auto")
-    args = ap.parse_args(argv)
-    if not args.init or not (args.probes or args.text):
-        ap.error("need --init and --probes and/or --text")
-    if args.batch_size < 1 or args.text_tokens < 1:
-        ap.error("--batch-size and --text-tokens must be >= 1")
-    return args
+    rows = [f"{s:<16} {summary[s]['n']:>6} {summary[s]['ppl']:>10.3f} {summary[s]['em']:>7.3f}" for s in ordered(summary)]
+    return "\n".join([f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"] + rows)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    ap = Parser(prog="probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--init", required=True, help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
+    a("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
+    a("--text", help="also the perplexity of this held-out text (file, folder, CSV; PATH@N for a prefix)")
+    a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive context windows)")
+    a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt "
+      "(the paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's scorer)")
+    a("--tokenizer", help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
+    a("--json", help="write summary and per-probe results to this JSON file")
+    a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
+    a("--batch-size", type=int, default=64, help="(probe, answer) rows per forward pass")
+    a("--device", default="auto", help="cpu, cuda, mps or auto")
+    args = ap.parse_args(argv)
+    if not (args.probes or args.text) or min(args.batch_size, args.text_tokens) < 1:
+        ap.error("need --probes and/or --text; --batch-size and --text-tokens must be >= 1")
     with input_errors("probe.py"):
         if args.json:
             check_output(args.json, "--json")  # before the slow part
-        from data import load_tokenizer, load_tokens
-        from model import load_model, pick_device
         device = pick_device(args.device)
         probes = read_probe_files(args.probes)  # same-named splits of two files never merge
         model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake
         tokenizer = load_tokenizer(args.tokenizer or args.init)
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
-        results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric) if probes else []
-        summary = summarize(results)
-        out = {"init": args.init, "probes": args.probes, "context": args.context, "metric": args.metric, "summary": summary}
-        if summary:
-            print(f"{args.metric} perplexity and exact match per split:\n" + format_table(summary))
+        results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric)
+        out = {"init": args.init, "probes": args.probes, "context": args.context, "metric": args.metric,
+               "summary": summarize(results)}
+        if results:
+            print(f"{args.metric} perplexity and exact match per split:\n" + format_table(out["summary"]))
         if args.text:
-            out["text"], out["text_ppl"] = args.text, text_ppl(model, load_tokens(args.text, tokenizer), args.text_tokens, device=device)
+            out["text"], out["text_ppl"] = args.text, text_ppl(model, load_tokens(args.text, tokenizer),
+                                                               args.text_tokens, device=device)
             print(f"held-out text perplexity of {args.text}: {out['text_ppl']:.3f}")
         if args.json:
             write_text(args.json, json.dumps(dict(out, results=results), indent=1))
-    return summary
+    return out["summary"]
 
 
 if __name__ == "__main__":

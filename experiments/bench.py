@@ -161,7 +161,8 @@ def bench_probe(n_probes=256, shape=(4, 4, 256), batch_size=64, seed=0, tokenize
 
 The probes are the evaluation probes of a synthetic world (TempLAMA / ECBD formats), tokenized
 with GPT-2 BPE (or the world's word vocabulary). Three ways to get the same numbers:
-  batched   probe.score(batch_size=B): packed rows sorted by length, LM head at answer tokens only
+  batched   probe.score(batch_size=B): a row per (probe, answer), sorted by length, right-padded,
+            one plain model(idx) per batch, log-softmax at the answer positions
   one-by-1  a plain loop: model(idx) for every (probe, answer), cross-entropy over the span
   hf        transformers' GPT2LMHeadModel with our weights (model.save_pretrained), B (probe, answer)
             rows per forward, right padding + attention_mask, all logits, cross-entropy
