@@ -27,8 +27,8 @@ import probe
 import trace as tgl_trace  # the project's trace.py (the repo root comes first on sys.path)
 from common import Parser, check_output, fail as cli_fail, input_errors, read_text, write_text
 from experiments.tools import check_number  # temporary
-from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, merge_lora,
-                   pick_device, save_checkpoint, unit_names, unit_of)
+from model import (CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device,
+                   save_checkpoint, unit_names, unit_of)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -261,7 +261,6 @@ def get_args(argv=None):
     a("--log-every", type=int, default=10, help="progress line, metrics line and NaN check every N updates")
     a("--save-every", type=int, default=0, help="checkpoint every N updates (0 = only at the end)")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
-    a("--export-hf", help="also write the final model (LoRA merged) in Hugging Face layout here")
     a("--device", default="auto", help="auto | cpu | cuda | mps")
     a("--compile", action="store_true", help="torch.compile the model (CUDA)")
     a("--threads", type=int, help="CPU threads (default: torch's, shared among local processes)")
@@ -307,8 +306,6 @@ def check_args(args):
     args.selection = tgl_trace.selection_from_args(args)
     pick_device(args.device)  # --device cuda without CUDA fails here, not at the first tensor
     check_output(args.out, "--out", "dir")
-    if args.export_hf:
-        check_output(args.export_hf, "--export-hf", "dir")
     first_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 may already be writing --out
     if first_rank and not args.resume and not args.overwrite and any(
             os.path.exists(os.path.join(args.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json")):
@@ -318,7 +315,7 @@ def check_args(args):
 
 
 # The flags that define what a run computes. --resume refuses to change any of them; the others (device,
-# threads, log / eval / save cadence, probes scored, export, and a larger --steps) may change on resume.
+# threads, log / eval / save cadence, probes scored and a larger --steps) may change on resume.
 RUN_FLAGS = ("init", "data", "replay_data", "tokenizer", "tokenizer_file", "n_layer", "n_head", "n_embd", "block_size",
              "dropout", "method", "replay_ratio", "replay_decay", "recadam_gamma", "recadam_k", "recadam_t0",
              "lora_rank", "lora_alpha", "tgl", "trace", "trace_probes", "trace_text", "trace_n_span", "trace_n_lm",
@@ -740,7 +737,7 @@ def train(run: Run, hooks):
 
 
 def finish(run: Run) -> dict:
-    """summary.json, and the Hugging Face export if asked for."""
+    """summary.json."""
     args = run.args
     train_time = run.saved_time if run.steps_now else run.elapsed  # nothing trained now: the checkpoint's time
     if (run.probes or run.val_tokens is not None) and run.evals is None and run.master:  # resumed a finished run
@@ -756,12 +753,6 @@ def finish(run: Run) -> dict:
         summary["metric"] = args.metric
     if run.master:
         write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
-        if args.export_hf:
-            if getattr(run.model, "lora", None):
-                merge_lora(run.model)
-            run.model.save_pretrained(args.export_hf)
-            run.tokenizer.save_hf(args.export_hf, run.model.config.block_size)  # AutoTokenizer loads the export too
-            run.say(f"exported to {args.export_hf}")
     if run.world > 1:
         dist.destroy_process_group()
     return summary

@@ -91,11 +91,12 @@ def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tok, monkeypat
 def test_score_equals_transformers_one_by_one(tmp_path, tok, arch):
     """The reference: transformers' model with the same weights, one (probe, answer) per forward."""
     from transformers import AutoModelForCausalLM
+    from experiments.export import save_hf
     model = tiny(tok.n_vocab, neo=arch == "gpt_neo")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # biases and LayerNorms count too
-    model.save_pretrained(tmp_path)
+    save_hf(model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     for use_context in (False, True):
         for pr, r in zip(probes_for_test(), probe.score(model, tok, probes_for_test(), use_context=use_context)):

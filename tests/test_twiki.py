@@ -13,6 +13,7 @@ import pytest
 
 import model as M
 from experiments import compare, twiki
+from experiments.export import save_hf
 from httpserver import HF, zip_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -45,7 +46,7 @@ def serve_twiki(server):
 
 
 def tiny_gpt2(folder):
-    M.GPT(M.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(folder)
+    save_hf(M.GPT(M.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), folder)
     return str(folder)
 
 
