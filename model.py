@@ -325,8 +325,9 @@ def config_from_hf(cfg: dict) -> GPTConfig:
         raise ValueError("want a JSON object with model_type gpt2 or gpt_neo")
     if cfg.get("activation_function", "gelu_new") != "gelu_new" or cfg.get("scale_attn_by_inverse_layer_idx"):
         raise ValueError("only gelu_new and no scale_attn_by_inverse_layer_idx are supported")
-    if missing := [names[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd") if names[k] not in cfg]:
-        raise ValueError(f"lacks the field {missing[0]!r}")
+    for need in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if names[need] not in cfg:
+            raise ValueError(f"lacks the field {names[need]!r}")
     kw = {ours: cfg[hf] for ours, hf in names.items() if hf in cfg}
     if cfg["model_type"] == "gpt_neo":  # attention_types [[["global", "local"], 6]]: 6 x (global, local)
         types = cfg.get("attention_types") or [[cfg.get("attention_layers", []), 1]]

@@ -1,12 +1,12 @@
 """Score knowledge probes (answer-span perplexity and greedy exact match per split) and held-out text.
 
     python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
-    python probe.py --init gpt2 --probes changed.csv --metric sentence --json out.json  # TemporalWiki's metric
-    python probe.py --init runs/t1 --text heldout.csv@200000        # held-out corpus perplexity
+    python probe.py --init gpt2 --probes changed.csv --metric sentence --json out.json
+    python probe.py --init runs/t1 --text heldout.csv@200000
 
-Per gold answer: NLL = sum of -log p(answer token | prompt, earlier answer tokens); exact match = the argmax
-is the answer token at every answer position. A probe counts its best answer (lowest NLL per token), and
-exact match if any answer matches. Split perplexity = exp(total NLL / total answer tokens).
+Per answer: NLL = sum of -log p(answer token | prompt, earlier answer tokens); exact match = the argmax is
+the answer token at every answer position. A probe counts its best answer (lowest NLL per token), exact
+match if any answer matches. Split perplexity = exp(total NLL / total answer tokens).
 """
 import argparse
 import json
@@ -42,16 +42,16 @@ def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"
 
 
 def _score_batch(model, examples, device):
-    """[(nll, n_tokens, exact match)] of (idx, targets) examples in one forward. Rows are right-padded
-    (target -1): in a causal model no real position sees the padding after it."""
+    """(nll, n_tokens, exact match) per (idx, targets) example, one forward. Rows are right-padded (target
+    -1): in a causal model no real position sees the padding after it."""
     x = torch.zeros(len(examples), max(len(idx) for idx, _ in examples), dtype=torch.long)
     y = torch.full_like(x, -1)
     for i, (idx, tgt) in enumerate(examples):
-        x[i, :len(idx)], y[i, :len(tgt)] = torch.tensor(idx), torch.tensor(tgt)
+        x[i, :len(idx)], y[i, :len(tgt)] = torch.as_tensor(idx), torch.as_tensor(tgt)
     x, y = x.to(device), y.to(device)
     with autocast(device):
         logits, _ = model(x)  # (B, T, V)
-    at = y != -1  # (B, T); the log-softmax only at these N answer positions: (N, V)
+    at = y != -1  # (B, T); the log-softmax only at these N target positions: (N, V)
     logp, t = logits[at].float().log_softmax(-1), y[at]
     nll = torch.zeros(y.shape, device=device).masked_scatter_(at, -logp.gather(1, t[:, None])[:, 0])
     hit = torch.ones_like(at).masked_scatter_(at, logp.argmax(-1) == t)
@@ -59,21 +59,30 @@ def _score_batch(model, examples, device):
 
 
 @torch.inference_mode()
-def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
-    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} of its best answer (ties: the first).
-    Sorted by length, a batch has little padding; use_context prepends probe.context (ECBD definitions)."""
-    model, was_training = unwrap(model), model.training  # the GPT inside a compiled / DDP wrapper
-    device = device or next(model.parameters()).device
-    items = sorted(((probe_example(tokenizer, pr, ans, use_context, model.config.block_size, metric), i, j)
-                    for i, pr in enumerate(probes) for j, ans in enumerate(pr.answers)), key=lambda it: len(it[0][0]))
-    best, em = [(math.inf,)] * len(probes), [False] * len(probes)
+def _score_all(model, examples, batch_size, device):
+    """_score_batch's triples for every example, in order. Sorted by length, a batch (<= batch_size rows,
+    <= MAX_TOKENS padded tokens) has little padding."""
+    model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
+    device, was_training, out = device or next(model.parameters()).device, model.training, [None] * len(examples)
+    todo = sorted(range(len(examples)), key=lambda k: len(examples[k][0]))
     model.eval()
-    while items:  # sorted: row batch_size (or the last) is at least as long as any in the batch
-        n = max(1, min(batch_size, MAX_TOKENS // len(items[min(batch_size, len(items)) - 1][0][0])))
-        batch, items = items[:n], items[n:]
-        for (_, i, j), (nll, ntok, hit) in zip(batch, _score_batch(model, [ex for ex, _, _ in batch], device)):
-            best[i], em[i] = min(best[i], (nll / ntok, j, nll, ntok)), em[i] or hit
+    while todo:  # the batch_size-th example (or the last) is at least as long as any in the batch
+        n = max(1, min(batch_size, MAX_TOKENS // len(examples[todo[min(batch_size, len(todo)) - 1]][0])))
+        for k, r in zip(todo[:n], _score_batch(model, [examples[k] for k in todo[:n]], device)):
+            out[k] = r
+        todo = todo[n:]
     model.train(was_training)
+    return out
+
+
+def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
+    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} of its best answer (ties: the first);
+    use_context prepends probe.context (ECBD definitions)."""
+    block_size, owners = unwrap(model).config.block_size, [(i, a) for i, pr in enumerate(probes) for a in pr.answers]
+    examples = [probe_example(tokenizer, probes[i], a, use_context, block_size, metric) for i, a in owners]
+    best, em = [(math.inf,)] * len(probes), [False] * len(probes)
+    for k, ((i, _), (nll, ntok, hit)) in enumerate(zip(owners, _score_all(model, examples, batch_size, device))):
+        best[i], em[i] = min(best[i], (nll / ntok, k, nll, ntok)), em[i] or hit
     return [{"id": pr.id, "split": pr.split, "nll": b[2], "n_tokens": b[3], "nll_per_token": b[0], "em": int(e)}
             for pr, b, e in zip(probes, best, em)]
 
@@ -92,22 +101,14 @@ def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=F
     return summarize(score(model, tokenizer, probes, batch_size, device, use_context, metric))
 
 
-@torch.inference_mode()
 def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
     """exp(mean next-token NLL) over the consecutive context windows that cover the first n_tokens tokens."""
-    model, was_training = unwrap(model), model.training
-    device = device or next(model.parameters()).device
-    T = min(model.config.block_size, len(tokens) - 1)
+    T = min(unwrap(model).config.block_size, len(tokens) - 1)
     if T < 1:
         raise ValueError(f"held-out text has {len(tokens)} tokens: too few to score")
-    starts, total = list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0], 0.0
-    model.eval()
-    for b in range(0, len(starts), batch_size):
-        x, y = windows(tokens, starts[b:b + batch_size], T)  # (B, T) each
-        with autocast(device):
-            total += model(x.to(device), y.to(device))[1].item() * y.numel()  # mean NLL of B * T targets
-    model.train(was_training)
-    return math.exp(min(total / (len(starts) * T), 700.0))
+    x, y = windows(tokens, list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0], T)  # (N, T) each
+    rows = _score_all(model, list(zip(x, y)), batch_size, device)
+    return math.exp(min(sum(r[0] for r in rows) / sum(r[1] for r in rows), 700.0))
 
 
 ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
@@ -119,8 +120,11 @@ def ordered(splits):
 
 
 def format_table(summary):
-    rows = [f"{s:<16} {summary[s]['n']:>6} {summary[s]['ppl']:>10.3f} {summary[s]['em']:>7.3f}" for s in ordered(summary)]
-    return "\n".join([f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"] + rows)
+    lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
+    for split in ordered(summary):
+        s = summary[split]
+        lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -132,7 +136,7 @@ def main(argv=None):
     a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive context windows)")
     a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt "
       "(the paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's scorer)")
-    a("--tokenizer", help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
+    a("--tokenizer", help="'gpt2' or a tokenizer.json; default: from --init")
     a("--json", help="write summary and per-probe results to this JSON file")
     a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
     a("--batch-size", type=int, default=64, help="(probe, answer) rows per forward pass")
@@ -150,13 +154,13 @@ def main(argv=None):
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
         results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric)
-        out = {"init": args.init, "probes": args.probes, "context": args.context, "metric": args.metric,
-               "summary": summarize(results)}
+        out = dict(init=args.init, probes=args.probes, context=args.context, metric=args.metric,
+                   summary=summarize(results))
         if results:
             print(f"{args.metric} perplexity and exact match per split:\n" + format_table(out["summary"]))
         if args.text:
-            out["text"], out["text_ppl"] = args.text, text_ppl(model, load_tokens(args.text, tokenizer),
-                                                               args.text_tokens, device=device)
+            out.update(text=args.text, text_ppl=text_ppl(model, load_tokens(args.text, tokenizer), args.text_tokens,
+                                                         device=device))
             print(f"held-out text perplexity of {args.text}: {out['text_ppl']:.3f}")
         if args.json:
             write_text(args.json, json.dumps(dict(out, results=results), indent=1))
