@@ -17,6 +17,11 @@ from common import Parser, atomic_path, input_errors, write_text
 from data import load_tokenizer
 from model import CONV1D, HF_NAMES, ST_DTYPES, GPT, load_model, merge_lora
 
+# what an export writes; --overwrite removes these first, so that no file of an earlier export (a word
+# vocabulary's tokenizer.json next to GPT-2's vocab.json, say) is read in place of the new one
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+         "special_tokens_map.json")
+
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
     """The format model.read_safetensors reads, written atomically. Tensors must be F32, F16 or BF16."""
@@ -146,10 +151,13 @@ def _save_word(tokenizer, folder, model_max_length):
 
 # ----------------------------------------------------------------------------- the script
 
-def export(model: GPT, tokenizer, folder):
-    """Model and tokenizer files into one folder."""
+def export(model: GPT, tokenizer, folder, overwrite=False):
+    """Model and tokenizer files into one folder; with overwrite, an earlier export's FILES go first."""
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
+    for f in FILES if overwrite else ():
+        if os.path.exists(os.path.join(folder, f)):
+            os.remove(os.path.join(folder, f))
     save_hf(model, folder)
     save_tokenizer(tokenizer, folder, model.config.block_size)
 
@@ -159,7 +167,8 @@ def main(argv=None):
     ap.add_argument("--init", required=True, help="run folder, ckpt .pt, Hugging Face folder or hub name")
     ap.add_argument("--out", required=True, help="folder to write (refused if it holds files, unless --overwrite)")
     ap.add_argument("--tokenizer", help="'gpt2' or a tokenizer.json; default: the one of --init")
-    ap.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
+    ap.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files "
+                    "(an earlier export's files are replaced, others are left alone)")
     args = ap.parse_args(argv)
     with input_errors("export.py"):
         if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -167,7 +176,7 @@ def main(argv=None):
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
             raise ValueError(f"--out {args.out} already holds files; pass --overwrite to write into it")
         model = load_model(args.init)  # a run's adapters are merged on load
-        export(model, load_tokenizer(args.tokenizer or args.init), args.out)
+        export(model, load_tokenizer(args.tokenizer or args.init), args.out, args.overwrite)
     print(f"exported {args.init} to {args.out}")
     return args.out
 

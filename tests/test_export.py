@@ -135,4 +135,12 @@ def test_cli_refuses_a_used_out_folder_and_bad_input_in_one_line(tmp_path, capsy
     assert (tmp_path / "used" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "used" / "config.json").exists()
     export.main(["--init", str(run), "--out", str(tmp_path / "used"), "--overwrite"])
-    assert (tmp_path / "used" / "config.json").is_file() and (tmp_path / "used" / "model.safetensors").is_file()
+    assert (tmp_path / "used" / "config.json").is_file() and (tmp_path / "used" / "tokenizer.json").is_file()
+    big = tmp_path / "big"
+    export.save_hf(tiny(vocab=50257), big)  # GPT-2's vocabulary: --init big exports GPT-2 BPE files
+    with pytest.raises(SystemExit):  # the word run with GPT-2's 50257 tokens: refused before anything is removed
+        export.main(["--init", str(run), "--out", str(tmp_path / "used"), "--tokenizer", "gpt2", "--overwrite"])
+    assert (tmp_path / "used" / "tokenizer.json").is_file()
+    export.main(["--init", str(big), "--out", str(tmp_path / "used"), "--overwrite"])
+    assert not (tmp_path / "used" / "tokenizer.json").exists()  # the word vocabulary's file would win in AutoTokenizer
+    assert (tmp_path / "used" / "vocab.json").is_file() and (tmp_path / "used" / "notes.txt").is_file()
