@@ -40,46 +40,6 @@ class GPT2Tokenizer:
     def fingerprint(self):
         return self.name
 
-    def save_hf(self, folder, model_max_length=1024):
-        """Write GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json) into folder, so
-        that transformers' AutoTokenizer.from_pretrained(folder) encodes like tiktoken. tiktoken's
-        gpt2 encoding is built from exactly these two files; here they are rebuilt from its ranks."""
-        ranks = self.enc._mergeable_ranks  # token bytes -> id; ids 0..50255 are GPT-2's encoder.json ids
-        b2u = _bytes_to_unicode()
-        spell = lambda t: "".join(b2u[b] for b in t)  # noqa: E731 (GPT-2 spells bytes as printable chars)
-        vocab = {spell(t): i for t, i in ranks.items()}
-        vocab["<|endoftext|>"] = self.eot
-        merges = [" ".join(spell(p) for p in _last_merge(ranks, t)) for t, _ in
-                  sorted(((t, i) for t, i in ranks.items() if len(t) > 1), key=lambda x: x[1])]
-        os.makedirs(folder, exist_ok=True)
-        write_text(os.path.join(folder, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
-        write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
-        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-        write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special))
-        write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(dict(
-            special, tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, add_prefix_space=False)))
-
-def _bytes_to_unicode():
-    """GPT-2's map of the 256 byte values to printable characters, as in its encoder.py."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)  # 188 printable bytes keep their own character
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-def _last_merge(ranks, token):
-    """The pair of tokens whose merge made `token`: byte-pair encoding of its bytes with the merges
-    that came before it leaves exactly two parts."""
-    parts, top = [bytes([b]) for b in token], ranks[token]
-    while len(parts) > 2:
-        r, i = min((ranks.get(parts[i] + parts[i + 1], top), i) for i in range(len(parts) - 1))
-        if r >= top:
-            raise ValueError(f"cannot rebuild the merge of token {token!r}")
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
 class WordTokenizer:
     """Closed word-level vocabulary (anything else is <unk>): a small softmax, fast to train on a CPU."""
     name = "word"
@@ -112,26 +72,9 @@ class WordTokenizer:
     def save(self, path):
         write_text(path, json.dumps({"type": "word", "vocab": self.vocab}, ensure_ascii=False))
 
-    def save_hf(self, folder, model_max_length=1024):
-        """Write tokenizer.json in the Hugging Face tokenizers format (a WordLevel model behind the same
-        split into words and punctuation marks) and tokenizer_config.json, for AutoTokenizer.
-        load_tokenizer reads this file back as this WordTokenizer."""
-        special = [{"id": i, "content": w, "single_word": False, "lstrip": False, "rstrip": False,
-                    "normalized": False, "special": True} for i, w in enumerate(self.SPECIALS)]
-        split = {"type": "Split", "pattern": {"Regex": self.PATTERN.pattern}, "behavior": "Isolated", "invert": False}
-        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
-                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, split]},
-                "post_processor": None, "decoder": None,
-                "model": {"type": "WordLevel", "vocab": self.index, "unk_token": "<unk>"}}
-        os.makedirs(folder, exist_ok=True)
-        write_text(os.path.join(folder, "tokenizer.json"), json.dumps(spec, ensure_ascii=False))
-        write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eot>", "unk_token": "<unk>",
-            "model_max_length": model_max_length}))
-
     @classmethod
     def load(cls, path):
-        """Our tokenizer.json ({"type": "word"}) or the Hugging Face one save_hf writes."""
+        """Our tokenizer.json ({"type": "word"}) or the Hugging Face one experiments/export.py writes."""
         d = read_json(path)
         hf = d.get("model") if isinstance(d, dict) else None
         if isinstance(hf, dict) and hf.get("type") == "WordLevel":

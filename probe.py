@@ -1,151 +1,85 @@
-"""Score knowledge probes: answer-span perplexity and greedy exact match, per split.
+"""Score knowledge probes (answer-span perplexity and greedy exact match per split) and held-out text.
 
     python probe.py --init runs/t0 --probes data/world/probes/updated.jsonl data/world/probes/new.jsonl
-    python probe.py --init gpt2 --probes ../shared/data/twiki_probes/0801-0901_changed.csv --json out.json
-    python probe.py --compare runs/full runs/tgl_fp out.json        # runs, metrics.jsonl or --json files
-    python probe.py --init runs/t1 --text heldout.csv@200000        # held-out corpus perplexity
-    python probe.py --init gpt2 --probes changed.csv --metric sentence  # TemporalWiki's own metric
+    python probe.py --init gpt2 --probes changed.csv --metric sentence --json out.json
+    python probe.py --init runs/t1 --text heldout.csv@200000
 
-How a probe counts. Per answer: NLL = sum over the answer tokens of -log p(token | prompt,
-earlier answer tokens), teacher-forced. With several gold answers (TempLAMA), every answer
-is scored and the best one (lowest NLL per token) gives the probe's nll/n_tokens; exact match
-is 1 when greedy decoding reproduces any gold answer, i.e. the argmax at every position of
-some answer is that answer's token. Split perplexity = exp(total NLL / total answer tokens).
-
-How it is fast. Probes are grouped by prompt tokens; one row holds the prompt once followed
-by each answer (tree packing: an answer attends to the prompt and to itself only, and its
-positions restart where the prompt ends), so several answers or several probes with the same
-prompt share one prompt computation. Rows are sorted by length (little padding), and the LM
-head runs only at the answer positions, not at every position of every row.
+Per answer: NLL = sum of -log p(answer token | prompt, earlier answer tokens); exact match = the argmax is
+the answer token at every answer position. A probe counts its best answer (lowest NLL per token), exact
+match if any answer matches. Split perplexity = exp(total NLL / total answer tokens).
 """
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
 
-from data import read_probe_files, sentence_example, span_example, windows
-from common import Parser, check_output, input_errors, read_json, read_text, write_text
-
+from common import Parser, check_output, input_errors, write_text
+from data import load_tokenizer, load_tokens, read_probe_files, sentence_example, span_example, windows
+from model import autocast, load_model, pick_device, unwrap
 
 METRICS = ("span", "sentence")
-
+MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's (B, T, V) logits are then at most 0.8 GB in fp32
 
 def probe_example(tokenizer, pr, answer, use_context, block_size, metric="span"):
-    """(idx, targets) of one (probe, answer), or a ValueError if it does not fit the model's context.
-    The one length rule: probe.py checks it while scoring, train.py for every probe file at start.
-    metric span: the answer tokens given the prompt (the paper); sentence: every token of
-    'prompt answer' (TemporalWiki's scorer, whose numbers are then comparable)."""
-    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
+    """(idx, targets) of a (probe, answer); a ValueError if too long (the one length rule: train.py checks
+    every probe with it at start). span: the answer tokens (the paper); sentence: all (TemporalWiki's)."""
     if metric not in METRICS:
         raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
     idx, tgt = (span_example if metric == "span" else sentence_example)(tokenizer, prompt, answer)
     if len(idx) > block_size:
-        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} tokens, "
-                         f"longer than the model's context ({block_size})")
+        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: prompt + answer is {len(idx)} "
+                         f"tokens, longer than the model's context ({block_size})")
     return idx, tgt
-
 
 def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"):
     for pr in probes:
         for answer in pr.answers:
             probe_example(tokenizer, pr, answer, use_context, block_size, metric)
 
+def _score_batch(model, examples, device):
+    """(nll, n_tokens, exact match) per (idx, targets) example, one forward. Rows are right-padded (target
+    -1): in a causal model no real position sees the padding after it."""
+    x = torch.zeros(len(examples), max(len(idx) for idx, _ in examples), dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for i, (idx, tgt) in enumerate(examples):
+        x[i, :len(idx)], y[i, :len(tgt)] = torch.as_tensor(idx), torch.as_tensor(tgt)
+    x, y = x.to(device), y.to(device)
+    with autocast(device):
+        logits, _ = model(x)  # (B, T, V)
+    at = y != -1  # (B, T); the log-softmax only at these N target positions: (N, V)
+    logp, t = logits[at].float().log_softmax(-1), y[at]
+    nll = torch.zeros(y.shape, device=device).masked_scatter_(at, -logp.gather(1, t[:, None])[:, 0])
+    hit = torch.ones_like(at).masked_scatter_(at, logp.argmax(-1) == t)
+    return zip(nll.sum(1).tolist(), at.sum(1).tolist(), hit.all(1).tolist())
 
-def _rows(tokenizer, probes, use_context, block_size, metric="span"):
-    """Packed rows: list of (tokens, positions, segments, answers) where answers is a list of
-    (gather positions, target tokens, probe indices). Identical (prompt, answer) pairs of
-    different probes are scored once."""
-    groups = {}  # prompt tokens -> {answer tokens: [probe indices]}
-    for i, pr in enumerate(probes):
-        for ans in pr.answers:
-            idx, tgt = probe_example(tokenizer, pr, ans, use_context, block_size, metric)
-            n_prompt = next(j for j, t in enumerate(tgt) if t != -1) + 1
-            groups.setdefault(tuple(idx[:n_prompt]), {}).setdefault(tuple(tgt[n_prompt - 1:]), []).append(i)
-    rows = []
-    for prompt, answers in groups.items():
-        L = len(prompt)
-        row = None
-        for ans, owners in answers.items():
-            if row is None or len(row[0]) + len(ans) - 1 > block_size:  # full: start another row
-                row = (list(prompt), list(range(L)), [0] * L, [])
-                rows.append(row)
-            start, seg = len(row[0]), len(row[3]) + 1
-            row[0].extend(ans[:-1])  # the last answer token is only a target, never an input
-            row[1].extend(range(L, L + len(ans) - 1))
-            row[2].extend([seg] * (len(ans) - 1))
-            row[3].append(([L - 1] + list(range(start, start + len(ans) - 1)), list(ans), owners))
-    return rows
-
-
-def _token_nll(lm_head, h, targets, chunk=128):
-    """Per row of h (N, C): -log p(target) and whether the target is the argmax. The LM head
-    runs only on these rows, `chunk` at a time, so the (chunk, V) logits stay cache-sized."""
-    nll, ok = [], []
-    for i in range(0, len(h), chunk):
-        logits = lm_head(h[i:i + chunk]).float()  # (n, V)
-        t = targets[i:i + chunk]
-        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1))
-        ok.append(logits.argmax(-1) == t)
-    return torch.cat(nll), torch.cat(ok)
-
+@torch.inference_mode()
+def _score_all(model, examples, batch_size, device):
+    """_score_batch's triples for every example, in order. Sorted by length, a batch (<= batch_size rows,
+    <= MAX_TOKENS padded tokens) has little padding."""
+    model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
+    device, was_training, out = device or next(model.parameters()).device, model.training, [None] * len(examples)
+    todo = sorted(range(len(examples)), key=lambda k: len(examples[k][0]))
+    model.eval()
+    while todo:  # the batch_size-th example (or the last) is at least as long as any in the batch
+        n = max(1, min(batch_size, MAX_TOKENS // len(examples[todo[min(batch_size, len(todo)) - 1]][0])))
+        for k, r in zip(todo[:n], _score_batch(model, [examples[k] for k in todo[:n]], device)):
+            out[k] = r
+        todo = todo[n:]
+    model.train(was_training)
+    return out
 
 def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
-    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} (best gold answer).
-    batch_size counts packed rows; use_context prepends probe.context (ECBD definitions);
-    metric: span (the answer tokens) or sentence (every token, see probe_example)."""
-    from model import autocast, unwrap
-    model = unwrap(model)  # the GPT inside a compiled / DDP wrapper
-    device = device or next(model.parameters()).device
-    rows = sorted(_rows(tokenizer, probes, use_context, model.config.block_size, metric), key=lambda r: len(r[0]))
-    best = [None] * len(probes)  # (nll per token, nll, n_tokens)
-    em = [0] * len(probes)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(rows), batch_size):
-                chunk = rows[b:b + batch_size]
-                T = max(len(r[0]) for r in chunk)
-                idx = torch.zeros(len(chunk), T, dtype=torch.long)
-                pos = torch.zeros(len(chunk), T, dtype=torch.long)
-                seg = torch.full((len(chunk), T), -1, dtype=torch.long)  # -1 = padding
-                rb, rt, tg, aid = [], [], [], []  # row, position, target, answer number
-                answers = []
-                for i, (toks, p, s, ans) in enumerate(chunk):
-                    idx[i, :len(toks)], pos[i, :len(toks)], seg[i, :len(toks)] = map(torch.tensor, (toks, p, s))
-                    for gather, target, owners in ans:
-                        rb += [i] * len(gather)
-                        rt += gather
-                        tg += target
-                        aid += [len(answers)] * len(gather)
-                        answers.append(owners)
-                mask = None  # one answer per row: plain causal attention (faster kernel)
-                if seg.max() > 1:
-                    causal = torch.ones(T, T, dtype=torch.bool).tril()
-                    mask = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))  # (B, T, T)
-                    mask = mask.to(device)
-                tg = torch.tensor(tg, device=device)
-                aid = torch.tensor(aid, device=device)
-                with autocast(str(device)):
-                    h = model.hidden(idx.to(device), pos.to(device), mask)  # (B, T, C)
-                    at = (torch.tensor(rb, device=device), torch.tensor(rt, device=device))
-                    tok_nll, tok_ok = _token_nll(model.lm_head, h[at], tg)  # answer positions only
-                nll = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_nll).tolist()
-                ntok = torch.zeros(len(answers), device=device).index_add_(0, aid, torch.ones_like(tok_nll)).tolist()
-                nok = torch.zeros(len(answers), device=device).index_add_(0, aid, tok_ok.float()).tolist()
-                for a, owners in enumerate(answers):
-                    for i in owners:
-                        cand = (nll[a] / ntok[a], nll[a], int(ntok[a]))
-                        if best[i] is None or cand[0] < best[i][0]:
-                            best[i] = cand
-                        em[i] |= int(nok[a] == ntok[a])
-    finally:
-        model.train(was_training)
-    return [{"id": pr.id, "split": pr.split, "nll": bst[1], "n_tokens": bst[2], "nll_per_token": bst[0], "em": e}
-            for pr, bst, e in zip(probes, best, em)]
-
+    """Per probe {"id","split","nll","n_tokens","nll_per_token","em"} of its best answer (ties: the first);
+    use_context prepends probe.context (ECBD definitions)."""
+    block_size, owners = unwrap(model).config.block_size, [(i, a) for i, pr in enumerate(probes) for a in pr.answers]
+    examples = [probe_example(tokenizer, probes[i], a, use_context, block_size, metric) for i, a in owners]
+    best, em = [(math.inf,)] * len(probes), [False] * len(probes)
+    for k, ((i, _), (nll, ntok, hit)) in enumerate(zip(owners, _score_all(model, examples, batch_size, device))):
+        best[i], em[i] = min(best[i], (nll / ntok, k, nll, ntok)), em[i] or hit
+    return [{"id": pr.id, "split": pr.split, "nll": b[2], "n_tokens": b[3], "nll_per_token": b[0], "em": int(e)}
+            for pr, b, e in zip(probes, best, em)]
 
 def summarize(results):
     """{split: {"ppl", "em", "n"}}; ppl = exp(total answer NLL / total answer tokens)."""
@@ -156,44 +90,23 @@ def summarize(results):
         out[split] = {"ppl": math.exp(min(nll / ntok, 700.0)), "em": sum(r["em"] for r in rs) / len(rs), "n": len(rs)}
     return out
 
-
 def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
     return summarize(score(model, tokenizer, probes, batch_size, device, use_context, metric))
 
-
-@torch.inference_mode()
 def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
-    """Held-out text perplexity: exp(mean next-token NLL) over consecutive, non-overlapping windows of
-    the model's context covering the first n_tokens tokens of `tokens` (the same windows every time)."""
-    from model import autocast, unwrap
-    model = unwrap(model)
-    device = device or next(model.parameters()).device
-    T = min(model.config.block_size, len(tokens) - 1)
+    """exp(mean next-token NLL) over the consecutive context windows that cover the first n_tokens tokens."""
+    T = min(unwrap(model).config.block_size, len(tokens) - 1)
     if T < 1:
         raise ValueError(f"held-out text has {len(tokens)} tokens: too few to score")
-    starts = list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0]
-    was_training, total, count = model.training, 0.0, 0
-    model.eval()
-    try:
-        for b in range(0, len(starts), batch_size):
-            x, y = windows(tokens, starts[b:b + batch_size], T)  # (B, T) each
-            with autocast(str(device)):
-                _, loss = model(x.to(device), y.to(device))  # mean NLL over the B * T targets
-            total, count = total + loss.float().item() * y.numel(), count + y.numel()
-    finally:
-        model.train(was_training)
-    return math.exp(min(total / count, 700.0))
-
-# ----------------------------------------------------------------------------- reports
-
+    x, y = windows(tokens, list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0], T)  # (N, T) each
+    rows = _score_all(model, list(zip(x, y)), batch_size, device)
+    return math.exp(min(sum(r[0] for r in rows) / sum(r[1] for r in rows), 700.0))
 
 ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
-
 
 def ordered(splits):
     splits = list(dict.fromkeys(splits))
     return sorted(splits, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), splits.index(s)))
-
 
 def format_table(summary):
     lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
@@ -202,99 +115,44 @@ def format_table(summary):
         lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
     return "\n".join(lines)
 
-
-def load_summaries(path) -> list:
-    """[(column name, probe summary {split: {...}})] from a run folder or its metrics.jsonl (the last
-    line with "probes"), a probe.py --json file, or twiki.py's results.json (a column per stage x arm)."""
-    p = Path(path)
-    name = p.name if p.name not in ("metrics.jsonl", "") else p.parent.name
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.is_file():
-        raise ValueError(f"{path}: no such file (want a run folder, metrics.jsonl, probe.py --json or results.json)")
-    if p.suffix == ".jsonl":
-        last = None
-        for n, line in enumerate(read_text(p).splitlines(), 1):
-            try:
-                rec = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError:
-                raise ValueError(f"{p}:{n}: not valid JSON") from None
-            if rec.get("probes"):
-                last = rec["probes"]
-        if last is None:
-            raise ValueError(f"{p}: no line with probe results")
-        return [(name, last)]
-    d = read_json(p)
-    if isinstance(d, dict) and isinstance(d.get("rows"), list):  # twiki.py's results.json
-        return [(f"{r['stage']}/{r['arm']}", r["probes"]) for r in d["rows"]]
-    if not isinstance(d, dict) or "summary" not in d:
-        raise ValueError(f"{p}: not a probe.py --json file (no 'summary') nor a twiki.py results.json (no 'rows')")
-    return [(name, d["summary"])]
-
-
-def compare_table(paths):
-    columns = [c for p in paths for c in load_summaries(p)]
-    names, sums = [n for n, _ in columns], [s for _, s in columns]
-    w = max(12, *(len(n) for n in names))
-    splits = ordered(s for d in sums for s in d)
-    lines = [f"{'ppl / em':<16} " + " ".join(f"{n:>{w}}" for n in names)]
-    for split in splits:
-        cells = [f"{d[split]['ppl']:.2f} / {d[split]['em']:.2f}" if split in d else "-" for d in sums]
-        lines.append(f"{split:<16} " + " ".join(f"{c:>{w}}" for c in cells))
-    return "\n".join(lines)
-
-
-def parse_args(argv=None):
+def main(argv=None):
     ap = Parser(prog="probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--init", help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
+    a("--init", required=True, help="run folder, ckpt .pt, local HF folder or hub name of the model to score")
     a("--probes", nargs="+", default=[], help="probe files (.jsonl TempLAMA/ECBD, .csv TemporalWiki, .tsv)")
-    a("--text", help="also score the corpus perplexity of this held-out text (file, folder, CSV; PATH@N for a prefix)")
-    a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive windows of the context)")
-    a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt (the "
-      "paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's own scorer)")
-    a("--tokenizer", default=None, help="tokenizer ('gpt2' or tokenizer.json); default: from --init")
-    a("--json", default=None, help="write summary and per-probe results to this JSON file")
-    a("--compare", nargs="+", default=None, help="print runs side by side: run folders, metrics.jsonl or --json outputs")
+    a("--text", help="also the perplexity of this held-out text (file, folder, CSV; PATH@N for a prefix)")
+    a("--text-tokens", type=int, default=65536, help="--text: tokens scored (consecutive context windows)")
+    a("--metric", choices=METRICS, default="span", help="span: perplexity of the answer given the prompt "
+      "(the paper's); sentence: of the whole 'subject relation object' sentence (TemporalWiki's scorer)")
+    a("--tokenizer", help="'gpt2' or a tokenizer.json; default: from --init")
+    a("--json", help="write summary and per-probe results to this JSON file")
     a("--context", action="store_true", help="prepend each probe's context (ECBD definition)")
-    a("--batch-size", type=int, default=64, help="packed rows per forward pass")
+    a("--batch-size", type=int, default=64, help="(probe, answer) rows per forward pass")
     a("--device", default="auto", help="cpu, cuda, mps or auto")
     args = ap.parse_args(argv)
-    if args.compare is None and (not args.init or not (args.probes or args.text)):
-        ap.error("need --init and --probes and/or --text (or --compare)")
-    if args.batch_size < 1 or args.text_tokens < 1:
-        ap.error("--batch-size and --text-tokens must be >= 1")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    if not (args.probes or args.text) or min(args.batch_size, args.text_tokens) < 1:
+        ap.error("need --probes and/or --text; --batch-size and --text-tokens must be >= 1")
     with input_errors("probe.py"):
-        if args.compare is not None:
-            print(compare_table(args.compare))
-            return None
         if args.json:
             check_output(args.json, "--json")  # before the slow part
-        from data import load_tokenizer, load_tokens
-        from model import load_model, pick_device
         device = pick_device(args.device)
         probes = read_probe_files(args.probes)  # same-named splits of two files never merge
         model = load_model(args.init, device)  # first: a wrong --init is the likelier mistake
         tokenizer = load_tokenizer(args.tokenizer or args.init)
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
-        results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric) if probes else []
-        summary = summarize(results)
-        out = {"init": args.init, "probes": args.probes, "context": args.context, "metric": args.metric, "summary": summary}
-        if summary:
-            print(f"{args.metric} perplexity and exact match per split:\n" + format_table(summary))
+        results = score(model, tokenizer, probes, args.batch_size, device, args.context, args.metric)
+        out = dict(init=args.init, probes=args.probes, context=args.context, metric=args.metric,
+                   summary=summarize(results))
+        if results:
+            print(f"{args.metric} perplexity and exact match per split:\n" + format_table(out["summary"]))
         if args.text:
-            out["text"], out["text_ppl"] = args.text, text_ppl(model, load_tokens(args.text, tokenizer), args.text_tokens, device=device)
+            out.update(text=args.text, text_ppl=text_ppl(model, load_tokens(args.text, tokenizer), args.text_tokens,
+                                                         device=device))
             print(f"held-out text perplexity of {args.text}: {out['text_ppl']:.3f}")
         if args.json:
             write_text(args.json, json.dumps(dict(out, results=results), indent=1))
-    return summary
-
+    return out["summary"]
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,7 @@ from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from trace import collate as _collate, trace_norms
 from train import AdamW, make_param_groups
+from experiments.export import save_hf
 from experiments.world import WorldConfig, make_world
 
 # GPT-2 BPE offline, as the tests get it: tiktoken's files from ../shared unless TIKTOKEN_CACHE_DIR is set
@@ -161,9 +162,10 @@ def bench_probe(n_probes=256, shape=(4, 4, 256), batch_size=64, seed=0, tokenize
 
 The probes are the evaluation probes of a synthetic world (TempLAMA / ECBD formats), tokenized
 with GPT-2 BPE (or the world's word vocabulary). Three ways to get the same numbers:
-  batched   probe.score(batch_size=B): packed rows sorted by length, LM head at answer tokens only
+  batched   probe.score(batch_size=B): a row per (probe, answer), sorted by length, right-padded,
+            one plain model(idx) per batch, log-softmax at the answer positions
   one-by-1  a plain loop: model(idx) for every (probe, answer), cross-entropy over the span
-  hf        transformers' GPT2LMHeadModel with our weights (model.save_pretrained), B (probe, answer)
+  hf        transformers' GPT2LMHeadModel with our weights (experiments/export.py), B (probe, answer)
             rows per forward, right padding + attention_mask, all logits, cross-entropy
 Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, where probe.score autocasts)."""
     transformers = need_transformers()
@@ -183,11 +185,11 @@ Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, wh
     cfg = GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
     model = GPT(cfg).to(device).eval()
     with tempfile.TemporaryDirectory() as d:  # our exporter: what transformers loads is what we wrote
-        model.save_pretrained(d)
+        save_hf(model, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(device).eval()
     n_tok = sum(len(span_example(tok, p.prompt, a)[0]) for p in probes for a in p.answers)
     print(f"model: {n_layer} layers, d={n_embd}, vocab {cfg.vocab_size}, "
-          f"{model.num_params() / 1e6:.1f}M params; {len(probes)} probes, {n_tok} tokens; "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; {len(probes)} probes, {n_tok} tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
     probe.score(model, tok, probes[:8])  # warm-up
     res, t_batched = timed(lambda: probe.score(model, tok, probes, batch_size=batch_size), device)
@@ -240,7 +242,8 @@ The target (issue 4) is traced / plain <= 1.1: the hooks must not be the bottlen
         sums["span"].tolist()  # the one sync of a real trace
 
     best = {k: min(v) for k, v in interleaved({"plain": plain, "trace": traced}, repeats, device).items()}
-    res = {"n": n, "device": str(device), "params_M": model.num_params() / 1e6, "plain_s": best["plain"],
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    res = {"n": n, "device": str(device), "params_M": params_m, "plain_s": best["plain"],
            "trace_s": best["trace"], "ratio": best["trace"] / best["plain"],
            "plain_ms_per_example": 1e3 * best["plain"] / n, "trace_ms_per_example": 1e3 * best["trace"] / n}
     print(f"{res['params_M']:.1f}M params on {device}, {n} examples of {seq_len} tokens ({n_targets} targets), "

@@ -13,6 +13,7 @@ import common
 import probe
 import train
 import trace as tgl_trace
+from experiments import compare, export
 from model import GPT, GPTConfig, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,6 @@ def test_train_cuda_on_a_cpu_only_torch(w, capsys):
 def test_train_bad_files(w, capsys):
     cases = [  # (argv, name); each fails before any training
         (train_argv(w, "--out", str(w / "a_file")), "--out"),
-        (train_argv(w, "--export-hf", str(w / "a_file")), "--export-hf"),
         (train_argv(w, "--tgl", "fp", "--trace", str(w / "trace_str.json")), "trace_str.json"),
         (train_argv(w, "--tgl", "fp", "--trace", str(w / "trace_nan.json")), "trace_nan.json"),
         (train_argv(w, "--probes", str(w / "empty.jsonl")), "empty.jsonl"),
@@ -138,9 +138,17 @@ def test_trace_and_probe_bad_input(w, capsys, tmp_path):
     one_line_error(capsys, probe.main, pbase + ["--json", str(tmp_path / "missing" / "p.json")], "--json")
     one_line_error(capsys, probe.main, ["--init", str(w / "nanogpt.pt")] + pbase[2:], "nanogpt.pt")
     one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "empty.jsonl")], "empty.jsonl")
-    one_line_error(capsys, probe.main, ["--compare", str(w / "binary.jsonl")], "binary.jsonl")
+    one_line_error(capsys, compare.main, [str(w / "binary.jsonl")], "binary.jsonl")
     one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "binary.jsonl")], "binary.jsonl")
     one_line_error(capsys, probe.main, pbase + ["--device", "warp9"], "--device")
+
+
+def test_export_bad_input(w, capsys, tmp_path):
+    one_line_error(capsys, export.main, ["--init", str(w / "run"), "--out", str(w / "a_file")], "--out")  # a file
+    one_line_error(capsys, export.main, ["--init", str(w / "nanogpt.pt"), "--out", str(tmp_path / "o")], "nanogpt.pt")
+    one_line_error(capsys, export.main, ["--init", str(w / "hf_bad"), "--out", str(tmp_path / "o")], "config.json")
+    one_line_error(capsys, export.main, ["--init", str(w / "run"), "--out", str(w)], "--overwrite")  # holds files
+    assert not (tmp_path / "o").exists() and not (w / "config.json").exists()
 
 
 def test_trace_accepts_a_folder_of_text(w, tmp_path):

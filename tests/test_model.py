@@ -1,5 +1,6 @@
-"""model.py: logits against transformers, the checkpoint layouts, export, LoRA, units, safetensors errors,
-the download cache. transformers is imported inside tests only: it is the numerical reference."""
+"""model.py: logits against transformers, the checkpoint layouts, LoRA, units, safetensors errors, the
+download cache. transformers is imported inside tests only: it is the numerical reference. The export
+back to the Hugging Face layout: test_export.py."""
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import common
 import model as M
+from experiments.export import write_safetensors
 
 VOCAB = 61
 
@@ -121,28 +123,8 @@ def test_hub_layout_safetensors_and_bin(tmp_path):
     want = ref_logits(ref, IDX)
     torch.save(sd, folder / "pytorch_model.bin")  # the fallback old repositories need
     assert (our_logits(M.GPT.from_pretrained(str(folder)), IDX) - want).abs().max() < 1e-4
-    M.write_safetensors(folder / "model.safetensors", {k: v.float() for k, v in sd.items()})
+    write_safetensors(folder / "model.safetensors", {k: v.float() for k, v in sd.items()})
     assert (our_logits(M.GPT.from_pretrained(str(folder)), IDX) - want).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
-def test_export_round_trip_through_transformers(tmp_path, arch):
-    from transformers import AutoModelForCausalLM
-    model = tiny(arch)
-    M.add_lora(model, rank=2, alpha=4.0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(0.2 * torch.randn_like(p))  # LoRA B too, so the merge is exercised
-    want = our_logits(model, IDX)
-    model.save_pretrained(tmp_path / "out")
-    assert model.transformer.h[0].attn.c_attn.lora_A is not None  # the live model keeps its adapters
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(ref).__name__ == {"gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM"}[arch]
-    assert (ref_logits(ref, IDX) - want).abs().max() < 1e-4
-    back = M.GPT.from_pretrained(str(tmp_path / "out"))  # and our own loader reads what we wrote
-    assert back.config.attention_layers == model.config.attention_layers
-    assert (our_logits(back, IDX) - want).abs().max() < 1e-4
-    assert not list((tmp_path / "out").glob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------- the model itself
@@ -207,7 +189,7 @@ def test_safetensors_dtypes_against_the_reference_library(tmp_path):
     from safetensors.torch import load_file, save_file
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 3, 4).bfloat16(),
                "d": torch.zeros(0, 4)}
-    M.write_safetensors(tmp_path / "ours.safetensors", tensors)
+    write_safetensors(tmp_path / "ours.safetensors", tensors)
     save_file(tensors, tmp_path / "ref.safetensors")
     for got in (load_file(tmp_path / "ours.safetensors"), M.read_safetensors(tmp_path / "ref.safetensors"),
                 M.read_safetensors(tmp_path / "ours.safetensors")):
@@ -224,7 +206,7 @@ def assert_one_line_error(fn, *words):
 
 
 def test_corrupt_and_truncated_files(tmp_path):
-    M.write_safetensors(tmp_path / "ok.safetensors", {"w": torch.randn(4, 4)})
+    write_safetensors(tmp_path / "ok.safetensors", {"w": torch.randn(4, 4)})
     raw = (tmp_path / "ok.safetensors").read_bytes()
     cases = {
         "tiny": raw[:5],
@@ -247,14 +229,14 @@ def test_wrong_shape_and_missing_key_name_the_tensor(tmp_path):
     ref, folder = tiny_gpt2_hf(tmp_path)
     sd = M.read_safetensors(folder / "model.safetensors")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(25)
-    M.write_safetensors(folder / "model.safetensors", sd)
+    write_safetensors(folder / "model.safetensors", sd)
     assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
     del sd["transformer.h.1.mlp.c_fc.bias"]
-    M.write_safetensors(folder / "model.safetensors", sd)
+    write_safetensors(folder / "model.safetensors", sd)
     assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "missing", "h.1.mlp.c_fc.bias")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(24)
     sd["transformer.h.9.ln_1.weight"] = torch.zeros(16)
-    M.write_safetensors(folder / "model.safetensors", sd)
+    write_safetensors(folder / "model.safetensors", sd)
     assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "unexpected", "h.9.ln_1.weight")
     assert_one_line_error(lambda: M.GPT.from_pretrained(str(tmp_path / "nope")), "nope")
 

@@ -1,4 +1,5 @@
-"""probe.py: scorer vs a hand computation, batched == one at a time, several answers, the CLI."""
+"""probe.py: scorer vs a hand computation and transformers, batched == one at a time (right padding changes
+nothing), several answers, the CLI. Runs side by side (experiments/compare.py): test_compare.py."""
 import json
 import math
 from dataclasses import asdict
@@ -24,6 +25,7 @@ def tiny(vocab, block_size=32, neo=False, seed=0):
     cfg = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32)
     if neo:  # GPT-Neo: local attention in layer 1 with a short window, no q.k scaling
         cfg.attention_layers, cfg.window_size, cfg.scale_attn, cfg.qkv_bias = ["global", "local"], 3, False, False
+        cfg.arch = "gpt_neo"
     return GPT(cfg)
 
 
@@ -69,14 +71,37 @@ def test_score_matches_hand_computation(tok, neo):
             assert r["nll_per_token"] == pytest.approx(nll / n, rel=1e-5, abs=1e-5)
 
 
-def test_batched_equals_one_at_a_time_and_row_splitting(tok):
-    model = tiny(tok.n_vocab, block_size=9)  # 9 tokens: probe b's answers no longer fit one row
+def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tok, monkeypatch):
+    model = tiny(tok.n_vocab, neo=True)  # the local layer's window mask is built inside attention too
     probes = probes_for_test()
     many = probe.score(model, tok, probes, batch_size=64)
-    for pr, r in zip(probes, many):
+    assert len({len(probe.probe_example(tok, pr, a, False, 32, "span")[0]) for pr in probes for a in pr.answers}) > 2
+    for pr, r in zip(probes, many):  # alone, a probe's rows are padded less (or not at all)
         single = probe.score(model, tok, [pr], batch_size=1)[0]
         assert single["nll"] == pytest.approx(r["nll"], rel=1e-5, abs=1e-6) and single["em"] == r["em"]
         assert r["nll"] == pytest.approx(by_hand(model, tok, pr)[0], rel=1e-5, abs=1e-6)
+    monkeypatch.setattr(probe, "MAX_TOKENS", 1)  # the token cap: every batch is one row
+    assert [r["nll"] for r in probe.score(model, tok, probes)] == pytest.approx([r["nll"] for r in many], rel=1e-5)
+    x, y = probe.probe_example(tok, probes[3], "Oslo", False, 32, "span"), ([1, 2] + [0] * 20, [-1] * 22)
+    alone, padded = probe._score_batch(model, [x], "cpu"), probe._score_batch(model, [x, y], "cpu")
+    assert list(padded)[0] == pytest.approx(list(alone)[0], rel=1e-6)  # 14 pad positions after x: same score
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_score_equals_transformers_one_by_one(tmp_path, tok, arch):
+    """The reference: transformers' model with the same weights, one (probe, answer) per forward."""
+    from transformers import AutoModelForCausalLM
+    from experiments.export import save_hf
+    model = tiny(tok.n_vocab, neo=arch == "gpt_neo")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # biases and LayerNorms count too
+    save_hf(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for use_context in (False, True):
+        for pr, r in zip(probes_for_test(), probe.score(model, tok, probes_for_test(), use_context=use_context)):
+            nll, n, em = by_hand(lambda x: (hf(x).logits, None), tok, pr, use_context)
+            assert (r["n_tokens"], r["em"]) == (n, em) and r["nll"] == pytest.approx(nll, rel=1e-4, abs=1e-4)
 
 
 def test_best_answer_counts_and_em():
@@ -131,7 +156,7 @@ def test_summarize():
     assert probe.evaluate(tiny(50), WordTokenizer(["<eot>", "<unk>", "x"]), [Probe("i", "x", ["x"], "z")])["z"]["n"] == 1
 
 
-def test_cli_json_and_compare(tmp_path, tok, capsys):
+def test_cli_json(tmp_path, tok, capsys):
     run = tmp_path / "run"
     run.mkdir()
     model = tiny(tok.n_vocab)
@@ -148,13 +173,8 @@ def test_cli_json_and_compare(tmp_path, tok, capsys):
     assert d["summary"] == summary and len(d["results"]) == 2
     expect = probe.summarize(probe.score(model, tok, read_probes(pf)))
     assert summary["new"]["ppl"] == pytest.approx(expect["new"]["ppl"], rel=1e-5)
-    metrics = run / "metrics.jsonl"
-    metrics.write_text(json.dumps({"step": 1, "probes": {"updated": {"ppl": 9.5, "em": 0.25, "n": 1}}}) + "\n"
-                       + json.dumps({"step": 2, "loss": 1.0}) + "\n")
-    probe.main(["--compare", str(out), str(run)])
-    table = capsys.readouterr().out
-    assert "9.50 / 0.25" in table and "out.json" in table and "run" in table
-    for bad in (["--init", str(run), "--probes", str(tmp_path / "none.jsonl")], ["--compare", str(pf)], ["--probes", str(pf)]):
+    for bad in (["--init", str(run), "--probes", str(tmp_path / "none.jsonl")], ["--probes", str(pf)],
+                ["--init", str(run)], ["--init", str(run), "--probes", str(pf), "--compare", str(out)]):
         with pytest.raises(SystemExit) as e:
             probe.main(bad)
         assert e.value.code == 2

@@ -248,31 +248,3 @@ def test_ecbd_splits_per_year_folder_diag_by_entity(tmp_path):
     assert not {p.id.split("_")[0] for p in ev} & {p.id.split("_")[0] for p in dg}  # no entity in both
     assert {p.split for p in read_probe_files([tmp_path / "o" / y / "new.jsonl" for y in ("ecbd2019", "ecbd2020")])} \
         == {"ecbd2019/new", "ecbd2020/new"}
-
-# ----------------------------------------------------------------------------- tokenizer export
-
-TEXTS = ["Hello world", "  leading spaces,   runs of them\tand tabs\n\nand newlines\n", "naïve café 東京 😀 Ünïcödé",
-         "1234567 3.14159 -42 1e-9", "don't it's we'll I'M 'quoted'", "aaaaaaaaaaaaaaaa", "x\r\ny  \n"]
-
-
-def test_gpt2_export_encodes_like_tiktoken(tmp_path, gpt2):
-    from transformers import AutoTokenizer
-    gpt2.save_hf(tmp_path, 1024)
-    assert (tmp_path / "vocab.json").is_file() and (tmp_path / "merges.txt").is_file()
-    hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    for s in TEXTS:
-        assert hf(s)["input_ids"] == gpt2.encode(s), s
-        assert hf.decode(gpt2.encode(s)) == s
-    assert hf.eos_token_id == gpt2.eot and len(hf) == gpt2.n_vocab
-    assert isinstance(data.load_tokenizer(tmp_path), data.GPT2Tokenizer)
-
-
-def test_word_export_loads_in_autotokenizer_and_back(tmp_path):
-    from transformers import AutoTokenizer
-    tok = WordTokenizer.build(["Hello world, it's a test. Über 42 times_x!"])
-    tok.save_hf(tmp_path)
-    hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    for s in ["Hello world, it's a test.", "Über 42 unknown words times_x!!", "  Hello\n\nworld <eot> <unk> x"]:
-        assert hf(s)["input_ids"] == tok.encode(s), s
-    back = data.load_tokenizer(tmp_path)  # our own loader reads the exported file as the same vocabulary
-    assert isinstance(back, WordTokenizer) and back.vocab == tok.vocab

@@ -242,8 +242,10 @@ def test_bad_flags_one_line_exit_2(world, tmp_path, capsys):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_export_hf_merges_lora(world, tmp_path):
-    run(world, tmp_path / "lo", "--method", "lora", "--export-hf", str(tmp_path / "hf"))
+def test_export_of_a_lora_run_merges_it(world, tmp_path):
+    from experiments import export
+    run(world, tmp_path / "lo", "--method", "lora")
+    export.main(["--init", str(tmp_path / "lo"), "--out", str(tmp_path / "hf")])
     merged = model_from_checkpoint(load_checkpoint(tmp_path / "lo" / "ckpt.pt")).eval()
     hf = GPT.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randint(0, merged.config.vocab_size, (2, 8))

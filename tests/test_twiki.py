@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import model as M
-import probe
-from experiments import twiki
+from experiments import compare, twiki
+from experiments.export import save_hf
 from httpserver import HF, zip_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -46,7 +46,7 @@ def serve_twiki(server):
 
 
 def tiny_gpt2(folder):
-    M.GPT(M.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(folder)
+    save_hf(M.GPT(M.GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), folder)
     return str(folder)
 
 
@@ -94,10 +94,10 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     val = (out / "stage1" / "data" / "val.csv").read_text()
     assert train.count("Doc ") == 8 and val.count("Doc ") == 4 and "Doc 2." in val and "Doc 2." not in train
     capsys.readouterr()
-    probe.main(["--compare", str(out / "stage1" / "full-fp"), str(out / "stage2" / "full-fp"), str(out / "stage1" / "init.json")])
+    compare.main([str(out / "stage1" / "full-fp"), str(out / "stage2" / "full-fp"), str(out / "stage1" / "init.json")])
     cmp = capsys.readouterr().out
     assert "changed" in cmp and "full-fp" in cmp and "init.json" in cmp
-    probe.main(["--compare", str(out / "results.json")])  # the driver's JSON: a column per stage x arm
+    compare.main([str(out / "results.json")])  # the driver's JSON: a column per stage x arm
     cmp = capsys.readouterr().out.splitlines()
     assert cmp[0].split()[3:] == [f"{r['stage']}/{r['arm']}" for r in rows]
     assert f"{rows[1]['probes']['changed']['ppl']:.2f}" in next(line for line in cmp if line.startswith("changed "))
