@@ -145,6 +145,14 @@ def windows(tokens, starts, block_size: int):
     w = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
     return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
 
+def collate(examples, device):
+    """Right-pad [(idx, targets)] to (B, T); padding has target -1 (and, causal, leaves real logits alone)."""
+    T = max(len(idx) for idx, _ in examples)
+    x, y = torch.zeros(len(examples), T, dtype=torch.long), torch.full((len(examples), T), -1)
+    for b, (idx, tgt) in enumerate(examples):
+        x[b, :len(idx)], y[b, :len(tgt)] = torch.as_tensor(idx), torch.as_tensor(tgt)
+    return x.to(device), y.to(device)
+
 class Batcher:
     """Random windows as (x, y): batch k is this rank's slice of batch_size * world_size windows drawn
     with seed (seed, k). So 2 ranks x B/2 see what 1 rank x B sees, and the state is k (exact resume)."""

@@ -15,7 +15,7 @@ import math
 import torch
 
 from common import Parser, check_output, input_errors, write_text
-from data import load_tokenizer, load_tokens, read_probe_files, sentence_example, span_example, windows
+from data import collate, load_tokenizer, load_tokens, read_probe_files, sentence_example, span_example, windows
 from model import autocast, load_model, pick_device, unwrap
 
 METRICS = ("span", "sentence")
@@ -41,11 +41,7 @@ def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"
 def _score_batch(model, examples, device):
     """(nll, n_tokens, exact match) per (idx, targets) example, one forward. Rows are right-padded (target
     -1): in a causal model no real position sees the padding after it."""
-    x = torch.zeros(len(examples), max(len(idx) for idx, _ in examples), dtype=torch.long)
-    y = torch.full_like(x, -1)
-    for i, (idx, tgt) in enumerate(examples):
-        x[i, :len(idx)], y[i, :len(tgt)] = torch.as_tensor(idx), torch.as_tensor(tgt)
-    x, y = x.to(device), y.to(device)
+    x, y = collate(examples, device)  # (B, T) each
     with autocast(device):
         logits, _ = model(x)  # (B, T, V)
     at = y != -1  # (B, T); the log-softmax only at these N target positions: (N, V)

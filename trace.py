@@ -90,14 +90,6 @@ def _tracing(model, all_params: bool):
             p.grad = g
         model.train(was_training)
 
-def collate(examples, device):
-    """Right-pad [(idx, targets)] to (B, T); padding has target -1 (and, causal, leaves real logits alone)."""
-    T = max(len(idx) for idx, _ in examples)
-    x, y = torch.zeros(len(examples), T, dtype=torch.long), torch.full((len(examples), T), -1)
-    for b, (idx, tgt) in enumerate(examples):
-        x[b, :len(idx)], y[b, :len(tgt)] = torch.tensor(idx), torch.tensor(tgt)
-    return x.to(device), y.to(device)
-
 def trace_norms(model, example_sets: dict, trace_batch=1, device=None, all_params=False) -> dict:
     """{name: ({unit: mean gradient norm}, backward passes)} for named sets of (idx, targets) examples, over
     the parameters that require grad (a LoRA model: its adapters), or all of them with all_params."""
@@ -115,7 +107,7 @@ def trace_norms(model, example_sets: dict, trace_batch=1, device=None, all_param
         for name, examples in example_sets.items():
             total, n = {}, 0
             for i in range(0, len(examples), trace_batch):
-                x, y = collate(examples[i:i + trace_batch], device)  # (B, T) each
+                x, y = data.collate(examples[i:i + trace_batch], device)  # (B, T) each
                 hooks.reset()
                 with autocast(device):
                     _, loss = model(x, y)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import probe
 from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
-from trace import collate as _collate, trace_norms
+from data import collate as _collate
+from trace import trace_norms
 from train import AdamW, make_param_groups
 from experiments.export import save_hf
 from experiments.world import WorldConfig, make_world
