@@ -1,4 +1,4 @@
-"""Plumbing every script shares and none is about: one-line errors, atomic writes, downloads."""
+"""Plumbing every script shares and none is about: one-line errors, flags from dataclasses, files, downloads."""
 import argparse
 import glob
 import json
@@ -16,9 +16,8 @@ def fail(msg: str, prog: str = "", code: int = 2):
 
 @contextmanager
 def input_errors(prog: str):
-    """The one error boundary. ValueError and OSError are what this project raises for bad input (a
-    missing file, a malformed line, a bad value): one line naming the file or flag, exit 2. Anything
-    else is a bug in tgl and keeps its traceback."""
+    """The one error boundary: ValueError and OSError mean bad input (a missing file, a malformed line, a bad
+    value) and become one line that names it; anything else is a bug in tgl and keeps its traceback."""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -26,42 +25,36 @@ def input_errors(prog: str):
         fail(f"{e.filename}: {e.strerror}" if named else str(e) or type(e).__name__, prog)
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose own errors (unknown flag, bad type) are one line too, with no usage block."""
-
-    def error(self, message):
+    def error(self, message):  # argparse's own errors (unknown flag, bad value) are one line too
         fail(message, prog=self.prog)
 
 def flag(default, help: str, resume_free=False, **argparse_kw):
-    """A config field that is also a command-line flag (--field-name); argparse keywords ride along.
-    resume_free: the flag may change when a run is resumed (it does not change what the run computes)."""
-    factory = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
-    return field(**factory, metadata=dict(help=help, resume_free=resume_free, argparse=argparse_kw))
+    """A config field that is also a flag --field-name. resume_free: may change when a run is resumed."""
+    kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
+    return field(**kw, metadata=dict(help=help, resume_free=resume_free, argparse=argparse_kw))
+
+def _default(f):
+    return f.default if f.default is not MISSING else f.default_factory()
 
 def add_flags(parser, config):
-    """The flags of a config dataclass, from its fields: the one place a script's flags are declared.
-    A field whose default is itself a dataclass (e.g. train's Selection) adds that one's flags too."""
+    """A config dataclass's fields as flags (a nested dataclass, like train's Selection, adds its own)."""
     for f in fields(config):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        if is_dataclass(default):
-            add_flags(parser, default)
+        if is_dataclass(_default(f)):
+            add_flags(parser, _default(f))
         elif "help" in f.metadata:
-            kw = dict(f.metadata["argparse"], help=f.metadata["help"])
-            if isinstance(default, bool):
+            kw, d = dict(f.metadata["argparse"], help=f.metadata["help"]), _default(f)
+            if isinstance(d, bool):
                 kw["action"] = "store_true"
-            elif default is not None and "type" not in kw and "nargs" not in kw:
-                kw["type"] = type(default)
-            parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kw)
+            elif d is not None and "type" not in kw and "nargs" not in kw:
+                kw["type"] = type(d)
+            parser.add_argument("--" + f.name.replace("_", "-"), default=d, **kw)
 
 def from_args(config, args):
-    """A config dataclass filled from parsed flags (nested dataclasses too)."""
-    values = {}
-    for f in fields(config):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        values[f.name] = from_args(type(default), args) if is_dataclass(default) else getattr(args, f.name)
-    return config(**values)
+    return config(**{f.name: from_args(type(_default(f)), args) if is_dataclass(_default(f))
+                     else getattr(args, f.name) for f in fields(config)})
 
 def number(interval: str, kind=float):
-    """An argparse type for a finite number in an interval such as "[0, 1)" or "(0, inf)"; kind int or float."""
+    """An argparse type: a finite int or float in an interval such as "[0, 1)" or "(0, inf)"."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
 
     def parse(text):
@@ -69,26 +62,25 @@ def number(interval: str, kind=float):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"want {kind.__name__}, got {text!r}") from None
-        inside = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
-        if not (math.isfinite(v) and inside):
+        if not (math.isfinite(v) and (v > lo if interval[0] == "(" else v >= lo)
+                and (v < hi if interval[-1] == ")" else v <= hi)):
             raise argparse.ArgumentTypeError(f"want a finite {kind.__name__} in {interval}, got {text}")
         return v
     return parse
 
 def check_output(path, flag: str, kind: str = "file"):
     """Before slow work: `path` can be written as a `kind` ("file" or "dir")."""
-    if not path:
-        raise ValueError(f"{flag} is empty: give a path")
-    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a file, want a folder; pick another path")
-    if kind == "file" and os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a folder, want a file path")
-    if kind == "file" and not os.path.isdir(os.path.dirname(path) or "."):
-        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist; create it first")
+    folder = os.path.dirname(path) or "."
+    for bad, why in [(not path, "is empty: give a path"),
+                     (kind == "dir" and os.path.isfile(path), "is a file, want a folder"),
+                     (kind == "file" and os.path.isdir(path), "is a folder, want a file path"),
+                     (kind == "file" and not os.path.isdir(folder), f"the folder {folder} does not exist")]:
+        if bad:
+            raise ValueError(f"{flag} {path}: {why}")
 
 def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
-    """The codec's own message names a byte, not the file."""
-    return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8")
+    """The codec's message names a byte, not the file."""
+    return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); convert it to UTF-8")
 
 def read_text(path) -> str:
     try:
@@ -103,14 +95,14 @@ def read_json(path):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
-def _alive(pid: int) -> bool:
+def _dead(pid: str) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
+        return True
     except PermissionError:
         pass  # another user's live process
-    return True
+    return False
 
 @contextmanager
 def atomic_path(path):
@@ -118,7 +110,7 @@ def atomic_path(path):
     a crash mid-write never leaves half a file where a good one was. Temporaries of dead writers go."""
     for tmp in glob.glob(glob.escape(str(path)) + ".*.tmp"):
         pid = tmp[len(str(path)) + 1:-4]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
             os.remove(tmp)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -133,11 +125,11 @@ def write_text(path, text: str):
         f.write(text)
 
 def _get(url, part, timeout, size) -> int:
-    """One request, appended to `part` from its size (HTTP Range). Returns the full size announced (0: unknown)."""
+    """One request appending to `part` from its size (HTTP Range). -> the full size announced (0: unknown)."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    kw = {"headers": {"Range": f"bytes={have}-"}} if have else {}
-    with requests.get(url, stream=True, timeout=timeout, **kw) as r:
+    resume = {"headers": {"Range": f"bytes={have}-"}} if have else {}
+    with requests.get(url, stream=True, timeout=timeout, **resume) as r:
         if r.status_code == 404:
             raise FileNotFoundError(url)
         total = r.headers.get("Content-Range", "").rpartition("/")[2]
@@ -150,27 +142,22 @@ def _get(url, part, timeout, size) -> int:
         start = int(r.headers["Content-Range"].split()[1].split("-")[0]) if r.status_code == 206 else 0
         if start not in (0, have):
             raise OSError(f"asked for bytes from {have}, the server sent {r.headers['Content-Range']!r}")
-        length = r.headers.get("Content-Length")
-        if total.isdigit():
-            total = int(total)
-        else:  # under gzip, Content-Length counts compressed bytes: no size check then
-            total = start + int(length) if length and not r.headers.get("Content-Encoding") else 0
+        length = r.headers.get("Content-Length") if "Content-Encoding" not in r.headers else None  # gzip: no check
+        total = int(total) if total.isdigit() else start + int(length) if length else 0
         if size and total and total != size:
             raise ValueError(f"size mismatch: the server has {total:,} bytes for {url}, expected {size:,}")
-        done, shown = start, time.time()
+        shown = time.time()
         with open(part, "ab" if start else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
                 f.write(chunk)
-                done += len(chunk)
                 if time.time() - shown > 5:
                     shown = time.time()
-                    print(f"{url.rsplit('/', 1)[-1]}: {done / 1e6:,.0f} of {(total or size) / 1e6:,.0f} MB", file=sys.stderr)
+                    print(f"{url}: {f.tell() / 1e6:,.0f} of {(total or size) / 1e6:,.0f} MB", file=sys.stderr)
     return total
 
 def download(url: str, dest: str, retries: int = 3, timeout=30.0, size: int = 0) -> str:
-    """url -> dest, through dest.part, renamed only once complete (of the announced size, and of `size`
-    bytes when given). A broken transfer resumes from the .part with an HTTP Range request, here or on
-    a later call; no network at all fails at once."""
+    """url -> dest via dest.part, renamed once complete (of the announced size, and `size` if given). A broken
+    transfer resumes from the .part with an HTTP Range request, here or on a later call; no network fails fast."""
     import requests
     part = dest + ".part"
     for attempt in range(1, retries + 1):

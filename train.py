@@ -119,10 +119,9 @@ class AdamW:
         v     <- b2 * v + (1 - b2) * g^2                    second moment
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    s is 1, or RecAdam's lambda(t). The operations and their order are torch.optim.AdamW's, so the two agree
-    to float rounding. A group is one unit, {"unit", "params", "lr_scale"}, and the loop sets its lr to
-    lr(step) * lr_scale: that is how TGL+ALR's scales reach the update. Units that TGL+FP freezes are never
-    given to the optimizer: they hold no state and cost no update.
+    s is 1, or RecAdam's lambda(t); the order of operations is torch.optim.AdamW's. A group is a unit, and
+    the loop sets its lr to lr(step) * lr_scale: how TGL+ALR's scales reach the update. Units that TGL+FP
+    freezes are never given to the optimizer: they hold no state and cost no update.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -134,7 +133,7 @@ class AdamW:
 
     @torch.no_grad()
     def step(self, update_scale=1.0):
-        """The four lines above on all parameters at once, in fused torch._foreach_* calls."""
+        """The four lines above, on all parameters at once (fused torch._foreach_* calls)."""
         self.t += 1
         lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
@@ -166,8 +165,7 @@ class AdamW:
             dst.copy_(src)
 
 def make_param_groups(model, scales=None):
-    """One group per unit that trains, in network order. `scales` is tgl_plan's {unit: scale}; a missing
-    unit (or no TGL) trains at 1.0. Parameters already frozen (LoRA's base weights) stay out."""
+    """A group per unit that trains: {"unit", "params", "lr_scale"}, the scale from tgl_plan (default 1)."""
     scales, groups = scales or {}, {}
     for name, p in model.named_parameters():
         if scales.get(unit_of(name), 1.0) == 0:
@@ -180,14 +178,13 @@ def make_param_groups(model, scales=None):
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 def clip_gradients(opt, max_norm, by, n_units):
-    """A global norm over the *trained* parameters is smaller when FP freezes units, so FP runs would be
-    clipped less. By unit, each unit is clipped to max_norm / sqrt(n_units) (all units of the model): a
-    unit's update never depends on which others train, and at the threshold the global norm is max_norm."""
+    """A global norm over the trained parameters is smaller when FP freezes units, so FP runs would be clipped
+    less. By unit, each is clipped to max_norm / sqrt(all units): whichever units train, the same rule."""
     for params in [opt.params] if by == "global" else [g["params"] for g in opt.param_groups]:
         torch.nn.utils.clip_grad_norm_(params, max_norm / math.sqrt(1 if by == "global" else n_units), foreach=True)
 
 def lr_at(step, cfg: Config):
-    """The learning rate of update `step` (0-based): linear warmup, then cosine, linear or no decay."""
+    """Linear warmup, then cosine, linear or no decay."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -198,24 +195,22 @@ def lr_at(step, cfg: Config):
 
 def recadam_lambda(t, k, t0):
     """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the pretrained weights;
-    lambda(t) = 1 / (1 + exp(-k (t - t0))) anneals from ~0 (mostly recall) to 1 (all new text), so early
-    updates, when the new text's gradients are least informed, move the model least."""
+    lambda(t) anneals from ~0 (mostly recall) to 1 (all new text): early, least informed updates move least."""
     x = k * (t - t0)
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # overflow-safe
 
 @torch.no_grad()
 def recadam_pull(opt, anchors, gamma, lam):
-    """theta <- theta - lr * gamma * (1 - lambda) * (theta - theta0): the step of (1 - lambda) * gamma/2 *
-    ||theta - theta0||^2, outside Adam's moments. A parameter uses its unit's lr, so under TGL+ALR a slow
-    unit is pulled back slowly too; capped at 1, never past theta0."""
+    """theta -= lr * gamma * (1 - lambda) * (theta - theta0), the step of (1 - lambda) gamma/2 ||theta - theta0||^2
+    outside Adam's moments; with its unit's lr, so under ALR a slow unit is pulled back slowly too."""
     diff = torch._foreach_sub(opt.params, anchors)
     torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
     torch._foreach_add_(opt.params, diff)
 
 class Stream:
-    """Mix-Review (He et al. 2021) fights forgetting by replaying old text inside the new batches: the last
-    round(B * replay_ratio * replay_decay ** (step / steps)) rows of a batch come from --replay-data. Both
-    samplers draw every step, so the data of a step depends on the step only: exact resume."""
+    """Mix-Review (He et al. 2021) fights forgetting by replaying old text in the new batches: the last
+    round(B * replay_ratio * replay_decay ** (step / steps)) rows come from --replay-data. Both samplers draw
+    every step, so a step's data depends on the step only: exact resume."""
 
     def __init__(self, tokens, replay, cfg: Config, block_size, rank=0, world=1):
         self.b, self.cfg = cfg.batch_size // world, cfg
@@ -243,7 +238,7 @@ class Stream:
 # ----------------------------------------------------------------------------- setup
 
 def get_tokenizer(cfg: Config):
-    """--tokenizer-file; else word: the tokenizer.json of --init or next to --data; else gpt2 or the init's."""
+    """--tokenizer-file; word: tokenizer.json of --init or next to --data; else gpt2 or the init's."""
     if cfg.tokenizer == "word" or cfg.tokenizer_file:
         near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
         path = cfg.tokenizer_file or next((p for p in near if os.path.isfile(p)), None)
@@ -253,7 +248,7 @@ def get_tokenizer(cfg: Config):
     return data.load_tokenizer("gpt2" if cfg.tokenizer == "gpt2" or cfg.init == "scratch" else cfg.init)
 
 def build_model(cfg: Config, n_vocab, device):
-    """The starting model (RecAdam's theta0 too): fresh from --seed, or loaded with load_model."""
+    """The starting model (RecAdam's theta0): fresh from --seed, or loaded."""
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
         return GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=n_vocab, n_layer=cfg.n_layer,
@@ -270,7 +265,7 @@ def build_model(cfg: Config, n_vocab, device):
     return model
 
 def get_scales(cfg: Config, model):
-    """TGL steps 1-2, as trace.py did them: {unit: lr scale} (0 = frozen) from --trace; None without TGL."""
+    """TGL steps 1-2 (trace.py did them): {unit: lr scale}, 0 = frozen; None without TGL."""
     try:
         trace = tgl_trace.load_trace(cfg.trace) if cfg.tgl != "none" else None
         return trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(model.config.n_layer))
@@ -278,7 +273,7 @@ def get_scales(cfg: Config, model):
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
 
 def setup_ddp(cfg: Config):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device."""
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device"""
     device = pick_device(cfg.device)
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -293,7 +288,6 @@ def setup_ddp(cfg: Config):
     return dist.get_rank(), dist.get_world_size(), device
 
 def gathered(obj, world):
-    """obj of every rank, as a list by rank."""
     out = [obj] * world
     if world > 1:
         dist.all_gather_object(out, obj)
@@ -301,32 +295,32 @@ def gathered(obj, world):
 
 @dataclass
 class Run:
-    """What the loop reads and writes, built by setup() and restore()."""
+    """What the loop reads and writes."""
     cfg: Config
     rank: int
     world: int
     device: str
     tokenizer: object
-    model: GPT                      # the GPT itself: checkpoints and evaluation use it
+    model: GPT
     opt: AdamW
-    scales: dict | None             # tgl_plan's {unit: lr scale}; None without TGL
-    anchors: list | None            # RecAdam's theta0, a tensor per trained parameter
+    scales: dict | None             # tgl_plan's {unit: lr scale}
+    anchors: list | None            # RecAdam's theta0
     probes: list
     block_size: int
     stream: Stream = None
     val_tokens: object = None       # --val-data as a token array
     dmodel: torch.nn.Module = None  # what the forward pass calls: the GPT, compiled and/or DDP-wrapped
-    step: int = 0                   # optimizer updates done
+    step: int = 0
     elapsed: float = 0.0            # training seconds, as of the last checkpoint
     last_loss: float = None
-    evals: dict = None              # the latest evaluate()
+    evals: dict = None
 
     def say(self, *a):
         if self.rank == 0:
             print(*a, flush=True)
 
 def check_resume(cfg: Config, ck: dict, path):
-    """--resume continues the run the checkpoint describes, or refuses in one line saying what differs."""
+    """--resume continues the run the checkpoint describes, or says what differs."""
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
@@ -339,8 +333,7 @@ def check_resume(cfg: Config, ck: dict, path):
         raise ValueError(f"{path} was written by {ck['world_size']} processes; resume with as many")
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
-    """Devices, the model, TGL's scales, the optimizer and data: the same on a fresh start and a resume
-    (restore() then loads the state). Returns the run and the checkpoint to resume, if any."""
+    """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume. -> run, checkpoint"""
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     rank, world, device = setup_ddp(cfg)
     torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
@@ -382,8 +375,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     return run, ck
 
 def restore(run: Run, ck: dict | None):
-    """Resume: weights, optimizer, sampler and RNG exactly as saved, so the run continues bit for bit. A fresh
-    start seeds the dropout stream. Either way the metrics log is cut back to the checkpoint."""
+    """Resume: weights, optimizer, sampler and RNG exactly as saved, so the run continues bit for bit."""
     cfg = run.cfg
     if ck:
         run.model.load_state_dict(ck["model"])
@@ -415,8 +407,7 @@ def restore(run: Run, ck: dict | None):
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
 def logged_lines(path) -> list:
-    """metrics.jsonl as [(line, record)]. A torn last line (killed mid-append) lies past the checkpoint and
-    is dropped; a bad line anywhere else is an error that names it."""
+    """metrics.jsonl as [(line, record)]; a torn last line (killed mid-append) is dropped."""
     lines, out = read_text(path).splitlines(), []
     for n, line in enumerate(lines, 1):
         try:
@@ -431,8 +422,7 @@ def logged_lines(path) -> list:
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
 def evaluate(run: Run) -> dict:
-    """{"probes": {split: {ppl, em, n}}, "val_ppl"}, where asked for: probe.py's scorer, so a run and
-    probe.py agree on every number."""
+    """{"probes": {split: {ppl, em, n}}, "val_ppl"}: probe.py's scorer, so the two agree on every number."""
     out, cfg = {}, run.cfg
     with autocast(run.device):
         if run.probes:
@@ -444,13 +434,13 @@ def evaluate(run: Run) -> dict:
     return out
 
 def stop(run: Run, why: str):
-    """A run that diverged stops with exit 3 and keeps its last good checkpoint."""
+    """A diverged run stops (exit 3), its last good checkpoint kept."""
     path = os.path.join(run.cfg.out, CKPT_NAME)
     last = f"step {load_checkpoint(path)['step']}" if os.path.exists(path) else "none"
     fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
 
 def log(run: Run, rec: dict):
-    """A progress line, and a JSON line in metrics.jsonl (what plots and experiments/compare.py read)."""
+    """A progress line, and a line in metrics.jsonl."""
     if not math.isfinite(rec["loss"]):
         stop(run, f"loss is {rec['loss']}")
     run.say(f"step {rec['step']}/{run.cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -460,7 +450,7 @@ def log(run: Run, rec: dict):
             f.write(json.dumps(rec) + "\n")
 
 def checkpoint(run: Run, elapsed: float):
-    """Everything needed to continue bit for bit, written atomically by rank 0."""
+    """All it takes to continue bit for bit, written atomically by rank 0."""
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -527,8 +517,7 @@ def train(run: Run):
             checkpoint(run, elapsed0 + now - t_start)
 
 def finish(run: Run) -> dict:
-    """summary.json. A resumed finished run (nothing left to train) reads its time back from the checkpoint,
-    so its summary comes out exactly as the first time."""
+    """summary.json; a resumed finished run writes it exactly as the first time (time from the checkpoint)."""
     cfg = run.cfg
     if (run.probes or cfg.val_data) and run.evals is None and run.rank == 0:
         run.evals = evaluate(run)
