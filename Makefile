@@ -28,8 +28,9 @@ test: $(BIN)/.dev-deps
 bench: $(BIN)/.dev-deps
 	$(BIN)/python -m experiments.bench
 
-# The README's results table: the demo over 3 seeds (each its own world and base model), mean and spread,
-# with the random / complement controls for every method (make demo has them for `full` only).
+# The results (README's headline rows, docs/results.md's whole table): the demo over 3 seeds (each its own
+# world and base model), mean and spread, with the random / complement controls for every method (make demo
+# has them for `full` only).
 results: $(BIN)/.run-deps
 	$(BIN)/python -m experiments.demo --seeds 0 1 2 --controls all --results assets/results.md
 
