@@ -291,7 +291,7 @@ class Probe:
         self.year = self.year or (int(self.date[:4]) if re.fullmatch(r"\d{4}(-Q\d)?", self.date) else 0)
 
 # JSON-lines probes, by the key of the text whose answer slot ends the prompt: (slot, keys of the answer,
-# id, relation, date). A .csv is TemporalWiki's subject,relation,object; a .tsv prompt<TAB>answer[<TAB>split].
+# id, relation, date). A .csv is TemporalWiki's subject,relation,object.
 JSON_FORMATS = {"query": ("_X_", "answer", "id", "relation", "date"),  # TempLAMA, Dynamic TempLAMA
                 "masked_sentence": ("<extra_id_0>", "answer_str", "ex_id", "span_type", "year")}  # ECBD
 # TempLAMA's P286, P6 and P488 put the object first ('_X_ is the head coach of Chelsea F.C..'); a causal LM
@@ -339,29 +339,19 @@ def _twiki(rec, rid, notes):
     pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # the date: the file name's month pair
     return Probe(rid, f"{subj} {rel}", [obj], "", rel, date=pair.group(1) if pair else "")
 
-def _tsv(row, rid, notes):
-    if len(row) not in (2, 3):
-        raise ValueError(f"expected prompt<TAB>answer[<TAB>split], got {len(row)} fields")
-    if not row[1].strip():
-        raise ValueError("empty answer")
-    return Probe(rid, row[0].rstrip(), [row[1].strip()], row[2].strip() if len(row) > 2 else "")
-
-READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki, ".tsv": _tsv}
+READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki}
 
 def probe_records(path):
-    """(line number, record) of a probe file: a JSON object per line, a CSV row's {column: field}, a TSV
-    line's fields."""
+    """(line number, record) of a probe file: a JSON object per line, or a CSV row's {column: field}."""
     ext = Path(path).suffix.lower()
     if ext not in READERS:
-        raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .json, .csv or .tsv)")
+        raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .json or .csv)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if ext == ".csv":
                 yield from _csv_records(f, path, TWIKI_COLUMNS)
-            for n, line in enumerate(f, 1):  # JSON or TSV lines (a CSV has been read to its end)
-                if ext == ".tsv" and line.strip() and not line.startswith("#"):  # '#': a comment
-                    yield n, line.rstrip("\r\n").split("\t")
-                elif ext != ".tsv" and line.strip():
+            for n, line in enumerate(f, 1):  # JSON lines (a CSV has been read to its end)
+                if line.strip():
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as e:

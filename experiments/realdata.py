@@ -216,7 +216,7 @@ def parse_args(argv=None):
     s.add_argument("--ecbd-file", default="np_spans_test.json", help="ecbd: the file taken from each year folder")
     p = sub.add_parser("probes", help="read probe files and print counts per split")
     p.add_argument("--probes", nargs="+", required=True,
-                   help="probe files (.jsonl, .json, .csv, .tsv); FILE@DATES:SPLIT selects dates and names the split")
+                   help="probe files (.jsonl, .json, .csv); FILE@DATES:SPLIT selects dates and names the split")
     p.add_argument("--date", help="keep only probes of these dates: 2019, 2019-Q1, 2018,2020 or 2019..2020")
     t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
     t.add_argument("--text", required=True, help="a .txt file, a TemporalWiki .csv (text column), or a folder of them")

@@ -153,8 +153,9 @@ def test_read_hand_written_formats(tmp_path):
     p = read_probes(ecbd, split="new_entities")[0]
     assert (p.id, p.prompt, p.answers, p.split, p.context) == ("e1", "Zed was born in", ["Oslo"], "new_entities",
                                                                "Zed is a singer.")
-    tsv = write(tmp_path / "mine.tsv", "# comment\nThe sky is\tblue\nGrass is\tgreen\tcolors\n")
-    assert [(p.prompt, p.answers, p.split) for p in read_probes(tsv)] == [
+    own = write(tmp_path / "mine.jsonl", json.dumps({"query": "The sky is _X_.", "answer": "blue"}) + "\n" +
+                json.dumps({"query": "Grass is _X_.", "answer": "green", "split": "colors"}) + "\n")
+    assert [(p.prompt, p.answers, p.split) for p in read_probes(own)] == [
         ("The sky is", ["blue"], "mine"), ("Grass is", ["green"], "colors")]
     tw = write(tmp_path / "x_changed.csv", 'subject,relation,object\n"Smith, John",employer,"Acme, Inc"\n')
     assert read_probes(tw) == [Probe("x_changed:2", "Smith, John employer", ["Acme, Inc"], "changed", "employer")]
@@ -169,8 +170,6 @@ def test_read_hand_written_formats(tmp_path):
      r"e\.jsonl:1: empty or malformed answer_str"),
     ("f.csv", "subject,relation,object\nA,r,B\nA,r\n", r"f\.csv:3: expected 3 fields"),
     ("g.csv", "subject,relation,object\nA,r,\n", r"g\.csv:2: empty subject or object"),
-    ("h.tsv", "prompt\tanswer\nonly a prompt\n", r"h\.tsv:2: expected prompt<TAB>answer"),
-    ("i.tsv", "prompt\t \n", r"i\.tsv:1: empty answer"),
     ("j.txt", "anything\n", r"unknown probe format '\.txt'"),
     ("k.jsonl", "[1, 2]\n", r"k\.jsonl:1: expected a JSON object"),
 ])
