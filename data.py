@@ -214,59 +214,40 @@ def _csv_records(lines, path, columns):
         yield rows.line_num, dict(zip(header, row))
 
 def parse_text_spec(spec):
-    """'PATH' -> (PATH, None, None); 'PATH@20M' -> its first 20M tokens; 'PATH@20M,seed=3' -> a sample."""
+    """'PATH' -> (PATH, None); 'PATH@20M' -> (PATH, 20_000_000): its first 20M tokens."""
     spec = str(spec)
-    m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)(?:,seed=(\d+))?", spec)
+    m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)", spec)
     if Path(spec).exists() or not m:
-        return spec, None, None
-    n = int(float(m.group(2)) * {"": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m.group(3)])
-    return m.group(1), n, (int(m.group(4)) if m.group(4) is not None else None)
+        return spec, None
+    return m[1], int(float(m[2]) * {"": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m[3]])
 
-def _write_tokens(tmp, path, tokenizer, dtype, max_tokens, seed):
-    """All, the first max_tokens, or a seeded sample of whole documents (in order) holding max_tokens."""
-    keep = None
-    if seed is not None:  # a sample drawn by characters, counted in one pass (tokenizing a snapshot is slow)
-        lengths = np.fromiter((len(d) for d in iter_documents(path)), np.int64)
-        order, ratio = np.random.default_rng(seed).permutation(len(lengths)), 4.0  # ~4 characters a GPT-2 token
-    while True:
-        if seed is not None:
-            keep = np.zeros(len(lengths), dtype=bool)
-            keep[order[:int(np.searchsorted(np.cumsum(lengths[order]), max_tokens * ratio)) + 1]] = True
-        n = 0
-        with open(tmp, "wb") as f:
-            for doc in (d for i, d in enumerate(iter_documents(path)) if keep is None or keep[i]):
-                ids = (tokenizer.encode(doc) + [tokenizer.eot])[:max_tokens - n if max_tokens else None]
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
-                n += len(ids)
-                if n == max_tokens:
-                    break
-        if keep is None or keep.all() or n >= max_tokens:
-            return n
-        ratio *= 1.2 * max_tokens / max(n, 1)  # the sample fell short: more documents, same seed
-
-def load_tokens(path, tokenizer, cache_dir=None, max_tokens=None, sample_seed=None):
-    """Text (iter_documents) -> token array (a memmap), an eot after each document: all, max_tokens, or a
-    sample_seed sample of them ('PATH@20M', 'PATH@20M,seed=3'). Cached next to the text (else cache_dir or
-    ~/.cache/tgl) under a hash of its bytes, the tokenizer and the prefix/sample: a change re-tokenizes."""
-    if max_tokens is None:
-        path, max_tokens, sample_seed = parse_text_spec(path)
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"{path}: the number of tokens to take must be positive, got {max_tokens}")
-    root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint()}|{max_tokens}|{sample_seed}".encode())
+def load_tokens(spec, tokenizer):
+    """Text (iter_documents) -> token array (a memmap), an eot after each document: all, or the first N
+    ('PATH@N', 'PATH@20M'). Cached next to the text (else in ~/.cache/tgl) under a hash of its bytes, the
+    tokenizer and N: a change re-tokenizes, and the stale cache of the same source goes."""
+    path, n = parse_text_spec(spec)
+    if n == 0:
+        raise ValueError(f"{spec}: the number of tokens to take must be positive")
+    root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint()}|{n}|None".encode())  # |None: as before
     for f in _source_files(path):
         with open(f, "rb") as src:  # (in chunks: a snapshot does not fit in memory)
             h.update(str(f.relative_to(root)).encode() + hashlib.file_digest(src, "sha1").digest())
-    part = "" if max_tokens is None else f".n{max_tokens}" + ("" if sample_seed is None else f".s{sample_seed}")
-    stem = f"{Path(path).name}.{tokenizer.name}{part}"
-    name = f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
-    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
-    dirs = [Path(cache_dir)] if cache_dir else [root, Path.home() / ".cache" / "tgl"]
-    d = next((d for d in dirs if (d / name).is_file()), None)
+    stem = f"{Path(path).name}.{tokenizer.name}" + (f".n{n}" if n else "")
+    name, dtype = f"{stem}-{h.hexdigest()[:16]}.tokens.bin", np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
+    home = Path.home() / ".cache" / "tgl"
+    d = next((d for d in (root, home) if (d / name).is_file()), None)
     if d is None:
-        d = dirs[0] if cache_dir or os.access(root, os.W_OK) else dirs[1]
+        d = root if os.access(root, os.W_OK) else home
         d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / name) as tmp:  # a crash never leaves half an array under the final name
-            if _write_tokens(tmp, path, tokenizer, dtype, max_tokens, sample_seed) == 0:
+        with atomic_path(d / name) as tmp, open(tmp, "wb") as out:  # a crash never leaves half an array
+            k = 0  # tokens written
+            for doc in iter_documents(path):
+                ids = (tokenizer.encode(doc) + [tokenizer.eot])[:n - k if n else None]
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                k += len(ids)
+                if k == n:
+                    break
+            if k == 0:
                 raise ValueError(f"{path}: no text")
         for old in d.glob(f"{stem}-*.tokens.bin"):  # stale caches of the same source
             if old.name != name:

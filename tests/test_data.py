@@ -73,13 +73,13 @@ def test_load_tokens_cache_and_rebuild(tmp_path):
     assert tok2.unk in load_tokens(src, tok2).tolist()
 
 
-def test_load_tokens_folder_and_cache_dir(tmp_path, gpt2):
+def test_load_tokens_folder(tmp_path, gpt2):
     (tmp_path / "src").mkdir()
     write(tmp_path / "src" / "b.txt", "Second file.")
     write(tmp_path / "src" / "a.txt", "First file.")
-    arr = load_tokens(tmp_path / "src", gpt2, cache_dir=tmp_path / "cache")
+    arr = load_tokens(tmp_path / "src", gpt2)
     assert gpt2.decode(arr.tolist()) == "First file.<|endoftext|>Second file.<|endoftext|>"
-    assert list((tmp_path / "cache").glob("*.tokens.bin"))
+    assert list(tmp_path.glob("src.gpt2-*.tokens.bin"))  # next to the folder
     with pytest.raises(FileNotFoundError):
         load_tokens(tmp_path / "missing.txt", gpt2)
 
