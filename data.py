@@ -265,11 +265,7 @@ class Probe:
     relation: str = ""
     context: str = ""  # ECBD's definition: put before the prompt when scoring with context
     date: str = ""  # as the data has it: '2019', '2019-Q1', a month pair '0801-0901'
-    year: int = 0  # of a year or quarter date, else 0
     source: str = field(default="", compare=False)  # its file, for errors
-
-    def __post_init__(self):
-        self.year = self.year or (int(self.date[:4]) if re.fullmatch(r"\d{4}(-Q\d)?", self.date) else 0)
 
 # JSON-lines probes, by the key of the text whose answer slot ends the prompt: (slot, keys of the answer,
 # id, relation, date). A .csv is TemporalWiki's subject,relation,object.
