@@ -128,7 +128,7 @@ def test_read_twiki_real_files():
         want = "unchanged" if "unchanged" in f.name else "changed"
         assert {p.split for p in probes} == {want}
         assert probes[0].prompt == f"{rows[0][0]} {rows[0][1]}" and probes[0].answers == [rows[0][2]]
-    assert read_probes(files[0], split="x")[0].split == "x"
+    assert read_probes(f"{files[0]}:x")[0].split == "x"
 
 
 def test_read_templama_real_records():
@@ -150,7 +150,7 @@ def test_read_hand_written_formats(tmp_path):
     ecbd = write(tmp_path / "new.jsonl", json.dumps({
         "ex_id": "e1", "masked_sentence": "Zed was born in <extra_id_0> in 1990.", "span_type": "NP",
         "answer_str": "<extra_id_0> Oslo <extra_id_1>", "definition": "Zed is a singer."}) + "\n")
-    p = read_probes(ecbd, split="new_entities")[0]
+    p = read_probes(f"{ecbd}:new_entities")[0]
     assert (p.id, p.prompt, p.answers, p.split, p.context) == ("e1", "Zed was born in", ["Oslo"], "new_entities",
                                                                "Zed is a singer.")
     own = write(tmp_path / "mine.jsonl", json.dumps({"query": "The sky is _X_.", "answer": "blue"}) + "\n" +

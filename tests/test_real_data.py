@@ -98,7 +98,7 @@ def test_templama_dates_kept_and_each_year_its_own_split():
     y = read_probes(f"{path}@2015")
     assert {p.date for p in y} == {"2015"} and {p.split for p in y} == {"test"}
     assert len(y) == sum(r["date"] == "2015" for r in recs)
-    rng = read_probes(path, dates="2012..2014")
+    rng = read_probes(f"{path}@2012..2014")
     assert {p.date for p in rng} == {"2012", "2013", "2014"}
     with pytest.raises(ValueError, match=r"test\.json: no probe has a date in '1990'"):
         read_probes(f"{path}@1990")
@@ -107,7 +107,7 @@ def test_templama_dates_kept_and_each_year_its_own_split():
 def test_dynamic_templama_quarters_and_ecbd_years():
     p = read_probes(REAL / "dynamic_templama" / "test.jsonl")[0]
     assert (p.date, p.split) == ("2019-Q1", "test")
-    assert len(read_probes(REAL / "dynamic_templama" / "test.jsonl", dates="2019")) == 1
+    assert len(read_probes(f"{REAL / 'dynamic_templama' / 'test.jsonl'}@2019")) == 1
     e = read_probes(REAL / "ecbd2019" / "np_spans_test.json")[0]
     assert e.date == "2019"
 
