@@ -1,5 +1,5 @@
 """The method's data: tokenizers, salient-span examples, random windows, cached token arrays, probe files.
-Downloads and probe splits of the real data sets: experiments/realdata.py."""
+Real data sets' downloads and probe splits: experiments/realdata.py."""
 import csv
 import hashlib
 import itertools
@@ -38,7 +38,7 @@ class WordTokenizer:
     """A closed word vocabulary (anything else is <unk>): a small softmax, fast to train on a CPU."""
     name = "word"
     SPECIALS = ("<eot>", "<unk>")
-    PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")  # words and punctuation marks
+    PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")
 
     def __init__(self, vocab):
         self.vocab = list(vocab)
@@ -62,17 +62,16 @@ class WordTokenizer:
 
     @classmethod
     def load(cls, path):
-        """Our tokenizer.json, or the Hugging Face WordLevel one of experiments/export.py."""
         d = read_json(path)
         v = d.get("vocab") or (d.get("model") or {}).get("vocab") if isinstance(d, dict) else None
-        v = sorted(v, key=v.get) if isinstance(v, dict) else v  # WordLevel's {word: id}
+        v = sorted(v, key=v.get) if isinstance(v, dict) else v  # export.py's HF WordLevel {word: id}
         if not isinstance(v, list) or tuple(v[:2]) != cls.SPECIALS:
             raise ValueError(f"{path}: not a word tokenizer (a vocab list starting <eot>, <unk>)")
         return cls(v)
 
 def load_tokenizer(spec):
     """A tokenizer.json, or a folder or .pt next to one -> WordTokenizer; else GPT-2 BPE."""
-    p = Path(str(spec))
+    p = Path(spec)
     p = p.parent if p.suffix == ".pt" and p.is_file() else p
     if p.is_file():
         return WordTokenizer.load(p)
@@ -86,9 +85,9 @@ def load_tokenizer(spec):
 # ----------------------------------------------------------------------------- examples and windows
 
 def span_example(tokenizer, prompt, answer):
-    """(idx, targets) of prompt + answer, targets -1 except on the answer: the paper's signal is the gradient
-    of the *knowledge* (a fact's object, a masked entity), not of template words any LM predicts. Tokenized
-    together, so GPT-2 gets ' Paris' as in running text; an empty prompt becomes end-of-text."""
+    """(idx, targets) of prompt + answer, targets -1 but on the answer: the signal is the gradient of the
+    *knowledge* (a fact's object, a masked entity), not of template words any LM predicts. Tokenized together,
+    so GPT-2 gets ' Paris' as in running text; an empty prompt becomes end-of-text."""
     prompt, answer = prompt.rstrip(), answer.strip()
     if not answer:
         raise ValueError("empty answer")
@@ -112,7 +111,7 @@ def sentence_example(tokenizer, prompt, answer):
 def random_starts(n_tokens, n, block_size, seed):
     """The one window sampler: n starts of (block_size + 1)-token windows, the same for the same seed."""
     if n_tokens < block_size + 1:
-        raise ValueError(f"the text has {n_tokens} tokens, fewer than --block-size + 1 = {block_size + 1}")
+        raise ValueError(f"the text has {n_tokens} tokens, not more than --block-size {block_size}")
     return np.random.default_rng(seed).integers(0, n_tokens - block_size, size=n)
 
 def windows(tokens, starts, block_size):
@@ -154,11 +153,9 @@ class Batcher:
 
 def _source_files(path):
     p, ext = Path(path), (".txt", ".csv")
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such text file or folder")
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in ext and f.is_file()) if p.is_dir() else [p]
     if not files or files[0].suffix.lower() not in ext:
-        raise ValueError(f"{p}: not a .txt or TemporalWiki .csv file, nor a folder of them")
+        raise ValueError(f"{p}: not a .txt or .csv file, nor a folder of them")
     return files
 
 def iter_documents(path):
@@ -176,7 +173,7 @@ def iter_documents(path):
 def _csv_records(lines, path, columns):
     csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows exceed csv's default 131,072 characters
     rows = csv.reader(lines)
-    header = [h.strip() for h in next(rows, None) or []]
+    header = [h.strip() for h in next(rows, [])]
     missing = [repr(c) for c in columns if c not in header]
     if missing:  # a CSV read as plain text would train on its header and quotes
         raise ValueError(f"{path}:1: no {', '.join(missing)} column")
@@ -190,7 +187,7 @@ def parse_text_spec(spec):
     m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)", str(spec))
     if Path(spec).exists() or not m:
         return str(spec), None
-    return m[1], int(float(m[2]) * {"": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m[3]])
+    return m[1], int(float(m[2]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[3]])
 
 def load_tokens(spec, tokenizer):
     """Text (iter_documents) -> token memmap, an eot after each document: all, or the first N of 'PATH@N'.
@@ -218,7 +215,7 @@ def load_tokens(spec, tokenizer):
                     break
             if k == 0:
                 raise ValueError(f"{path}: no text")
-        for old in set(d.glob(f"{stem}-*.tokens.bin")) - {d / name}:  # stale caches of the same source
+        for old in set(d.glob(f"{stem}-*.tokens.bin")) - {d / name}:  # stale: of older bytes
             old.unlink()
     return np.memmap(d / name, dtype=dtype, mode="r")
 
@@ -233,48 +230,47 @@ class Probe:
     relation: str = ""
     context: str = ""  # ECBD's definition, put before the prompt when scoring with context
     date: str = ""  # as the data has it: '2019', '2019-Q1', a month pair '0801-0901'
-    source: str = field(default="", compare=False)  # its file
+    source: str = field(default="", compare=False)
 
-# JSON lines, by the key of the text whose slot ends the prompt: (slot, keys of answer, id, relation, date)
+# JSON lines: the key of the text -> (its answer slot, keys of answer, id, relation, date)
 JSON_FORMATS = {"query": ("_X_", "answer", "id", "relation", "date"),  # TempLAMA, Dynamic TempLAMA
                 "masked_sentence": ("<extra_id_0>", "answer_str", "ex_id", "span_type", "year")}  # ECBD
 # TempLAMA's P286, P6, P488 put the object first ('_X_ is the head coach of Chelsea F.C..'); a causal LM
-# cannot predict a span before its subject: object last, as in Dynamic TempLAMA's `_improved` templates.
+# cannot predict a span before its subject: object last, as Dynamic TempLAMA's `_improved` templates.
 OBJECT_FIRST = re.compile(r"_X_ is (the .+?)\.?")
 TWIKI_PAIR = re.compile(r"(\d{4}-\d{4})_(changed|unchanged)")  # TemporalWiki: 0801-0901_changed.csv
 TWIKI_COLUMNS = ("subject", "relation", "object")
 
 def answer_names(ans, key="answer"):
-    """A name, {"name": ...} or a list of them; ECBD's <extra_id_N> dropped."""
     names = [a.get("name") if isinstance(a, dict) else a for a in (ans if isinstance(ans, list) else [ans])]
     names = [re.sub(r"<extra_id_\d+>", "", n).strip() if isinstance(n, str) else "" for n in names]
     if not names or not all(names):
         raise ValueError(f"empty or malformed {key} {ans!r}")
     return names
 
-# READERS: a record and a default id -> a Probe (split '' if the record has none) or None (skip it).
+# READERS: (record, default id) -> a Probe (split '' unless the record names one) or None (skip).
 
-def _json(rec, rid, notes):
+def _json(rec, rid):
     key = next((k for k in JSON_FORMATS if k in rec), None)
     if key is None:
         raise ValueError("unknown probe format (need 'query' or 'masked_sentence')")
     slot, answer, id_key, relation, date = JSON_FORMATS[key]
-    text, context = str(rec[key]), rec.get("definition") or ""  # ECBD: sentences, joined as its code does
-    context = " ".join(str(s).strip() for s in context) if isinstance(context, list) else str(context)
+    text, ctx = str(rec[key]), rec.get("definition") or ""  # ECBD's sentences, joined as its code does
+    ctx = " ".join(str(s).strip() for s in ctx) if isinstance(ctx, list) else str(ctx)
     if slot not in text:
         raise ValueError(f"{key} has no {slot} slot: {text!r}")
     prompt = text.split(slot)[0].rstrip()
     if slot == "_X_" and not prompt:  # object first: never score after an empty prompt
         m = OBJECT_FIRST.fullmatch(text.strip())
-        notes["rewritten object-first" if m else "skipped object-first"] += 1
         if not m:
+            print(f"{rid}: skipped, the object comes first: {text!r}", file=sys.stderr)
             return None
         prompt = f"{m[1][0].upper()}{m[1][1:]} is"
-    context = re.sub(r"\[ENT_(START|END)\]", "", context).strip()
     return Probe(str(rec.get(id_key, rid)), prompt, answer_names(rec.get(answer), answer),
-                 str(rec.get("split") or ""), str(rec.get(relation, "")), context, str(rec.get(date) or ""))
+                 str(rec.get("split") or ""), str(rec.get(relation, "")),
+                 re.sub(r"\[ENT_(START|END)\]", "", ctx).strip(), str(rec.get(date) or ""))
 
-def _twiki(rec, rid, notes):
+def _twiki(rec, rid):
     subj, rel, obj = (rec[k].strip() for k in TWIKI_COLUMNS)
     if not subj or not obj:
         raise ValueError("empty subject or object")
@@ -284,10 +280,9 @@ def _twiki(rec, rid, notes):
 READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki}
 
 def probe_records(path):
-    """(line number, record) of a probe file: a JSON object per line, or a CSV row's {column: field}."""
     ext = Path(path).suffix.lower()
     if ext not in READERS:
-        raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .json or .csv)")
+        raise ValueError(f"{path}: unknown probe format '{ext}' (.jsonl, .json or .csv)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if ext == ".csv":
@@ -305,24 +300,21 @@ def probe_records(path):
         raise not_utf8(path, e) from None
 
 def _split_from_name(path):
-    """0801-0901_changed.csv -> 'changed' (diag_changed stays itself); else the stem."""
     m = re.fullmatch(r"(.*)_(changed|unchanged)", Path(path).stem.lower())
-    return m[2] if m and "diag" not in m[1] else Path(path).stem
+    return m[2] if m and "diag" not in m[1] else Path(path).stem  # 0801-0901_changed -> changed
 
 def read_probes(spec):
-    """The probes of 'FILE[@DATES][:SPLIT]'. Several dates in a file (TempLAMA's years, with different
-    answers) get a split each ('test@2019'): no year's answer is scored against another's."""
-    (path, dates, split), notes, probes = parse_probe_spec(spec), Counter(), []
+    """The probes of 'FILE[@DATES][:SPLIT]'. A file's dates (TempLAMA's years) get a split each
+    ('test@2019'): no year's answer is scored against another's."""
+    (path, dates, split), probes = parse_probe_spec(spec), []
     for n, rec in probe_records(path):
         try:
-            p = READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}", notes)
+            p = READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
         except ValueError as e:  # the readers' errors name no place
             raise ValueError(f"{path}:{n}: {e}") from None
         if p:
             p.split, p.source = split or p.split or _split_from_name(path), path
             probes.append(p)
-    if notes:
-        print(f"{path}: " + ", ".join(f"{k} queries: {v}" for k, v in sorted(notes.items())), file=sys.stderr)
     if not probes:  # never a silent skip: an empty file would quietly drop a split
         raise ValueError(f"{path}: holds no probes")
     probes = filter_dates(probes, dates, path) if dates else probes
@@ -332,10 +324,10 @@ def read_probes(spec):
     return probes
 
 def read_probe_files(specs):
-    """The probes of several files. Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's
-    years) get splits named after the file ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
+    """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get splits named
+    after the file ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
-    owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})  # split -> number of files
+    owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})
     clash = {f for f, given, ps in files if not given and any(owners[p.split] > 1 for p in ps)}
     label = lambda f, k: "/".join(Path(f).with_suffix("").parts[-k:])  # noqa: E731
     k = next((k for k in range(1, 99) if len({label(c, k) for c in clash}) == len(clash)), 99)
@@ -345,8 +337,7 @@ def read_probe_files(specs):
             if p.split == default or p.split.startswith(default + "@"):
                 p.split = label(f, k) + p.split[len(default):]
     if clash:
-        print("probe splits named after their files to keep them apart: " +
-              ", ".join(sorted({label(c, k) for c in clash})), file=sys.stderr)
+        print("splits named after their files:", *sorted({label(c, k) for c in clash}), file=sys.stderr)
     return [p for _, _, ps in files for p in ps]
 
 def parse_probe_spec(spec):
@@ -354,8 +345,6 @@ def parse_probe_spec(spec):
     path, dates, split = str(spec), None, None
     if not Path(path).exists() and ":" in path:
         path, split = path.rsplit(":", 1)
-        if not split.strip():
-            raise ValueError(f"{spec}: empty split name after ':'")
     if not Path(path).exists() and "@" in path:
         path, dates = path.rsplit("@", 1)
     return path, dates, split
@@ -367,6 +356,6 @@ def filter_dates(probes, dates, where):
     kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:
         have = sorted({p.date for p in probes if p.date})
-        raise ValueError(f"{where}: no probe has a date in '{dates}' (dates in the file: "
-                         f"{', '.join(have[:6]) or 'none'}{' ...' * (len(have) > 6)})")
+        raise ValueError(f"{where}: no probe has a date in '{dates}' (it has {', '.join(have[:6]) or 'none'}"
+                         f"{' ...' * (len(have) > 6)})")
     return kept

@@ -118,14 +118,14 @@ def test_object_first_templates_rewritten_object_last(capsys):
                                           "The head of the government of Gibraltar is",
                                           "The chair of World Health Organization is"]
     assert all(p.prompt for p in probes)
-    assert "rewritten object-first queries: 3" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # rewritten, not skipped
 
 
-def test_object_first_without_a_rewrite_is_skipped_and_counted(tmp_path, capsys):
+def test_object_first_without_a_rewrite_is_skipped_and_said(tmp_path, capsys):
     f = write(tmp_path / "q.jsonl", json.dumps({"query": "_X_ founded Acme.", "answer": {"name": "Bo"}}) + "\n" +
               json.dumps({"query": "Ann plays for _X_.", "answer": {"name": "Rovers"}}) + "\n")
     assert [p.prompt for p in read_probes(f)] == ["Ann plays for"]
-    assert "skipped object-first queries: 1" in capsys.readouterr().err
+    assert capsys.readouterr().err == "q:1: skipped, the object comes first: '_X_ founded Acme.'\n"
 
 
 def test_ecbd_definition_list_joined_without_markers():
