@@ -215,8 +215,6 @@ def load_tokens(spec, tokenizer):
                     break
             if k == 0:
                 raise ValueError(f"{path}: no text")
-        for old in set(d.glob(f"{stem}-*.tokens.bin")) - {d / name}:  # stale: of older bytes
-            old.unlink()
     return np.memmap(d / name, dtype=dtype, mode="r")
 
 # ----------------------------------------------------------------------------- probes
