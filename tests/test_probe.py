@@ -163,8 +163,9 @@ def test_cli_json(tmp_path, tok, capsys):
     save_checkpoint(run / "ckpt.pt", {"config": asdict(model.config), "model": model.state_dict(), "lora": None,
                                       "step": 0, "tokenizer": "word"})
     tok.save(run / "tokenizer.json")
-    pf = tmp_path / "p.tsv"
-    pf.write_text("Ann plays for\tKugo Rovers\tupdated\nBob works at\tAcme Labs\tnew\n")
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"query": f"{q} _X_.", "answer": a, "split": s}) + "\n" for q, a, s in
+                          [("Ann plays for", "Kugo Rovers", "updated"), ("Bob works at", "Acme Labs", "new")]))
     out = tmp_path / "out.json"
     summary = probe.main(["--init", str(run), "--probes", str(pf), "--json", str(out)])
     table = capsys.readouterr().out
