@@ -177,14 +177,17 @@ def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
     ranked = resolve_units(sel.rank_units, units)
     scales = select(rgn, mode, sel.select, ranked, sel.alr_norm, sel.floor)
     # Controls: does the trace beat chance? Only ranked units change. complement (fp): those TGL freezes
-    # train and vice versa. random:S: TGL's scales shuffled with seed S (fp: as many units, at random).
+    # train and vice versa. random:S, seed S: fp draws as many ranked units; alr shuffles TGL's scales.
     if sel.control == "complement":
         if mode != "fp":
             raise ValueError("--control complement applies to --tgl fp only")
         return dict(scales, **{u: 1.0 - scales[u] for u in ranked})
     if sel.control.startswith("random:"):
-        values = [scales[u] for u in ranked]
-        random.Random(int(sel.control[7:])).shuffle(values)
+        rng, values = random.Random(int(sel.control[7:])), [scales[u] for u in ranked]
+        if mode == "fp":
+            chosen = set(rng.sample(ranked, int(sum(values))))
+            return dict(scales, **{u: float(u in chosen) for u in ranked})
+        rng.shuffle(values)
         return dict(scales, **dict(zip(ranked, values)))
     return scales
 
