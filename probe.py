@@ -98,15 +98,9 @@ def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None) -> float:
     rows = _score_all(model, list(zip(x, y)), batch_size, device)
     return math.exp(min(sum(r[0] for r in rows) / sum(r[1] for r in rows), 700.0))
 
-ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
-
-def ordered(splits):
-    splits = list(dict.fromkeys(splits))
-    return sorted(splits, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), splits.index(s)))
-
 def format_table(summary):
     lines = [f"{'split':<16} {'n':>6} {'ppl':>10} {'em':>7}"]
-    for split in ordered(summary):
+    for split in summary:
         s = summary[split]
         lines.append(f"{split:<16} {s['n']:>6} {s['ppl']:>10.3f} {s['em']:>7.3f}")
     return "\n".join(lines)
