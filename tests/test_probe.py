@@ -83,8 +83,8 @@ def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tok, monkeypat
     monkeypatch.setattr(probe, "MAX_TOKENS", 1)  # the token cap: every batch is one row
     assert [r["nll"] for r in probe.score(model, tok, probes)] == pytest.approx([r["nll"] for r in many], rel=1e-5)
     x, y = probe.probe_example(tok, probes[3], "Oslo", False, 32, "span"), ([1, 2] + [0] * 20, [-1] * 22)
-    alone, padded = probe._score_batch(model, [x], "cpu"), probe._score_batch(model, [x, y], "cpu")
-    assert list(padded)[0] == pytest.approx(list(alone)[0], rel=1e-6)  # 14 pad positions after x: same score
+    alone, padded = probe._score_all(model, [x], 64, "cpu"), probe._score_all(model, [x, y], 64, "cpu")
+    assert padded[0] == pytest.approx(alone[0], rel=1e-6)  # one batch, 14 pad positions after x: same score
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
