@@ -1,5 +1,5 @@
-"""The method's data: tokenizers, salient-span examples, random windows, text -> cached token arrays,
-probe files. Downloads and probe splits of the real data sets: experiments/realdata.py."""
+"""The method's data: tokenizers, salient-span examples, random windows, cached token arrays, probe files.
+Real data sets' downloads and probe splits: experiments/realdata.py."""
 import csv
 import hashlib
 import itertools
@@ -20,95 +20,74 @@ from common import atomic_path, not_utf8, read_json, write_text
 
 class GPT2Tokenizer:
     """GPT-2 BPE through tiktoken (offline when TIKTOKEN_CACHE_DIR holds its files)."""
-    name = "gpt2"
+    name = fingerprint = "gpt2"
 
     def __init__(self):
         import tiktoken
-        try:  # tiktoken downloads its two files once, then reads them from its cache
+        try:
             self.enc = tiktoken.get_encoding("gpt2")
         except OSError as e:  # requests' errors are OSErrors
-            raise ValueError(f"no GPT-2 BPE files ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to a copy of "
-                             "tiktoken's cache from a machine with internet") from None
+            raise ValueError(f"no GPT-2 BPE files ({type(e).__name__}): set TIKTOKEN_CACHE_DIR") from None
         self.n_vocab, self.eot = self.enc.n_vocab, self.enc.eot_token
-
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)  # "<|endoftext|>" in text stays plain text
+        self.encode = self.enc.encode_ordinary  # "<|endoftext|>" in text stays plain text
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
-    def fingerprint(self):
-        return self.name
-
 class WordTokenizer:
-    """Closed word-level vocabulary (anything else is <unk>): a small softmax, fast to train on a CPU."""
+    """A closed word vocabulary (anything else is <unk>): a small softmax, fast to train on a CPU."""
     name = "word"
     SPECIALS = ("<eot>", "<unk>")
-    PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")  # words and punctuation marks
+    PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")
 
     def __init__(self, vocab):
         self.vocab = list(vocab)
-        if tuple(self.vocab[:2]) != self.SPECIALS:
-            raise ValueError(f"word vocabulary must start with {', '.join(self.SPECIALS)}, starts with {self.vocab[:2]}")
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.n_vocab, self.eot, self.unk = len(self.vocab), 0, 1
+        self.fingerprint = hashlib.sha1("\n".join(self.vocab).encode()).hexdigest()[:12]
 
     @classmethod
-    def build(cls, texts, min_count=1):
+    def build(cls, texts):
         counts = Counter(w for t in texts for w in cls.PATTERN.findall(t) if w not in cls.SPECIALS)
-        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
-        return cls(list(cls.SPECIALS) + words)
+        return cls(list(cls.SPECIALS) + sorted(counts, key=lambda w: (-counts[w], w)))
 
     def encode(self, text):
         return [self.index.get(w, self.unk) for w in self.PATTERN.findall(text)]
 
-    def decode(self, ids):
-        text = " ".join(self.vocab[i] for i in ids)
-        return re.sub(r" ([.,;:!?')])|([(']) ", r"\1\2", text)  # no space before '.' etc.
-
-    def fingerprint(self):
-        return hashlib.sha1("\n".join(self.vocab).encode()).hexdigest()[:12]
+    def decode(self, ids):  # no space before '.' etc.
+        return re.sub(r" ([.,;:!?')])|([(']) ", r"\1\2", " ".join(self.vocab[i] for i in ids))
 
     def save(self, path):
         write_text(path, json.dumps({"type": "word", "vocab": self.vocab}, ensure_ascii=False))
 
     @classmethod
     def load(cls, path):
-        """Our tokenizer.json ({"type": "word"}) or the Hugging Face one experiments/export.py writes."""
         d = read_json(path)
-        hf = d.get("model") if isinstance(d, dict) else None
-        if isinstance(hf, dict) and hf.get("type") == "WordLevel":
-            return cls(sorted(hf["vocab"], key=hf["vocab"].get))
-        if not isinstance(d, dict) or d.get("type") != "word" or not isinstance(d.get("vocab"), list):
-            raise ValueError(f"{path}: not a word tokenizer file")
-        try:
-            return cls(d["vocab"])
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        v = d.get("vocab") or (d.get("model") or {}).get("vocab") if isinstance(d, dict) else None
+        v = sorted(v, key=v.get) if isinstance(v, dict) else v  # export.py's HF WordLevel {word: id}
+        if not isinstance(v, list) or tuple(v[:2]) != cls.SPECIALS:
+            raise ValueError(f"{path}: not a word tokenizer (a vocab list starting <eot>, <unk>)")
+        return cls(v)
 
 def load_tokenizer(spec):
-    """'gpt2' -> GPT-2 BPE; a tokenizer.json, or a folder holding one -> WordTokenizer;
-    any other folder (an HF checkpoint, a GPT-2 run) or hub name -> GPT-2 BPE."""
-    p = Path(str(spec))
-    if p.is_file() and p.suffix == ".pt":  # a checkpoint file: look next to it
-        p = p.parent
+    """A tokenizer.json, or a folder or .pt next to one -> WordTokenizer; else GPT-2 BPE."""
+    p = Path(spec)
+    p = p.parent if p.suffix == ".pt" and p.is_file() else p
     if p.is_file():
         return WordTokenizer.load(p)
-    if p.is_dir() and (p / "tokenizer.json").is_file():
-        try:
+    try:
+        if (p / "tokenizer.json").is_file():
             return WordTokenizer.load(p / "tokenizer.json")
-        except ValueError:  # an HF tokenizer.json: that is GPT-2 BPE for our models
-            pass
+    except ValueError:  # an HF tokenizer that is not WordLevel: GPT-2 BPE
+        pass
     return GPT2Tokenizer()
 
-# ----------------------------------------------------------------------------- examples
+# ----------------------------------------------------------------------------- examples and windows
 
 def span_example(tokenizer, prompt, answer):
-    """(idx, targets) of a salient span: prompt + answer tokens, targets -1 except on the answer tokens.
-    Tokenized together, so GPT-2 gets ' Paris' as in running text, not 'Paris'; an empty prompt becomes
-    the end-of-text token, so the first answer token still has a context."""
-    # Why only the answer has targets: the paper's signal is the gradient of the *knowledge* (the object of
-    # a fact, the masked entity span), not of the template words around it, which any LM already predicts.
+    """(idx, targets) of prompt + answer, targets -1 but on the answer: the signal is the gradient of the
+    *knowledge* (a fact's object, a masked entity), not of template words any LM predicts. Tokenized together,
+    so GPT-2 gets ' Paris' as in running text; an empty prompt becomes end-of-text."""
     prompt, answer = prompt.rstrip(), answer.strip()
     if not answer:
         raise ValueError("empty answer")
@@ -119,9 +98,7 @@ def span_example(tokenizer, prompt, answer):
         full = p + tokenizer.encode(glue + answer)
     if not p:
         p, full = [tokenizer.eot], [tokenizer.eot] + full
-    idx = full[:-1]
-    targets = [-1] * (len(p) - 1) + full[len(p):]
-    return idx, targets
+    return full[:-1], [-1] * (len(p) - 1) + full[len(p):]
 
 def sentence_example(tokenizer, prompt, answer):
     """(idx, targets) of 'prompt answer' after end-of-text, every token a target (TemporalWiki's metric)."""
@@ -131,19 +108,16 @@ def sentence_example(tokenizer, prompt, answer):
     full = [tokenizer.eot] + tokenizer.encode(f"{prompt} {answer}" if prompt else answer)
     return full[:-1], full[1:]
 
-# ----------------------------------------------------------------------------- windows
-
-def random_starts(n_tokens: int, n: int, block_size: int, seed) -> np.ndarray:
+def random_starts(n_tokens, n, block_size, seed):
     """The one window sampler: n starts of (block_size + 1)-token windows, the same for the same seed."""
     if n_tokens < block_size + 1:
-        raise ValueError(f"the text has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                         "use a smaller --block-size or more text")
+        raise ValueError(f"the text has {n_tokens} tokens, not more than --block-size {block_size}")
     return np.random.default_rng(seed).integers(0, n_tokens - block_size, size=n)
 
-def windows(tokens, starts, block_size: int):
-    """(x, y) = (B, T) inputs and (B, T) next-token targets of the windows that begin at `starts`."""
-    w = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-    return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+def windows(tokens, starts, block_size):
+    """(x, y): (B, T) inputs and next-token targets of the windows that begin at `starts`."""
+    w = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 def collate(examples, device):
     """Right-pad [(idx, targets)] to (B, T); padding has target -1 (and, causal, leaves real logits alone)."""
@@ -175,102 +149,72 @@ class Batcher:
         self.seed, self.step = int(d["seed"]), int(d["step"])
 
 # ----------------------------------------------------------------------------- token arrays
-# Corpora are big (a snapshot is billions of tokens): streamed a document at a time, memory stays flat.
+# A snapshot is billions of tokens: streamed a document at a time, memory stays flat.
 
 def _source_files(path):
-    p, kinds = Path(path), (".txt", ".csv")
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in kinds and f.is_file()) if p.is_dir() else [p]
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such text file or folder")
-    if not files or files[0].suffix.lower() not in kinds:
-        raise ValueError(f"{p}: not a .txt file, a TemporalWiki .csv, or a folder holding some")
+    p, ext = Path(path), (".txt", ".csv")
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in ext and f.is_file()) if p.is_dir() else [p]
+    if not files or files[0].suffix.lower() not in ext:
+        raise ValueError(f"{p}: not a .txt or .csv file, nor a folder of them")
     return files
 
 def iter_documents(path):
-    """The documents of a .txt (blocks between blank lines), a TemporalWiki .csv (`text`) or a folder of them."""
+    """The documents of a .txt (blocks between blank lines), a TemporalWiki .csv (`text`) or a folder."""
     for f in _source_files(path):
         is_csv = f.suffix.lower() == ".csv"
         try:
             with open(f, encoding="utf-8", newline="" if is_csv else None) as lines:
-                if is_csv:
-                    docs = (rec["text"].strip() for _, rec in _csv_records(lines, f, ["text"]))
-                else:
-                    docs = ("".join(b).strip() for blank, b in itertools.groupby(lines, str.isspace) if not blank)
-                yield from (d for d in docs if d)
-        except UnicodeDecodeError as e:  # name the file: the codec's message names only a byte
+                docs = ((r["text"] for _, r in _csv_records(lines, f, ["text"])) if is_csv else
+                        ("".join(b) for blank, b in itertools.groupby(lines, str.isspace) if not blank))
+                yield from filter(None, map(str.strip, docs))
+        except UnicodeDecodeError as e:
             raise not_utf8(f, e) from None
 
 def _csv_records(lines, path, columns):
-    """(line number, {column: field}) of the rows of a CSV whose header has `columns`."""
     csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows exceed csv's default 131,072 characters
     rows = csv.reader(lines)
-    header = [h.strip() for h in next(rows, None) or []]
-    missing = [c for c in columns if c not in header]
-    if missing:  # e.g. a CSV is never read as plain text: that would train on its header and quotes
-        raise ValueError(f"{path}:1: no {', '.join(map(repr, missing))} column (header: {','.join(header)[:80]!r})")
+    header = [h.strip() for h in next(rows, [])]
+    missing = [repr(c) for c in columns if c not in header]
+    if missing:  # a CSV read as plain text would train on its header and quotes
+        raise ValueError(f"{path}:1: no {', '.join(missing)} column")
     for row in rows:
         if len(row) != len(header):
             raise ValueError(f"{path}:{rows.line_num}: expected {len(header)} fields, got {len(row)}")
         yield rows.line_num, dict(zip(header, row))
 
 def parse_text_spec(spec):
-    """'PATH' -> (PATH, None, None); 'PATH@20M' -> its first 20M tokens; 'PATH@20M,seed=3' -> a sample."""
-    spec = str(spec)
-    m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)(?:,seed=(\d+))?", spec)
+    """'PATH' -> (PATH, None); 'PATH@20M' -> (PATH, 20_000_000): its first 20M tokens."""
+    m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)", str(spec))
     if Path(spec).exists() or not m:
-        return spec, None, None
-    n = int(float(m.group(2)) * {"": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m.group(3)])
-    return m.group(1), n, (int(m.group(4)) if m.group(4) is not None else None)
+        return str(spec), None
+    return m[1], int(float(m[2]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[3]])
 
-def _write_tokens(tmp, path, tokenizer, dtype, max_tokens, seed):
-    """All, the first max_tokens, or a seeded sample of whole documents (in order) holding max_tokens."""
-    keep = None
-    if seed is not None:  # a sample drawn by characters, counted in one pass (tokenizing a snapshot is slow)
-        lengths = np.fromiter((len(d) for d in iter_documents(path)), np.int64)
-        order, ratio = np.random.default_rng(seed).permutation(len(lengths)), 4.0  # ~4 characters a GPT-2 token
-    while True:
-        if seed is not None:
-            keep = np.zeros(len(lengths), dtype=bool)
-            keep[order[:int(np.searchsorted(np.cumsum(lengths[order]), max_tokens * ratio)) + 1]] = True
-        n = 0
-        with open(tmp, "wb") as f:
-            for doc in (d for i, d in enumerate(iter_documents(path)) if keep is None or keep[i]):
-                ids = (tokenizer.encode(doc) + [tokenizer.eot])[:max_tokens - n if max_tokens else None]
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
-                n += len(ids)
-                if n == max_tokens:
-                    break
-        if keep is None or keep.all() or n >= max_tokens:
-            return n
-        ratio *= 1.2 * max_tokens / max(n, 1)  # the sample fell short: more documents, same seed
-
-def load_tokens(path, tokenizer, cache_dir=None, max_tokens=None, sample_seed=None):
-    """Text (iter_documents) -> token array (a memmap), an eot after each document: all, max_tokens, or a
-    sample_seed sample of them ('PATH@20M', 'PATH@20M,seed=3'). Cached next to the text (else cache_dir or
-    ~/.cache/tgl) under a hash of its bytes, the tokenizer and the prefix/sample: a change re-tokenizes."""
-    if max_tokens is None:
-        path, max_tokens, sample_seed = parse_text_spec(path)
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"{path}: the number of tokens to take must be positive, got {max_tokens}")
-    root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint()}|{max_tokens}|{sample_seed}".encode())
+def load_tokens(spec, tokenizer):
+    """Text (iter_documents) -> token memmap, an eot after each document: all, or the first N of 'PATH@N'.
+    Cached next to the text (else in ~/.cache/tgl) keyed by its bytes, the tokenizer and N."""
+    path, n = parse_text_spec(spec)
+    if n == 0:
+        raise ValueError(f"{spec}: N must be positive")
+    root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint}|{n}|None".encode())  # (old keys)
     for f in _source_files(path):
-        with open(f, "rb") as src:  # (in chunks: a snapshot does not fit in memory)
+        with open(f, "rb") as src:
             h.update(str(f.relative_to(root)).encode() + hashlib.file_digest(src, "sha1").digest())
-    part = "" if max_tokens is None else f".n{max_tokens}" + ("" if sample_seed is None else f".s{sample_seed}")
-    stem = f"{Path(path).name}.{tokenizer.name}{part}"
+    stem = f"{Path(path).name}.{tokenizer.name}" + (f".n{n}" if n else "")
     name = f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
-    dirs = [Path(cache_dir)] if cache_dir else [root, Path.home() / ".cache" / "tgl"]
-    d = next((d for d in dirs if (d / name).is_file()), None)
-    if d is None:
-        d = dirs[0] if cache_dir or os.access(root, os.W_OK) else dirs[1]
+    d = root if os.access(root, os.W_OK) else Path.home() / ".cache/tgl"
+    if not (d / name).is_file():
         d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / name) as tmp:  # a crash never leaves half an array under the final name
-            if _write_tokens(tmp, path, tokenizer, dtype, max_tokens, sample_seed) == 0:
+        with atomic_path(d / name) as tmp, open(tmp, "wb") as out:  # a crash never leaves half an array
+            k = 0
+            for doc in iter_documents(path):
+                ids = (tokenizer.encode(doc) + [tokenizer.eot])[:n - k if n else None]
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                k += len(ids)
+                if k == n:
+                    break
+            if k == 0:
                 raise ValueError(f"{path}: no text")
-        for old in d.glob(f"{stem}-*.tokens.bin"):  # stale caches of the same source
-            if old.name != name:
-                old.unlink()
     return np.memmap(d / name, dtype=dtype, mode="r")
 
 # ----------------------------------------------------------------------------- probes
@@ -282,86 +226,67 @@ class Probe:
     answers: list
     split: str
     relation: str = ""
-    context: str = ""  # ECBD's definition: put before the prompt when scoring with context
+    context: str = ""  # ECBD's definition, put before the prompt when scoring with context
     date: str = ""  # as the data has it: '2019', '2019-Q1', a month pair '0801-0901'
-    year: int = 0  # of a year or quarter date, else 0
-    source: str = field(default="", compare=False)  # its file, for errors
+    source: str = field(default="", compare=False)
 
-    def __post_init__(self):
-        self.year = self.year or (int(self.date[:4]) if re.fullmatch(r"\d{4}(-Q\d)?", self.date) else 0)
-
-# JSON-lines probes, by the key of the text whose answer slot ends the prompt: (slot, keys of the answer,
-# id, relation, date). A .csv is TemporalWiki's subject,relation,object; a .tsv prompt<TAB>answer[<TAB>split].
+# JSON lines: the key of the text -> (its answer slot, keys of answer, id, relation, date)
 JSON_FORMATS = {"query": ("_X_", "answer", "id", "relation", "date"),  # TempLAMA, Dynamic TempLAMA
                 "masked_sentence": ("<extra_id_0>", "answer_str", "ex_id", "span_type", "year")}  # ECBD
-# TempLAMA's P286, P6 and P488 put the object first ('_X_ is the head coach of Chelsea F.C..'); a causal LM
-# cannot be asked for a span before its subject: object last, as Dynamic TempLAMA's `_improved` templates.
+# TempLAMA's P286, P6, P488 put the object first ('_X_ is the head coach of Chelsea F.C..'); a causal LM
+# cannot predict a span before its subject: object last, as Dynamic TempLAMA's `_improved` templates.
 OBJECT_FIRST = re.compile(r"_X_ is (the .+?)\.?")
 TWIKI_PAIR = re.compile(r"(\d{4}-\d{4})_(changed|unchanged)")  # TemporalWiki: 0801-0901_changed.csv
 TWIKI_COLUMNS = ("subject", "relation", "object")
 
 def answer_names(ans, key="answer"):
-    """A name, {"name": ...} or a list of them (TempLAMA, Dynamic TempLAMA; ECBD's <extra_id_N> dropped)."""
     names = [a.get("name") if isinstance(a, dict) else a for a in (ans if isinstance(ans, list) else [ans])]
     names = [re.sub(r"<extra_id_\d+>", "", n).strip() if isinstance(n, str) else "" for n in names]
     if not names or not all(names):
         raise ValueError(f"empty or malformed {key} {ans!r}")
     return names
 
-# Readers (READERS): a record and a default id -> a Probe (split '' if the record names none) or None (skip).
+# READERS: (record, default id) -> a Probe (split '' unless the record names one) or None (skip).
 
-def _json(rec, rid, notes):
+def _json(rec, rid):
     key = next((k for k in JSON_FORMATS if k in rec), None)
     if key is None:
         raise ValueError("unknown probe format (need 'query' or 'masked_sentence')")
     slot, answer, id_key, relation, date = JSON_FORMATS[key]
-    text, context = str(rec[key]), rec.get("definition")
+    text, ctx = str(rec[key]), rec.get("definition") or ""  # ECBD's sentences, joined as its code does
+    ctx = " ".join(str(s).strip() for s in ctx) if isinstance(ctx, list) else str(ctx)
     if slot not in text:
         raise ValueError(f"{key} has no {slot} slot: {text!r}")
-    if slot == "_X_" and not text.split(slot)[0].strip():  # object first: never score after an empty prompt
+    prompt = text.split(slot)[0].rstrip()
+    if slot == "_X_" and not prompt:  # object first: never score after an empty prompt
         m = OBJECT_FIRST.fullmatch(text.strip())
-        notes["rewritten object-first" if m else "skipped object-first"] += 1
         if not m:
+            print(f"{rid}: skipped, the object comes first: {text!r}", file=sys.stderr)
             return None
-        text = f"{m.group(1)[0].upper()}{m.group(1)[1:]} is _X_."
-    if isinstance(context, list) and all(isinstance(s, str) for s in context):
-        context = " ".join(s.strip() for s in context)  # ECBD's sentences, joined as its own code does
-    elif context is not None and not isinstance(context, str):
-        raise ValueError("definition must be a list of sentences or a string")
-    return Probe(str(rec.get(id_key, rid)), text.split(slot)[0].rstrip(), answer_names(rec.get(answer), answer),
+        prompt = f"{m[1][0].upper()}{m[1][1:]} is"
+    return Probe(str(rec.get(id_key, rid)), prompt, answer_names(rec.get(answer), answer),
                  str(rec.get("split") or ""), str(rec.get(relation, "")),
-                 re.sub(r"\[ENT_(START|END)\]", "", context or "").strip(), str(rec.get(date) or ""))
+                 re.sub(r"\[ENT_(START|END)\]", "", ctx).strip(), str(rec.get(date) or ""))
 
-def _twiki(rec, rid, notes):
+def _twiki(rec, rid):
     subj, rel, obj = (rec[k].strip() for k in TWIKI_COLUMNS)
     if not subj or not obj:
         raise ValueError("empty subject or object")
-    pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # the date: the file name's month pair
-    return Probe(rid, f"{subj} {rel}", [obj], "", rel, date=pair.group(1) if pair else "")
+    pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # the date: the file's month pair
+    return Probe(rid, f"{subj} {rel}", [obj], "", rel, date=pair[1] if pair else "")
 
-def _tsv(row, rid, notes):
-    if len(row) not in (2, 3):
-        raise ValueError(f"expected prompt<TAB>answer[<TAB>split], got {len(row)} fields")
-    if not row[1].strip():
-        raise ValueError("empty answer")
-    return Probe(rid, row[0].rstrip(), [row[1].strip()], row[2].strip() if len(row) > 2 else "")
-
-READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki, ".tsv": _tsv}
+READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki}
 
 def probe_records(path):
-    """(line number, record) of a probe file: a JSON object per line, a CSV row's {column: field}, a TSV
-    line's fields."""
     ext = Path(path).suffix.lower()
     if ext not in READERS:
-        raise ValueError(f"{path}: unknown probe format '{ext}' (use .jsonl, .json, .csv or .tsv)")
+        raise ValueError(f"{path}: unknown probe format '{ext}' (.jsonl, .json or .csv)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if ext == ".csv":
                 yield from _csv_records(f, path, TWIKI_COLUMNS)
-            for n, line in enumerate(f, 1):  # JSON or TSV lines (a CSV has been read to its end)
-                if ext == ".tsv" and line.strip() and not line.startswith("#"):  # '#': a comment
-                    yield n, line.rstrip("\r\n").split("\t")
-                elif ext != ".tsv" and line.strip():
+            for n, line in enumerate(f, 1):  # JSON lines (a CSV is read to its end)
+                if line.strip():
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as e:
@@ -373,75 +298,62 @@ def probe_records(path):
         raise not_utf8(path, e) from None
 
 def _split_from_name(path):
-    """TemporalWiki's 0801-0901_changed.csv -> 'changed' (diag_changed stays itself); else the stem."""
     m = re.fullmatch(r"(.*)_(changed|unchanged)", Path(path).stem.lower())
-    return m.group(2) if m and "diag" not in m.group(1) else Path(path).stem
+    return m[2] if m and "diag" not in m[1] else Path(path).stem  # 0801-0901_changed -> changed
 
-def read_probes(path, split=None, dates=None):
-    """The probes of 'FILE[@DATES][:SPLIT]'. Several dates in a file (TempLAMA's years, with different
-    answers) get a split each ('test@2019'): no year's answer is scored against another's."""
-    path, spec_dates, spec_split = parse_probe_spec(path)
-    split, dates, notes, probes = split or spec_split, dates or spec_dates, Counter(), []
-    read = READERS.get(Path(path).suffix.lower())
+def read_probes(spec):
+    """The probes of 'FILE[@DATES][:SPLIT]'. A file's dates (TempLAMA's years) get a split each
+    ('test@2019'): no year's answer is scored against another's."""
+    (path, dates, split), probes = parse_probe_spec(spec), []
     for n, rec in probe_records(path):
         try:
-            probes.append(read(rec, f"{Path(path).stem}:{n}", notes))
+            p = READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
         except ValueError as e:  # the readers' errors name no place
             raise ValueError(f"{path}:{n}: {e}") from None
-    probes = [p for p in probes if p]  # None: skipped
-    for p in probes:
-        p.split, p.source = split or p.split or _split_from_name(path), path
-    if notes:
-        print(f"{path}: " + ", ".join(f"{k} queries: {v}" for k, v in sorted(notes.items())), file=sys.stderr)
-    if dates:
-        probes = filter_dates(probes, dates, path)
-    if not split and read is not _twiki and len({p.date for p in probes}) > 1:
+        if p:
+            p.split, p.source = split or p.split or _split_from_name(path), path
+            probes.append(p)
+    if not probes:  # never a silent skip: an empty file would quietly drop a split
+        raise ValueError(f"{path}: holds no probes")
+    probes = filter_dates(probes, dates, path) if dates else probes
+    if not split and len({p.date for p in probes}) > 1:
         for p in probes:
             p.split = f"{p.split}@{p.date}"
     return probes
 
 def read_probe_files(specs):
-    """The probes of several files. Splits never merge silently: files whose default split names collide
-    (TemporalWiki's four *_changed.csv, ECBD's year folders) get splits named after the file, with as many
-    folders as tell them apart ('ecbd2020/np_spans_test'). 'FILE:SPLIT' names may merge on purpose."""
+    """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get splits named
+    after the file ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
-    for path, _, probes in files:
-        if not probes:  # never a silent skip: an empty file (or filter) would quietly drop a split
-            raise ValueError(f"{path}: holds no probes")
-    owners = Counter(s for _, _, probes in files for s in {p.split for p in probes})  # split -> its files
-    clash = {path for path, split, probes in files if not split and any(owners[p.split] > 1 for p in probes)}
-    label = lambda path, k: "/".join(Path(path).with_suffix("").parts[-k:])  # noqa: E731
-    depth = next((k for k in range(1, 99) if len({label(c, k) for c in clash}) == len(clash)), 99)
-    for path, _, probes in files:
-        default = _split_from_name(path)
-        for p in probes:
-            if path in clash and (p.split == default or p.split.startswith(default + "@")):
-                p.split = label(path, depth) + p.split[len(default):]
+    owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})
+    clash = {f for f, given, ps in files if not given and any(owners[p.split] > 1 for p in ps)}
+    label = lambda f, k: "/".join(Path(f).with_suffix("").parts[-k:])  # noqa: E731
+    k = next((k for k in range(1, 99) if len({label(c, k) for c in clash}) == len(clash)), 99)
+    for f, _, ps in files:
+        default = _split_from_name(f)
+        for p in ps if f in clash else ():
+            if p.split == default or p.split.startswith(default + "@"):
+                p.split = label(f, k) + p.split[len(default):]
     if clash:
-        print("probe splits named after their files to keep them apart: " +
-              ", ".join(sorted({label(c, depth) for c in clash})), file=sys.stderr)
-    return [p for _, _, probes in files for p in probes]
+        print("splits named after their files:", *sorted({label(c, k) for c in clash}), file=sys.stderr)
+    return [p for _, _, ps in files for p in ps]
 
 def parse_probe_spec(spec):
     """'FILE[@DATES][:SPLIT]' -> (FILE, DATES or None, SPLIT or None); a path that exists is taken as is."""
     path, dates, split = str(spec), None, None
     if not Path(path).exists() and ":" in path:
         path, split = path.rsplit(":", 1)
-        if not split.strip():
-            raise ValueError(f"{spec}: empty split name after ':'")
     if not Path(path).exists() and "@" in path:
         path, dates = path.rsplit("@", 1)
     return path, dates, split
 
 def filter_dates(probes, dates, where):
     """The probes of `dates`: '2019' (also 2019-Q1..Q4), '2019-Q1', '2018,2020' or '2019-Q1..2020-Q4'."""
-    def match(p, v):
-        return p.date == v or p.date.startswith(v + "-")
-    spans = [part.strip().partition("..")[::2] for part in dates.split(",")]
-    kept = [p for p in probes if any(match(p, lo) or hi and p.date and (lo <= p.date <= hi or match(p, hi))
-                                     for lo, hi in spans)]
+    on = lambda d, v: d == v or d.startswith(v + "-")  # noqa: E731 (2019-Q1 is on 2019)
+    spans = [(lo, hi or lo) for lo, _, hi in (s.strip().partition("..") for s in dates.split(","))]
+    kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:
         have = sorted({p.date for p in probes if p.date})
-        raise ValueError(f"{where}: no probe has a date in '{dates}' (" + (f"dates in the file: {', '.join(have[:6])}"
-                         f"{' ...' if len(have) > 6 else ''})" if have else "the file has no dates)"))
+        raise ValueError(f"{where}: no probe has a date in '{dates}' (it has {', '.join(have[:6]) or 'none'}"
+                         f"{' ...' * (len(have) > 6)})")
     return kept

@@ -33,8 +33,8 @@ class Config:
     init: str = flag("scratch", "scratch | known model name | local HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder: ckpt.pt, metrics.jsonl, summary.json", resume_free=True)
     data: str = flag(None, "training text (.txt, TemporalWiki .csv, a folder; PATH@N: a prefix)", required=True)
-    tokenizer: str = flag(None, "default: the init's (scratch: gpt2)", choices=["gpt2", "word"])
-    tokenizer_file: str = flag(None, "word vocabulary; default: tokenizer.json of --init or next to --data")
+    tokenizer: str = flag(None, "gpt2, word (tokenizer.json next to --data or in --init) or a tokenizer.json; "
+                          "default: the init's (scratch: gpt2)")
     n_layer: int = flag(4, "scratch: layers", type=POS)
     n_head: int = flag(4, "scratch: attention heads", type=POS)
     n_embd: int = flag(128, "scratch: width", type=POS)
@@ -88,7 +88,8 @@ class Config:
     def check(self):
         """What argparse cannot check alone, before any slow work: a ValueError that names the flag."""
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data, self.val_data) if f]
-        paths += [f for f in (self.trace, self.tokenizer_file) if f] + [data.parse_probe_spec(f)[0] for f in self.probes]
+        paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
+        paths += [data.parse_probe_spec(f)[0] for f in self.probes]
         held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
                          (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
@@ -238,14 +239,12 @@ class Stream:
 # ----------------------------------------------------------------------------- setup
 
 def get_tokenizer(cfg: Config):
-    """--tokenizer-file; word: tokenizer.json of --init or next to --data; else gpt2 or the init's."""
-    if cfg.tokenizer == "word" or cfg.tokenizer_file:
+    if cfg.tokenizer == "word":
         near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
-        path = cfg.tokenizer_file or next((p for p in near if os.path.isfile(p)), None)
-        if path is None:
-            raise ValueError(f"--tokenizer word: none of {', '.join(near)} exists; pass --tokenizer-file")
-        return data.load_tokenizer(path)
-    return data.load_tokenizer("gpt2" if cfg.tokenizer == "gpt2" or cfg.init == "scratch" else cfg.init)
+        if not any(os.path.isfile(p) for p in near):
+            raise ValueError(f"--tokenizer word: none of {', '.join(near)} exists; give the tokenizer.json")
+        return data.load_tokenizer(next(p for p in near if os.path.isfile(p)))
+    return data.load_tokenizer(cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init))
 
 def build_model(cfg: Config, n_vocab, device):
     """The starting model (RecAdam's theta0): fresh from --seed, or loaded."""
@@ -380,14 +379,14 @@ def restore(run: Run, ck: dict | None):
     if ck:
         run.model.load_state_dict(ck["model"])
         run.opt.load_state_dict(ck["optimizer"])
-        run.stream.load_state_dict(ck["sampler"][run.rank])
-        rng = ck["rng"][run.rank]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and run.device.startswith("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"], run.device)
+        state = ck["ranks"][run.rank]
+        run.stream.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if state["cuda"] is not None and run.device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["cuda"], run.device)
         run.step, run.elapsed, run.last_loss = ck["step"], ck["time"], ck["last_loss"]
-        run.say(f"resumed from {os.path.join(cfg.out, CKPT_NAME)} at step {run.step}")
+        run.say(f"resumed at step {run.step}")
     else:
         torch.manual_seed(cfg.seed + run.rank)  # the dropout stream, whatever setup drew before
         random.seed(cfg.seed + run.rank)
@@ -397,8 +396,7 @@ def restore(run: Run, ck: dict | None):
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
         path = os.path.join(cfg.out, "metrics.jsonl")
-        lines = logged_lines(path) if ck and os.path.exists(path) else []
-        write_text(path, "".join(line + "\n" for line, rec in lines if rec["step"] <= run.step))
+        write_text(path, "".join(logged_lines(path, run.step) if ck and os.path.exists(path) else []))
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if cfg.compile else run.model
@@ -406,18 +404,19 @@ def restore(run: Run, ck: dict | None):
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
-def logged_lines(path) -> list:
-    """metrics.jsonl as [(line, record)]; a torn last line (killed mid-append) is dropped."""
-    lines, out = read_text(path).splitlines(), []
+def logged_lines(path, step) -> list:
+    """The lines of metrics.jsonl up to `step`: the log agrees with the checkpoint. A torn last line (killed
+    mid-append) is dropped; a bad line elsewhere is an error."""
+    lines = read_text(path).splitlines()
     for n, line in enumerate(lines, 1):
         try:
-            out.append((line, json.loads(line)))
-            out[-1][1]["step"]
+            if json.loads(line)["step"] > step:
+                return [x + "\n" for x in lines[:n - 1]]
         except (json.JSONDecodeError, TypeError, KeyError):
             if n < len(lines):
                 raise ValueError(f"{path}:{n}: not a metrics line; move the file away to resume") from None
-            return out[:n - 1]
-    return out
+            return [x + "\n" for x in lines[:n - 1]]
+    return [x + "\n" for x in lines]
 
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
@@ -453,13 +452,12 @@ def checkpoint(run: Run, elapsed: float):
     """All it takes to continue bit for bit, written atomically by rank 0."""
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+    mine = {"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
     run.elapsed = elapsed
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
-                 step=run.step, optimizer=run.opt.state_dict(), rng=gathered(rng, run.world),
-                 sampler=gathered(run.stream.state_dict(), run.world), train_config=run.cfg.run_defining(),
-                 scales=run.scales, world_size=run.world, time=elapsed, last_loss=run.last_loss)
+                 step=run.step, optimizer=run.opt.state_dict(), ranks=gathered(mine, run.world), scales=run.scales,
+                 train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed, last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 

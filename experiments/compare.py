@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 
 from common import Parser, input_errors, read_json, read_text
-from probe import ordered
+
+ORDER = ("updated", "new", "unchanged", "changed")  # the paper's splits first, then the rest as read
+
+
+def ordered(splits):
+    splits = list(dict.fromkeys(splits))
+    return sorted(splits, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), splits.index(s)))
 
 
 def load_summaries(path) -> list:

@@ -194,9 +194,9 @@ def run_probes(args):
 
 def run_tokenize(args):
     tok = data.load_tokenizer(args.tokenizer)
-    if args.sample_seed is not None and args.max_tokens is None:
-        raise ValueError("--sample-seed needs --max-tokens")
-    n = len(data.load_tokens(args.text, tok, args.cache_dir, args.max_tokens, args.sample_seed))
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError("--max-tokens must be positive")
+    n = len(data.load_tokens(args.text if args.max_tokens is None else f"{args.text}@{args.max_tokens}", tok))
     print(f"{args.text}: {n:,} tokens ({tok.name}, vocab {tok.n_vocab})")
 
 
@@ -216,14 +216,12 @@ def parse_args(argv=None):
     s.add_argument("--ecbd-file", default="np_spans_test.json", help="ecbd: the file taken from each year folder")
     p = sub.add_parser("probes", help="read probe files and print counts per split")
     p.add_argument("--probes", nargs="+", required=True,
-                   help="probe files (.jsonl, .json, .csv, .tsv); FILE@DATES:SPLIT selects dates and names the split")
+                   help="probe files (.jsonl, .json, .csv); FILE@DATES:SPLIT selects dates and names the split")
     p.add_argument("--date", help="keep only probes of these dates: 2019, 2019-Q1, 2018,2020 or 2019..2020")
     t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
     t.add_argument("--text", required=True, help="a .txt file, a TemporalWiki .csv (text column), or a folder of them")
     t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
-    t.add_argument("--max-tokens", type=int, help="only N tokens: the first N, or a sample with --sample-seed")
-    t.add_argument("--sample-seed", type=int, help="with --max-tokens: a seeded random sample of whole documents")
-    t.add_argument("--cache-dir", help="folder for the token cache (default: next to the text)")
+    t.add_argument("--max-tokens", type=int, help="only the first N tokens (as the path TEXT@N)")
     return ap.parse_args(argv)
 
 

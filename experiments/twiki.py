@@ -32,6 +32,7 @@ from pathlib import Path
 import data
 from experiments import fetch, realdata
 from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
+from experiments.compare import ordered
 from experiments.tools import check_number, script
 from model import HUB_NAMES
 
@@ -477,8 +478,7 @@ def collect(cfg) -> list:
 
 def table(rows) -> str:
     """Markdown: a row per stage x arm; per split perplexity and EM (%), held-out ppl, time, tokens/s."""
-    import probe
-    splits = probe.ordered(s for r in rows for s in r["probes"])
+    splits = ordered(s for r in rows for s in r["probes"])
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     head = ["stage", "arm"] + [f"{s} {m}" for s in splits for m in ("ppl", "EM")] + ["val ppl", "time (s)", "tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

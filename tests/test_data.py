@@ -68,18 +68,18 @@ def test_load_tokens_cache_and_rebuild(tmp_path):
     assert list(load_tokens(src, tok)) == list(arr) and list(tmp_path.glob("*.tokens.bin")) == caches
     write(src, "one two three.\n\nfour five six.\n")  # same size class, new content: rebuilt
     assert tok.decode(load_tokens(src, tok).tolist()).endswith("four five six. <eot>")
-    assert len(list(tmp_path.glob("a.txt.word-*.tokens.bin"))) == 1  # stale cache removed
+    assert len(list(tmp_path.glob("a.txt.word-*.tokens.bin"))) == 2  # a cache per content
     tok2 = WordTokenizer.build(["one two"])  # another tokenizer: another array
     assert tok2.unk in load_tokens(src, tok2).tolist()
 
 
-def test_load_tokens_folder_and_cache_dir(tmp_path, gpt2):
+def test_load_tokens_folder(tmp_path, gpt2):
     (tmp_path / "src").mkdir()
     write(tmp_path / "src" / "b.txt", "Second file.")
     write(tmp_path / "src" / "a.txt", "First file.")
-    arr = load_tokens(tmp_path / "src", gpt2, cache_dir=tmp_path / "cache")
+    arr = load_tokens(tmp_path / "src", gpt2)
     assert gpt2.decode(arr.tolist()) == "First file.<|endoftext|>Second file.<|endoftext|>"
-    assert list((tmp_path / "cache").glob("*.tokens.bin"))
+    assert list(tmp_path.glob("src.gpt2-*.tokens.bin"))  # next to the folder
     with pytest.raises(FileNotFoundError):
         load_tokens(tmp_path / "missing.txt", gpt2)
 
@@ -128,7 +128,7 @@ def test_read_twiki_real_files():
         want = "unchanged" if "unchanged" in f.name else "changed"
         assert {p.split for p in probes} == {want}
         assert probes[0].prompt == f"{rows[0][0]} {rows[0][1]}" and probes[0].answers == [rows[0][2]]
-    assert read_probes(files[0], split="x")[0].split == "x"
+    assert read_probes(f"{files[0]}:x")[0].split == "x"
 
 
 def test_read_templama_real_records():
@@ -150,11 +150,12 @@ def test_read_hand_written_formats(tmp_path):
     ecbd = write(tmp_path / "new.jsonl", json.dumps({
         "ex_id": "e1", "masked_sentence": "Zed was born in <extra_id_0> in 1990.", "span_type": "NP",
         "answer_str": "<extra_id_0> Oslo <extra_id_1>", "definition": "Zed is a singer."}) + "\n")
-    p = read_probes(ecbd, split="new_entities")[0]
+    p = read_probes(f"{ecbd}:new_entities")[0]
     assert (p.id, p.prompt, p.answers, p.split, p.context) == ("e1", "Zed was born in", ["Oslo"], "new_entities",
                                                                "Zed is a singer.")
-    tsv = write(tmp_path / "mine.tsv", "# comment\nThe sky is\tblue\nGrass is\tgreen\tcolors\n")
-    assert [(p.prompt, p.answers, p.split) for p in read_probes(tsv)] == [
+    own = write(tmp_path / "mine.jsonl", json.dumps({"query": "The sky is _X_.", "answer": "blue"}) + "\n" +
+                json.dumps({"query": "Grass is _X_.", "answer": "green", "split": "colors"}) + "\n")
+    assert [(p.prompt, p.answers, p.split) for p in read_probes(own)] == [
         ("The sky is", ["blue"], "mine"), ("Grass is", ["green"], "colors")]
     tw = write(tmp_path / "x_changed.csv", 'subject,relation,object\n"Smith, John",employer,"Acme, Inc"\n')
     assert read_probes(tw) == [Probe("x_changed:2", "Smith, John employer", ["Acme, Inc"], "changed", "employer")]
@@ -169,8 +170,6 @@ def test_read_hand_written_formats(tmp_path):
      r"e\.jsonl:1: empty or malformed answer_str"),
     ("f.csv", "subject,relation,object\nA,r,B\nA,r\n", r"f\.csv:3: expected 3 fields"),
     ("g.csv", "subject,relation,object\nA,r,\n", r"g\.csv:2: empty subject or object"),
-    ("h.tsv", "prompt\tanswer\nonly a prompt\n", r"h\.tsv:2: expected prompt<TAB>answer"),
-    ("i.tsv", "prompt\t \n", r"i\.tsv:1: empty answer"),
     ("j.txt", "anything\n", r"unknown probe format '\.txt'"),
     ("k.jsonl", "[1, 2]\n", r"k\.jsonl:1: expected a JSON object"),
 ])

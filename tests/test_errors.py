@@ -34,7 +34,7 @@ def w(tmp_path_factory):
     (d / "empty.jsonl").write_text("")
     (d / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     (d / "a_file").write_text("x")
-    train.main(["--data", str(d / "text.txt"), "--out", str(d / "run"), "--tokenizer-file", str(d / "tokenizer.json")] + TINY)
+    train.main(["--data", str(d / "text.txt"), "--out", str(d / "run"), "--tokenizer", str(d / "tokenizer.json")] + TINY)
     units = ["embed", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "ln_f"]
     (d / "trace_str.json").write_text(json.dumps({"rgn": {u: "3" for u in units}}))
     (d / "trace_nan.json").write_text(json.dumps({"rgn": {u: 1.0 for u in units}}).replace("1.0}", "NaN}"))
@@ -63,7 +63,7 @@ def one_line_error(capsys, fn, argv, name):
 
 
 def train_argv(w, *extra, out="x"):
-    return ["--data", str(w / "text.txt"), "--out", str(w / out), "--tokenizer-file", str(w / "tokenizer.json"),
+    return ["--data", str(w / "text.txt"), "--out", str(w / out), "--tokenizer", str(w / "tokenizer.json"),
             "--init", str(w / "run")] + TINY + list(extra)
 
 
@@ -106,7 +106,7 @@ def test_train_bad_files(w, capsys):
         (train_argv(w, "--init", str(w / "nanogpt.pt")), "nanogpt.pt"),
         (train_argv(w, "--init", str(w / "hf_bad")), "config.json"),
         (train_argv(w, "--init", str(w / "hf_binary")), "config.json"),
-        (train_argv(w, "--tokenizer-file", str(w / "vocab_bad.json")), "vocab_bad.json"),
+        (train_argv(w, "--tokenizer", str(w / "vocab_bad.json")), "vocab_bad.json"),
         (train_argv(w, out="run"), "--out"),  # a finished run is not silently replaced
     ]
     for argv, name in cases:
@@ -115,7 +115,7 @@ def test_train_bad_files(w, capsys):
 
 
 def test_truncated_checkpoint_on_resume_is_one_line(w, capsys):
-    argv = ["--data", str(w / "text.txt"), "--out", str(w / "truncated"), "--tokenizer-file", str(w / "tokenizer.json"),
+    argv = ["--data", str(w / "text.txt"), "--out", str(w / "truncated"), "--tokenizer", str(w / "tokenizer.json"),
             "--resume"] + TINY
     one_line_error(capsys, train.main, argv, "ckpt.pt")
 
@@ -263,7 +263,7 @@ def test_text_that_is_not_utf8_names_its_file(w, tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not text\n")
     (tmp_path / "bad.csv").write_bytes(b"text\n\xff\n")
     for f in ("bad.txt", "bad.csv"):
-        argv = ["--data", str(tmp_path / f), "--out", str(tmp_path / f"o{f}"), "--tokenizer-file", str(w / "tokenizer.json")]
+        argv = ["--data", str(tmp_path / f), "--out", str(tmp_path / f"o{f}"), "--tokenizer", str(w / "tokenizer.json")]
         one_line_error(capsys, train.main, argv + TINY[:-2], f)
     one_line_error(capsys, tgl_trace.main, ["--init", str(w / "run"), "--probes", str(w / "probes.jsonl"), "--text",
                                             str(tmp_path / "bad.txt"), "--out", str(tmp_path / "t.json")], "bad.txt")

@@ -83,8 +83,8 @@ def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tok, monkeypat
     monkeypatch.setattr(probe, "MAX_TOKENS", 1)  # the token cap: every batch is one row
     assert [r["nll"] for r in probe.score(model, tok, probes)] == pytest.approx([r["nll"] for r in many], rel=1e-5)
     x, y = probe.probe_example(tok, probes[3], "Oslo", False, 32, "span"), ([1, 2] + [0] * 20, [-1] * 22)
-    alone, padded = probe._score_batch(model, [x], "cpu"), probe._score_batch(model, [x, y], "cpu")
-    assert list(padded)[0] == pytest.approx(list(alone)[0], rel=1e-6)  # 14 pad positions after x: same score
+    alone, padded = probe._score_all(model, [x], 64, "cpu"), probe._score_all(model, [x, y], 64, "cpu")
+    assert padded[0] == pytest.approx(alone[0], rel=1e-6)  # one batch, 14 pad positions after x: same score
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
@@ -163,8 +163,9 @@ def test_cli_json(tmp_path, tok, capsys):
     save_checkpoint(run / "ckpt.pt", {"config": asdict(model.config), "model": model.state_dict(), "lora": None,
                                       "step": 0, "tokenizer": "word"})
     tok.save(run / "tokenizer.json")
-    pf = tmp_path / "p.tsv"
-    pf.write_text("Ann plays for\tKugo Rovers\tupdated\nBob works at\tAcme Labs\tnew\n")
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"query": f"{q} _X_.", "answer": a, "split": s}) + "\n" for q, a, s in
+                          [("Ann plays for", "Kugo Rovers", "updated"), ("Bob works at", "Acme Labs", "new")]))
     out = tmp_path / "out.json"
     summary = probe.main(["--init", str(run), "--probes", str(pf), "--json", str(out)])
     table = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """data.py and experiments/realdata.py on the real corpora's layouts: TemporalWiki CSV text, TempLAMA
-dates and object-first templates, ECBD definitions, split names that never merge, prefix and sampled
-token arrays, probe splits. Uses the real samples in ../shared/data/real_formats where possible."""
+dates and object-first templates, ECBD definitions, split names that never merge, prefix token arrays,
+probe splits. Uses the real samples in ../shared/data/real_formats where possible."""
 import csv
 import json
 from pathlib import Path
@@ -35,9 +35,9 @@ def csv_texts(path):
 
 
 def test_twiki_csv_reads_the_text_column_one_document_per_row(tmp_path, gpt2):
-    src = REAL / "twiki_diffsets" / "wikipedia_0809_gpt2_constructed.csv"
+    src = write(tmp_path / "w.csv", (REAL / "twiki_diffsets" / "wikipedia_0809_gpt2_constructed.csv").read_text())
     texts = csv_texts(src)
-    arr = load_tokens(src, gpt2, cache_dir=tmp_path)
+    arr = load_tokens(src, gpt2)
     ids = arr.tolist()
     assert ids.count(gpt2.eot) == len(texts) == 3  # one end-of-text per row, not per file
     want = [t for doc in texts for t in gpt2.encode(doc) + [gpt2.eot]]
@@ -55,7 +55,7 @@ def test_csv_fields_over_the_default_limit_and_folders_of_csv_and_txt(tmp_path, 
         w.writerows([["id", "text"], ["1", long], ["2", 'He said "hi",\nthen left.']])
     write(tmp_path / "src" / "notes.txt", "A note.\n\nAnother note.\n")
     tok = WordTokenizer.build(["word He said hi then left A note Another . , \""])
-    arr = load_tokens(tmp_path / "src", tok, cache_dir=tmp_path / "c")
+    arr = load_tokens(tmp_path / "src", tok)
     docs = tok.decode(arr.tolist()).split(" <eot>")
     assert len(docs) == 5 and docs[-1] == ""
     assert docs[0] == "A note." and docs[1].strip() == "Another note."  # notes.txt sorts first
@@ -72,23 +72,18 @@ def test_bad_text_csv_names_the_file(tmp_path, gpt2, text, msg):
         load_tokens(write(tmp_path / "x.csv", text), gpt2)
 
 
-def test_prefix_and_seeded_sample_of_n_tokens(tmp_path):
+def test_prefix_of_n_tokens(tmp_path):
     docs = [f"doc{i} " + " ".join(f"w{i % 7}" for _ in range(3 + i % 5)) for i in range(200)]
     src = write(tmp_path / "c.txt", "\n\n".join(docs))
     tok = WordTokenizer.build(docs)
     full = load_tokens(src, tok).tolist()
-    head = load_tokens(src, tok, max_tokens=100)
+    head = load_tokens(f"{src}@100", tok)
     assert len(head) == 100 and head.tolist() == full[:100]
-    assert load_tokens(f"{src}@100", tok).tolist() == full[:100]  # the same through the path syntax
-    a = load_tokens(src, tok, max_tokens=300, sample_seed=1).tolist()
-    b = load_tokens(f"{src}@300,seed=1", tok).tolist()
-    c = load_tokens(src, tok, max_tokens=300, sample_seed=2).tolist()
-    assert len(a) == 300 and a == b and a != c and a != full[:300]
-    sampled = [d for d in tok.decode(a).split(" <eot>") if d.strip()][:-1]  # the last one may be cut
-    assert all(d.strip() in docs for d in sampled)  # whole documents, in corpus order
-    assert [docs.index(d.strip()) for d in sampled] == sorted(docs.index(d.strip()) for d in sampled)
-    assert len(list(tmp_path.glob("c.txt.word*.tokens.bin"))) == 4  # full, prefix, two samples: own caches
-    assert len(load_tokens(src, tok, max_tokens=10 ** 6, sample_seed=0)) == len(full)  # asked more than there is
+    assert load_tokens(f"{src}@0.3k", tok).tolist() == full[:300]
+    assert len(list(tmp_path.glob("c.txt.word*.tokens.bin"))) == 3  # full and two prefixes: own caches
+    assert len(load_tokens(f"{src}@1M", tok)) == len(full)  # asked more than there is
+    with pytest.raises(ValueError, match="must be positive"):
+        load_tokens(f"{src}@0", tok)
 
 # ----------------------------------------------------------------------------- probes
 
@@ -98,12 +93,12 @@ def test_templama_dates_kept_and_each_year_its_own_split():
     recs = [json.loads(line) for line in open(path)]
     probes = read_probes(path)
     assert len(probes) == len(recs)
-    assert [(p.date, p.year) for p in probes] == [(r["date"], int(r["date"])) for r in recs]
+    assert [p.date for p in probes] == [r["date"] for r in recs]
     assert {p.split for p in probes} == {f"test@{r['date']}" for r in recs}  # years never share a split
     y = read_probes(f"{path}@2015")
     assert {p.date for p in y} == {"2015"} and {p.split for p in y} == {"test"}
     assert len(y) == sum(r["date"] == "2015" for r in recs)
-    rng = read_probes(path, dates="2012..2014")
+    rng = read_probes(f"{path}@2012..2014")
     assert {p.date for p in rng} == {"2012", "2013", "2014"}
     with pytest.raises(ValueError, match=r"test\.json: no probe has a date in '1990'"):
         read_probes(f"{path}@1990")
@@ -111,10 +106,10 @@ def test_templama_dates_kept_and_each_year_its_own_split():
 
 def test_dynamic_templama_quarters_and_ecbd_years():
     p = read_probes(REAL / "dynamic_templama" / "test.jsonl")[0]
-    assert (p.date, p.year, p.split) == ("2019-Q1", 2019, "test")
-    assert len(read_probes(REAL / "dynamic_templama" / "test.jsonl", dates="2019")) == 1
+    assert (p.date, p.split) == ("2019-Q1", "test")
+    assert len(read_probes(f"{REAL / 'dynamic_templama' / 'test.jsonl'}@2019")) == 1
     e = read_probes(REAL / "ecbd2019" / "np_spans_test.json")[0]
-    assert (e.date, e.year) == ("2019", 2019)
+    assert e.date == "2019"
 
 
 def test_object_first_templates_rewritten_object_last(capsys):
@@ -123,14 +118,14 @@ def test_object_first_templates_rewritten_object_last(capsys):
                                           "The head of the government of Gibraltar is",
                                           "The chair of World Health Organization is"]
     assert all(p.prompt for p in probes)
-    assert "rewritten object-first queries: 3" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # rewritten, not skipped
 
 
-def test_object_first_without_a_rewrite_is_skipped_and_counted(tmp_path, capsys):
+def test_object_first_without_a_rewrite_is_skipped_and_said(tmp_path, capsys):
     f = write(tmp_path / "q.jsonl", json.dumps({"query": "_X_ founded Acme.", "answer": {"name": "Bo"}}) + "\n" +
               json.dumps({"query": "Ann plays for _X_.", "answer": {"name": "Rovers"}}) + "\n")
     assert [p.prompt for p in read_probes(f)] == ["Ann plays for"]
-    assert "skipped object-first queries: 1" in capsys.readouterr().err
+    assert capsys.readouterr().err == "q:1: skipped, the object comes first: '_X_ founded Acme.'\n"
 
 
 def test_ecbd_definition_list_joined_without_markers():
@@ -161,13 +156,13 @@ def test_realdata_tokenize_and_probes_commands(tmp_path, capsys):
     docs = [f"doc{i} " + " ".join(["w"] * (3 + i % 5)) for i in range(50)]
     src = write(tmp_path / "c.txt", "\n\n".join(docs))
     WordTokenizer.build(docs).save(tmp_path / "tokenizer.json")
-    tok = ["--tokenizer", str(tmp_path / "tokenizer.json"), "--cache-dir", str(tmp_path / "cache")]
-    realdata.main(["tokenize", "--text", str(src), "--max-tokens", "40", "--sample-seed", "2"] + tok)
+    tok = ["--tokenizer", str(tmp_path / "tokenizer.json")]
+    realdata.main(["tokenize", "--text", str(src), "--max-tokens", "40"] + tok)
     assert capsys.readouterr().out.startswith(f"{src}: 40 tokens (word, vocab ")
-    assert len(list((tmp_path / "cache").glob("c.txt.word.n40.s2-*.tokens.bin"))) == 1
+    assert len(list(tmp_path.glob("c.txt.word.n40-*.tokens.bin"))) == 1
     with pytest.raises(SystemExit) as e:
-        realdata.main(["tokenize", "--text", str(src), "--sample-seed", "2"] + tok)
-    assert e.value.code == 2 and "--sample-seed needs --max-tokens" in capsys.readouterr().err
+        realdata.main(["tokenize", "--text", str(src), "--max-tokens", "0"] + tok)
+    assert e.value.code == 2 and "--max-tokens must be positive" in capsys.readouterr().err
     realdata.main(["probes", "--probes", str(REAL / "templama" / "test.json"), "--date", "2019..2020"])
     out = capsys.readouterr().out.split()
     assert out[0::2] == ["test@2019", "test@2020"] and all(n.isdigit() for n in out[1::2])

@@ -56,7 +56,7 @@ def world(tmp_path_factory):
 
 def run(world, out, *extra, init=None):
     argv = ["--init", init or world.base, "--data", world.new, "--out", str(out), "--steps", "6", "--lr", "1e-3",
-            "--tokenizer-file", str(world.dir / "tokenizer.json")] + TINY + list(extra)
+            "--tokenizer", str(world.dir / "tokenizer.json")] + TINY + list(extra)
     return train.main(argv)
 
 
@@ -201,7 +201,7 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     run(world, tmp_path / "one", *extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            "--init", world.base, "--data", world.new, "--out", str(tmp_path / "two"), "--lr", "1e-3",
-           "--tokenizer-file", str(world.dir / "tokenizer.json"), "--overwrite"] + TINY + extra  # a retry replaces a failed try
+           "--tokenizer", str(world.dir / "tokenizer.json"), "--overwrite"] + TINY + extra  # a retry replaces a failed try
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # One retry: gloo's TCP setup between the two processes has, once in many runs on a loaded
     # 2-core machine, aborted a rank before training started. The checks below apply either way.
