@@ -25,16 +25,15 @@ from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint
 from model import save_checkpoint, unit_names, unit_of
 
 INT, POS, NONNEG, UNIT = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)"), number("[0, 1)")
-
+REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
 
 @dataclass
 class Config:
-    """train.py's flags. A checkpoint records them; --resume may change only the resume_free ones."""
+    """train.py's flags. A checkpoint records them; --resume may change only the FREE ones."""
     init: str = flag("scratch", "scratch | known model name | local HF folder | run folder / ckpt.pt")
-    out: str = flag("runs/train", "run folder: ckpt.pt, metrics.jsonl, summary.json", resume_free=True)
+    out: str = flag("runs/train", "run folder: ckpt.pt, metrics.jsonl, summary.json", **FREE)
     data: str = flag(None, "training text (.txt, TemporalWiki .csv, a folder; PATH@N: a prefix)", required=True)
-    tokenizer: str = flag(None, "gpt2, word (tokenizer.json next to --data or in --init) or a tokenizer.json; "
-                          "default: the init's (scratch: gpt2)")
+    tokenizer: str = flag(None, "gpt2, word (tokenizer.json of --init or next to --data) or a tokenizer.json")
     n_layer: int = flag(4, "scratch: layers", type=POS)
     n_head: int = flag(4, "scratch: attention heads", type=POS)
     n_embd: int = flag(128, "scratch: width", type=POS)
@@ -47,8 +46,8 @@ class Config:
     # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left at the end
     replay_decay: float = flag(0.25, "mixreview: share left at the end, relative to the start", type=NONNEG)
     recadam_gamma: float = flag(100.0, "recadam: strength of the pull toward the start weights", type=NONNEG)
-    recadam_k: float = flag(0.05, "recadam: slope k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=number("(-inf, inf)"))
-    recadam_t0: float = flag(None, "recadam: midpoint t0 (default: steps / 4)", type=number("(-inf, inf)"))
+    recadam_k: float = flag(0.05, "recadam: slope k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=REAL)
+    recadam_t0: float = flag(None, "recadam: midpoint t0 (default: steps / 4)", type=REAL)
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter scale (output times alpha/rank)", type=number("(0, inf)"))
     # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
@@ -56,7 +55,7 @@ class Config:
     trace: str = flag(None, "the trace.json of trace.py")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
-    steps: int = flag(500, "optimizer updates (may grow on --resume)", resume_free=True, type=POS)
+    steps: int = flag(500, "optimizer updates (may grow on --resume)", type=POS, **FREE)
     batch_size: int = flag(16, "global batch: windows per micro-step over all processes", type=POS)
     grad_accum: int = flag(1, "micro-steps per update", type=POS)
     lr: float = flag(1e-3, "peak learning rate", type=number("(0, inf)"))
@@ -67,29 +66,27 @@ class Config:
     beta1: float = flag(0.9, "Adam beta1", type=UNIT)  # beta = 1 would divide by 1 - beta^t = 0
     beta2: float = flag(0.99, "Adam beta2", type=UNIT)
     grad_clip: float = flag(1.0, "clipping threshold (0: off)", type=NONNEG)
-    clip_by: str = flag("unit", "unit: each unit to grad_clip/sqrt(units); global: one norm over the trained "
-                        "parameters", choices=["unit", "global"])
+    clip_by: str = flag("unit", "unit: each unit to grad_clip/sqrt(units); global: one norm", choices=["unit", "global"])
     seed: int = flag(0, "seed of the init, the data order and dropout")
-    # evaluation, logging, checkpoints, hardware: none of these changes what is trained
-    probes: list = flag([], "probe files scored every --eval-every updates", resume_free=True, nargs="+")
-    eval_every: int = flag(0, "score every N updates (0: at the end only)", resume_free=True, type=INT)
-    val_data: str = flag(None, "held-out text whose perplexity is scored with the probes", resume_free=True)
-    val_tokens: int = flag(65536, "--val-data: tokens scored", resume_free=True, type=POS)
-    metric: str = flag("span", "perplexity of the answer span (the paper's) or of the sentence (TemporalWiki's)",
-                       resume_free=True, choices=probe.METRICS)
-    log_every: int = flag(10, "log line and NaN check every N updates", resume_free=True, type=POS)
-    save_every: int = flag(0, "checkpoint every N updates (0: at the end)", resume_free=True, type=INT)
-    resume: bool = flag(False, "continue from OUT/ckpt.pt if it exists", resume_free=True)
-    overwrite: bool = flag(False, "replace the run in --out", resume_free=True)
-    device: str = flag("auto", "auto | cpu | cuda | mps", resume_free=True)
-    compile: bool = flag(False, "torch.compile the model (CUDA)", resume_free=True)
-    threads: int = flag(None, "CPU threads (default: torch's)", resume_free=True, type=POS)
+    # evaluation, logging, checkpoints, hardware
+    probes: list = flag([], "probe files scored every --eval-every updates", nargs="+", **FREE)
+    eval_every: int = flag(0, "score every N updates (0: at the end only)", type=INT, **FREE)
+    val_data: str = flag(None, "held-out text whose perplexity is scored with the probes", **FREE)
+    val_tokens: int = flag(65536, "--val-data: tokens scored", type=POS, **FREE)
+    metric: str = flag("span", "answer-span perplexity (the paper's) or the sentence's", choices=probe.METRICS, **FREE)
+    log_every: int = flag(10, "log line and NaN check every N updates", type=POS, **FREE)
+    save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
+    resume: bool = flag(False, "continue from OUT/ckpt.pt if it exists", **FREE)
+    overwrite: bool = flag(False, "replace the run in --out", **FREE)
+    device: str = flag("auto", "auto | cpu | cuda | mps", **FREE)
+    compile: bool = flag(False, "torch.compile the model (CUDA)", **FREE)
+    threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
     def check(self):
-        """What argparse cannot check alone, before any slow work: a ValueError that names the flag."""
+        """What argparse cannot check alone, before any slow work."""
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data, self.val_data) if f]
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
-        paths += [data.parse_probe_spec(f)[0] for f in self.probes]
+        paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
         held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
                          (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
@@ -101,7 +98,7 @@ class Config:
             if bad:
                 raise ValueError(msg.format(bad))
         self.selection.check()
-        pick_device(self.device)  # --device cuda without CUDA fails here, not at the first tensor
+        pick_device(self.device)  # --device cuda without CUDA fails now, not at the first tensor
         check_output(self.out, "--out", "dir")
         return self
 
@@ -238,20 +235,19 @@ class Stream:
 
 # ----------------------------------------------------------------------------- setup
 
-def get_tokenizer(cfg: Config):
-    if cfg.tokenizer == "word":
+def build_model(cfg: Config, device):
+    """The tokenizer, and the starting model (RecAdam's theta0): fresh from --seed, or loaded."""
+    spec = cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init)
+    if spec == "word":  # the vocabulary of the world the data comes from, or of the run it continues
         near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
-        if not any(os.path.isfile(p) for p in near):
+        spec = next((p for p in near if os.path.isfile(p)), None)
+        if spec is None:
             raise ValueError(f"--tokenizer word: none of {', '.join(near)} exists; give the tokenizer.json")
-        return data.load_tokenizer(next(p for p in near if os.path.isfile(p)))
-    return data.load_tokenizer(cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init))
-
-def build_model(cfg: Config, n_vocab, device):
-    """The starting model (RecAdam's theta0): fresh from --seed, or loaded."""
+    tok = data.load_tokenizer(spec)
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
-        return GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=n_vocab, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)).to(device)
+        return tok, GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)).to(device)
     try:
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
@@ -261,15 +257,7 @@ def build_model(cfg: Config, n_vocab, device):
             m.p = cfg.dropout
         elif isinstance(getattr(m, "dropout", None), float):
             m.dropout = cfg.dropout
-    return model
-
-def get_scales(cfg: Config, model):
-    """TGL steps 1-2 (trace.py did them): {unit: lr scale}, 0 = frozen; None without TGL."""
-    try:
-        trace = tgl_trace.load_trace(cfg.trace) if cfg.tgl != "none" else None
-        return trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(model.config.n_layer))
-    except ValueError as e:
-        raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
+    return tok, model
 
 def setup_ddp(cfg: Config):
     """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device"""
@@ -285,12 +273,6 @@ def setup_ddp(cfg: Config):
     if cfg.batch_size % dist.get_world_size():
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.get_world_size()} processes")
     return dist.get_rank(), dist.get_world_size(), device
-
-def gathered(obj, world):
-    out = [obj] * world
-    if world > 1:
-        dist.all_gather_object(out, obj)
-    return out
 
 @dataclass
 class Run:
@@ -323,16 +305,16 @@ def check_resume(cfg: Config, ck: dict, path):
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff[:4])}); resume with "
-                         "the same flags, or start a new run with --overwrite or another --out")
-    if cfg.steps < ck["step"]:
-        raise ValueError(f"--steps {cfg.steps} is below the checkpoint's step {ck['step']}: it can only grow")
-    if ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError(f"{path} was written by {ck['world_size']} processes; resume with as many")
+    for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): resume with those, "
+                            "or start again with --overwrite or another --out"),
+                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}"),
+                     (ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)),
+                      f"{path} was written by {ck['world_size']} processes; resume with as many")]:
+        if bad:
+            raise ValueError("--resume: " + msg)
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
-    """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume. -> run, checkpoint"""
+    """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume."""
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     rank, world, device = setup_ddp(cfg)
     torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
@@ -340,15 +322,19 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     ck = load_checkpoint(path) if cfg.resume and os.path.isfile(path) else None
     if ck:  # read once, and compared before the model is built
         check_resume(cfg, ck, path)
-    tokenizer = get_tokenizer(cfg)
-    model = build_model(cfg, tokenizer.n_vocab, device)
-    block_size = cfg.block_size or model.config.block_size
-    if block_size > model.config.block_size or tokenizer.n_vocab > model.config.vocab_size:
+    tokenizer, model = build_model(cfg, device)
+    block_size, conf = cfg.block_size or model.config.block_size, model.config
+    if block_size > conf.block_size or tokenizer.n_vocab > conf.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
-                         f"{model.config.block_size} / {model.config.vocab_size}")
+                         f"{conf.block_size} / {conf.vocab_size}")
     probes = data.read_probe_files(cfg.probes)  # read and length-checked now, not at the first evaluation
-    probe.check_probes(tokenizer, probes, model.config.block_size, metric=cfg.metric)
-    scales = [ck["scales"] if ck else get_scales(cfg, model)]  # a resume reuses the scales it saved
+    probe.check_probes(tokenizer, probes, conf.block_size, metric=cfg.metric)
+    try:  # TGL steps 1-2, done by trace.py: {unit: lr scale}, 0 = frozen; a resume reuses the saved scales
+        trace = None if ck or cfg.tgl == "none" else tgl_trace.load_trace(cfg.trace)
+        plan = trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(conf.n_layer))
+        scales = [ck["scales"] if ck else plan]
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
     if world > 1:
         dist.broadcast_object_list(scales, 0)  # every rank trains the same units
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
@@ -368,9 +354,9 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
         dist.barrier()
     run.stream = Stream(tokens, replay, cfg, block_size, rank, world)
     run.val_tokens = data.load_tokens(cfg.val_data, tokenizer) if cfg.val_data else None
-    run.say(f"{cfg.method}, tgl {cfg.tgl}: training {sum(p.numel() for p in opt.params):,} parameters in units "
-            + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups) + " | frozen: "
-            + (" ".join(u for u in unit_names(model.config.n_layer) if u not in {g["unit"] for g in groups}) or "-"))
+    frozen = [u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}]
+    run.say(f"{cfg.method}, tgl {cfg.tgl}: units " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
+            + " | frozen: " + (" ".join(frozen) or "-"))
     return run, ck
 
 def restore(run: Run, ck: dict | None):
@@ -405,18 +391,17 @@ def restore(run: Run, ck: dict | None):
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
 def logged_lines(path, step) -> list:
-    """The lines of metrics.jsonl up to `step`: the log agrees with the checkpoint. A torn last line (killed
-    mid-append) is dropped; a bad line elsewhere is an error."""
-    lines = read_text(path).splitlines()
+    """metrics.jsonl up to `step`, as the checkpoint saw it; a torn last line (killed mid-append) is dropped."""
+    lines = [x + "\n" for x in read_text(path).splitlines()]
     for n, line in enumerate(lines, 1):
         try:
             if json.loads(line)["step"] > step:
-                return [x + "\n" for x in lines[:n - 1]]
+                return lines[:n - 1]
         except (json.JSONDecodeError, TypeError, KeyError):
             if n < len(lines):
                 raise ValueError(f"{path}:{n}: not a metrics line; move the file away to resume") from None
-            return [x + "\n" for x in lines[:n - 1]]
-    return [x + "\n" for x in lines]
+            return lines[:n - 1]
+    return lines
 
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
@@ -426,10 +411,10 @@ def evaluate(run: Run) -> dict:
     with autocast(run.device):
         if run.probes:
             out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=cfg.metric)
-        if run.val_tokens is not None:
+        if cfg.val_data:
             out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, cfg.val_tokens, device=run.device)
     shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
-    run.say(f"eval step {run.step}: " + " | ".join(shown + ([f"val ppl {out['val_ppl']:.2f}"] if cfg.val_data else [])))
+    run.say(f"eval step {run.step}: " + " | ".join(shown + [f"val ppl {v:.2f}" for v in [out.get("val_ppl")] if v]))
     return out
 
 def stop(run: Run, why: str):
@@ -439,7 +424,6 @@ def stop(run: Run, why: str):
     fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
 
 def log(run: Run, rec: dict):
-    """A progress line, and a line in metrics.jsonl."""
     if not math.isfinite(rec["loss"]):
         stop(run, f"loss is {rec['loss']}")
     run.say(f"step {rec['step']}/{run.cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -452,11 +436,13 @@ def checkpoint(run: Run, elapsed: float):
     """All it takes to continue bit for bit, written atomically by rank 0."""
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
-    mine = {"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+    mine = [{"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}] * run.world
+    if run.world > 1:
+        dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
-                 step=run.step, optimizer=run.opt.state_dict(), ranks=gathered(mine, run.world), scales=run.scales,
+                 step=run.step, optimizer=run.opt.state_dict(), ranks=mine, scales=run.scales,
                  train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed, last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
