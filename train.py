@@ -66,7 +66,6 @@ class Config:
     beta1: float = flag(0.9, "Adam beta1", type=UNIT)  # beta = 1 would divide by 1 - beta^t = 0
     beta2: float = flag(0.99, "Adam beta2", type=UNIT)
     grad_clip: float = flag(1.0, "clipping threshold (0: off)", type=NONNEG)
-    clip_by: str = flag("unit", "unit: each unit to grad_clip/sqrt(units); global: one norm", choices=["unit", "global"])
     seed: int = flag(0, "seed of the init, the data order and dropout")
     # evaluation, logging, checkpoints, hardware
     probes: list = flag([], "probe files scored every --eval-every updates", nargs="+", **FREE)
@@ -175,11 +174,11 @@ def make_param_groups(model, scales=None):
     # TGL step 3, ALR: each unit's group carries its scale; AdamW trains it at lr * lr_scale
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
-def clip_gradients(opt, max_norm, by, n_units):
-    """A global norm over the trained parameters is smaller when FP freezes units, so FP runs would be clipped
-    less. By unit, each is clipped to max_norm / sqrt(all units): whichever units train, the same rule."""
-    for params in [opt.params] if by == "global" else [g["params"] for g in opt.param_groups]:
-        torch.nn.utils.clip_grad_norm_(params, max_norm / math.sqrt(1 if by == "global" else n_units), foreach=True)
+def clip_gradients(opt, max_norm, n_units):
+    """Clipping by unit: each unit to max_norm / sqrt(all units of the model). A global norm over the trained
+    parameters is smaller when FP freezes units, so FP runs would be clipped less than full ones."""
+    for g in opt.param_groups:
+        torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
 def lr_at(step, cfg: Config):
     """Linear warmup, then cosine, linear or no decay."""
@@ -204,34 +203,6 @@ def recadam_pull(opt, anchors, gamma, lam):
     diff = torch._foreach_sub(opt.params, anchors)
     torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
     torch._foreach_add_(opt.params, diff)
-
-class Stream:
-    """Mix-Review (He et al. 2021) fights forgetting by replaying old text in the new batches: the last
-    round(B * replay_ratio * replay_decay ** (step / steps)) rows come from --replay-data. Both samplers draw
-    every step, so a step's data depends on the step only: exact resume."""
-
-    def __init__(self, tokens, replay, cfg: Config, block_size, rank=0, world=1):
-        self.b, self.cfg = cfg.batch_size // world, cfg
-        self.new = data.Batcher(tokens, block_size, self.b, cfg.seed, rank, world)
-        self.old = replay is not None and data.Batcher(replay, block_size, self.b, cfg.seed + 1, rank, world)
-
-    def n_replay(self, step):
-        c = self.cfg
-        return round(self.b * c.replay_ratio * c.replay_decay ** (step / c.steps)) if self.old else 0
-
-    def next(self, step):
-        x, y = self.new.next()  # (b, T) each
-        if self.old:
-            (xr, yr), n = self.old.next(), self.n_replay(step)
-            x, y = torch.cat([x[:self.b - n], xr[:n]]), torch.cat([y[:self.b - n], yr[:n]])
-        return x, y
-
-    def state_dict(self):
-        return {"new": self.new.state_dict(), "old": self.old and self.old.state_dict()}
-
-    def load_state_dict(self, d):
-        self.new.load_state_dict(d["new"])
-        self.old and self.old.load_state_dict(d["old"])
 
 # ----------------------------------------------------------------------------- setup
 
@@ -288,7 +259,7 @@ class Run:
     anchors: list | None            # RecAdam's theta0
     probes: list
     block_size: int
-    stream: Stream = None
+    stream: data.Stream = None
     val_tokens: object = None       # --val-data as a token array
     dmodel: torch.nn.Module = None  # what the forward pass calls: the GPT, compiled and/or DDP-wrapped
     step: int = 0
@@ -352,7 +323,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
     if rank == 0 and world > 1:
         dist.barrier()
-    run.stream = Stream(tokens, replay, cfg, block_size, rank, world)
+    run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
     run.val_tokens = data.load_tokens(cfg.val_data, tokenizer) if cfg.val_data else None
     frozen = [u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}]
     run.say(f"{cfg.method}, tgl {cfg.tgl}: units " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
@@ -474,7 +445,7 @@ def train(run: Run):
         # per-unit norms of this update's gradient before clipping (the paper's Figure 1), the same on every rank
         grad_norms = tgl_trace.grad_norms(model) if logging else None
         if cfg.grad_clip > 0:
-            clip_gradients(opt, cfg.grad_clip, cfg.clip_by, len(unit_names(model.config.n_layer)))
+            clip_gradients(opt, cfg.grad_clip, len(unit_names(model.config.n_layer)))
         t0 = cfg.steps / 4 if cfg.recadam_t0 is None else cfg.recadam_t0
         lam = recadam_lambda(run.step, cfg.recadam_k, t0) if run.anchors else 1.0
         opt.step(update_scale=lam)  # RecAdam: the Adam step scaled by lambda(t), then the pull toward theta0
