@@ -70,8 +70,6 @@ class Config:
     # evaluation, logging, checkpoints, hardware
     probes: list = flag([], "probe files scored every --eval-every updates", nargs="+", **FREE)
     eval_every: int = flag(0, "score every N updates (0: at the end only)", type=INT, **FREE)
-    val_data: str = flag(None, "held-out text whose perplexity is scored with the probes", **FREE)
-    val_tokens: int = flag(65536, "--val-data: tokens scored", type=POS, **FREE)
     metric: str = flag("span", "answer-span perplexity (the paper's) or the sentence's", choices=probe.METRICS, **FREE)
     log_every: int = flag(10, "log line and NaN check every N updates", type=POS, **FREE)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
@@ -83,7 +81,7 @@ class Config:
 
     def check(self):
         """What argparse cannot check alone, before any slow work."""
-        paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data, self.val_data) if f]
+        paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data) if f]
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
         paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
         held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
@@ -260,7 +258,6 @@ class Run:
     probes: list
     block_size: int
     stream: data.Stream = None
-    val_tokens: object = None       # --val-data as a token array
     dmodel: torch.nn.Module = None  # what the forward pass calls: the GPT, compiled and/or DDP-wrapped
     step: int = 0
     elapsed: float = 0.0            # training seconds, as of the last checkpoint
@@ -324,7 +321,6 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     if rank == 0 and world > 1:
         dist.barrier()
     run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
-    run.val_tokens = data.load_tokens(cfg.val_data, tokenizer) if cfg.val_data else None
     frozen = [u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}]
     run.say(f"{cfg.method}, tgl {cfg.tgl}: units " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
             + " | frozen: " + (" ".join(frozen) or "-"))
@@ -377,15 +373,10 @@ def logged_lines(path, step) -> list:
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
 def evaluate(run: Run) -> dict:
-    """{"probes": {split: {ppl, em, n}}, "val_ppl"}: probe.py's scorer, so the two agree on every number."""
-    out, cfg = {}, run.cfg
+    """{split: {ppl, em, n}} from probe.py's scorer, so a run and probe.py agree on every number."""
     with autocast(run.device):
-        if run.probes:
-            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=cfg.metric)
-        if cfg.val_data:
-            out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, cfg.val_tokens, device=run.device)
-    shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
-    run.say(f"eval step {run.step}: " + " | ".join(shown + [f"val ppl {v:.2f}" for v in [out.get("val_ppl")] if v]))
+        out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
+    run.say(f"eval step {run.step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in out.items()))
     return out
 
 def stop(run: Run, why: str):
@@ -460,13 +451,13 @@ def train(run: Run):
             if run.world > 1:
                 dist.all_reduce(loss_sum)
             run.last_loss = loss_sum.item() / n_sum / run.world
-        scoring = (run.probes or cfg.val_data) and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
+        scoring = run.probes and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
         if scoring:
             run.evals = evaluate(run) if run.rank == 0 else None
         if logging:
             tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * n_sum / (now - t_log)
             log(run, dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
-                          time=elapsed0 + now - t_start, **(run.evals or {} if scoring else {})))
+                          time=elapsed0 + now - t_start, **({"probes": run.evals} if scoring else {})))
             loss_sum, n_sum, t_log = loss_sum * 0, 0, time.time()
         if saving:
             checkpoint(run, elapsed0 + now - t_start)
@@ -474,13 +465,11 @@ def train(run: Run):
 def finish(run: Run) -> dict:
     """summary.json; a resumed finished run writes it exactly as the first time (time from the checkpoint)."""
     cfg = run.cfg
-    if (run.probes or cfg.val_data) and run.evals is None and run.rank == 0:
+    if run.probes and run.evals is None and run.rank == 0:
         run.evals = evaluate(run)
     summary = dict(out=cfg.out, method=cfg.method, tgl=cfg.tgl, steps=run.step, final_loss=run.last_loss,
-                   probes=(run.evals or {}).get("probes"), scales=run.scales,
-                   trainable_params=sum(p.numel() for p in run.opt.params), time=run.elapsed)
-    summary.update(({"val_ppl": (run.evals or {}).get("val_ppl")} if cfg.val_data else {}),
-                   **({"metric": cfg.metric} if run.probes else {}))
+                   probes=run.evals, metric=cfg.metric, scales=run.scales, time=run.elapsed,
+                   trainable_params=sum(p.numel() for p in run.opt.params))
     if run.rank == 0:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
     if run.world > 1:

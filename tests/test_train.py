@@ -291,18 +291,14 @@ def test_mixreview_replay_decays_by_default():
     assert s.n_replay(0) == 4 and s.n_replay(99) == 1  # 0.25 of the batch at the start, a quarter of that at the end
 
 
-def test_val_data_is_scored_with_the_probes_and_matches_probe_py(world, tmp_path, capsys):
+def test_eval_every_scores_the_probes_as_probe_py_does(world, tmp_path, capsys):
     out = tmp_path / "val"
-    s = run(world, out, "--val-data", world.old, "--val-tokens", "64", "--probes", world.probes, "--eval-every", "3",
-            "--metric", "sentence")
+    s = run(world, out, "--probes", world.probes, "--eval-every", "3", "--metric", "sentence")
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if "val_ppl" in r] == [3, 6] and all("probes" in r for r in recs if "val_ppl" in r)
-    assert s["val_ppl"] == recs[-1]["val_ppl"] and s["metric"] == "sentence"
+    assert [r["step"] for r in recs if "probes" in r] == [3, 6] and s["metric"] == "sentence"
+    assert s["probes"] == recs[-1]["probes"]
     capsys.readouterr()
     import probe
-    probe.main(["--init", str(out), "--text", world.old, "--text-tokens", "64", "--device", "cpu",
-                "--json", str(tmp_path / "p.json"), "--tokenizer", str(world.dir / "tokenizer.json")])
-    assert json.loads((tmp_path / "p.json").read_text())["text_ppl"] == pytest.approx(s["val_ppl"], rel=1e-6)
     probe.main(["--init", str(out), "--probes", world.probes, "--metric", "sentence", "--device", "cpu",
                 "--json", str(tmp_path / "q.json"), "--tokenizer", str(world.dir / "tokenizer.json")])
     assert json.loads((tmp_path / "q.json").read_text())["summary"] == s["probes"]
