@@ -120,6 +120,19 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def log_lines(path, step) -> list:
+    """A JSON-lines log up to `step` (a resumed run's, as its checkpoint saw it); a torn last line is dropped."""
+    lines = [line + "\n" for line in read_text(path).splitlines()]
+    for n, line in enumerate(lines):
+        try:
+            if json.loads(line)["step"] > step:
+                return lines[:n]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if n + 1 < len(lines):
+                raise ValueError(f"{path}:{n + 1}: not a log line; move the file away to resume") from None
+            return lines[:n]
+    return lines
+
 def write_text(path, text: str):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

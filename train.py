@@ -1,8 +1,5 @@
 """Step 3 of TGL: continual pretraining of the traced units only (FP) or at per-unit learning rates (ALR).
-
-    python train.py --init scratch --data world/t0.txt --tokenizer word --out runs/base
-    python train.py --init runs/base --data world/diff.txt --method recadam --tgl fp --trace trace.json \\
-        --probes world/probes/*.jsonl --out runs/recadam_fp
+    python train.py --init runs/base --data diff.txt --method recadam --tgl fp --trace trace.json --out runs/x
     torchrun --nproc_per_node 4 train.py ...            # DDP: --batch-size is the global batch
 """
 import json
@@ -19,7 +16,7 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import Parser, add_flags, check_output, fail, flag, from_args, input_errors, number, read_text
+from common import Parser, add_flags, check_output, fail, flag, from_args, input_errors, log_lines, number
 from common import write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
@@ -79,8 +76,7 @@ class Config:
     compile: bool = flag(False, "torch.compile the model (CUDA)", **FREE)
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
-    def check(self):
-        """What argparse cannot check alone, before any slow work."""
+    def check(self):  # what argparse cannot check alone, before any slow work
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data) if f]
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
         paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
@@ -99,8 +95,7 @@ class Config:
         check_output(self.out, "--out", "dir")
         return self
 
-    def run_defining(self) -> dict:
-        """{flag: value} of what decides what the run computes: what --resume compares."""
+    def run_defining(self) -> dict:  # what decides what the run computes: what --resume compares
         flat = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("resume_free")}
         return dict(flat, **asdict(flat.pop("selection")))
 
@@ -178,8 +173,7 @@ def clip_gradients(opt, max_norm, n_units):
     for g in opt.param_groups:
         torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
-def lr_at(step, cfg: Config):
-    """Linear warmup, then cosine, linear or no decay."""
+def lr_at(step, cfg: Config):  # linear warmup, then cosine, linear or no decay
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -244,8 +238,7 @@ def setup_ddp(cfg: Config):
     return dist.get_rank(), dist.get_world_size(), device
 
 @dataclass
-class Run:
-    """What the loop reads and writes."""
+class Run:  # what the loop reads and writes
     cfg: Config
     rank: int
     world: int
@@ -268,8 +261,7 @@ class Run:
         if self.rank == 0:
             print(*a, flush=True)
 
-def check_resume(cfg: Config, ck: dict, path):
-    """--resume continues the run the checkpoint describes, or says what differs."""
+def check_resume(cfg: Config, ck: dict, path):  # continue the run the checkpoint describes, or say what differs
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
@@ -348,27 +340,14 @@ def restore(run: Run, ck: dict | None):
         for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for the new run
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
-        path = os.path.join(cfg.out, "metrics.jsonl")
-        write_text(path, "".join(logged_lines(path, run.step) if ck and os.path.exists(path) else []))
+        path = os.path.join(cfg.out, "metrics.jsonl")  # the log as the checkpoint saw it
+        write_text(path, "".join(log_lines(path, run.step) if ck and os.path.exists(path) else []))
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if cfg.compile else run.model
     if run.world > 1:
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
-
-def logged_lines(path, step) -> list:
-    """metrics.jsonl up to `step`, as the checkpoint saw it; a torn last line (killed mid-append) is dropped."""
-    lines = [x + "\n" for x in read_text(path).splitlines()]
-    for n, line in enumerate(lines, 1):
-        try:
-            if json.loads(line)["step"] > step:
-                return lines[:n - 1]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            if n < len(lines):
-                raise ValueError(f"{path}:{n}: not a metrics line; move the file away to resume") from None
-            return lines[:n - 1]
-    return lines
 
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
 
@@ -379,8 +358,7 @@ def evaluate(run: Run) -> dict:
     run.say(f"eval step {run.step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in out.items()))
     return out
 
-def stop(run: Run, why: str):
-    """A diverged run stops (exit 3), its last good checkpoint kept."""
+def stop(run: Run, why: str):  # a diverged run stops (exit 3), its last good checkpoint kept
     path = os.path.join(run.cfg.out, CKPT_NAME)
     last = f"step {load_checkpoint(path)['step']}" if os.path.exists(path) else "none"
     fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
@@ -394,8 +372,7 @@ def log(run: Run, rec: dict):
         with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-def checkpoint(run: Run, elapsed: float):
-    """All it takes to continue bit for bit, written atomically by rank 0."""
+def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bit, written by rank 0
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
     mine = [{"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
@@ -412,7 +389,6 @@ def checkpoint(run: Run, elapsed: float):
 # ----------------------------------------------------------------------------- the loop
 
 def train(run: Run):
-    """From run.step to --steps updates."""
     cfg, opt, model = run.cfg, run.opt, run.model
     t_start = t_log = time.time()
     elapsed0, loss_sum, n_sum = run.elapsed, torch.zeros((), device=run.device), 0
