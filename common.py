@@ -78,6 +78,21 @@ def check_output(path, flag: str, kind: str = "file"):
         if bad:
             raise ValueError(f"{flag} {path}: {why}")
 
+def init_distributed(device: str, threads=None):
+    """Under torchrun, join the process group (NCCL on CUDA, gloo on CPU). -> rank, world size, device"""
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(threads or torch.get_num_threads())
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    elif not threads:  # the local processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    return dist.get_rank(), dist.get_world_size(), device
+
 def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
     """The codec's message names a byte, not the file."""
     return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); convert it to UTF-8")

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import Parser, add_flags, check_output, fail, flag, from_args, input_errors, log_lines, number
-from common import write_text
+from common import Parser, add_flags, check_output, fail, flag, from_args, init_distributed, input_errors
+from common import log_lines, number, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
@@ -86,6 +86,8 @@ class Config:
                          (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd: not a multiple of --n-head"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
+                         (self.batch_size % int(os.environ.get("WORLD_SIZE", 1)), "--batch-size: not a multiple of "
+                          "the number of processes (it is the global batch)"),
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
@@ -170,7 +172,7 @@ def make_param_groups(model, scales=None):
 def clip_gradients(opt, max_norm, n_units):
     """Clipping by unit: each unit to max_norm / sqrt(all units of the model). A global norm over the trained
     parameters is smaller when FP freezes units, so FP runs would be clipped less than full ones."""
-    for g in opt.param_groups:
+    for g in opt.param_groups if max_norm > 0 else []:  # --grad-clip 0: off
         torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
 def lr_at(step, cfg: Config):  # linear warmup, then cosine, linear or no decay
@@ -222,21 +224,6 @@ def build_model(cfg: Config, device):
             m.dropout = cfg.dropout
     return tok, model
 
-def setup_ddp(cfg: Config):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device"""
-    device = pick_device(cfg.device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    elif not cfg.threads:  # the local processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    if cfg.batch_size % dist.get_world_size():
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.get_world_size()} processes")
-    return dist.get_rank(), dist.get_world_size(), device
-
 @dataclass
 class Run:  # what the loop reads and writes
     cfg: Config
@@ -275,8 +262,7 @@ def check_resume(cfg: Config, ck: dict, path):  # continue the run the checkpoin
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
     """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume."""
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    rank, world, device = setup_ddp(cfg)
+    rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
     torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
     path = os.path.join(cfg.out, CKPT_NAME)
     ck = load_checkpoint(path) if cfg.resume and os.path.isfile(path) else None
@@ -292,20 +278,17 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     try:  # TGL steps 1-2, done by trace.py: {unit: lr scale}, 0 = frozen; a resume reuses the saved scales
         trace = None if ck or cfg.tgl == "none" else tgl_trace.load_trace(cfg.trace)
         plan = trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(conf.n_layer))
-        scales = [ck["scales"] if ck else plan]
+        scales = ck["scales"] if ck else plan  # the same on every rank: one trace file, a pure function
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
-    if world > 1:
-        dist.broadcast_object_list(scales, 0)  # every rank trains the same units
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, scales[0] and {u for u, s in scales[0].items() if s > 0})
-    groups = make_param_groups(model, scales[0])
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, scales and {u for u, s in scales.items() if s > 0})
+    groups = make_param_groups(model, scales)
     if not groups:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    recadam = cfg.method == "recadam" and cfg.recadam_gamma > 0
-    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales[0],
-              [p.detach().clone() for p in opt.params] if recadam else None, probes, block_size)
+    anchors = cfg.method == "recadam" and cfg.recadam_gamma > 0 and [p.detach().clone() for p in opt.params]
+    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales, anchors or None, probes, block_size)
     if rank > 0:  # rank 0 tokenizes first, the others then read its token cache
         dist.barrier()
     tokens = data.load_tokens(cfg.data, tokenizer)
@@ -313,9 +296,9 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     if rank == 0 and world > 1:
         dist.barrier()
     run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
-    frozen = [u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}]
-    run.say(f"{cfg.method}, tgl {cfg.tgl}: units " + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
-            + " | frozen: " + (" ".join(frozen) or "-"))
+    trained = " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
+    frozen = " ".join(u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}) or "-"
+    run.say(f"{cfg.method}, tgl {cfg.tgl}: units (lr scale) {trained} | frozen: {frozen}")
     return run, ck
 
 def restore(run: Run, ck: dict | None):
@@ -349,7 +332,7 @@ def restore(run: Run, ck: dict | None):
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
-# ----------------------------------------------------------------------------- evaluate, log, checkpoint
+# ----------------------------------------------------------------------------- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
     """{split: {ppl, em, n}} from probe.py's scorer, so a run and probe.py agree on every number."""
@@ -386,8 +369,6 @@ def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bi
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
-# ----------------------------------------------------------------------------- the loop
-
 def train(run: Run):
     cfg, opt, model = run.cfg, run.opt, run.model
     t_start = t_log = time.time()
@@ -411,8 +392,7 @@ def train(run: Run):
         logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
         # per-unit norms of this update's gradient before clipping (the paper's Figure 1), the same on every rank
         grad_norms = tgl_trace.grad_norms(model) if logging else None
-        if cfg.grad_clip > 0:
-            clip_gradients(opt, cfg.grad_clip, len(unit_names(model.config.n_layer)))
+        clip_gradients(opt, cfg.grad_clip, len(unit_names(model.config.n_layer)))
         t0 = cfg.steps / 4 if cfg.recadam_t0 is None else cfg.recadam_t0
         lam = recadam_lambda(run.step, cfg.recadam_k, t0) if run.anchors else 1.0
         opt.step(update_scale=lam)  # RecAdam: the Adam step scaled by lambda(t), then the pull toward theta0
