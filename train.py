@@ -67,7 +67,7 @@ class Config:
     # evaluation, logging, checkpoints, hardware
     probes: list = flag([], "probe files scored every --eval-every updates", nargs="+", **FREE)
     eval_every: int = flag(0, "score every N updates (0: at the end only)", type=INT, **FREE)
-    metric: str = flag("span", "answer-span perplexity (the paper's) or the sentence's", choices=probe.METRICS, **FREE)
+    metric: str = flag("span", "perplexity of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
     log_every: int = flag(10, "log line and NaN check every N updates", type=POS, **FREE)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
     resume: bool = flag(False, "continue from OUT/ckpt.pt if it exists", **FREE)
@@ -81,13 +81,13 @@ class Config:
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
         paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
         held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
+        world = int(os.environ.get("WORLD_SIZE", 1))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
                          (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
-                         (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd: not a multiple of --n-head"),
+                         (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
-                         (self.batch_size % int(os.environ.get("WORLD_SIZE", 1)), "--batch-size: not a multiple of "
-                          "the number of processes (it is the global batch)"),
+                         (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
@@ -129,7 +129,8 @@ class AdamW:
         self.t += 1
         lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params, grads, lrs = [self.params[i] for i in live], [self.params[i].grad for i in live], [lrs[i] for i in live]
+        params, lrs = [self.params[i] for i in live], [lrs[i] for i in live]
+        grads = [p.grad for p in params]
         m, v = [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live]
         if self.weight_decay:  # decoupled: shrink the weights, not the gradient; biases and LN are exempt
             mats = [k for k, p in enumerate(params) if p.ndim >= 2]
@@ -147,7 +148,7 @@ class AdamW:
             p.grad = None
 
     def state_dict(self):
-        return {"t": self.t, "units": [g["unit"] for g in self.param_groups], "m": self.exp_avg, "v": self.exp_avg_sq}
+        return dict(t=self.t, units=[g["unit"] for g in self.param_groups], m=self.exp_avg, v=self.exp_avg_sq)
 
     def load_state_dict(self, d):
         if d["units"] != [g["unit"] for g in self.param_groups]:
@@ -194,8 +195,9 @@ def recadam_lambda(t, k, t0):
 def recadam_pull(opt, anchors, gamma, lam):
     """theta -= lr * gamma * (1 - lambda) * (theta - theta0), the step of (1 - lambda) gamma/2 ||theta - theta0||^2
     outside Adam's moments; with its unit's lr, so under ALR a slow unit is pulled back slowly too."""
+    lrs = [g["lr"] for g in opt.param_groups for _ in g["params"]]
     diff = torch._foreach_sub(opt.params, anchors)
-    torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
+    torch._foreach_mul_(diff, [-min(1.0, lr * gamma * (1 - lam)) for lr in lrs])
     torch._foreach_add_(opt.params, diff)
 
 # ----------------------------------------------------------------------------- setup
@@ -338,7 +340,7 @@ def evaluate(run: Run) -> dict:
     """{split: {ppl, em, n}} from probe.py's scorer, so a run and probe.py agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
-    run.say(f"eval step {run.step}: " + " | ".join(f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in out.items()))
+    run.say(f"eval step {run.step}:", " | ".join(f"{k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
     return out
 
 def stop(run: Run, why: str):  # a diverged run stops (exit 3), its last good checkpoint kept
@@ -363,8 +365,8 @@ def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bi
     if run.world > 1:
         dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
-    state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
-                 step=run.step, optimizer=run.opt.state_dict(), ranks=mine, scales=run.scales,
+    state = dict(config=asdict(run.model.config), model=run.model.state_dict(), step=run.step, ranks=mine,
+                 lora=getattr(run.model, "lora", None), optimizer=run.opt.state_dict(), scales=run.scales,
                  train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed, last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
