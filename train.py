@@ -127,11 +127,8 @@ class AdamW:
     def step(self, update_scale=1.0):
         """The four lines above, on all parameters at once (fused torch._foreach_* calls)."""
         self.t += 1
-        lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params, lrs = [self.params[i] for i in live], [lrs[i] for i in live]
-        grads = [p.grad for p in params]
-        m, v = [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live]
+        params, m, v = self.params, self.exp_avg, self.exp_avg_sq  # every trained parameter has a .grad
+        grads, lrs = [p.grad for p in params], [g["lr"] for g in self.param_groups for _ in g["params"]]
         if self.weight_decay:  # decoupled: shrink the weights, not the gradient; biases and LN are exempt
             mats = [k for k, p in enumerate(params) if p.ndim >= 2]
             torch._foreach_mul_([params[k] for k in mats], [1 - lrs[k] * self.weight_decay for k in mats])
@@ -250,7 +247,10 @@ class Run:  # what the loop reads and writes
         if self.rank == 0:
             print(*a, flush=True)
 
-def check_resume(cfg: Config, ck: dict, path):  # continue the run the checkpoint describes, or say what differs
+def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run it describes is this one
+    if not (cfg.resume and os.path.isfile(path := os.path.join(cfg.out, CKPT_NAME))):
+        return None
+    ck = load_checkpoint(path)
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
@@ -261,15 +261,13 @@ def check_resume(cfg: Config, ck: dict, path):  # continue the run the checkpoin
                       f"{path} was written by {ck['world_size']} processes; resume with as many")]:
         if bad:
             raise ValueError("--resume: " + msg)
+    return ck
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
     """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume."""
     rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
     torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
-    path = os.path.join(cfg.out, CKPT_NAME)
-    ck = load_checkpoint(path) if cfg.resume and os.path.isfile(path) else None
-    if ck:  # read once, and compared before the model is built
-        check_resume(cfg, ck, path)
+    ck = resumed(cfg)  # read once, and compared before the model is built
     tokenizer, model = build_model(cfg, device)
     block_size, conf = cfg.block_size or model.config.block_size, model.config
     if block_size > conf.block_size or tokenizer.n_vocab > conf.vocab_size:
@@ -340,7 +338,7 @@ def evaluate(run: Run) -> dict:
     """{split: {ppl, em, n}} from probe.py's scorer, so a run and probe.py agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
-    run.say(f"eval step {run.step}:", " | ".join(f"{k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
+    run.say("\n".join(f"eval step {run.step}: {k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
     return out
 
 def stop(run: Run, why: str):  # a diverged run stops (exit 3), its last good checkpoint kept
