@@ -111,9 +111,9 @@ class AdamW:
         v     <- b2 * v + (1 - b2) * g^2                    second moment
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    s is 1, or RecAdam's lambda(t); the order of operations is torch.optim.AdamW's. A group is a unit, and
-    the loop sets its lr to lr(step) * lr_scale: how TGL+ALR's scales reach the update. Units that TGL+FP
-    freezes are never given to the optimizer: they hold no state and cost no update.
+    s: 1, or RecAdam's lambda(t); torch.optim.AdamW's order of operations. A group is a unit whose lr the
+    loop sets to lr(step) * lr_scale: how TGL+ALR's scales reach the update. TGL+FP's frozen units are not
+    given to the optimizer: no state, no update.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -125,9 +125,9 @@ class AdamW:
 
     @torch.no_grad()
     def step(self, update_scale=1.0):
-        """The four lines above, on all parameters at once (fused torch._foreach_* calls)."""
+        """The four lines above on all parameters at once, in fused torch._foreach_* calls."""
         self.t += 1
-        params, m, v = self.params, self.exp_avg, self.exp_avg_sq  # every trained parameter has a .grad
+        params, m, v = self.params, self.exp_avg, self.exp_avg_sq
         grads, lrs = [p.grad for p in params], [g["lr"] for g in self.param_groups for _ in g["params"]]
         if self.weight_decay:  # decoupled: shrink the weights, not the gradient; biases and LN are exempt
             mats = [k for k, p in enumerate(params) if p.ndim >= 2]
@@ -149,18 +149,18 @@ class AdamW:
 
     def load_state_dict(self, d):
         if d["units"] != [g["unit"] for g in self.param_groups]:
-            raise ValueError(f"optimizer state is for units {d['units']}, this run trains others")
+            raise ValueError(f"optimizer state is for units {d['units']}: another run")
         self.t = d["t"]
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, d["m"] + d["v"]):
             dst.copy_(src)
 
 def make_param_groups(model, scales=None):
-    """A group per unit that trains: {"unit", "params", "lr_scale"}, the scale from tgl_plan (default 1)."""
+    """A group per unit that trains: {"unit", "params", "lr_scale"}, the scale tgl_plan's (default 1)."""
     scales, groups = scales or {}, {}
     for name, p in model.named_parameters():
         if scales.get(unit_of(name), 1.0) == 0:
-            # TGL step 3, FP: a unit the trace did not select is frozen. requires_grad False means autograd
-            # computes no weight gradient for it and the optimizer holds no state for it.
+            # TGL step 3, FP: a unit the trace did not select is frozen: autograd computes no weight gradient
+            # for it and the optimizer holds no state for it.
             p.requires_grad_(False)
         if p.requires_grad:
             groups.setdefault(unit_of(name), []).append(p)
@@ -168,8 +168,8 @@ def make_param_groups(model, scales=None):
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 def clip_gradients(opt, max_norm, n_units):
-    """Clipping by unit: each unit to max_norm / sqrt(all units of the model). A global norm over the trained
-    parameters is smaller when FP freezes units, so FP runs would be clipped less than full ones."""
+    """Each unit to max_norm / sqrt(units of the model): a global norm over the trained parameters is smaller
+    when FP freezes units, so FP runs would be clipped less than full ones."""
     for g in opt.param_groups if max_norm > 0 else []:  # --grad-clip 0: off
         torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
@@ -183,15 +183,15 @@ def lr_at(step, cfg: Config):  # linear warmup, then cosine, linear or no decay
 # ----------------------------------------------------------------------------- continual-learning methods
 
 def recadam_lambda(t, k, t0):
-    """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the pretrained weights;
-    lambda(t) anneals from ~0 (mostly recall) to 1 (all new text): early, least informed updates move least."""
+    """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the old weights; lambda(t)
+    anneals from ~0 (recall) to 1 (new text): early, least informed updates move least."""
     x = k * (t - t0)
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # overflow-safe
 
 @torch.no_grad()
 def recadam_pull(opt, anchors, gamma, lam):
-    """theta -= lr * gamma * (1 - lambda) * (theta - theta0), the step of (1 - lambda) gamma/2 ||theta - theta0||^2
-    outside Adam's moments; with its unit's lr, so under ALR a slow unit is pulled back slowly too."""
+    """theta -= lr * gamma * (1 - lambda) * (theta - theta0), outside Adam's moments; each parameter with its
+    unit's lr, so under ALR a slow unit is also pulled back slowly."""
     lrs = [g["lr"] for g in opt.param_groups for _ in g["params"]]
     diff = torch._foreach_sub(opt.params, anchors)
     torch._foreach_mul_(diff, [-min(1.0, lr * gamma * (1 - lam)) for lr in lrs])
@@ -200,13 +200,13 @@ def recadam_pull(opt, anchors, gamma, lam):
 # ----------------------------------------------------------------------------- setup
 
 def build_model(cfg: Config, device):
-    """The tokenizer, and the starting model (RecAdam's theta0): fresh from --seed, or loaded."""
+    """The tokenizer and the starting model (RecAdam's theta0): new from --seed, or loaded."""
     spec = cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init)
-    if spec == "word":  # the vocabulary of the world the data comes from, or of the run it continues
+    if spec == "word":  # the vocabulary of the run it continues, or of the world the data comes from
         near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
         spec = next((p for p in near if os.path.isfile(p)), None)
         if spec is None:
-            raise ValueError(f"--tokenizer word: none of {', '.join(near)} exists; give the tokenizer.json")
+            raise ValueError(f"--tokenizer word: no {' or '.join(near)}; give a tokenizer.json")
     tok = data.load_tokenizer(spec)
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
@@ -216,7 +216,7 @@ def build_model(cfg: Config, device):
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {cfg.init}: {e}") from None
-    for m in model.modules() if cfg.dropout is not None else ():  # dropout lives in modules, not in weights
+    for m in model.modules() if cfg.dropout is not None else ():  # dropout is in modules, not weights
         if isinstance(m, torch.nn.Dropout):
             m.p = cfg.dropout
         elif isinstance(getattr(m, "dropout", None), float):
@@ -237,7 +237,7 @@ class Run:  # what the loop reads and writes
     probes: list
     block_size: int
     stream: data.Stream = None
-    dmodel: torch.nn.Module = None  # what the forward pass calls: the GPT, compiled and/or DDP-wrapped
+    dmodel: torch.nn.Module = None  # the forward pass's: the GPT, compiled and/or DDP-wrapped
     step: int = 0
     elapsed: float = 0.0            # training seconds, as of the last checkpoint
     last_loss: float = None
@@ -254,8 +254,8 @@ def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
-    for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): resume with those, "
-                            "or start again with --overwrite or another --out"),
+    for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): use those, "
+                            "or --overwrite or another --out"),
                      (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}"),
                      (ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)),
                       f"{path} was written by {ck['world_size']} processes; resume with as many")]:
@@ -273,12 +273,12 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     if block_size > conf.block_size or tokenizer.n_vocab > conf.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
                          f"{conf.block_size} / {conf.vocab_size}")
-    probes = data.read_probe_files(cfg.probes)  # read and length-checked now, not at the first evaluation
+    probes = data.read_probe_files(cfg.probes)  # checked now, not at the first evaluation
     probe.check_probes(tokenizer, probes, conf.block_size, metric=cfg.metric)
-    try:  # TGL steps 1-2, done by trace.py: {unit: lr scale}, 0 = frozen; a resume reuses the saved scales
+    try:  # TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; a resume reuses its scales
         trace = None if ck or cfg.tgl == "none" else tgl_trace.load_trace(cfg.trace)
         plan = trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(conf.n_layer))
-        scales = ck["scales"] if ck else plan  # the same on every rank: one trace file, a pure function
+        scales = ck["scales"] if ck else plan  # every rank's: one trace file, a pure function
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
@@ -320,7 +320,7 @@ def restore(run: Run, ck: dict | None):
         random.seed(cfg.seed + run.rank)
     if run.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for the new run
+        for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for new
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
         path = os.path.join(cfg.out, "metrics.jsonl")  # the log as the checkpoint saw it
@@ -335,7 +335,7 @@ def restore(run: Run, ck: dict | None):
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
-    """{split: {ppl, em, n}} from probe.py's scorer, so a run and probe.py agree on every number."""
+    """{split: {ppl, em, n}}: probe.py's scorer, so the two agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
     run.say("\n".join(f"eval step {run.step}: {k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
@@ -390,7 +390,7 @@ def train(run: Run):
             loss_sum += loss.detach() / cfg.grad_accum
         run.step, n_sum = run.step + 1, n_sum + 1
         logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
-        # per-unit norms of this update's gradient before clipping (the paper's Figure 1), the same on every rank
+        # per-unit norms of this update's gradient before clipping: the paper's Figure 1
         grad_norms = tgl_trace.grad_norms(model) if logging else None
         clip_gradients(opt, cfg.grad_clip, len(unit_names(model.config.n_layer)))
         t0 = cfg.steps / 4 if cfg.recadam_t0 is None else cfg.recadam_t0
@@ -419,7 +419,7 @@ def train(run: Run):
             checkpoint(run, elapsed0 + now - t_start)
 
 def finish(run: Run) -> dict:
-    """summary.json; a resumed finished run writes it exactly as the first time (time from the checkpoint)."""
+    """summary.json; a resumed finished run writes the same (its time from the checkpoint)."""
     cfg = run.cfg
     if run.probes and run.evals is None and run.rank == 0:
         run.evals = evaluate(run)
@@ -439,7 +439,7 @@ def get_config(argv=None) -> Config:
 
 def main(argv=None):
     cfg = get_config(argv)
-    with input_errors("train.py"):  # the one error path: bad input is one line, bugs keep their traceback
+    with input_errors("train.py"):  # bad input is one line; a bug keeps its traceback
         run, ck = setup(cfg.check())
         restore(run, ck)
         train(run)
