@@ -78,6 +78,21 @@ def check_output(path, flag: str, kind: str = "file"):
         if bad:
             raise ValueError(f"{flag} {path}: {why}")
 
+def init_distributed(device: str, threads=None):
+    """Under torchrun, join the process group (NCCL on CUDA, gloo on CPU). -> rank, world size, device"""
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(threads or torch.get_num_threads())
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    elif not threads:  # the local processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    return dist.get_rank(), dist.get_world_size(), device
+
 def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
     """The codec's message names a byte, not the file."""
     return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); convert it to UTF-8")
@@ -120,55 +135,63 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def log_lines(path, step) -> list:
+    """A JSON-lines log up to `step` (a resumed run's, as its checkpoint saw it); a torn last line is dropped."""
+    lines = [line + "\n" for line in read_text(path).splitlines()]
+    for n, line in enumerate(lines):
+        try:
+            if json.loads(line)["step"] > step:
+                return lines[:n]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if n + 1 < len(lines):
+                raise ValueError(f"{path}:{n + 1}: not a log line; move the file away to resume") from None
+            return lines[:n]
+    return lines
+
 def write_text(path, text: str):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
-def _get(url, part, timeout, size) -> int:
-    """One request appending to `part` from its size (HTTP Range). -> the full size announced (0: unknown)."""
+def _get(url, part, timeout):
+    """One request, appending to `part` from its size (HTTP Range). Raises OSError if it ends short."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
     resume = {"headers": {"Range": f"bytes={have}-"}} if have else {}
     with requests.get(url, stream=True, timeout=timeout, **resume) as r:
         if r.status_code == 404:
             raise FileNotFoundError(url)
-        total = r.headers.get("Content-Range", "").rpartition("/")[2]
-        if r.status_code == 416:  # asked past the end: the .part is complete, or stale
-            if total != str(have):
+        if r.status_code == 416:  # nothing past `have`: the .part is complete, or not this file's
+            if not r.headers.get("Content-Range", "").endswith(f"/{have}"):
                 os.remove(part)
-                raise OSError(f"{part} ({have} bytes) does not fit the file on the server ({total} bytes); removed")
-            return have
+                raise OSError(f"{part} does not fit the file on the server; removed")
+            return
         r.raise_for_status()
-        start = int(r.headers["Content-Range"].split()[1].split("-")[0]) if r.status_code == 206 else 0
-        if start not in (0, have):
-            raise OSError(f"asked for bytes from {have}, the server sent {r.headers['Content-Range']!r}")
-        length = r.headers.get("Content-Length") if "Content-Encoding" not in r.headers else None  # gzip: no check
-        total = int(total) if total.isdigit() else start + int(length) if length else 0
-        if size and total and total != size:
-            raise ValueError(f"size mismatch: the server has {total:,} bytes for {url}, expected {size:,}")
+        have *= r.status_code == 206  # a server that ignores the range sends all of it again
+        if have and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            raise OSError(f"asked for bytes from {have}, the server sent {r.headers.get('Content-Range')!r}")
+        gzip, length = "Content-Encoding" in r.headers, int(r.headers.get("Content-Length", 0))
         shown = time.time()
-        with open(part, "ab" if start else "wb") as f:
+        with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
                 f.write(chunk)
-                if time.time() - shown > 5:
+                if time.time() - shown > 10:
                     shown = time.time()
-                    print(f"{url}: {f.tell() / 1e6:,.0f} of {(total or size) / 1e6:,.0f} MB", file=sys.stderr)
-    return total
+                    print(f"{url}: {f.tell() / 1e6:,.0f} of {(have + length) / 1e6:,.0f} MB", file=sys.stderr)
+            if length and not gzip and f.tell() != have + length:  # gzip: the length counts compressed bytes
+                raise OSError(f"got {f.tell()} of {have + length} bytes")
 
-def download(url: str, dest: str, retries: int = 3, timeout=30.0, size: int = 0) -> str:
-    """url -> dest via dest.part, renamed once complete (of the announced size, and `size` if given). A broken
-    transfer resumes from the .part with an HTTP Range request, here or on a later call; no network fails fast."""
+def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
+    """url -> dest via dest.part, renamed once complete. A broken transfer resumes from the .part with an
+    HTTP Range request, here or on a later call; no network at all fails at once."""
     import requests
     part = dest + ".part"
     for attempt in range(1, retries + 1):
         before = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            total, got = _get(url, part, timeout, size), os.path.getsize(part)
-            if (total and got != total) or (size and got != size):
-                raise OSError(f"got {got} of {total or size} bytes")
+            _get(url, part, timeout)
             os.replace(part, dest)
             return dest
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             raise
         except (requests.RequestException, OSError) as e:
             moved = os.path.exists(part) and os.path.getsize(part) > before

@@ -148,6 +148,34 @@ class Batcher:
     def load_state_dict(self, d):
         self.seed, self.step = int(d["seed"]), int(d["step"])
 
+class Stream:
+    """train.py's batches. Mix-Review (He et al. 2021) fights forgetting by replaying old text in the new
+    batches: the last round(B * replay_ratio * replay_decay ** (step / steps)) rows come from `replay`. Both
+    samplers draw every step, so a step's data depends on the step only: exact resume."""
+
+    def __init__(self, tokens, replay, cfg, block_size, rank=0, world=1):  # cfg: train.Config
+        self.b, self.cfg = cfg.batch_size // world, cfg
+        self.new = Batcher(tokens, block_size, self.b, cfg.seed, rank, world)
+        self.old = replay is not None and Batcher(replay, block_size, self.b, cfg.seed + 1, rank, world)
+
+    def n_replay(self, step):
+        c = self.cfg
+        return round(self.b * c.replay_ratio * c.replay_decay ** (step / c.steps)) if self.old else 0
+
+    def next(self, step):
+        x, y = self.new.next()  # (b, T) each
+        if self.old:
+            (xr, yr), n = self.old.next(), self.n_replay(step)
+            x, y = torch.cat([x[:self.b - n], xr[:n]]), torch.cat([y[:self.b - n], yr[:n]])
+        return x, y
+
+    def state_dict(self):
+        return {"new": self.new.state_dict(), "old": self.old and self.old.state_dict()}
+
+    def load_state_dict(self, d):
+        self.new.load_state_dict(d["new"])
+        self.old and self.old.load_state_dict(d["old"])
+
 # ----------------------------------------------------------------------------- token arrays
 # A snapshot is billions of tokens: streamed a document at a time, memory stays flat.
 

@@ -1,4 +1,4 @@
-"""GPT-2 and GPT-Neo as one GPT with GPT-2's parameter names; LoRA, units, checkpoints, Hugging Face files."""
+"""GPT-2/GPT-Neo as one GPT with GPT-2's parameter names; LoRA, units, checkpoints, Hugging Face files."""
 import json
 import math
 import os
@@ -23,9 +23,9 @@ class GPTConfig:
     n_inner: int | None = None  # MLP width; None: 4 * n_embd
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
-    arch: str = "gpt2"  # or "gpt_neo": only decides the export format
-    qkv_bias: bool = True  # GPT-Neo's q/k/v projections have no bias
-    scale_attn: bool = True  # GPT-Neo does not divide q.k by sqrt(head_dim)
+    arch: str = "gpt2"  # or "gpt_neo"; picks only the export format
+    qkv_bias: bool = True  # False (GPT-Neo): no q/k/v bias
+    scale_attn: bool = True  # False (GPT-Neo): no 1/sqrt(head_dim) on q.k
     attention_layers: list = field(default_factory=list)  # per layer "global"/"local"; [] = all global
     window_size: int = 256  # how far back a "local" layer looks
 
@@ -33,14 +33,14 @@ class GPTConfig:
         sizes = (self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd)
         if not (all(isinstance(v, int) and v >= 1 for v in sizes) and self.n_embd % self.n_head == 0
                 and 0 <= self.dropout < 1 and len(self.attention_layers) in (0, self.n_layer)):
-            raise ValueError(f"model config: want integer sizes >= 1, n_embd % n_head == 0, "
-                             f"0 <= dropout < 1, 0 or n_layer attention_layers; got {self}")
+            raise ValueError(f"model config: want int sizes >= 1, n_embd % n_head == 0, 0 <= dropout < 1, "
+                             f"0 or n_layer attention_layers; got {self}")
 
 class Linear(nn.Linear):
-    """nn.Linear + optional LoRA: y = x W^T + b + (alpha/r) x A^T B^T, here so that W keeps its GPT-2 name."""
+    """nn.Linear + optional LoRA, y = xW^T + b + (alpha/r) xA^T B^T; W keeps its GPT-2 name."""
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = super().forward(x)
         if getattr(self, "lora_A", None) is not None:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scaling
         return y
@@ -52,21 +52,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.n_head, self.dropout = config.n_head, config.dropout
         self.scale = None if config.scale_attn else 1.0  # None: SDPA's 1/sqrt(head_dim)
-        local = config.attention_layers and config.attention_layers[layer] == "local"
-        self.window = config.window_size if local else None
+        self.window = config.window_size if "local" in config.attention_layers[layer:layer + 1] else None
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        kw = dict(dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
-        if self.window is None or T <= self.window:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        else:  # GPT-Neo's local layer: i sees j if 0 <= i - j < window
-            i = torch.arange(T, device=x.device)
-            d = i[:, None] - i  # (T, T): i - j
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=(d >= 0) & (d < self.window), **kw)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        mask, p = None, self.dropout if self.training else 0.0
+        if self.window is not None and T > self.window:  # GPT-Neo's local: i sees j if 0 <= i - j < window
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().triu(1 - self.window)
+        y = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=mask is None, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -75,7 +70,7 @@ class MLP(nn.Module):
         self.c_fc, self.c_proj = Linear(config.n_embd, inner), Linear(inner, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):  # GPT-2 and GPT-Neo use the tanh approximation of GELU ("gelu_new")
+    def forward(self, x):  # "gelu_new" (GPT-2, GPT-Neo): tanh-approximated GELU
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 class Block(nn.Module):
@@ -84,8 +79,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.mlp, self.resid_dropout = MLP(config), nn.Dropout(config.dropout)
 
     def forward(self, x):  # pre-LN: x + f(LN(x))
         x = x + self.resid_dropout(self.attn(self.ln_1(x)))
@@ -103,24 +97,23 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, listed once by parameters()
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, once in parameters()
         for m in self.modules():  # GPT-2's init
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
-            elif name.endswith("c_proj.weight"):  # residual projections: std 0.02 / sqrt(2 * n_layer)
+            elif name.endswith("c_proj.weight"):  # residual projections
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, V) and the mean cross-entropy over targets (B, T) if given; a target
-        of -1 has no loss (a salient-span loss is written so)."""
-        pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
+        """idx (B, T) -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy (-1: no loss)."""
+        t, pos = self.transformer, torch.arange(idx.shape[1], device=idx.device)
+        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C)
+        for block in t.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(t.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
@@ -141,14 +134,14 @@ def add_lora(model: GPT, rank: int = 8, alpha: float = 16.0, units=None):
 def merge_lora(model: GPT):
     for m in model.modules():
         if getattr(m, "lora_A", None) is not None:
-            m.weight += (m.lora_B @ m.lora_A) * m.lora_scaling  # (out, in)
+            m.weight += (m.lora_B @ m.lora_A) * m.lora_scaling
             del m.lora_A, m.lora_B
     model.lora = None
     return model
 
 def unit_of(param_name: str) -> str:
-    """embed (and the tied lm_head), h.{i}.attn, h.{i}.mlp or ln_f. ln_1 goes with attention and ln_2 with
-    the MLP, as each feeds only that sublayer; an adapter goes with the layer it adapts."""
+    """embed (+ tied lm_head), h.{i}.attn, h.{i}.mlp or ln_f; ln_1/ln_2 join the sublayer they alone
+    feed, an adapter the layer it adapts."""
     p = re.sub(r"^(_orig_mod\.)?(module\.)?(transformer\.)?", "", param_name).split(".")
     if p[0] in ("wte", "wpe", "lm_head", "ln_f"):
         return "ln_f" if p[0] == "ln_f" else "embed"
@@ -159,9 +152,9 @@ def unit_of(param_name: str) -> str:
 def unit_names(n_layer: int) -> list:  # in network order
     return ["embed"] + [f"h.{i}.{s}" for i in range(n_layer) for s in ("attn", "mlp")] + ["ln_f"]
 
-def unwrap(model) -> GPT:  # the GPT inside torch.compile and/or DDP
-    for wrapper in ("_orig_mod", "module", "_orig_mod"):
-        model = getattr(model, wrapper, model)
+def unwrap(model) -> GPT:  # the GPT inside torch.compile/DDP
+    for w in ("_orig_mod", "module", "_orig_mod"):
+        model = getattr(model, w, model)
     return model
 
 def pick_device(name: str = "auto") -> str:
@@ -173,7 +166,7 @@ def pick_device(name: str = "auto") -> str:
 def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
-CKPT_NAME = "ckpt.pt"  # {"config": asdict(GPTConfig), "model": state_dict, "lora": dict or None, ...}
+CKPT_NAME = "ckpt.pt"  # {"config": asdict(GPTConfig), "model": state_dict, "lora": dict | None, ...}
 
 def save_checkpoint(path, state: dict):
     with atomic_path(path) as tmp:
@@ -193,46 +186,42 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
     return merge_lora(model).requires_grad_(True) if lora else model
 
 def load_model(init: str, device: str = "cpu") -> GPT:
-    """Every --init: a run folder or its ckpt.pt (LoRA merged), a Hugging Face folder or a hub name."""
+    """Any --init: a run folder or its ckpt.pt (LoRA merged), an HF folder or a hub name."""
     path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
     if not (os.path.isfile(path) and path.endswith(".pt")):
         return load_hf(init).to(device)
     try:
         return model_from_checkpoint(load_checkpoint(path)).to(device)
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a tgl checkpoint ({type(e).__name__}: {e}); "
-                         "want a run folder, an HF folder or a hub name") from None
+        raise ValueError(f"{path}: not a tgl checkpoint ({type(e).__name__}: {e})") from None
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125m",
              "EleutherAI/gpt-neo-1.3B")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out)
-FIELDS = "block_size vocab_size n_layer n_head n_embd n_inner layer_norm_epsilon".split()
+FIELDS = "block_size vocab_size n_layer n_head n_embd n_inner layer_norm_epsilon window_size".split()
 HF_NAMES = {  # GPTConfig field -> config.json field
-    "gpt2": dict(zip(FIELDS, ("n_positions vocab_size n_layer n_head n_embd n_inner "
-                              "layer_norm_epsilon").split()), scale_attn="scale_attn_weights"),
-    "gpt_neo": dict(zip(FIELDS, ("max_position_embeddings vocab_size num_layers num_heads hidden_size "
-                                 "intermediate_size layer_norm_epsilon").split()), window_size="window_size")}
+    "gpt2": dict(zip(FIELDS[:7], FIELDS), block_size="n_positions", scale_attn="scale_attn_weights"),
+    "gpt_neo": dict(zip(FIELDS, FIELDS), block_size="max_position_embeddings", n_layer="num_layers",
+                    n_head="num_heads", n_embd="hidden_size", n_inner="intermediate_size")}
 
 def read_safetensors(path) -> dict:
-    """The format: 8 bytes little-endian N, N bytes of JSON {name: {dtype, shape, data_offsets}}, the data."""
-    size, n = os.path.getsize(path), int.from_bytes(np.fromfile(path, np.uint8, 8).tobytes(), "little")
+    """8 bytes little-endian N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the data."""
     tensors, name = {}, "header"
     try:
-        if n > size - 8:
-            raise ValueError(f"{size} bytes, header length {n}")
         raw = np.memmap(path, dtype=np.uint8, mode="r")
+        if (n := int.from_bytes(raw[:8].tobytes(), "little")) > len(raw) - 8:
+            raise ValueError(f"{len(raw)} bytes, header length {n}")
         header, data = json.loads(raw[8:8 + n].tobytes()), raw[8 + n:]
+        header.pop("__metadata__", None)
         for name, info in header.items():
-            if name != "__metadata__":
-                dtype, (begin, end) = ST_DTYPES[info["dtype"]], info["data_offsets"]
-                nbytes = math.prod(shape := [int(s) for s in info["shape"]]) * dtype.itemsize
-                if not 0 <= begin <= end == begin + nbytes <= len(data):
-                    raise ValueError(f"shape {shape} does not fill data_offsets {begin}..{end}")
-                buf = torch.from_numpy(data[begin:end].copy())  # own, aligned memory
-                tensors[name] = buf.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+            dtype, (begin, end) = ST_DTYPES[info["dtype"]], info["data_offsets"]
+            nbytes = math.prod(shape := [int(s) for s in info["shape"]]) * dtype.itemsize
+            if not 0 <= begin <= end == begin + nbytes <= len(data):
+                raise ValueError(f"shape {shape} does not fill data_offsets {begin}..{end}")
+            tensors[name] = torch.tensor(data[begin:end]).view(dtype).reshape(shape)  # own, aligned copy
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # RuntimeError: a shape < 0
-        raise ValueError(f"{path}: corrupt or truncated safetensors file: {name}: {type(e).__name__} {e}")
+        raise ValueError(f"{path}: corrupt or truncated safetensors: {name}: {type(e).__name__} {e}")
     return tensors
 
 def hub_endpoint() -> str:
@@ -241,11 +230,11 @@ def hub_endpoint() -> str:
 def hub_folder(name: str) -> str:
     cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
     os.makedirs(folder := os.path.join(cache, name.replace("/", "--")), exist_ok=True)
-    have, url = os.listdir(folder), f"{hub_endpoint()}/{name}/resolve/main/"
+    have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
     get = lambda f: download(url + f, os.path.join(folder, f))
     if "config.json" not in have:
         get("config.json")
-    if not {"model.safetensors", "pytorch_model.bin"} & set(have):
+    if not {"model.safetensors", "pytorch_model.bin"} & have:
         try:
             get("model.safetensors")
         except FileNotFoundError:
@@ -253,13 +242,12 @@ def hub_folder(name: str) -> str:
     return folder
 
 def config_from_hf(cfg: dict) -> GPTConfig:
-    names = HF_NAMES.get(cfg.get("model_type")) if isinstance(cfg, dict) else None
-    if names is None:
+    if not (names := isinstance(cfg, dict) and HF_NAMES.get(cfg.get("model_type"))):
         raise ValueError("want a JSON object with model_type gpt2 or gpt_neo")
     if cfg.get("activation_function", "gelu_new") != "gelu_new" or cfg.get("scale_attn_by_inverse_layer_idx"):
-        raise ValueError("only gelu_new and no scale_attn_by_inverse_layer_idx are supported")
+        raise ValueError("supported: gelu_new, no scale_attn_by_inverse_layer_idx")
     if lacks := [names[k] for k in FIELDS[:5] if names[k] not in cfg]:
-        raise ValueError(f"lacks the field {lacks[0]!r}")
+        raise ValueError(f"lacks {lacks[0]!r}")
     kw = {ours: cfg[hf] for ours, hf in names.items() if hf in cfg}
     if cfg["model_type"] == "gpt_neo":  # attention_types [[["global", "local"], 6]]: 6 x (global, local)
         kw.update(arch="gpt_neo", qkv_bias=False, scale_attn=False, attention_layers=[
@@ -271,17 +259,17 @@ def hf_to_ours(sd: dict, arch: str) -> dict:
     for key, t in sd.items():
         k = key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")
         if re.search(r"\.attn\.(attention\.)?(bias|masked_bias)$", k):
-            continue  # causal-mask buffers that old files stored
+            continue  # old files' causal-mask buffers
         if arch == "gpt2" and k.endswith(CONV1D):
-            t = t.t()  # GPT-2's Conv1D: (in, out); nn.Linear: (out, in)
+            t = t.t()  # GPT-2's Conv1D (in, out) -> nn.Linear (out, in)
         out[k.replace(".attn.attention.out_proj.", ".attn.c_proj.")] = t
-    for k in [k for k in out if k.endswith(".attention.q_proj.weight")]:  # GPT-Neo: q, k, v -> our one c_attn
+    for k in [k for k in out if k.endswith(".attention.q_proj.weight")]:  # GPT-Neo: q, k, v -> one c_attn
         qkv = [k.replace(".q_proj", f".{c}_proj") for c in "qkv"]
         if all(n in out for n in qkv):
             out[k.replace("attention.q_proj", "c_attn")] = torch.cat([out.pop(n) for n in qkv])
     return out
 
-def load_hf(name: str) -> GPT:  # a hub name or a Hugging Face folder
+def load_hf(name: str) -> GPT:  # hub name or HF folder
     folder = hub_folder(name) if name in HUB_NAMES and not os.path.isdir(name) else name
     if not os.path.isfile(cfg_path := os.path.join(folder, "config.json")):
         raise ValueError(f"{name}: not a folder with config.json nor one of {', '.join(HUB_NAMES)}")
@@ -290,20 +278,20 @@ def load_hf(name: str) -> GPT:  # a hub name or a Hugging Face folder
         config = config_from_hf(cfg)
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from None
-    if os.path.exists(path := os.path.join(folder, "model.safetensors")):
-        sd = read_safetensors(path)
-    elif os.path.exists(path := os.path.join(folder, "pytorch_model.bin")):
-        sd = load_checkpoint(path)
+    for f, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", load_checkpoint)):
+        if os.path.exists(path := os.path.join(folder, f)):
+            break
     else:
-        raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded: not supported)")
-    model, weights = GPT(config), hf_to_ours(sd, config.arch)
+        raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded: unsupported)")
+    model, weights = GPT(config), hf_to_ours(read(path), config.arch)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     weights.setdefault("lm_head.weight", weights.get("transformer.wte.weight"))  # hub GPT-2 has none
     for k in [*want, *weights]:
-        if (got := tuple(weights[k].shape) if k in weights else "missing") != want.get(k, "unexpected"):
-            raise ValueError(f"{path}: {k} is {got}, config.json implies {want.get(k, 'none (unexpected)')}")
+        got, need = tuple(weights[k].shape) if k in weights else "missing", want.get(k, "none (unexpected)")
+        if got != need:
+            raise ValueError(f"{path}: {k} is {got}, config.json implies {need}")
     if not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"]):
-        raise ValueError(f"{path}: lm_head.weight is not wte (untied: not supported)")
+        raise ValueError(f"{path}: lm_head.weight is not wte (untied: unsupported)")
     model.load_state_dict(weights)  # copy_ casts f16/bf16 to f32
     return model
 

@@ -1,8 +1,5 @@
 """Step 3 of TGL: continual pretraining of the traced units only (FP) or at per-unit learning rates (ALR).
-
-    python train.py --init scratch --data world/t0.txt --tokenizer word --out runs/base
-    python train.py --init runs/base --data world/diff.txt --method recadam --tgl fp --trace trace.json \\
-        --probes world/probes/*.jsonl --out runs/recadam_fp
+    python train.py --init runs/base --data diff.txt --method recadam --tgl fp --trace trace.json --out runs/x
     torchrun --nproc_per_node 4 train.py ...            # DDP: --batch-size is the global batch
 """
 import json
@@ -19,94 +16,88 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import Parser, add_flags, check_output, fail, flag, from_args, input_errors, number, read_text
-from common import write_text
+from common import Parser, add_flags, check_output, fail, flag, from_args, init_distributed, input_errors
+from common import log_lines, number, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
 INT, POS, NONNEG, UNIT = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)"), number("[0, 1)")
-
+REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
 
 @dataclass
 class Config:
-    """train.py's flags. A checkpoint records them; --resume may change only the resume_free ones."""
-    init: str = flag("scratch", "scratch | known model name | local HF folder | run folder / ckpt.pt")
-    out: str = flag("runs/train", "run folder: ckpt.pt, metrics.jsonl, summary.json", resume_free=True)
-    data: str = flag(None, "training text (.txt, TemporalWiki .csv, a folder; PATH@N: a prefix)", required=True)
-    tokenizer: str = flag(None, "gpt2, word (tokenizer.json next to --data or in --init) or a tokenizer.json; "
-                          "default: the init's (scratch: gpt2)")
+    """train.py's flags; --resume may change only the FREE ones."""
+    init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
+    out: str = flag("runs/train", "run folder", **FREE)
+    data: str = flag(None, "training text: .txt, .csv (text column), a folder; PATH@N: N tokens", required=True)
+    tokenizer: str = flag(None, "gpt2, word (tokenizer.json of --init or by --data) or a tokenizer.json")
     n_layer: int = flag(4, "scratch: layers", type=POS)
     n_head: int = flag(4, "scratch: attention heads", type=POS)
     n_embd: int = flag(128, "scratch: width", type=POS)
-    block_size: int = flag(None, "tokens per window (default: scratch 128, else the model's context)", type=POS)
+    block_size: int = flag(None, "tokens per window (default: scratch 128, else the context)", type=POS)
     dropout: float = flag(None, "dropout (default: scratch 0, else the model's)", type=UNIT)
     # the continual-learning method that TGL is stacked on
     method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
     replay_data: str = flag(None, "mixreview: old text replayed in each batch")
     replay_ratio: float = flag(0.25, "mixreview: replay share of a batch at step 0", type=number("[0, 1]"))
     # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left at the end
-    replay_decay: float = flag(0.25, "mixreview: share left at the end, relative to the start", type=NONNEG)
-    recadam_gamma: float = flag(100.0, "recadam: strength of the pull toward the start weights", type=NONNEG)
-    recadam_k: float = flag(0.05, "recadam: slope k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=number("(-inf, inf)"))
-    recadam_t0: float = flag(None, "recadam: midpoint t0 (default: steps / 4)", type=number("(-inf, inf)"))
+    replay_decay: float = flag(0.25, "mixreview: the share at the end, relative to step 0", type=NONNEG)
+    recadam_gamma: float = flag(100.0, "recadam: strength of the pull to the start weights", type=NONNEG)
+    recadam_k: float = flag(0.05, "recadam: k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=REAL)
+    recadam_t0: float = flag(None, "recadam: t0 (default: steps / 4)", type=REAL)
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
-    lora_alpha: float = flag(16.0, "lora: adapter scale (output times alpha/rank)", type=number("(0, inf)"))
+    lora_alpha: float = flag(16.0, "lora: adapter output times alpha/rank", type=number("(0, inf)"))
     # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
-    tgl: str = flag("none", "fp freezes unselected units, alr scales units' LR", choices=["none", "fp", "alr"])
-    trace: str = flag(None, "the trace.json of trace.py")
+    tgl: str = flag("none", "fp freezes unselected units, alr scales units' lr", choices=["none", "fp", "alr"])
+    trace: str = flag(None, "trace.py's trace.json")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
-    steps: int = flag(500, "optimizer updates (may grow on --resume)", resume_free=True, type=POS)
-    batch_size: int = flag(16, "global batch: windows per micro-step over all processes", type=POS)
+    steps: int = flag(500, "optimizer updates (may grow on --resume)", type=POS, **FREE)
+    batch_size: int = flag(16, "windows per micro-step, over all processes", type=POS)
     grad_accum: int = flag(1, "micro-steps per update", type=POS)
     lr: float = flag(1e-3, "peak learning rate", type=number("(0, inf)"))
-    min_lr: float = flag(0.0, "learning rate at the end of the decay", type=NONNEG)
+    min_lr: float = flag(0.0, "lr at the end of the decay", type=NONNEG)
     warmup: int = flag(0, "linear warmup updates", type=INT)
     decay: str = flag("cosine", "decay after warmup", choices=["cosine", "linear", "none"])
     weight_decay: float = flag(0.0, "decoupled weight decay (matrices only)", type=NONNEG)
     beta1: float = flag(0.9, "Adam beta1", type=UNIT)  # beta = 1 would divide by 1 - beta^t = 0
     beta2: float = flag(0.99, "Adam beta2", type=UNIT)
     grad_clip: float = flag(1.0, "clipping threshold (0: off)", type=NONNEG)
-    clip_by: str = flag("unit", "unit: each unit to grad_clip/sqrt(units); global: one norm over the trained "
-                        "parameters", choices=["unit", "global"])
-    seed: int = flag(0, "seed of the init, the data order and dropout")
-    # evaluation, logging, checkpoints, hardware: none of these changes what is trained
-    probes: list = flag([], "probe files scored every --eval-every updates", resume_free=True, nargs="+")
-    eval_every: int = flag(0, "score every N updates (0: at the end only)", resume_free=True, type=INT)
-    val_data: str = flag(None, "held-out text whose perplexity is scored with the probes", resume_free=True)
-    val_tokens: int = flag(65536, "--val-data: tokens scored", resume_free=True, type=POS)
-    metric: str = flag("span", "perplexity of the answer span (the paper's) or of the sentence (TemporalWiki's)",
-                       resume_free=True, choices=probe.METRICS)
-    log_every: int = flag(10, "log line and NaN check every N updates", resume_free=True, type=POS)
-    save_every: int = flag(0, "checkpoint every N updates (0: at the end)", resume_free=True, type=INT)
-    resume: bool = flag(False, "continue from OUT/ckpt.pt if it exists", resume_free=True)
-    overwrite: bool = flag(False, "replace the run in --out", resume_free=True)
-    device: str = flag("auto", "auto | cpu | cuda | mps", resume_free=True)
-    compile: bool = flag(False, "torch.compile the model (CUDA)", resume_free=True)
-    threads: int = flag(None, "CPU threads (default: torch's)", resume_free=True, type=POS)
+    seed: int = flag(0, "seed of the init, data order and dropout")
+    # evaluation, logging, checkpoints, hardware
+    probes: list = flag([], "probe files to score", nargs="+", **FREE)
+    eval_every: int = flag(0, "score every N updates (0: at the end)", type=INT, **FREE)
+    metric: str = flag("span", "perplexity of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
+    log_every: int = flag(10, "log (and NaN check) every N updates", type=POS, **FREE)
+    save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
+    resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **FREE)
+    overwrite: bool = flag(False, "replace the run in --out", **FREE)
+    device: str = flag("auto", "auto | cpu | cuda | mps", **FREE)
+    compile: bool = flag(False, "torch.compile the model (CUDA)", **FREE)
+    threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
-    def check(self):
-        """What argparse cannot check alone, before any slow work: a ValueError that names the flag."""
-        paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data, self.val_data) if f]
+    def check(self):  # what argparse cannot check alone, before any slow work
+        paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data) if f]
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
-        paths += [data.parse_probe_spec(f)[0] for f in self.probes]
+        paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
         held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
+        world = int(os.environ.get("WORLD_SIZE", 1))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
                          (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
-                         (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd: not a multiple of --n-head"),
+                         (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
+                         (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
                 raise ValueError(msg.format(bad))
         self.selection.check()
-        pick_device(self.device)  # --device cuda without CUDA fails here, not at the first tensor
+        pick_device(self.device)  # --device cuda without CUDA fails now, not at the first tensor
         check_output(self.out, "--out", "dir")
         return self
 
-    def run_defining(self) -> dict:
-        """{flag: value} of what decides what the run computes: what --resume compares."""
+    def run_defining(self) -> dict:  # what decides what the run computes: what --resume compares
         flat = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("resume_free")}
         return dict(flat, **asdict(flat.pop("selection")))
 
@@ -120,9 +111,9 @@ class AdamW:
         v     <- b2 * v + (1 - b2) * g^2                    second moment
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    s is 1, or RecAdam's lambda(t); the order of operations is torch.optim.AdamW's. A group is a unit, and
-    the loop sets its lr to lr(step) * lr_scale: how TGL+ALR's scales reach the update. Units that TGL+FP
-    freezes are never given to the optimizer: they hold no state and cost no update.
+    s: 1, or RecAdam's lambda(t); torch.optim.AdamW's order of operations. A group is a unit whose lr the
+    loop sets to lr(step) * lr_scale: how TGL+ALR's scales reach the update. TGL+FP's frozen units are not
+    given to the optimizer: no state, no update.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -134,12 +125,10 @@ class AdamW:
 
     @torch.no_grad()
     def step(self, update_scale=1.0):
-        """The four lines above, on all parameters at once (fused torch._foreach_* calls)."""
+        """The four lines above on all parameters at once, in fused torch._foreach_* calls."""
         self.t += 1
-        lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]  # per parameter: its unit's lr
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params, grads, lrs = [self.params[i] for i in live], [self.params[i].grad for i in live], [lrs[i] for i in live]
-        m, v = [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live]
+        params, m, v = self.params, self.exp_avg, self.exp_avg_sq
+        grads, lrs = [p.grad for p in params], [g["lr"] for g in self.param_groups for _ in g["params"]]
         if self.weight_decay:  # decoupled: shrink the weights, not the gradient; biases and LN are exempt
             mats = [k for k, p in enumerate(params) if p.ndim >= 2]
             torch._foreach_mul_([params[k] for k in mats], [1 - lrs[k] * self.weight_decay for k in mats])
@@ -156,36 +145,35 @@ class AdamW:
             p.grad = None
 
     def state_dict(self):
-        return {"t": self.t, "units": [g["unit"] for g in self.param_groups], "m": self.exp_avg, "v": self.exp_avg_sq}
+        return dict(t=self.t, units=[g["unit"] for g in self.param_groups], m=self.exp_avg, v=self.exp_avg_sq)
 
     def load_state_dict(self, d):
         if d["units"] != [g["unit"] for g in self.param_groups]:
-            raise ValueError(f"optimizer state is for units {d['units']}, this run trains others")
+            raise ValueError(f"optimizer state is for units {d['units']}: another run")
         self.t = d["t"]
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, d["m"] + d["v"]):
             dst.copy_(src)
 
 def make_param_groups(model, scales=None):
-    """A group per unit that trains: {"unit", "params", "lr_scale"}, the scale from tgl_plan (default 1)."""
+    """A group per unit that trains: {"unit", "params", "lr_scale"}, the scale tgl_plan's (default 1)."""
     scales, groups = scales or {}, {}
     for name, p in model.named_parameters():
         if scales.get(unit_of(name), 1.0) == 0:
-            # TGL step 3, FP: a unit the trace did not select is frozen. requires_grad False means autograd
-            # computes no weight gradient for it and the optimizer holds no state for it.
+            # TGL step 3, FP: a unit the trace did not select is frozen: autograd computes no weight gradient
+            # for it and the optimizer holds no state for it.
             p.requires_grad_(False)
         if p.requires_grad:
             groups.setdefault(unit_of(name), []).append(p)
     # TGL step 3, ALR: each unit's group carries its scale; AdamW trains it at lr * lr_scale
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
-def clip_gradients(opt, max_norm, by, n_units):
-    """A global norm over the trained parameters is smaller when FP freezes units, so FP runs would be clipped
-    less. By unit, each is clipped to max_norm / sqrt(all units): whichever units train, the same rule."""
-    for params in [opt.params] if by == "global" else [g["params"] for g in opt.param_groups]:
-        torch.nn.utils.clip_grad_norm_(params, max_norm / math.sqrt(1 if by == "global" else n_units), foreach=True)
+def clip_gradients(opt, max_norm, n_units):
+    """Each unit to max_norm / sqrt(units of the model): a global norm over the trained parameters is smaller
+    when FP freezes units, so FP runs would be clipped less than full ones."""
+    for g in opt.param_groups if max_norm > 0 else []:  # --grad-clip 0: off
+        torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
-def lr_at(step, cfg: Config):
-    """Linear warmup, then cosine, linear or no decay."""
+def lr_at(step, cfg: Config):  # linear warmup, then cosine, linear or no decay
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -195,106 +183,48 @@ def lr_at(step, cfg: Config):
 # ----------------------------------------------------------------------------- continual-learning methods
 
 def recadam_lambda(t, k, t0):
-    """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the pretrained weights;
-    lambda(t) anneals from ~0 (mostly recall) to 1 (all new text): early, least informed updates move least."""
+    """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the old weights; lambda(t)
+    anneals from ~0 (recall) to 1 (new text): early, least informed updates move least."""
     x = k * (t - t0)
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # overflow-safe
 
 @torch.no_grad()
 def recadam_pull(opt, anchors, gamma, lam):
-    """theta -= lr * gamma * (1 - lambda) * (theta - theta0), the step of (1 - lambda) gamma/2 ||theta - theta0||^2
-    outside Adam's moments; with its unit's lr, so under ALR a slow unit is pulled back slowly too."""
+    """theta -= lr * gamma * (1 - lambda) * (theta - theta0), outside Adam's moments; each parameter with its
+    unit's lr, so under ALR a slow unit is also pulled back slowly."""
+    lrs = [g["lr"] for g in opt.param_groups for _ in g["params"]]
     diff = torch._foreach_sub(opt.params, anchors)
-    torch._foreach_mul_(diff, [-min(1.0, g["lr"] * gamma * (1 - lam)) for g in opt.param_groups for _ in g["params"]])
+    torch._foreach_mul_(diff, [-min(1.0, lr * gamma * (1 - lam)) for lr in lrs])
     torch._foreach_add_(opt.params, diff)
-
-class Stream:
-    """Mix-Review (He et al. 2021) fights forgetting by replaying old text in the new batches: the last
-    round(B * replay_ratio * replay_decay ** (step / steps)) rows come from --replay-data. Both samplers draw
-    every step, so a step's data depends on the step only: exact resume."""
-
-    def __init__(self, tokens, replay, cfg: Config, block_size, rank=0, world=1):
-        self.b, self.cfg = cfg.batch_size // world, cfg
-        self.new = data.Batcher(tokens, block_size, self.b, cfg.seed, rank, world)
-        self.old = replay is not None and data.Batcher(replay, block_size, self.b, cfg.seed + 1, rank, world)
-
-    def n_replay(self, step):
-        c = self.cfg
-        return round(self.b * c.replay_ratio * c.replay_decay ** (step / c.steps)) if self.old else 0
-
-    def next(self, step):
-        x, y = self.new.next()  # (b, T) each
-        if self.old:
-            (xr, yr), n = self.old.next(), self.n_replay(step)
-            x, y = torch.cat([x[:self.b - n], xr[:n]]), torch.cat([y[:self.b - n], yr[:n]])
-        return x, y
-
-    def state_dict(self):
-        return {"new": self.new.state_dict(), "old": self.old and self.old.state_dict()}
-
-    def load_state_dict(self, d):
-        self.new.load_state_dict(d["new"])
-        self.old and self.old.load_state_dict(d["old"])
 
 # ----------------------------------------------------------------------------- setup
 
-def get_tokenizer(cfg: Config):
-    if cfg.tokenizer == "word":
+def build_model(cfg: Config, device):
+    """The tokenizer and the starting model (RecAdam's theta0): new from --seed, or loaded."""
+    spec = cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init)
+    if spec == "word":  # the vocabulary of the run it continues, or of the world the data comes from
         near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
-        if not any(os.path.isfile(p) for p in near):
-            raise ValueError(f"--tokenizer word: none of {', '.join(near)} exists; give the tokenizer.json")
-        return data.load_tokenizer(next(p for p in near if os.path.isfile(p)))
-    return data.load_tokenizer(cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init))
-
-def build_model(cfg: Config, n_vocab, device):
-    """The starting model (RecAdam's theta0): fresh from --seed, or loaded."""
+        spec = next((p for p in near if os.path.isfile(p)), None)
+        if spec is None:
+            raise ValueError(f"--tokenizer word: no {' or '.join(near)}; give a tokenizer.json")
+    tok = data.load_tokenizer(spec)
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
-        return GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=n_vocab, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)).to(device)
+        return tok, GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)).to(device)
     try:
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {cfg.init}: {e}") from None
-    for m in model.modules() if cfg.dropout is not None else ():  # dropout lives in modules, not in weights
+    for m in model.modules() if cfg.dropout is not None else ():  # dropout is in modules, not weights
         if isinstance(m, torch.nn.Dropout):
             m.p = cfg.dropout
         elif isinstance(getattr(m, "dropout", None), float):
             m.dropout = cfg.dropout
-    return model
-
-def get_scales(cfg: Config, model):
-    """TGL steps 1-2 (trace.py did them): {unit: lr scale}, 0 = frozen; None without TGL."""
-    try:
-        trace = tgl_trace.load_trace(cfg.trace) if cfg.tgl != "none" else None
-        return trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(model.config.n_layer))
-    except ValueError as e:
-        raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
-
-def setup_ddp(cfg: Config):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device"""
-    device = pick_device(cfg.device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    elif not cfg.threads:  # the local processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    if cfg.batch_size % dist.get_world_size():
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.get_world_size()} processes")
-    return dist.get_rank(), dist.get_world_size(), device
-
-def gathered(obj, world):
-    out = [obj] * world
-    if world > 1:
-        dist.all_gather_object(out, obj)
-    return out
+    return tok, model
 
 @dataclass
-class Run:
-    """What the loop reads and writes."""
+class Run:  # what the loop reads and writes
     cfg: Config
     rank: int
     world: int
@@ -306,9 +236,8 @@ class Run:
     anchors: list | None            # RecAdam's theta0
     probes: list
     block_size: int
-    stream: Stream = None
-    val_tokens: object = None       # --val-data as a token array
-    dmodel: torch.nn.Module = None  # what the forward pass calls: the GPT, compiled and/or DDP-wrapped
+    stream: data.Stream = None
+    dmodel: torch.nn.Module = None  # the forward pass's: the GPT, compiled and/or DDP-wrapped
     step: int = 0
     elapsed: float = 0.0            # training seconds, as of the last checkpoint
     last_loss: float = None
@@ -318,59 +247,58 @@ class Run:
         if self.rank == 0:
             print(*a, flush=True)
 
-def check_resume(cfg: Config, ck: dict, path):
-    """--resume continues the run the checkpoint describes, or says what differs."""
+def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run it describes is this one
+    if not (cfg.resume and os.path.isfile(path := os.path.join(cfg.out, CKPT_NAME))):
+        return None
+    ck = load_checkpoint(path)
     saved = ck.get("train_config") or {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff[:4])}); resume with "
-                         "the same flags, or start a new run with --overwrite or another --out")
-    if cfg.steps < ck["step"]:
-        raise ValueError(f"--steps {cfg.steps} is below the checkpoint's step {ck['step']}: it can only grow")
-    if ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError(f"{path} was written by {ck['world_size']} processes; resume with as many")
+    for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): use those, "
+                            "or --overwrite or another --out"),
+                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}"),
+                     (ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)),
+                      f"{path} was written by {ck['world_size']} processes; resume with as many")]:
+        if bad:
+            raise ValueError("--resume: " + msg)
+    return ck
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
-    """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume. -> run, checkpoint"""
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    rank, world, device = setup_ddp(cfg)
+    """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume."""
+    rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
     torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
-    path = os.path.join(cfg.out, CKPT_NAME)
-    ck = load_checkpoint(path) if cfg.resume and os.path.isfile(path) else None
-    if ck:  # read once, and compared before the model is built
-        check_resume(cfg, ck, path)
-    tokenizer = get_tokenizer(cfg)
-    model = build_model(cfg, tokenizer.n_vocab, device)
-    block_size = cfg.block_size or model.config.block_size
-    if block_size > model.config.block_size or tokenizer.n_vocab > model.config.vocab_size:
+    ck = resumed(cfg)  # read once, and compared before the model is built
+    tokenizer, model = build_model(cfg, device)
+    block_size, conf = cfg.block_size or model.config.block_size, model.config
+    if block_size > conf.block_size or tokenizer.n_vocab > conf.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
-                         f"{model.config.block_size} / {model.config.vocab_size}")
-    probes = data.read_probe_files(cfg.probes)  # read and length-checked now, not at the first evaluation
-    probe.check_probes(tokenizer, probes, model.config.block_size, metric=cfg.metric)
-    scales = [ck["scales"] if ck else get_scales(cfg, model)]  # a resume reuses the scales it saved
-    if world > 1:
-        dist.broadcast_object_list(scales, 0)  # every rank trains the same units
+                         f"{conf.block_size} / {conf.vocab_size}")
+    probes = data.read_probe_files(cfg.probes)  # checked now, not at the first evaluation
+    probe.check_probes(tokenizer, probes, conf.block_size, metric=cfg.metric)
+    try:  # TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; a resume reuses its scales
+        trace = None if ck or cfg.tgl == "none" else tgl_trace.load_trace(cfg.trace)
+        plan = trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(conf.n_layer))
+        scales = ck["scales"] if ck else plan  # every rank's: one trace file, a pure function
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, scales[0] and {u for u, s in scales[0].items() if s > 0})
-    groups = make_param_groups(model, scales[0])
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, scales and {u for u, s in scales.items() if s > 0})
+    groups = make_param_groups(model, scales)
     if not groups:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    recadam = cfg.method == "recadam" and cfg.recadam_gamma > 0
-    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales[0],
-              [p.detach().clone() for p in opt.params] if recadam else None, probes, block_size)
+    anchors = cfg.method == "recadam" and cfg.recadam_gamma > 0 and [p.detach().clone() for p in opt.params]
+    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales, anchors or None, probes, block_size)
     if rank > 0:  # rank 0 tokenizes first, the others then read its token cache
         dist.barrier()
     tokens = data.load_tokens(cfg.data, tokenizer)
     replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
     if rank == 0 and world > 1:
         dist.barrier()
-    run.stream = Stream(tokens, replay, cfg, block_size, rank, world)
-    run.val_tokens = data.load_tokens(cfg.val_data, tokenizer) if cfg.val_data else None
-    run.say(f"{cfg.method}, tgl {cfg.tgl}: training {sum(p.numel() for p in opt.params):,} parameters in units "
-            + " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups) + " | frozen: "
-            + (" ".join(u for u in unit_names(model.config.n_layer) if u not in {g["unit"] for g in groups}) or "-"))
+    run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
+    trained = " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
+    frozen = " ".join(u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}) or "-"
+    run.say(f"{cfg.method}, tgl {cfg.tgl}: units (lr scale) {trained} | frozen: {frozen}")
     return run, ck
 
 def restore(run: Run, ck: dict | None):
@@ -392,11 +320,11 @@ def restore(run: Run, ck: dict | None):
         random.seed(cfg.seed + run.rank)
     if run.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for the new run
+        for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for new
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
-        path = os.path.join(cfg.out, "metrics.jsonl")
-        write_text(path, "".join(logged_lines(path, run.step) if ck and os.path.exists(path) else []))
+        path = os.path.join(cfg.out, "metrics.jsonl")  # the log as the checkpoint saw it
+        write_text(path, "".join(log_lines(path, run.step) if ck and os.path.exists(path) else []))
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if cfg.compile else run.model
@@ -404,42 +332,21 @@ def restore(run: Run, ck: dict | None):
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
-def logged_lines(path, step) -> list:
-    """The lines of metrics.jsonl up to `step`: the log agrees with the checkpoint. A torn last line (killed
-    mid-append) is dropped; a bad line elsewhere is an error."""
-    lines = read_text(path).splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            if json.loads(line)["step"] > step:
-                return [x + "\n" for x in lines[:n - 1]]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            if n < len(lines):
-                raise ValueError(f"{path}:{n}: not a metrics line; move the file away to resume") from None
-            return [x + "\n" for x in lines[:n - 1]]
-    return [x + "\n" for x in lines]
-
-# ----------------------------------------------------------------------------- evaluate, log, checkpoint
+# ----------------------------------------------------------------------------- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
-    """{"probes": {split: {ppl, em, n}}, "val_ppl"}: probe.py's scorer, so the two agree on every number."""
-    out, cfg = {}, run.cfg
+    """{split: {ppl, em, n}}: probe.py's scorer, so the two agree on every number."""
     with autocast(run.device):
-        if run.probes:
-            out["probes"] = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=cfg.metric)
-        if run.val_tokens is not None:
-            out["val_ppl"] = probe.text_ppl(run.model, run.val_tokens, cfg.val_tokens, device=run.device)
-    shown = [f"{s} ppl {r['ppl']:.2f} em {r['em']:.2f}" for s, r in sorted(out.get("probes", {}).items())]
-    run.say(f"eval step {run.step}: " + " | ".join(shown + ([f"val ppl {out['val_ppl']:.2f}"] if cfg.val_data else [])))
+        out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
+    run.say("\n".join(f"eval step {run.step}: {k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
     return out
 
-def stop(run: Run, why: str):
-    """A diverged run stops (exit 3), its last good checkpoint kept."""
+def stop(run: Run, why: str):  # a diverged run stops (exit 3), its last good checkpoint kept
     path = os.path.join(run.cfg.out, CKPT_NAME)
     last = f"step {load_checkpoint(path)['step']}" if os.path.exists(path) else "none"
     fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
 
 def log(run: Run, rec: dict):
-    """A progress line, and a line in metrics.jsonl."""
     if not math.isfinite(rec["loss"]):
         stop(run, f"loss is {rec['loss']}")
     run.say(f"step {rec['step']}/{run.cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -448,23 +355,21 @@ def log(run: Run, rec: dict):
         with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-def checkpoint(run: Run, elapsed: float):
-    """All it takes to continue bit for bit, written atomically by rank 0."""
+def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bit, written by rank 0
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
-    mine = {"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+    mine = [{"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}] * run.world
+    if run.world > 1:
+        dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
-    state = dict(config=asdict(run.model.config), model=run.model.state_dict(), lora=getattr(run.model, "lora", None),
-                 step=run.step, optimizer=run.opt.state_dict(), ranks=gathered(mine, run.world), scales=run.scales,
+    state = dict(config=asdict(run.model.config), model=run.model.state_dict(), step=run.step, ranks=mine,
+                 lora=getattr(run.model, "lora", None), optimizer=run.opt.state_dict(), scales=run.scales,
                  train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed, last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
-# ----------------------------------------------------------------------------- the loop
-
 def train(run: Run):
-    """From run.step to --steps updates."""
     cfg, opt, model = run.cfg, run.opt, run.model
     t_start = t_log = time.time()
     elapsed0, loss_sum, n_sum = run.elapsed, torch.zeros((), device=run.device), 0
@@ -485,10 +390,9 @@ def train(run: Run):
             loss_sum += loss.detach() / cfg.grad_accum
         run.step, n_sum = run.step + 1, n_sum + 1
         logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
-        # per-unit norms of this update's gradient before clipping (the paper's Figure 1), the same on every rank
+        # per-unit norms of this update's gradient before clipping: the paper's Figure 1
         grad_norms = tgl_trace.grad_norms(model) if logging else None
-        if cfg.grad_clip > 0:
-            clip_gradients(opt, cfg.grad_clip, cfg.clip_by, len(unit_names(model.config.n_layer)))
+        clip_gradients(opt, cfg.grad_clip, len(unit_names(model.config.n_layer)))
         t0 = cfg.steps / 4 if cfg.recadam_t0 is None else cfg.recadam_t0
         lam = recadam_lambda(run.step, cfg.recadam_k, t0) if run.anchors else 1.0
         opt.step(update_scale=lam)  # RecAdam: the Adam step scaled by lambda(t), then the pull toward theta0
@@ -503,27 +407,25 @@ def train(run: Run):
             if run.world > 1:
                 dist.all_reduce(loss_sum)
             run.last_loss = loss_sum.item() / n_sum / run.world
-        scoring = (run.probes or cfg.val_data) and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
+        scoring = run.probes and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
         if scoring:
             run.evals = evaluate(run) if run.rank == 0 else None
         if logging:
             tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * n_sum / (now - t_log)
             log(run, dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
-                          time=elapsed0 + now - t_start, **(run.evals or {} if scoring else {})))
+                          time=elapsed0 + now - t_start, **({"probes": run.evals} if scoring else {})))
             loss_sum, n_sum, t_log = loss_sum * 0, 0, time.time()
         if saving:
             checkpoint(run, elapsed0 + now - t_start)
 
 def finish(run: Run) -> dict:
-    """summary.json; a resumed finished run writes it exactly as the first time (time from the checkpoint)."""
+    """summary.json; a resumed finished run writes the same (its time from the checkpoint)."""
     cfg = run.cfg
-    if (run.probes or cfg.val_data) and run.evals is None and run.rank == 0:
+    if run.probes and run.evals is None and run.rank == 0:
         run.evals = evaluate(run)
     summary = dict(out=cfg.out, method=cfg.method, tgl=cfg.tgl, steps=run.step, final_loss=run.last_loss,
-                   probes=(run.evals or {}).get("probes"), scales=run.scales,
-                   trainable_params=sum(p.numel() for p in run.opt.params), time=run.elapsed)
-    summary.update(({"val_ppl": (run.evals or {}).get("val_ppl")} if cfg.val_data else {}),
-                   **({"metric": cfg.metric} if run.probes else {}))
+                   probes=run.evals, metric=cfg.metric, scales=run.scales, time=run.elapsed,
+                   trainable_params=sum(p.numel() for p in run.opt.params))
     if run.rank == 0:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
     if run.world > 1:
@@ -537,7 +439,7 @@ def get_config(argv=None) -> Config:
 
 def main(argv=None):
     cfg = get_config(argv)
-    with input_errors("train.py"):  # the one error path: bad input is one line, bugs keep their traceback
+    with input_errors("train.py"):  # bad input is one line; a bug keeps its traceback
         run, ck = setup(cfg.check())
         restore(run, ck)
         train(run)

@@ -53,7 +53,7 @@ RUN_KEYS = ("init", "max_train_tokens", "batch_size", "block_size", "grad_accum"
             "val_every", "val_tokens", "metric", "templama", "ecbd", "train_args", "trace_args", "seed")
 # Flags the driver sets itself in every train.py / trace.py command: --train-args / --trace-args must not.
 OWN_FLAGS = {"--init", "--out", "--data", "--replay-data", "--method", "--tgl", "--trace", "--probes", "--steps",
-             "--resume", "--overwrite", "--val-data", "--val-tokens", "--metric", "--text", "--batch-size",
+             "--resume", "--overwrite", "--metric", "--text", "--batch-size",
              "--block-size", "--grad-accum", "--lr", "--warmup", "--seed", "--device", "--threads"}
 
 
@@ -272,7 +272,7 @@ def train_argv(cfg, k, arm, steps) -> list:
     args = ["--init", init_of(cfg, k, arm), "--data", sd / "data" / "train.csv", "--method", method, "--tgl", tgl,
             "--probes", *probe_files(cfg, k), "--steps", steps, "--batch-size", cfg.batch_size,
             "--block-size", cfg.block_size, "--grad-accum", cfg.grad_accum, "--lr", cfg.lr, "--warmup", cfg.warmup,
-            "--seed", cfg.seed, "--val-data", sd / "data" / "val.csv", "--val-tokens", cfg.val_tokens, "--metric", cfg.metric,
+            "--seed", cfg.seed, "--metric", cfg.metric,
             "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
     if tgl != "none":
         args += ["--trace", trace_file(cfg, k, arm)]
@@ -290,6 +290,13 @@ def trace_argv(cfg, k, arm) -> list:
     return script("trace.py", "--init", init_of(cfg, k, arm), "--probes", probe_dir(cfg, k) / "diag_changed.csv",
                   "--text", old_text(cfg, k), "--out", trace_file(cfg, k, arm), "--seed", cfg.seed,
                   "--device", cfg.device, *shlex.split(cfg.trace_args))
+
+
+def val_argv(cfg, k, arm) -> list:
+    """The perplexity of the stage's held-out slice under an arm's final model (probe.py --text)."""
+    run_ = run_dir(cfg, k, arm)
+    return script("probe.py", "--init", run_, "--text", stage_dir(cfg, k) / "data" / "val.csv", "--text-tokens",
+                  cfg.val_tokens, "--json", run_ / "val.json", "--device", cfg.device)
 
 
 def init_probe_argv(cfg, k) -> list:
@@ -409,7 +416,7 @@ def run_stage(cfg, k):
     todo = [arm for arm in cfg.arms if not finished(run_dir(cfg, k, arm))]
     if not (sd / "init.json").is_file():
         run(init_probe_argv(cfg, k), logs / "init.log", cfg.threads)
-    if not todo:
+    if not todo and all((run_dir(cfg, k, arm) / "val.json").is_file() for arm in cfg.arms):
         print(f"stage {k}: every arm finished, nothing to run")
         return
     for arm in todo:
@@ -418,6 +425,9 @@ def run_stage(cfg, k):
     steps = train_steps(cfg, 0 if cfg.max_train_tokens else text_tokens(cfg, sd / "data" / "train.csv"))
     for arm in todo:
         run(train_argv(cfg, k, arm, steps), logs / f"{arm}.log", cfg.threads)
+    for arm in cfg.arms:  # held-out perplexity of each final model
+        if not (run_dir(cfg, k, arm) / "val.json").is_file():
+            run(val_argv(cfg, k, arm), logs / f"{arm}-val.log", cfg.threads)
 
 
 def start(cfg):
@@ -445,6 +455,7 @@ def arm_row(cfg, k, arm) -> dict | None:
     if not finished(run):
         return None
     s = read_json(run / "summary.json")
+    val = read_json(run / "val.json").get("text_ppl") if (run / "val.json").is_file() else None
     rates = []
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
@@ -453,7 +464,7 @@ def arm_row(cfg, k, arm) -> dict | None:
             except (ValueError, KeyError, TypeError):
                 pass
     return dict(stage=k, pair=STAGES[k - 1][0], arm=arm, run=str(run), init=init_of(cfg, k, arm), steps=s.get("steps"),
-                probes=s["probes"], val_ppl=s.get("val_ppl"), time=s.get("time"), tok_per_s=statistics.median(rates) if rates else None)
+                probes=s["probes"], val_ppl=val, time=s.get("time"), tok_per_s=statistics.median(rates) if rates else None)
 
 
 def init_row(cfg, k) -> dict | None:
@@ -538,6 +549,7 @@ def plan_stage(cfg, k) -> tuple[list, int]:
             lines.append(done(trace_file(cfg, k, arm).is_file(), trace_argv(cfg, k, arm)))
     for arm in cfg.arms:
         lines.append(done(finished(run_dir(cfg, k, arm)), train_argv(cfg, k, arm, steps or "STEPS")))
+        lines.append(done((run_dir(cfg, k, arm) / "val.json").is_file(), val_argv(cfg, k, arm)))
     if steps is None:
         lines.append("# STEPS: one pass over the stage's train.csv, known once the diff sets are fetched "
                      "(or pass --max-train-tokens)")
