@@ -1,5 +1,5 @@
-"""The method's data: tokenizers, salient-span examples, random windows, cached token arrays, probe files.
-Real data sets' downloads and probe splits: experiments/realdata.py."""
+"""Tokenizers, salient-span examples, random windows, cached token arrays, probe files (real data sets'
+downloads and splits: experiments/realdata.py)."""
 import csv
 import hashlib
 import itertools
@@ -16,10 +16,8 @@ import torch
 
 from common import atomic_path, not_utf8, read_json, write_text
 
-# ----------------------------------------------------------------------------- tokenizers
-
 class GPT2Tokenizer:
-    """GPT-2 BPE through tiktoken (offline when TIKTOKEN_CACHE_DIR holds its files)."""
+    """GPT-2 BPE by tiktoken (offline if TIKTOKEN_CACHE_DIR holds its files)."""
     name = fingerprint = "gpt2"
 
     def __init__(self):
@@ -29,13 +27,13 @@ class GPT2Tokenizer:
         except OSError as e:  # requests' errors are OSErrors
             raise ValueError(f"no GPT-2 BPE files ({type(e).__name__}): set TIKTOKEN_CACHE_DIR") from None
         self.n_vocab, self.eot = self.enc.n_vocab, self.enc.eot_token
-        self.encode = self.enc.encode_ordinary  # "<|endoftext|>" in text stays plain text
+        self.encode = self.enc.encode_ordinary  # "<|endoftext|>" in text is plain text
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
 class WordTokenizer:
-    """A closed word vocabulary (anything else is <unk>): a small softmax, fast to train on a CPU."""
+    """A closed word vocabulary, else <unk>: a small softmax, fast to train on a CPU."""
     name = "word"
     SPECIALS = ("<eot>", "<unk>")
     PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")
@@ -78,11 +76,9 @@ def load_tokenizer(spec):
     try:
         if (p / "tokenizer.json").is_file():
             return WordTokenizer.load(p / "tokenizer.json")
-    except ValueError:  # an HF tokenizer that is not WordLevel: GPT-2 BPE
+    except ValueError:  # an HF tokenizer, not WordLevel: GPT-2 BPE
         pass
     return GPT2Tokenizer()
-
-# ----------------------------------------------------------------------------- examples and windows
 
 def span_example(tokenizer, prompt, answer):
     """(idx, targets) of prompt + answer, targets -1 but on the answer: the signal is the gradient of the
@@ -109,49 +105,47 @@ def sentence_example(tokenizer, prompt, answer):
     return full[:-1], full[1:]
 
 def random_starts(n_tokens, n, block_size, seed):
-    """The one window sampler: n starts of (block_size + 1)-token windows, the same for the same seed."""
+    """n starts of (block_size + 1)-token windows, the same for the same seed."""
     if n_tokens < block_size + 1:
         raise ValueError(f"the text has {n_tokens} tokens, not more than --block-size {block_size}")
     return np.random.default_rng(seed).integers(0, n_tokens - block_size, size=n)
 
 def windows(tokens, starts, block_size):
-    """(x, y): (B, T) inputs and next-token targets of the windows that begin at `starts`."""
+    """(B, T) inputs x and next-token targets y of the windows at `starts`."""
     w = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 def collate(examples, device):
-    """Right-pad [(idx, targets)] to (B, T); padding has target -1 (and, causal, leaves real logits alone)."""
-    T = max(len(idx) for idx, _ in examples)
-    x, y = torch.zeros(len(examples), T, dtype=torch.long), torch.full((len(examples), T), -1)
+    """Right-pad [(idx, targets)] to (B, T); padding has target -1 (causal: real logits unchanged)."""
+    B, T = len(examples), max(len(idx) for idx, _ in examples)
+    x, y = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
     for b, (idx, tgt) in enumerate(examples):
         x[b, :len(idx)], y[b, :len(tgt)] = torch.as_tensor(idx), torch.as_tensor(tgt)
     return x.to(device), y.to(device)
 
 class Batcher:
-    """Random windows as (x, y): batch k is this rank's slice of batch_size * world_size windows drawn
-    with seed (seed, k). So 2 ranks x B/2 see what 1 rank x B sees, and the state is k (exact resume)."""
+    """Batch k: this rank's slice of batch_size * world_size random (x, y) windows seeded (seed, k). So 2
+    ranks x B/2 see what 1 rank x B sees, and k is the state (exact resume)."""
 
     def __init__(self, tokens, block_size, batch_size, seed, rank=0, world_size=1):
-        random_starts(len(tokens), 0, block_size, seed)  # too short a text fails here, not at the first batch
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.world_size, self.step = seed, rank, world_size, 0
+        random_starts(len(tokens), 0, block_size, seed)  # too short a text fails now, not at batch 1
+        self.tokens, self.block_size, self.seed, self.step = tokens, block_size, seed, 0
+        self.n, self.mine = batch_size * world_size, slice(rank * batch_size, (rank + 1) * batch_size)
 
     def next(self):
-        b = self.batch_size
-        starts = random_starts(len(self.tokens), b * self.world_size, self.block_size, [self.seed, self.step])
+        starts = random_starts(len(self.tokens), self.n, self.block_size, [self.seed, self.step])[self.mine]
         self.step += 1
-        return windows(self.tokens, starts[self.rank * b:(self.rank + 1) * b], self.block_size)
+        return windows(self.tokens, starts, self.block_size)
 
     def state_dict(self):
-        return {"seed": int(self.seed), "step": int(self.step)}
+        return {"seed": int(self.seed), "step": self.step}
 
     def load_state_dict(self, d):
         self.seed, self.step = int(d["seed"]), int(d["step"])
 
 class Stream:
-    """train.py's batches. Mix-Review (He et al. 2021) fights forgetting by replaying old text in the new
-    batches: the last round(B * replay_ratio * replay_decay ** (step / steps)) rows come from `replay`. Both
-    samplers draw every step, so a step's data depends on the step only: exact resume."""
+    """train.py's batches. Mix-Review (He et al. 2021) fights forgetting: the last n_replay(step) rows replay
+    old text. Both samplers draw every step: a step's data depend on it alone (exact resume)."""
 
     def __init__(self, tokens, replay, cfg, block_size, rank=0, world=1):  # cfg: train.Config
         self.b, self.cfg = cfg.batch_size // world, cfg
@@ -163,10 +157,10 @@ class Stream:
         return round(self.b * c.replay_ratio * c.replay_decay ** (step / c.steps)) if self.old else 0
 
     def next(self, step):
-        x, y = self.new.next()  # (b, T) each
+        x, y = self.new.next()
         if self.old:
-            (xr, yr), n = self.old.next(), self.n_replay(step)
-            x, y = torch.cat([x[:self.b - n], xr[:n]]), torch.cat([y[:self.b - n], yr[:n]])
+            n = self.n_replay(step)
+            x, y = (torch.cat([a[:self.b - n], r[:n]]) for a, r in zip((x, y), self.old.next()))
         return x, y
 
     def state_dict(self):
@@ -176,9 +170,6 @@ class Stream:
         self.new.load_state_dict(d["new"])
         self.old and self.old.load_state_dict(d["old"])
 
-# ----------------------------------------------------------------------------- token arrays
-# A snapshot is billions of tokens: streamed a document at a time, memory stays flat.
-
 def _source_files(path):
     p, ext = Path(path), (".txt", ".csv")
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in ext and f.is_file()) if p.is_dir() else [p]
@@ -187,23 +178,27 @@ def _source_files(path):
     return files
 
 def iter_documents(path):
-    """The documents of a .txt (blocks between blank lines), a TemporalWiki .csv (`text`) or a folder."""
+    """Documents of a .txt (blocks between blank lines), a TemporalWiki .csv (`text`) or a folder."""
     for f in _source_files(path):
-        is_csv = f.suffix.lower() == ".csv"
-        try:
-            with open(f, encoding="utf-8", newline="" if is_csv else None) as lines:
-                docs = ((r["text"] for _, r in _csv_records(lines, f, ["text"])) if is_csv else
-                        ("".join(b) for blank, b in itertools.groupby(lines, str.isspace) if not blank))
-                yield from filter(None, map(str.strip, docs))
-        except UnicodeDecodeError as e:
-            raise not_utf8(f, e) from None
+        if f.suffix.lower() == ".csv":
+            docs = (r["text"] for _, r in _csv_records(_lines(f), f, ["text"]))
+        else:
+            docs = ("".join(b) for blank, b in itertools.groupby(_lines(f, None), str.isspace) if not blank)
+        yield from filter(None, map(str.strip, docs))
+
+def _lines(path, newline=""):
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
 
 def _csv_records(lines, path, columns):
-    csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows exceed csv's default 131,072 characters
+    csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows pass csv's default limit
     rows = csv.reader(lines)
     header = [h.strip() for h in next(rows, [])]
     missing = [repr(c) for c in columns if c not in header]
-    if missing:  # a CSV read as plain text would train on its header and quotes
+    if missing:  # else a CSV read as text trains on its header and quotes
         raise ValueError(f"{path}:1: no {', '.join(missing)} column")
     for row in rows:
         if len(row) != len(header):
@@ -218,8 +213,8 @@ def parse_text_spec(spec):
     return m[1], int(float(m[2]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[3]])
 
 def load_tokens(spec, tokenizer):
-    """Text (iter_documents) -> token memmap, an eot after each document: all, or the first N of 'PATH@N'.
-    Cached next to the text (else in ~/.cache/tgl) keyed by its bytes, the tokenizer and N."""
+    """Text -> token memmap, eot after each document, streamed (billions of tokens, flat memory): all or
+    the first N of 'PATH@N'. Cached next to the text (else ~/.cache/tgl), keyed by bytes, tokenizer and N."""
     path, n = parse_text_spec(spec)
     if n == 0:
         raise ValueError(f"{spec}: N must be positive")
@@ -227,13 +222,12 @@ def load_tokens(spec, tokenizer):
     for f in _source_files(path):
         with open(f, "rb") as src:
             h.update(str(f.relative_to(root)).encode() + hashlib.file_digest(src, "sha1").digest())
-    stem = f"{Path(path).name}.{tokenizer.name}" + (f".n{n}" if n else "")
-    name = f"{stem}-{h.hexdigest()[:16]}.tokens.bin"
+    name = f"{Path(path).name}.{tokenizer.name}{f'.n{n}' if n else ''}-{h.hexdigest()[:16]}.tokens.bin"
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     d = root if os.access(root, os.W_OK) else Path.home() / ".cache/tgl"
     if not (d / name).is_file():
         d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / name) as tmp, open(tmp, "wb") as out:  # a crash never leaves half an array
+        with atomic_path(d / name) as tmp, open(tmp, "wb") as out:
             k = 0
             for doc in iter_documents(path):
                 ids = (tokenizer.encode(doc) + [tokenizer.eot])[:n - k if n else None]
@@ -245,8 +239,6 @@ def load_tokens(spec, tokenizer):
                 raise ValueError(f"{path}: no text")
     return np.memmap(d / name, dtype=dtype, mode="r")
 
-# ----------------------------------------------------------------------------- probes
-
 @dataclass
 class Probe:
     id: str
@@ -254,15 +246,15 @@ class Probe:
     answers: list
     split: str
     relation: str = ""
-    context: str = ""  # ECBD's definition, put before the prompt when scoring with context
-    date: str = ""  # as the data has it: '2019', '2019-Q1', a month pair '0801-0901'
+    context: str = ""  # ECBD's definition, before the prompt when scoring with context
+    date: str = ""  # as in the data: '2019', '2019-Q1', '0801-0901' (months)
     source: str = field(default="", compare=False)
 
-# JSON lines: the key of the text -> (its answer slot, keys of answer, id, relation, date)
+# JSON lines: text key -> (answer slot, keys of answer, id, relation, date)
 JSON_FORMATS = {"query": ("_X_", "answer", "id", "relation", "date"),  # TempLAMA, Dynamic TempLAMA
                 "masked_sentence": ("<extra_id_0>", "answer_str", "ex_id", "span_type", "year")}  # ECBD
 # TempLAMA's P286, P6, P488 put the object first ('_X_ is the head coach of Chelsea F.C..'); a causal LM
-# cannot predict a span before its subject: object last, as Dynamic TempLAMA's `_improved` templates.
+# needs its subject first: object last, as Dynamic TempLAMA's `_improved` templates.
 OBJECT_FIRST = re.compile(r"_X_ is (the .+?)\.?")
 TWIKI_PAIR = re.compile(r"(\d{4}-\d{4})_(changed|unchanged)")  # TemporalWiki: 0801-0901_changed.csv
 TWIKI_COLUMNS = ("subject", "relation", "object")
@@ -274,7 +266,7 @@ def answer_names(ans, key="answer"):
         raise ValueError(f"empty or malformed {key} {ans!r}")
     return names
 
-# READERS: (record, default id) -> a Probe (split '' unless the record names one) or None (skip).
+# READERS: (record, default id) -> a Probe (split '' unless the record has one), None to skip.
 
 def _json(rec, rid):
     key = next((k for k in JSON_FORMATS if k in rec), None)
@@ -286,7 +278,7 @@ def _json(rec, rid):
     if slot not in text:
         raise ValueError(f"{key} has no {slot} slot: {text!r}")
     prompt = text.split(slot)[0].rstrip()
-    if slot == "_X_" and not prompt:  # object first: never score after an empty prompt
+    if slot == "_X_" and not prompt:
         m = OBJECT_FIRST.fullmatch(text.strip())
         if not m:
             print(f"{rid}: skipped, the object comes first: {text!r}", file=sys.stderr)
@@ -298,9 +290,9 @@ def _json(rec, rid):
 
 def _twiki(rec, rid):
     subj, rel, obj = (rec[k].strip() for k in TWIKI_COLUMNS)
-    if not subj or not obj:
+    if not (subj and obj):
         raise ValueError("empty subject or object")
-    pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # the date: the file's month pair
+    pair = TWIKI_PAIR.fullmatch(rid.rsplit(":", 1)[0].lower())  # date: the file's month pair
     return Probe(rid, f"{subj} {rel}", [obj], "", rel, date=pair[1] if pair else "")
 
 READERS = {".jsonl": _json, ".json": _json, ".csv": _twiki}
@@ -309,21 +301,18 @@ def probe_records(path):
     ext = Path(path).suffix.lower()
     if ext not in READERS:
         raise ValueError(f"{path}: unknown probe format '{ext}' (.jsonl, .json or .csv)")
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if ext == ".csv":
-                yield from _csv_records(f, path, TWIKI_COLUMNS)
-            for n, line in enumerate(f, 1):  # JSON lines (a CSV is read to its end)
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"{path}:{n}: expected a JSON object per line")
-                    yield n, rec
-    except UnicodeDecodeError as e:
-        raise not_utf8(path, e) from None
+    if ext == ".csv":
+        yield from _csv_records(_lines(path), path, TWIKI_COLUMNS)
+        return
+    for n, line in enumerate(_lines(path), 1):  # JSON lines
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object per line")
+            yield n, rec
 
 def _split_from_name(path):
     m = re.fullmatch(r"(.*)_(changed|unchanged)", Path(path).stem.lower())
@@ -336,12 +325,12 @@ def read_probes(spec):
     for n, rec in probe_records(path):
         try:
             p = READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
-        except ValueError as e:  # the readers' errors name no place
+        except ValueError as e:  # readers' errors name no place
             raise ValueError(f"{path}:{n}: {e}") from None
         if p:
             p.split, p.source = split or p.split or _split_from_name(path), path
             probes.append(p)
-    if not probes:  # never a silent skip: an empty file would quietly drop a split
+    if not probes:  # an empty file would silently drop a split
         raise ValueError(f"{path}: holds no probes")
     probes = filter_dates(probes, dates, path) if dates else probes
     if not split and len({p.date for p in probes}) > 1:
@@ -350,8 +339,8 @@ def read_probes(spec):
     return probes
 
 def read_probe_files(specs):
-    """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get splits named
-    after the file ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
+    """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get their file's
+    name as split ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
     owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})
     clash = {f for f, given, ps in files if not given and any(owners[p.split] > 1 for p in ps)}
@@ -367,7 +356,7 @@ def read_probe_files(specs):
     return [p for _, _, ps in files for p in ps]
 
 def parse_probe_spec(spec):
-    """'FILE[@DATES][:SPLIT]' -> (FILE, DATES or None, SPLIT or None); a path that exists is taken as is."""
+    """'FILE[@DATES][:SPLIT]' -> (FILE, DATES, SPLIT), None if absent; a path that exists is taken as is."""
     path, dates, split = str(spec), None, None
     if not Path(path).exists() and ":" in path:
         path, split = path.rsplit(":", 1)
@@ -382,6 +371,6 @@ def filter_dates(probes, dates, where):
     kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:
         have = sorted({p.date for p in probes if p.date})
-        raise ValueError(f"{where}: no probe has a date in '{dates}' (it has {', '.join(have[:6]) or 'none'}"
-                         f"{' ...' * (len(have) > 6)})")
+        have = ", ".join(have[:6]) + " ..." * (len(have) > 6) or "none"
+        raise ValueError(f"{where}: no probe has a date in '{dates}' (it has {have})")
     return kept

@@ -1,10 +1,10 @@
 """Steps 1 and 2 of TGL: trace where new knowledge pulls on the model, then choose the units to train.
 
   1. Trace. For every unit u (embed, h.{i}.attn, h.{i}.mlp, ln_f; see model.unit_of):
-         span_norm[u] = mean over probes of ||grad_u L_span||   (the loss on the answer tokens only)
-         lm_norm[u]   = mean over random windows of old text of ||grad_u L_lm||
-         rgn[u]       = span_norm[u] / lm_norm[u]
-  2. Select. tgl_plan() turns a trace into a number per unit: 0 (frozen, TGL+FP) or an LR scale (TGL+ALR).
+     span_norm[u] = mean over probes of ||grad_u L_span||   (loss on the answer tokens only)
+     lm_norm[u]   = mean over random windows of old text of ||grad_u L_lm||
+     rgn[u]       = span_norm[u] / lm_norm[u]
+  2. Select. tgl_plan(): per unit 0 (frozen, TGL+FP) or an LR scale (TGL+ALR).
 
     python trace.py --init RUN --probes diag_updated.jsonl diag_new.jsonl --text t0.txt --out trace.json
 """
@@ -37,11 +37,9 @@ def grad_norms(model) -> dict:  # of the .grad now: train.py's log
     return unit_norms(*zip(*named)) if named else {}
 
 class GradNormHooks:
-    """While entered, a hook on each parameter that requires grad (all, with all_params) records ||grad||
-    and drops it; eval mode (no dropout: the model's gradient, not a sub-network's), .grad set aside.
-    Why a post-accumulate hook on the Parameter, not a hook on its gradient tensor: that fires once per
-    *use* (the tied wte is used twice: embedding, LM head), on partial gradients; this one once, on the
-    sum. Why drop p.grad: no full gradient is ever kept, so tracing costs a forward and a backward."""
+    """While entered, each parameter requiring grad (all, with all_params) records ||grad|| and drops it
+    (no full gradient is ever held); eval mode (no dropout), .grad set aside. A post-accumulate hook fires
+    once, on the sum; a tensor hook would fire per *use* (the tied wte: embedding, LM head) on partials."""
 
     def __init__(self, model, all_params=False):
         self.model = model
@@ -78,9 +76,8 @@ class GradNormHooks:
 def trace_norms(model, example_sets: dict, device=None, all_params=False) -> dict:
     """{name: ({unit: mean gradient norm}, n)} for named sets of n (idx, targets)."""
     device, out = device or next(model.parameters()).device, {}
-    # Why one example per backward: the method averages per-example norms. A batch's gradient is a mean
-    # of per-example gradients whose directions partly cancel, so its norm shrinks with the batch, and
-    # differently for the span loss (few, similar tokens) than for the LM loss (many tokens).
+    # One example per backward: the method averages per-example norms; a batch's norm shrinks as its
+    # examples partly cancel, unequally for the span (few, similar tokens) and LM losses.
     with torch.enable_grad(), GradNormHooks(model, all_params) as hooks:
         for name, examples in example_sets.items():
             total = {}
@@ -94,10 +91,9 @@ def trace_norms(model, example_sets: dict, device=None, all_params=False) -> dic
             out[name] = ({u: v / len(examples) for u, v in total.items()}, len(examples))
     return out
 
-def result(span, lm) -> dict:  # a trace from the span and LM norms, each ({unit: mean norm}, n)
-    # Why the ratio, not the span norm alone: some units have large gradients for any text (embeddings,
-    # the first block). Dividing by the LM norm asks where *this knowledge* pulls harder than ordinary
-    # language does. An LM norm of exactly 0 gives rgn 0 (JSON has no inf).
+def result(span, lm) -> dict:  # a trace from span and LM norms, each ({unit: mean norm}, n)
+    # The ratio, not the span norm: some units (embeddings, the first block) have large gradients for
+    # any text; rgn asks where *this knowledge* pulls harder than ordinary text. LM norm 0: rgn 0, not inf.
     (s, n_span), (m, n_lm) = span, lm
     return {"units": list(s), "span_norm": s, "lm_norm": m, "n_span": n_span, "n_lm": n_lm,
             "rgn": {u: s[u] / m[u] if m[u] > 0 else 0.0 for u in s}}
@@ -106,13 +102,13 @@ def trace(model, span_examples, lm_windows, device=None, all_params=False) -> di
     return result(*trace_norms(model, {"span": span_examples, "lm": lm_windows}, device, all_params).values())
 
 # ----- step 2: select
-DEFAULT_FLOOR = 0.01  # ALR's smallest LR scale; --floor 0 lets ALR freeze
+DEFAULT_FLOOR = 0.01
 
 @dataclass
 class Selection:
     """The choices the paper leaves open: flags of trace.py and train.py."""
     select: str = flag("mean", "fp rule: mean (rgn above the mean), topk:K or frac:F")
-    # blocks: the paper ranks layers, and no choice cost more learning than FP freezing the tied embedding
+    # blocks: the paper ranks layers; no choice cost more learning than FP freezing the tied embedding
     rank_units: str = flag("blocks", "units ranked: all, blocks, attn, mlp or a list; others train")
     alr_norm: str = flag("max", "alr scale: rgn/max (paper) or rgn/mean capped at 1", choices=["max", "mean"])
     floor: float = flag(DEFAULT_FLOOR, "alr: smallest LR scale (0 lets alr freeze)", type=number("[0, 1]"))
@@ -126,7 +122,7 @@ class Selection:
         return self
 
 def rule(text: str):
-    """--select: mean | topk:K (K >= 1) | frac:F (0 < F <= 1) -> (kind, K or F)."""
+    """--select -> (kind, K or F)."""
     kind, _, val = text.partition(":")
     with suppress(ValueError):
         value = {"topk": int, "frac": float}.get(kind, str)(val)
@@ -135,7 +131,7 @@ def rule(text: str):
     raise ValueError(f"bad --select {text!r}: use mean, topk:K (K >= 1) or frac:F (0 < F <= 1)")
 
 def resolve_units(spec: str, units) -> list:
-    """--rank-units: all | blocks | attn | mlp | a comma list of units."""
+    """--rank-units -> the ranked units."""
     part = {"all": "", "blocks": "h.", "attn": ".attn", "mlp": ".mlp"}.get(spec)
     chosen = [u for u in units if part in u] if part is not None else \
         [u.strip() for u in spec.split(",") if u.strip()]
@@ -144,28 +140,27 @@ def resolve_units(spec: str, units) -> list:
     return chosen
 
 def select(rgn: dict, mode="fp", rule_="mean", units=None, alr_norm="max", floor=DEFAULT_FLOOR) -> dict:
-    """{unit: scale} from relative norms; only `units` (default: all) are ranked, the others keep 1.0.
-    fp: 1 selected, 0 frozen. mean: rgn above the mean (all if none is); topk:K the K largest; frac:F the
-    ceil(F * n) largest. alr: rgn / max (paper) or min(1, rgn / mean) (none above lr), at least floor."""
+    """{unit: scale}; only `units` (default: all) are ranked, others keep 1. fp: 1 chosen, 0 frozen;
+    mean: rgn above the mean (all if none is), topk:K the K largest, frac:F the ceil(F * n) largest.
+    alr: rgn / max (paper) or min(1, rgn / mean), at least floor."""
     ranked = list(rgn) if units is None else list(units)
     if not ranked or not set(ranked) <= set(rgn):
         raise ValueError(f"ranked units {ranked}: want a non-empty subset of {list(rgn)}")
     mean, scales = sum(rgn[u] for u in ranked) / len(ranked), dict.fromkeys(rgn, 1.0)
-    if mode == "fp":  # TGL+FP: train where knowledge pulls hardest
+    if mode == "fp":
         kind, value = rule(rule_)
-        if kind == "mean":  # the paper's rule: the count adapts to how peaked the trace is
+        if kind == "mean":  # the paper's: the count adapts to how peaked the trace is
             chosen = {u for u in ranked if rgn[u] > mean} or set(ranked)
         else:
             k = value if kind == "topk" else math.ceil(value * len(ranked))
             chosen = set(sorted(ranked, key=lambda u: -rgn[u])[:k])  # stable: ties go to the earlier
-        return dict(scales, **{u: float(u in chosen) for u in ranked})
-    # TGL+ALR: lr proportional to rgn, the most wanted at the full lr
+        return scales | {u: float(u in chosen) for u in ranked}
     ref = max(rgn[u] for u in ranked) if alr_norm == "max" else mean
-    return dict(scales, **{u: max(floor, min(1.0, rgn[u] / ref)) if ref > 0 else 1.0 for u in ranked})
+    return scales | {u: max(floor, min(1.0, rgn[u] / ref)) if ref > 0 else 1.0 for u in ranked}
 
 def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
-    """THE place where TGL decides: a trace -> {unit: lr scale} for each of the model's `units`: 0 frozen
-    (FP), else trains at lr * scale (ALR). train.py's optimizer (and LoRA) takes it; trace.py records it."""
+    """Where TGL decides: a trace -> {unit: lr scale} for the model's `units`: 0 frozen (FP), else lr *
+    scale (ALR). train.py's optimizer (and LoRA) takes it."""
     rgn = (trace if sel.trace_split == "all" else trace.get("splits", {}).get(sel.trace_split, {})).get("rgn")
     if rgn is None:
         raise ValueError(f"--trace-split: the trace has no split {sel.trace_split!r}")
@@ -176,19 +171,19 @@ def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
             raise ValueError(f"trace rgn of {u} is {v!r}, not a finite number >= 0")
     ranked = resolve_units(sel.rank_units, units)
     scales = select(rgn, mode, sel.select, ranked, sel.alr_norm, sel.floor)
-    # Controls: does the trace beat chance? Only ranked units change. complement (fp): those TGL freezes
-    # train and vice versa. random:S, seed S: fp draws as many ranked units; alr shuffles TGL's scales.
+    # Controls: does the trace beat chance? Only ranked units change. complement (fp): frozen and trained
+    # swap; random:S (seed S): fp draws as many units, alr shuffles the scales.
     if sel.control == "complement":
         if mode != "fp":
             raise ValueError("--control complement applies to --tgl fp only")
-        return dict(scales, **{u: 1.0 - scales[u] for u in ranked})
+        return scales | {u: 1.0 - scales[u] for u in ranked}
     if sel.control.startswith("random:"):
         rng, values = random.Random(int(sel.control[7:])), [scales[u] for u in ranked]
         if mode == "fp":
             chosen = set(rng.sample(ranked, int(sum(values))))
-            return dict(scales, **{u: float(u in chosen) for u in ranked})
+            return scales | {u: float(u in chosen) for u in ranked}
         rng.shuffle(values)
-        return dict(scales, **dict(zip(ranked, values)))
+        return scales | dict(zip(ranked, values))
     return scales
 
 # ----- files in, trace out
@@ -259,7 +254,7 @@ def main(argv=None) -> dict:
     parser = Parser(prog="trace.py", description=__doc__.split("\n")[0])
     add_flags(parser, TraceConfig)
     cfg = from_args(TraceConfig, parser.parse_args(argv))
-    with input_errors("trace.py"):  # bad input: one line, exit 2
+    with input_errors("trace.py"):
         cfg.selection.check()
         check_output(cfg.out, "--out")
         model = load_model(cfg.init, device := pick_device(cfg.device))
