@@ -53,6 +53,12 @@ def from_args(config, args):
     return config(**{f.name: from_args(type(_default(f)), args) if is_dataclass(_default(f))
                      else getattr(args, f.name) for f in fields(config)})
 
+def parse_config(config, prog: str, doc: str, argv=None):
+    """A script's config dataclass from its command line: the flags are the fields (add_flags)."""
+    parser = Parser(prog=prog, description=doc.split("\n")[0])
+    add_flags(parser, config)
+    return from_args(config, parser.parse_args(argv))
+
 def number(interval: str, kind=float):
     """An argparse type: a finite int or float in an interval such as "[0, 1)" or "(0, inf)"."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))

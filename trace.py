@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 import data
-from common import Parser, add_flags, check_output, flag, from_args, input_errors, number, read_json
-from common import write_text
+from common import check_output, flag, input_errors, number, parse_config, read_json, write_text
 from model import autocast, load_model, pick_device, unit_names, unit_of
 
 # ----- step 1: trace
@@ -251,9 +250,7 @@ def report(d: dict) -> str:  # Figure 2: python -m experiments.plot --trace FILE
     return "\n".join(rows) + f"\ntraced: {d['counts']}"
 
 def main(argv=None) -> dict:
-    parser = Parser(prog="trace.py", description=__doc__.split("\n")[0])
-    add_flags(parser, TraceConfig)
-    cfg = from_args(TraceConfig, parser.parse_args(argv))
+    cfg = parse_config(TraceConfig, "trace.py", __doc__, argv)
     with input_errors("trace.py"):
         cfg.selection.check()
         check_output(cfg.out, "--out")

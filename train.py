@@ -16,8 +16,8 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import Parser, add_flags, check_output, fail, flag, from_args, init_distributed, input_errors
-from common import log_lines, number, write_text
+from common import check_output, fail, flag, init_distributed, input_errors, log_lines, number, parse_config
+from common import write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
@@ -432,13 +432,8 @@ def finish(run: Run) -> dict:
         dist.destroy_process_group()
     return summary
 
-def get_config(argv=None) -> Config:
-    parser = Parser(prog="train.py", description=__doc__.split("\n")[0])
-    add_flags(parser, Config)
-    return from_args(Config, parser.parse_args(argv))
-
 def main(argv=None):
-    cfg = get_config(argv)
+    cfg = parse_config(Config, "train.py", __doc__, argv)
     with input_errors("train.py"):  # bad input is one line; a bug keeps its traceback
         run, ck = setup(cfg.check())
         restore(run, ck)
