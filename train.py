@@ -21,7 +21,8 @@ from common import write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
-INT, POS, NONNEG, UNIT = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)"), number("[0, 1)")
+INT, POS, NONNEG = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)")
+UNIT = number("[0, 1)")
 REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
 
 @dataclass
@@ -29,7 +30,7 @@ class Config:
     """train.py's flags; --resume may change only the FREE ones."""
     init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder", **FREE)
-    data: str = flag(None, "training text: .txt, .csv (text column), a folder; PATH@N: N tokens", required=True)
+    data: str = flag(None, "training text: .txt, .csv, a folder; PATH@N: its N first tokens", required=True)
     tokenizer: str = flag(None, "gpt2, word (tokenizer.json of --init or by --data) or a tokenizer.json")
     n_layer: int = flag(4, "scratch: layers", type=POS)
     n_head: int = flag(4, "scratch: attention heads", type=POS)
@@ -40,7 +41,7 @@ class Config:
     method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
     replay_data: str = flag(None, "mixreview: old text replayed in each batch")
     replay_ratio: float = flag(0.25, "mixreview: replay share of a batch at step 0", type=number("[0, 1]"))
-    # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left at the end
+    # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left
     replay_decay: float = flag(0.25, "mixreview: the share at the end, relative to step 0", type=NONNEG)
     recadam_gamma: float = flag(100.0, "recadam: strength of the pull to the start weights", type=NONNEG)
     recadam_k: float = flag(0.05, "recadam: k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=REAL)
@@ -48,7 +49,7 @@ class Config:
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter output times alpha/rank", type=number("(0, inf)"))
     # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
-    tgl: str = flag("none", "fp freezes unselected units, alr scales units' lr", choices=["none", "fp", "alr"])
+    tgl: str = flag("none", "fp: freeze unselected units; alr: scale their lr", choices=["none", "fp", "alr"])
     trace: str = flag(None, "trace.py's trace.json")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
@@ -67,7 +68,7 @@ class Config:
     # evaluation, logging, checkpoints, hardware
     probes: list = flag([], "probe files to score", nargs="+", **FREE)
     eval_every: int = flag(0, "score every N updates (0: at the end)", type=INT, **FREE)
-    metric: str = flag("span", "perplexity of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
+    metric: str = flag("span", "ppl of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
     log_every: int = flag(10, "log (and NaN check) every N updates", type=POS, **FREE)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
     resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **FREE)
@@ -80,11 +81,12 @@ class Config:
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data) if f]
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
         paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
-        held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
+        files = (CKPT_NAME, "metrics.jsonl", "summary.json")
+        held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
                          (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
-                         (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
+                         (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
                          (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
@@ -99,9 +101,9 @@ class Config:
 
     def run_defining(self) -> dict:  # what decides what the run computes: what --resume compares
         flat = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("resume_free")}
-        return dict(flat, **asdict(flat.pop("selection")))
+        return dict(flat, **asdict(flat.pop("selection")), processes=int(os.environ.get("WORLD_SIZE", 1)))
 
-# ----------------------------------------------------------------------------- the optimizer
+# ----- the optimizer
 
 class AdamW:
     """AdamW (Loshchilov & Hutter 2019), written out. For each parameter, at update t:
@@ -138,7 +140,8 @@ class AdamW:
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, math.sqrt(1 - self.beta2 ** self.t))
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr * update_scale / (1 - self.beta1 ** self.t) for lr in lrs])
+        bias1 = 1 - self.beta1 ** self.t
+        torch._foreach_addcdiv_(params, m, denom, [-lr * update_scale / bias1 for lr in lrs])
 
     def zero_grad(self):
         for p in self.params:
@@ -180,7 +183,7 @@ def lr_at(step, cfg: Config):  # linear warmup, then cosine, linear or no decay
     coef = {"none": 1.0, "linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.decay]
     return cfg.lr if cfg.decay == "none" else cfg.min_lr + coef * (cfg.lr - cfg.min_lr)
 
-# ----------------------------------------------------------------------------- continual-learning methods
+# ----- continual-learning methods
 
 def recadam_lambda(t, k, t0):
     """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the old weights; lambda(t)
@@ -197,21 +200,23 @@ def recadam_pull(opt, anchors, gamma, lam):
     torch._foreach_mul_(diff, [-min(1.0, lr * gamma * (1 - lam)) for lr in lrs])
     torch._foreach_add_(opt.params, diff)
 
-# ----------------------------------------------------------------------------- setup
+# ----- setup
 
 def build_model(cfg: Config, device):
     """The tokenizer and the starting model (RecAdam's theta0): new from --seed, or loaded."""
     spec = cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init)
     if spec == "word":  # the vocabulary of the run it continues, or of the world the data comes from
-        near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
+        near = [os.path.join(d, "tokenizer.json")
+                for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
         spec = next((p for p in near if os.path.isfile(p)), None)
         if spec is None:
             raise ValueError(f"--tokenizer word: no {' or '.join(near)}; give a tokenizer.json")
     tok = data.load_tokenizer(spec)
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
-        return tok, GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
-                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)).to(device)
+        conf = GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)
+        return tok, GPT(conf).to(device)
     try:
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
@@ -232,14 +237,14 @@ class Run:  # what the loop reads and writes
     tokenizer: object
     model: GPT
     opt: AdamW
-    scales: dict | None             # tgl_plan's {unit: lr scale}
-    anchors: list | None            # RecAdam's theta0
+    scales: dict | None   # tgl_plan's {unit: lr scale}
+    anchors: list | None  # RecAdam's theta0
     probes: list
     block_size: int
     stream: data.Stream = None
-    dmodel: torch.nn.Module = None  # the forward pass's: the GPT, compiled and/or DDP-wrapped
+    dmodel: torch.nn.Module = None  # the GPT, compiled and/or DDP-wrapped: the forward pass's
     step: int = 0
-    elapsed: float = 0.0            # training seconds, as of the last checkpoint
+    elapsed: float = 0.0  # training seconds, as of the last checkpoint
     last_loss: float = None
     evals: dict = None
 
@@ -256,9 +261,7 @@ def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run
             if saved.get(k) != v]
     for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): use those, "
                             "or --overwrite or another --out"),
-                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}"),
-                     (ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)),
-                      f"{path} was written by {ck['world_size']} processes; resume with as many")]:
+                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}")]:
         if bad:
             raise ValueError("--resume: " + msg)
     return ck
@@ -332,19 +335,18 @@ def restore(run: Run, ck: dict | None):
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
-# ----------------------------------------------------------------------------- evaluate, log, checkpoint, the loop
+# ----- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
     """{split: {ppl, em, n}}: probe.py's scorer, so the two agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
-    run.say("\n".join(f"eval step {run.step}: {k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
+    run.say("\n".join(f"eval step {run.step}: {s} ppl {r['ppl']:.2f} em {r['em']:.2f}"
+                      for s, r in out.items()))
     return out
 
-def stop(run: Run, why: str):  # a diverged run stops (exit 3), its last good checkpoint kept
-    path = os.path.join(run.cfg.out, CKPT_NAME)
-    last = f"step {load_checkpoint(path)['step']}" if os.path.exists(path) else "none"
-    fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
+def stop(run: Run, why: str):  # a diverged run stops (exit 3); its last good checkpoint stays
+    fail(f"{why} at step {run.step}; stopped: {run.cfg.out}/{CKPT_NAME}, if any, is good", "train.py", code=3)
 
 def log(run: Run, rec: dict):
     if not math.isfinite(rec["loss"]):
@@ -358,14 +360,16 @@ def log(run: Run, rec: dict):
 def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bit, written by rank 0
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
-    mine = [{"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
-             "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}] * run.world
+    cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
+    mine = [dict(sampler=run.stream.state_dict(), torch=torch.get_rng_state(), python=random.getstate(),
+                 cuda=cuda)] * run.world
     if run.world > 1:
         dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), step=run.step, ranks=mine,
                  lora=getattr(run.model, "lora", None), optimizer=run.opt.state_dict(), scales=run.scales,
-                 train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed, last_loss=run.last_loss)
+                 train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed,
+                 last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
@@ -403,7 +407,7 @@ def train(run: Run):
         # once in a while: evaluate, log, checkpoint
         now, done = time.time(), run.step == cfg.steps
         saving = done or (cfg.save_every and run.step % cfg.save_every == 0)
-        if logging or saving:  # the mean loss since the last log line: the one place that waits for the device
+        if logging or saving:  # the mean loss since the last log line: the one wait for the device
             if run.world > 1:
                 dist.all_reduce(loss_sum)
             run.last_loss = loss_sum.item() / n_sum / run.world
