@@ -16,8 +16,7 @@ def fail(msg: str, prog: str = "", code: int = 2):
 
 @contextmanager
 def input_errors(prog: str):
-    """The one error boundary: ValueError and OSError are bad input (a missing file, a malformed line, a bad
-    value) and become one line; anything else is a bug and keeps its traceback."""
+    """The one error boundary: a ValueError or OSError is bad input, told in one line; a bug keeps its traceback."""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -73,6 +72,8 @@ def number(interval: str, kind=float):
         return v
     return parse
 
+POS = number("[1, inf)", int)
+
 def check_output(path, flag: str, kind: str = "file"):
     """Before slow work: `path` can be written as a `kind` ("file" or "dir")."""
     folder = os.path.dirname(path) or "."
@@ -126,8 +127,8 @@ def _dead(pid: str) -> bool:
 
 @contextmanager
 def atomic_path(path):
-    """The one way this project writes a file: into path.PID.tmp, renamed over `path` once complete, so a
-    crash never leaves half a file where a good one was. Dead writers' temporaries go."""
+    """The one way files are written: into path.PID.tmp, renamed over `path` once complete (a crash never
+    leaves half a file); dead writers' temporaries go."""
     for tmp in glob.glob(glob.escape(str(path)) + ".*.tmp"):
         pid = tmp[len(str(path)) + 1:-4]
         if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
@@ -186,8 +187,8 @@ def _get(url, part, timeout):
                 raise OSError(f"got {f.tell()} of {have + length} bytes")
 
 def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
-    """url -> dest via dest.part, renamed once complete; a broken transfer resumes from the .part with an
-    HTTP Range request (here or in a later call); no network at all fails at once."""
+    """url -> dest via dest.part, renamed once complete; a broken transfer resumes (HTTP Range), here or in
+    a later call; no network fails at once."""
     import requests
     part = dest + ".part"
     for attempt in range(1, retries + 1):

@@ -9,12 +9,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
-from common import check_output, flag, input_errors, number, parse_config, write_text
+from common import POS, check_output, flag, input_errors, parse_config, write_text
 from model import autocast, load_model, pick_device, unwrap
 
 METRICS = ("span", "sentence")
 MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's fp32 logits < 0.8 GB
-POS = number("[1, inf)", int)
 
 @dataclass
 class ProbeConfig:

@@ -15,12 +15,11 @@ import re
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 
 import data
-from common import check_output, flag, input_errors, number, parse_config, read_json, write_text
+from common import POS, check_output, flag, input_errors, number, parse_config, read_json, write_text
 from model import autocast, load_model, pick_device, unit_names, unit_of
 
 # ----- step 1: trace
@@ -186,7 +185,6 @@ def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
     return scales
 
 # ----- files in, trace out
-POS = number("[1, inf)", int)
 
 @dataclass
 class TraceConfig:
@@ -198,7 +196,6 @@ class TraceConfig:
     n_span: int = flag(100, "probes per split (a seeded sample if more)", type=POS)
     n_lm: int = flag(100, "random LM windows", type=POS)
     block_size: int = flag(None, "LM window length (default: the model's)", type=POS)
-    split_by: str = flag("probe", "splits: the probes' split field or files", choices=["probe", "file"])
     all_params: bool = flag(False, "trace all parameters, not just those requiring grad")
     seed: int = flag(0, "seed of the probe sample and LM windows")
     device: str = flag("auto", "cpu, cuda, mps or auto")
@@ -212,9 +209,8 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
         raise ValueError(f"--block-size must be at most the model's {conf.block_size}")
     resolve_units(cfg.selection.check().rank_units, units)  # before the slow part
     groups, sets = {}, {}
-    for p in data.read_probe_files(cfg.probes):
-        split = p.split if cfg.split_by == "probe" and p.split else Path(p.source).stem
-        groups.setdefault(split, []).append(p)
+    for p in data.read_probe_files(cfg.probes):  # each file's split (its name), or the split its records give
+        groups.setdefault(p.split, []).append(p)
     if "all" in groups:
         raise ValueError("a probe split may not be named 'all'")
     for name, probes in groups.items():  # seeded by (seed, split); first answers
@@ -233,7 +229,7 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     splits["all"] = result(({u: sum(s[u] * c for s, c in norms.values()) / n for u in lm[0]}, n), lm)
     d = dict(splits["all"], splits=splits, model=cfg.init, probe_files=cfg.probes, text=cfg.text,
              seed=cfg.seed, counts={"span": {k: c for k, (_, c) in norms.items()}, "lm": cfg.n_lm},
-             block_size=block_size, split_by=cfg.split_by, all_params=cfg.all_params)
+             block_size=block_size, all_params=cfg.all_params)
     plans = {mode: tgl_plan(d, mode, cfg.selection, units) for mode in ("fp", "alr")}  # step 2
     return dict(d, selection=dict(asdict(cfg.selection), **plans))
 

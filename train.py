@@ -1,6 +1,6 @@
 """Step 3 of TGL: continual pretraining of the traced units only (FP) or at per-unit learning rates (ALR).
     python train.py --init runs/base --data diff.txt --method recadam --tgl fp --trace trace.json --out runs/x
-    torchrun --nproc_per_node 4 train.py ...            # DDP: --batch-size is the global batch
+    torchrun --nproc_per_node 4 train.py ...  # DDP: --batch-size is the global batch
 """
 import json
 import math
@@ -16,13 +16,12 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import check_output, fail, flag, init_distributed, input_errors, log_lines, number, parse_config
-from common import write_text
+from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
+from common import parse_config, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
-INT, POS, NONNEG = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)")
-UNIT = number("[0, 1)")
+INT, NONNEG, UNIT = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
 REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
 
 @dataclass
@@ -113,9 +112,8 @@ class AdamW:
         v     <- b2 * v + (1 - b2) * g^2                    second moment
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    s: 1, or RecAdam's lambda(t); torch.optim.AdamW's order of operations. A group is a unit whose lr the
-    loop sets to lr(step) * lr_scale: how TGL+ALR's scales reach the update. TGL+FP's frozen units are not
-    given to the optimizer: no state, no update.
+    s: 1, or RecAdam's lambda(t); the order is torch.optim.AdamW's. A group is a unit, its lr set by the loop
+    to lr(step) * lr_scale: so TGL+ALR's scales reach the update. TGL+FP's frozen units have no group.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -171,8 +169,8 @@ def make_param_groups(model, scales=None):
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 def clip_gradients(opt, max_norm, n_units):
-    """Each unit to max_norm / sqrt(units of the model): a global norm over the trained parameters is smaller
-    when FP freezes units, so FP runs would be clipped less than full ones."""
+    """Each unit to max_norm / sqrt(units): one norm over the trained parameters is smaller when FP freezes
+    units, so FP would be clipped less."""
     for g in opt.param_groups if max_norm > 0 else []:  # --grad-clip 0: off
         torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
