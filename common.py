@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from dataclasses import MISSING, field, fields, is_dataclass
 
 def fail(msg: str, prog: str = "", code: int = 2):
-    """Bad input: one line on stderr, a non-zero exit, no traceback."""
+    """Bad input: one line on stderr, exit code, no traceback."""
     print(f"{prog + ': ' if prog else ''}error: {' '.join(str(msg).split())}", file=sys.stderr)
     raise SystemExit(code)
 
 @contextmanager
 def input_errors(prog: str):
-    """The one error boundary: a ValueError or OSError is bad input, told in one line; a bug keeps its traceback."""
+    """The one error boundary: ValueError, OSError: bad input, told in one line; a bug keeps its traceback."""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -36,7 +36,7 @@ def _default(f):
     return f.default if f.default is not MISSING else f.default_factory()
 
 def add_flags(parser, config):
-    """A config dataclass's fields as flags (a nested one, like train's Selection, adds its own)."""
+    """The fields of a config dataclass as flags (a nested one, e.g. a Selection, adds its own)."""
     for f in fields(config):
         if is_dataclass(_default(f)):
             add_flags(parser, _default(f))
@@ -58,7 +58,7 @@ def parse_config(config, prog: str, doc: str, argv=None):
     return from_args(config, parser.parse_args(argv))
 
 def number(interval: str, kind=float):
-    """An argparse type: a finite int or float in an interval such as "[0, 1)" or "(0, inf)"."""
+    """An argparse type: a finite int or float in an interval, e.g. "[0, 1)" or "(0, inf)"."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
 
     def parse(text):
@@ -85,7 +85,7 @@ def check_output(path, flag: str, kind: str = "file"):
             raise ValueError(f"{flag} {path}: {why}")
 
 def init_distributed(device: str, threads=None):
-    """Under torchrun, join the process group (NCCL on CUDA, gloo on CPU). -> rank, world, device"""
+    """Under torchrun, join the process group (NCCL on CUDA, else gloo). -> rank, world, device"""
     import torch
     import torch.distributed as dist
     torch.set_num_threads(threads or torch.get_num_threads())
@@ -121,8 +121,8 @@ def _dead(pid: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        pass  # another user's live process
+    except PermissionError:  # another user's live process
+        pass
     return False
 
 @contextmanager
@@ -159,7 +159,7 @@ def write_text(path, text: str):
         f.write(text)
 
 def _get(url, part, timeout):
-    """One request, appending to `part` from its size (HTTP Range); OSError if it ends short."""
+    """One request appending to `part` from its size (HTTP Range); OSError if it ends short."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
     resume = {"headers": {"Range": f"bytes={have}-"}} if have else {}

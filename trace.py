@@ -6,7 +6,7 @@
      rgn[u]       = span_norm[u] / lm_norm[u]
   2. Select. tgl_plan(): per unit 0 (frozen, TGL+FP) or an LR scale (TGL+ALR).
 
-    python trace.py --init RUN --probes diag_updated.jsonl diag_new.jsonl --text t0.txt --out trace.json
+    python trace.py --init RUN --probes diag_*.jsonl --text t0.txt --out trace.json
 """
 import json
 import math
@@ -36,8 +36,8 @@ def grad_norms(model) -> dict:  # of the .grad now: train.py's log
 
 class GradNormHooks:
     """While entered, each parameter requiring grad (all, with all_params) records ||grad|| and drops it
-    (no full gradient is ever held); eval mode (no dropout), .grad set aside. A post-accumulate hook fires
-    once, on the sum; a tensor hook would fire per *use* (the tied wte: embedding, LM head) on partials."""
+    (no full gradient is held); eval mode, .grad set aside. A post-accumulate hook fires once, on the sum;
+    a tensor hook would fire per *use* (the tied wte: embedding, LM head), on partial sums."""
 
     def __init__(self, model, all_params=False):
         self.model = model

@@ -9,6 +9,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,8 +26,7 @@ INT, NONNEG, UNIT = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)"
 REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
 
 @dataclass
-class Config:
-    """train.py's flags; --resume may change only the FREE ones."""
+class Config:  # train.py's flags
     init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder", **FREE)
     data: str = flag(None, "training text: .txt, .csv, a folder; PATH@N: its N first tokens", required=True)
@@ -35,24 +35,24 @@ class Config:
     n_head: int = flag(4, "scratch: attention heads", type=POS)
     n_embd: int = flag(128, "scratch: width", type=POS)
     block_size: int = flag(None, "tokens per window (default: scratch 128, else the context)", type=POS)
-    dropout: float = flag(None, "dropout (default: scratch 0, else the model's)", type=UNIT)
+    dropout: float = flag(None, "default: scratch 0, else the model's", type=UNIT)
     # the continual-learning method that TGL is stacked on
     method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
     replay_data: str = flag(None, "mixreview: old text replayed in each batch")
-    replay_ratio: float = flag(0.25, "mixreview: replay share of a batch at step 0", type=number("[0, 1]"))
-    # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left
+    replay_ratio: float = flag(0.25, "mixreview: the replayed share at step 0", type=number("[0, 1]"))
+    # Mix-Review's decay is tuned per task; this default keeps a quarter of the first share
     replay_decay: float = flag(0.25, "mixreview: the share at the end, relative to step 0", type=NONNEG)
     recadam_gamma: float = flag(100.0, "recadam: strength of the pull to the start weights", type=NONNEG)
     recadam_k: float = flag(0.05, "recadam: k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=REAL)
     recadam_t0: float = flag(None, "recadam: t0 (default: steps / 4)", type=REAL)
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter output times alpha/rank", type=number("(0, inf)"))
-    # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
+    # TGL: the trace, and how it becomes frozen units (fp) or LR scales (alr)
     tgl: str = flag("none", "fp: freeze unselected units; alr: scale their lr", choices=["none", "fp", "alr"])
     trace: str = flag(None, "trace.py's trace.json")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
-    steps: int = flag(500, "optimizer updates (may grow on --resume)", type=POS, **FREE)
+    steps: int = flag(500, "updates (may grow on --resume)", type=POS, **FREE)
     batch_size: int = flag(16, "windows per micro-step, over all processes", type=POS)
     grad_accum: int = flag(1, "micro-steps per update", type=POS)
     lr: float = flag(1e-3, "peak learning rate", type=number("(0, inf)"))
@@ -73,7 +73,7 @@ class Config:
     resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **FREE)
     overwrite: bool = flag(False, "replace the run in --out", **FREE)
     device: str = flag("auto", "auto | cpu | cuda | mps", **FREE)
-    compile: bool = flag(False, "torch.compile the model (CUDA)", **FREE)
+    compile: bool = flag(False, "torch.compile (CUDA)", **FREE)
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
     def check(self):  # what argparse cannot check alone, before any slow work
@@ -84,7 +84,7 @@ class Config:
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
-                         (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
+                         (self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
@@ -322,8 +322,7 @@ def restore(run: Run, ck: dict | None):
     if run.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for new
-            if os.path.exists(os.path.join(cfg.out, f)):
-                os.remove(os.path.join(cfg.out, f))
+            Path(cfg.out, f).unlink(missing_ok=True)
         path = os.path.join(cfg.out, "metrics.jsonl")  # the log as the checkpoint saw it
         write_text(path, "".join(log_lines(path, run.step) if ck and os.path.exists(path) else []))
         if hasattr(run.tokenizer, "save"):
@@ -382,13 +381,13 @@ def train(run: Run):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
 
-        # forward, backward (--grad-accum micro-steps into .grad), update
+        # forward, backward (--grad-accum micro-steps), update
         for micro in range(cfg.grad_accum):
             x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
-            last = micro == cfg.grad_accum - 1  # DDP all-reduces the gradients on the last micro-step only
+            last = micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step only
             with (nullcontext() if last or run.world == 1 else run.dmodel.no_sync()), autocast(run.device):
                 _, loss = run.dmodel(x, y)
-            (loss / cfg.grad_accum).backward()  # the accumulated gradient is the mean over micro-steps
+            (loss / cfg.grad_accum).backward()  # .grad: the mean over micro-steps
             loss_sum += loss.detach() / cfg.grad_accum
         run.step, n_sum = run.step + 1, n_sum + 1
         logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
