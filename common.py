@@ -1,4 +1,4 @@
-"""Plumbing every script shares and none is about: one-line errors, flags from dataclasses, files, downloads."""
+"""Plumbing the scripts share: one-line errors, flags from dataclasses, files, processes, downloads."""
 import argparse
 import glob
 import json
@@ -10,14 +10,13 @@ from contextlib import contextmanager
 from dataclasses import MISSING, field, fields, is_dataclass
 
 def fail(msg: str, prog: str = "", code: int = 2):
-    """Bad input: one line on stderr ("prog: error: ..."), a non-zero exit, no traceback."""
+    """Bad input: one line on stderr, exit code, no traceback."""
     print(f"{prog + ': ' if prog else ''}error: {' '.join(str(msg).split())}", file=sys.stderr)
     raise SystemExit(code)
 
 @contextmanager
 def input_errors(prog: str):
-    """The one error boundary: ValueError and OSError mean bad input (a missing file, a malformed line, a bad
-    value) and become one line that names it; anything else is a bug in tgl and keeps its traceback."""
+    """The one error boundary: ValueError, OSError: bad input, told in one line; a bug keeps its traceback."""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -29,7 +28,7 @@ class Parser(argparse.ArgumentParser):
         fail(message, prog=self.prog)
 
 def flag(default, help: str, resume_free=False, **argparse_kw):
-    """A config field that is also a flag --field-name. resume_free: may change when a run is resumed."""
+    """A config field that is also a flag --field-name; resume_free: it may change on --resume."""
     kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
     return field(**kw, metadata=dict(help=help, resume_free=resume_free, argparse=argparse_kw))
 
@@ -37,7 +36,7 @@ def _default(f):
     return f.default if f.default is not MISSING else f.default_factory()
 
 def add_flags(parser, config):
-    """A config dataclass's fields as flags (a nested dataclass, like train's Selection, adds its own)."""
+    """The fields of a config dataclass as flags (a nested one, e.g. a Selection, adds its own)."""
     for f in fields(config):
         if is_dataclass(_default(f)):
             add_flags(parser, _default(f))
@@ -53,8 +52,13 @@ def from_args(config, args):
     return config(**{f.name: from_args(type(_default(f)), args) if is_dataclass(_default(f))
                      else getattr(args, f.name) for f in fields(config)})
 
+def parse_config(config, prog: str, doc: str, argv=None):
+    parser = Parser(prog=prog, description=doc.split("\n")[0])
+    add_flags(parser, config)
+    return from_args(config, parser.parse_args(argv))
+
 def number(interval: str, kind=float):
-    """An argparse type: a finite int or float in an interval such as "[0, 1)" or "(0, inf)"."""
+    """An argparse type: a finite int or float in an interval, e.g. "[0, 1)" or "(0, inf)"."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
 
     def parse(text):
@@ -68,6 +72,8 @@ def number(interval: str, kind=float):
         return v
     return parse
 
+POS = number("[1, inf)", int)
+
 def check_output(path, flag: str, kind: str = "file"):
     """Before slow work: `path` can be written as a `kind` ("file" or "dir")."""
     folder = os.path.dirname(path) or "."
@@ -79,7 +85,7 @@ def check_output(path, flag: str, kind: str = "file"):
             raise ValueError(f"{flag} {path}: {why}")
 
 def init_distributed(device: str, threads=None):
-    """Under torchrun, join the process group (NCCL on CUDA, gloo on CPU). -> rank, world size, device"""
+    """Under torchrun, join the process group (NCCL on CUDA, else gloo). -> rank, world, device"""
     import torch
     import torch.distributed as dist
     torch.set_num_threads(threads or torch.get_num_threads())
@@ -95,7 +101,7 @@ def init_distributed(device: str, threads=None):
 
 def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
     """The codec's message names a byte, not the file."""
-    return ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); convert it to UTF-8")
+    return ValueError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at {e.start}); convert it to UTF-8")
 
 def read_text(path) -> str:
     try:
@@ -115,14 +121,14 @@ def _dead(pid: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        pass  # another user's live process
+    except PermissionError:  # another user's live process
+        pass
     return False
 
 @contextmanager
 def atomic_path(path):
-    """The one way this project writes a file: into `path.PID.tmp`, renamed over `path` once complete, so
-    a crash mid-write never leaves half a file where a good one was. Temporaries of dead writers go."""
+    """The one way files are written: into path.PID.tmp, renamed over `path` once complete (a crash never
+    leaves half a file); dead writers' temporaries go."""
     for tmp in glob.glob(glob.escape(str(path)) + ".*.tmp"):
         pid = tmp[len(str(path)) + 1:-4]
         if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
@@ -136,7 +142,7 @@ def atomic_path(path):
             os.remove(tmp)
 
 def log_lines(path, step) -> list:
-    """A JSON-lines log up to `step` (a resumed run's, as its checkpoint saw it); a torn last line is dropped."""
+    """A JSON-lines log up to `step`, as a checkpoint saw it; a torn last line is dropped."""
     lines = [line + "\n" for line in read_text(path).splitlines()]
     for n, line in enumerate(lines):
         try:
@@ -153,14 +159,14 @@ def write_text(path, text: str):
         f.write(text)
 
 def _get(url, part, timeout):
-    """One request, appending to `part` from its size (HTTP Range). Raises OSError if it ends short."""
+    """One request appending to `part` from its size (HTTP Range); OSError if it ends short."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
     resume = {"headers": {"Range": f"bytes={have}-"}} if have else {}
     with requests.get(url, stream=True, timeout=timeout, **resume) as r:
         if r.status_code == 404:
             raise FileNotFoundError(url)
-        if r.status_code == 416:  # nothing past `have`: the .part is complete, or not this file's
+        if r.status_code == 416:  # nothing past `have`: the .part is complete, or another file's
             if not r.headers.get("Content-Range", "").endswith(f"/{have}"):
                 os.remove(part)
                 raise OSError(f"{part} does not fit the file on the server; removed")
@@ -168,7 +174,7 @@ def _get(url, part, timeout):
         r.raise_for_status()
         have *= r.status_code == 206  # a server that ignores the range sends all of it again
         if have and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            raise OSError(f"asked for bytes from {have}, the server sent {r.headers.get('Content-Range')!r}")
+            raise OSError(f"asked for bytes {have}-, got {r.headers.get('Content-Range')!r}")
         gzip, length = "Content-Encoding" in r.headers, int(r.headers.get("Content-Length", 0))
         shown = time.time()
         with open(part, "ab" if have else "wb") as f:
@@ -177,12 +183,12 @@ def _get(url, part, timeout):
                 if time.time() - shown > 10:
                     shown = time.time()
                     print(f"{url}: {f.tell() / 1e6:,.0f} of {(have + length) / 1e6:,.0f} MB", file=sys.stderr)
-            if length and not gzip and f.tell() != have + length:  # gzip: the length counts compressed bytes
+            if length and not gzip and f.tell() != have + length:  # gzip: a compressed length
                 raise OSError(f"got {f.tell()} of {have + length} bytes")
 
 def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
-    """url -> dest via dest.part, renamed once complete. A broken transfer resumes from the .part with an
-    HTTP Range request, here or on a later call; no network at all fails at once."""
+    """url -> dest via dest.part, renamed once complete; a broken transfer resumes (HTTP Range), here or in
+    a later call; no network fails at once."""
     import requests
     part = dest + ".part"
     for attempt in range(1, retries + 1):
@@ -196,8 +202,8 @@ def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
         except (requests.RequestException, OSError) as e:
             moved = os.path.exists(part) and os.path.getsize(part) > before
             if isinstance(e, requests.ConnectionError) and not moved:
-                raise OSError(f"cannot reach {url} ({type(e).__name__}): no network? download it on a machine "
-                              "that has one and pass the local file or folder instead") from None
+                raise OSError(f"cannot reach {url} ({type(e).__name__}): no network? download it elsewhere "
+                              "and pass the local file or folder") from None
             if attempt == retries:
                 raise OSError(f"download of {url} failed after {retries} tries: {e}") from None
             print(f"download of {url} failed ({e}); retry {attempt}/{retries - 1}", file=sys.stderr)

@@ -266,7 +266,7 @@ def answer_names(ans, key="answer"):
         raise ValueError(f"empty or malformed {key} {ans!r}")
     return names
 
-# READERS: (record, default id) -> a Probe (split '' unless the record has one), None to skip.
+# READERS: (record, default id) -> a Probe, or None to skip it.
 
 def _json(rec, rid):
     key = next((k for k in JSON_FORMATS if k in rec), None)
@@ -344,7 +344,7 @@ def read_probe_files(specs):
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
     owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})
     clash = {f for f, given, ps in files if not given and any(owners[p.split] > 1 for p in ps)}
-    label = lambda f, k: "/".join(Path(f).with_suffix("").parts[-k:])  # noqa: E731
+    label = lambda f, k: "/".join(Path(f).with_suffix("").parts[-k:])
     k = next((k for k in range(1, 99) if len({label(c, k) for c in clash}) == len(clash)), 99)
     for f, _, ps in files:
         default = _split_from_name(f)
@@ -366,7 +366,7 @@ def parse_probe_spec(spec):
 
 def filter_dates(probes, dates, where):
     """The probes of `dates`: '2019' (also 2019-Q1..Q4), '2019-Q1', '2018,2020' or '2019-Q1..2020-Q4'."""
-    on = lambda d, v: d == v or d.startswith(v + "-")  # noqa: E731 (2019-Q1 is on 2019)
+    on = lambda d, v: d == v or d.startswith(v + "-")  # 2019-Q1 is on 2019
     spans = [(lo, hi or lo) for lo, _, hi in (s.strip().partition("..") for s in dates.split(","))]
     kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:

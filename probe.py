@@ -9,12 +9,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
-from common import Parser, add_flags, check_output, flag, from_args, input_errors, number, write_text
+from common import POS, check_output, flag, input_errors, parse_config, write_text
 from model import autocast, load_model, pick_device, unwrap
 
 METRICS = ("span", "sentence")
 MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's fp32 logits < 0.8 GB
-POS = number("[1, inf)", int)
 
 @dataclass
 class ProbeConfig:
@@ -101,12 +100,10 @@ def table(summary, text=None):  # text: --text's ppl
     return "\n".join(head + rows + ([f"text ppl: {text:.6g}"] if text else []))
 
 def main(argv=None):
-    ap = Parser(description=__doc__)
-    add_flags(ap, ProbeConfig)
-    cfg = from_args(ProbeConfig, ap.parse_args(argv))
-    if not (cfg.probes or cfg.text):
-        ap.error("need --probes and/or --text")
+    cfg = parse_config(ProbeConfig, "probe.py", __doc__, argv)
     with input_errors("probe.py"):
+        if not (cfg.probes or cfg.text):
+            raise ValueError("need --probes and/or --text")
         if cfg.json:
             check_output(cfg.json, "--json")
         device, probes = pick_device(cfg.device), data.read_probe_files(cfg.probes)

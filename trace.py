@@ -6,7 +6,7 @@
      rgn[u]       = span_norm[u] / lm_norm[u]
   2. Select. tgl_plan(): per unit 0 (frozen, TGL+FP) or an LR scale (TGL+ALR).
 
-    python trace.py --init RUN --probes diag_updated.jsonl diag_new.jsonl --text t0.txt --out trace.json
+    python trace.py --init RUN --probes diag_*.jsonl --text t0.txt --out trace.json
 """
 import json
 import math
@@ -15,13 +15,11 @@ import re
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 
 import data
-from common import Parser, add_flags, check_output, flag, from_args, input_errors, number, read_json
-from common import write_text
+from common import POS, check_output, flag, input_errors, number, parse_config, read_json, write_text
 from model import autocast, load_model, pick_device, unit_names, unit_of
 
 # ----- step 1: trace
@@ -38,8 +36,8 @@ def grad_norms(model) -> dict:  # of the .grad now: train.py's log
 
 class GradNormHooks:
     """While entered, each parameter requiring grad (all, with all_params) records ||grad|| and drops it
-    (no full gradient is ever held); eval mode (no dropout), .grad set aside. A post-accumulate hook fires
-    once, on the sum; a tensor hook would fire per *use* (the tied wte: embedding, LM head) on partials."""
+    (no full gradient is held); eval mode, .grad set aside. A post-accumulate hook fires once, on the sum;
+    a tensor hook would fire per *use* (the tied wte: embedding, LM head), on partial sums."""
 
     def __init__(self, model, all_params=False):
         self.model = model
@@ -187,7 +185,6 @@ def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
     return scales
 
 # ----- files in, trace out
-POS = number("[1, inf)", int)
 
 @dataclass
 class TraceConfig:
@@ -199,7 +196,6 @@ class TraceConfig:
     n_span: int = flag(100, "probes per split (a seeded sample if more)", type=POS)
     n_lm: int = flag(100, "random LM windows", type=POS)
     block_size: int = flag(None, "LM window length (default: the model's)", type=POS)
-    split_by: str = flag("probe", "splits: the probes' split field or files", choices=["probe", "file"])
     all_params: bool = flag(False, "trace all parameters, not just those requiring grad")
     seed: int = flag(0, "seed of the probe sample and LM windows")
     device: str = flag("auto", "cpu, cuda, mps or auto")
@@ -213,9 +209,8 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
         raise ValueError(f"--block-size must be at most the model's {conf.block_size}")
     resolve_units(cfg.selection.check().rank_units, units)  # before the slow part
     groups, sets = {}, {}
-    for p in data.read_probe_files(cfg.probes):
-        split = p.split if cfg.split_by == "probe" and p.split else Path(p.source).stem
-        groups.setdefault(split, []).append(p)
+    for p in data.read_probe_files(cfg.probes):  # each file's split (its name), or the split its records give
+        groups.setdefault(p.split, []).append(p)
     if "all" in groups:
         raise ValueError("a probe split may not be named 'all'")
     for name, probes in groups.items():  # seeded by (seed, split); first answers
@@ -234,7 +229,7 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     splits["all"] = result(({u: sum(s[u] * c for s, c in norms.values()) / n for u in lm[0]}, n), lm)
     d = dict(splits["all"], splits=splits, model=cfg.init, probe_files=cfg.probes, text=cfg.text,
              seed=cfg.seed, counts={"span": {k: c for k, (_, c) in norms.items()}, "lm": cfg.n_lm},
-             block_size=block_size, split_by=cfg.split_by, all_params=cfg.all_params)
+             block_size=block_size, all_params=cfg.all_params)
     plans = {mode: tgl_plan(d, mode, cfg.selection, units) for mode in ("fp", "alr")}  # step 2
     return dict(d, selection=dict(asdict(cfg.selection), **plans))
 
@@ -251,9 +246,7 @@ def report(d: dict) -> str:  # Figure 2: python -m experiments.plot --trace FILE
     return "\n".join(rows) + f"\ntraced: {d['counts']}"
 
 def main(argv=None) -> dict:
-    parser = Parser(prog="trace.py", description=__doc__.split("\n")[0])
-    add_flags(parser, TraceConfig)
-    cfg = from_args(TraceConfig, parser.parse_args(argv))
+    cfg = parse_config(TraceConfig, "trace.py", __doc__, argv)
     with input_errors("trace.py"):
         cfg.selection.check()
         check_output(cfg.out, "--out")

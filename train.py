@@ -1,6 +1,6 @@
 """Step 3 of TGL: continual pretraining of the traced units only (FP) or at per-unit learning rates (ALR).
     python train.py --init runs/base --data diff.txt --method recadam --tgl fp --trace trace.json --out runs/x
-    torchrun --nproc_per_node 4 train.py ...            # DDP: --batch-size is the global batch
+    torchrun --nproc_per_node 4 train.py ...  # DDP: --batch-size is the global batch
 """
 import json
 import math
@@ -9,6 +9,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,43 +17,42 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
-from common import Parser, add_flags, check_output, fail, flag, from_args, init_distributed, input_errors
-from common import log_lines, number, write_text
+from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
+from common import parse_config, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
-INT, POS, NONNEG, UNIT = number("[0, inf)", int), number("[1, inf)", int), number("[0, inf)"), number("[0, 1)")
+INT, NONNEG, UNIT = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
 REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
 
 @dataclass
-class Config:
-    """train.py's flags; --resume may change only the FREE ones."""
+class Config:  # train.py's flags
     init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder", **FREE)
-    data: str = flag(None, "training text: .txt, .csv (text column), a folder; PATH@N: N tokens", required=True)
+    data: str = flag(None, "training text: .txt, .csv, a folder; PATH@N: its N first tokens", required=True)
     tokenizer: str = flag(None, "gpt2, word (tokenizer.json of --init or by --data) or a tokenizer.json")
     n_layer: int = flag(4, "scratch: layers", type=POS)
     n_head: int = flag(4, "scratch: attention heads", type=POS)
     n_embd: int = flag(128, "scratch: width", type=POS)
     block_size: int = flag(None, "tokens per window (default: scratch 128, else the context)", type=POS)
-    dropout: float = flag(None, "dropout (default: scratch 0, else the model's)", type=UNIT)
+    dropout: float = flag(None, "default: scratch 0, else the model's", type=UNIT)
     # the continual-learning method that TGL is stacked on
     method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
     replay_data: str = flag(None, "mixreview: old text replayed in each batch")
-    replay_ratio: float = flag(0.25, "mixreview: replay share of a batch at step 0", type=number("[0, 1]"))
-    # Mix-Review's mix-decay is tuned per task; ours is a choice: a quarter of the first share is left at the end
+    replay_ratio: float = flag(0.25, "mixreview: the replayed share at step 0", type=number("[0, 1]"))
+    # Mix-Review's decay is tuned per task; this default keeps a quarter of the first share
     replay_decay: float = flag(0.25, "mixreview: the share at the end, relative to step 0", type=NONNEG)
     recadam_gamma: float = flag(100.0, "recadam: strength of the pull to the start weights", type=NONNEG)
     recadam_k: float = flag(0.05, "recadam: k of lambda(t) = 1/(1+exp(-k (t - t0)))", type=REAL)
     recadam_t0: float = flag(None, "recadam: t0 (default: steps / 4)", type=REAL)
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter output times alpha/rank", type=number("(0, inf)"))
-    # TGL: the trace, and how it becomes frozen units (fp) or per-unit LR scales (alr)
-    tgl: str = flag("none", "fp freezes unselected units, alr scales units' lr", choices=["none", "fp", "alr"])
+    # TGL: the trace, and how it becomes frozen units (fp) or LR scales (alr)
+    tgl: str = flag("none", "fp: freeze unselected units; alr: scale their lr", choices=["none", "fp", "alr"])
     trace: str = flag(None, "trace.py's trace.json")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
-    steps: int = flag(500, "optimizer updates (may grow on --resume)", type=POS, **FREE)
+    steps: int = flag(500, "updates (may grow on --resume)", type=POS, **FREE)
     batch_size: int = flag(16, "windows per micro-step, over all processes", type=POS)
     grad_accum: int = flag(1, "micro-steps per update", type=POS)
     lr: float = flag(1e-3, "peak learning rate", type=number("(0, inf)"))
@@ -67,24 +67,25 @@ class Config:
     # evaluation, logging, checkpoints, hardware
     probes: list = flag([], "probe files to score", nargs="+", **FREE)
     eval_every: int = flag(0, "score every N updates (0: at the end)", type=INT, **FREE)
-    metric: str = flag("span", "perplexity of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
+    metric: str = flag("span", "ppl of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
     log_every: int = flag(10, "log (and NaN check) every N updates", type=POS, **FREE)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
     resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **FREE)
     overwrite: bool = flag(False, "replace the run in --out", **FREE)
     device: str = flag("auto", "auto | cpu | cuda | mps", **FREE)
-    compile: bool = flag(False, "torch.compile the model (CUDA)", **FREE)
+    compile: bool = flag(False, "torch.compile (CUDA)", **FREE)
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
     def check(self):  # what argparse cannot check alone, before any slow work
         paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data) if f]
         paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
         paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
-        held = any(os.path.exists(os.path.join(self.out, f)) for f in (CKPT_NAME, "metrics.jsonl", "summary.json"))
+        files = (CKPT_NAME, "metrics.jsonl", "summary.json")
+        held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
         for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
-                         (self.tgl != "none" and not self.trace, "--tgl needs --trace FILE (from trace.py)"),
-                         (self.method == "mixreview" and not self.replay_data, "mixreview needs --replay-data"),
+                         (self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
+                         (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
                          (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
@@ -99,9 +100,9 @@ class Config:
 
     def run_defining(self) -> dict:  # what decides what the run computes: what --resume compares
         flat = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("resume_free")}
-        return dict(flat, **asdict(flat.pop("selection")))
+        return dict(flat, **asdict(flat.pop("selection")), processes=int(os.environ.get("WORLD_SIZE", 1)))
 
-# ----------------------------------------------------------------------------- the optimizer
+# ----- the optimizer
 
 class AdamW:
     """AdamW (Loshchilov & Hutter 2019), written out. For each parameter, at update t:
@@ -111,9 +112,8 @@ class AdamW:
         v     <- b2 * v + (1 - b2) * g^2                    second moment
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    s: 1, or RecAdam's lambda(t); torch.optim.AdamW's order of operations. A group is a unit whose lr the
-    loop sets to lr(step) * lr_scale: how TGL+ALR's scales reach the update. TGL+FP's frozen units are not
-    given to the optimizer: no state, no update.
+    s: 1, or RecAdam's lambda(t); the order is torch.optim.AdamW's. A group is a unit, its lr set by the loop
+    to lr(step) * lr_scale: so TGL+ALR's scales reach the update. TGL+FP's frozen units have no group.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -138,7 +138,8 @@ class AdamW:
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, math.sqrt(1 - self.beta2 ** self.t))
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr * update_scale / (1 - self.beta1 ** self.t) for lr in lrs])
+        bias1 = 1 - self.beta1 ** self.t
+        torch._foreach_addcdiv_(params, m, denom, [-lr * update_scale / bias1 for lr in lrs])
 
     def zero_grad(self):
         for p in self.params:
@@ -168,8 +169,8 @@ def make_param_groups(model, scales=None):
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 def clip_gradients(opt, max_norm, n_units):
-    """Each unit to max_norm / sqrt(units of the model): a global norm over the trained parameters is smaller
-    when FP freezes units, so FP runs would be clipped less than full ones."""
+    """Each unit to max_norm / sqrt(units): one norm over the trained parameters is smaller when FP freezes
+    units, so FP would be clipped less."""
     for g in opt.param_groups if max_norm > 0 else []:  # --grad-clip 0: off
         torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
 
@@ -180,7 +181,7 @@ def lr_at(step, cfg: Config):  # linear warmup, then cosine, linear or no decay
     coef = {"none": 1.0, "linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.decay]
     return cfg.lr if cfg.decay == "none" else cfg.min_lr + coef * (cfg.lr - cfg.min_lr)
 
-# ----------------------------------------------------------------------------- continual-learning methods
+# ----- continual-learning methods
 
 def recadam_lambda(t, k, t0):
     """RecAdam (Chen et al. 2020) weighs the new text's loss against a pull back to the old weights; lambda(t)
@@ -197,21 +198,23 @@ def recadam_pull(opt, anchors, gamma, lam):
     torch._foreach_mul_(diff, [-min(1.0, lr * gamma * (1 - lam)) for lr in lrs])
     torch._foreach_add_(opt.params, diff)
 
-# ----------------------------------------------------------------------------- setup
+# ----- setup
 
 def build_model(cfg: Config, device):
     """The tokenizer and the starting model (RecAdam's theta0): new from --seed, or loaded."""
     spec = cfg.tokenizer or ("gpt2" if cfg.init == "scratch" else cfg.init)
     if spec == "word":  # the vocabulary of the run it continues, or of the world the data comes from
-        near = [os.path.join(d, "tokenizer.json") for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
+        near = [os.path.join(d, "tokenizer.json")
+                for d in (cfg.init, os.path.dirname(cfg.data) or ".", cfg.data)]
         spec = next((p for p in near if os.path.isfile(p)), None)
         if spec is None:
             raise ValueError(f"--tokenizer word: no {' or '.join(near)}; give a tokenizer.json")
     tok = data.load_tokenizer(spec)
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
-        return tok, GPT(GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
-                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)).to(device)
+        conf = GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout or 0.0)
+        return tok, GPT(conf).to(device)
     try:
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
@@ -232,14 +235,14 @@ class Run:  # what the loop reads and writes
     tokenizer: object
     model: GPT
     opt: AdamW
-    scales: dict | None             # tgl_plan's {unit: lr scale}
-    anchors: list | None            # RecAdam's theta0
+    scales: dict | None   # tgl_plan's {unit: lr scale}
+    anchors: list | None  # RecAdam's theta0
     probes: list
     block_size: int
     stream: data.Stream = None
-    dmodel: torch.nn.Module = None  # the forward pass's: the GPT, compiled and/or DDP-wrapped
+    dmodel: torch.nn.Module = None  # the GPT, compiled and/or DDP-wrapped: the forward pass's
     step: int = 0
-    elapsed: float = 0.0            # training seconds, as of the last checkpoint
+    elapsed: float = 0.0  # training seconds, as of the last checkpoint
     last_loss: float = None
     evals: dict = None
 
@@ -256,9 +259,7 @@ def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run
             if saved.get(k) != v]
     for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): use those, "
                             "or --overwrite or another --out"),
-                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}"),
-                     (ck["world_size"] != int(os.environ.get("WORLD_SIZE", 1)),
-                      f"{path} was written by {ck['world_size']} processes; resume with as many")]:
+                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}")]:
         if bad:
             raise ValueError("--resume: " + msg)
     return ck
@@ -321,8 +322,7 @@ def restore(run: Run, ck: dict | None):
     if run.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for new
-            if os.path.exists(os.path.join(cfg.out, f)):
-                os.remove(os.path.join(cfg.out, f))
+            Path(cfg.out, f).unlink(missing_ok=True)
         path = os.path.join(cfg.out, "metrics.jsonl")  # the log as the checkpoint saw it
         write_text(path, "".join(log_lines(path, run.step) if ck and os.path.exists(path) else []))
         if hasattr(run.tokenizer, "save"):
@@ -332,19 +332,18 @@ def restore(run: Run, ck: dict | None):
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
-# ----------------------------------------------------------------------------- evaluate, log, checkpoint, the loop
+# ----- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
     """{split: {ppl, em, n}}: probe.py's scorer, so the two agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
-    run.say("\n".join(f"eval step {run.step}: {k} ppl {r['ppl']:.2f} em {r['em']:.2f}" for k, r in out.items()))
+    run.say("\n".join(f"eval step {run.step}: {s} ppl {r['ppl']:.2f} em {r['em']:.2f}"
+                      for s, r in out.items()))
     return out
 
-def stop(run: Run, why: str):  # a diverged run stops (exit 3), its last good checkpoint kept
-    path = os.path.join(run.cfg.out, CKPT_NAME)
-    last = f"step {load_checkpoint(path)['step']}" if os.path.exists(path) else "none"
-    fail(f"{why} at step {run.step}; stopped (last good checkpoint: {last})", "train.py", code=3)
+def stop(run: Run, why: str):  # a diverged run stops (exit 3); its last good checkpoint stays
+    fail(f"{why} at step {run.step}; stopped: {run.cfg.out}/{CKPT_NAME}, if any, is good", "train.py", code=3)
 
 def log(run: Run, rec: dict):
     if not math.isfinite(rec["loss"]):
@@ -358,14 +357,16 @@ def log(run: Run, rec: dict):
 def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bit, written by rank 0
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
-    mine = [{"sampler": run.stream.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate(),
-             "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}] * run.world
+    cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
+    mine = [dict(sampler=run.stream.state_dict(), torch=torch.get_rng_state(), python=random.getstate(),
+                 cuda=cuda)] * run.world
     if run.world > 1:
         dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), step=run.step, ranks=mine,
                  lora=getattr(run.model, "lora", None), optimizer=run.opt.state_dict(), scales=run.scales,
-                 train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed, last_loss=run.last_loss)
+                 train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed,
+                 last_loss=run.last_loss)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
@@ -380,13 +381,13 @@ def train(run: Run):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
 
-        # forward, backward (--grad-accum micro-steps into .grad), update
+        # forward, backward (--grad-accum micro-steps), update
         for micro in range(cfg.grad_accum):
             x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
-            last = micro == cfg.grad_accum - 1  # DDP all-reduces the gradients on the last micro-step only
+            last = micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step only
             with (nullcontext() if last or run.world == 1 else run.dmodel.no_sync()), autocast(run.device):
                 _, loss = run.dmodel(x, y)
-            (loss / cfg.grad_accum).backward()  # the accumulated gradient is the mean over micro-steps
+            (loss / cfg.grad_accum).backward()  # .grad: the mean over micro-steps
             loss_sum += loss.detach() / cfg.grad_accum
         run.step, n_sum = run.step + 1, n_sum + 1
         logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
@@ -403,7 +404,7 @@ def train(run: Run):
         # once in a while: evaluate, log, checkpoint
         now, done = time.time(), run.step == cfg.steps
         saving = done or (cfg.save_every and run.step % cfg.save_every == 0)
-        if logging or saving:  # the mean loss since the last log line: the one place that waits for the device
+        if logging or saving:  # the mean loss since the last log line: the one wait for the device
             if run.world > 1:
                 dist.all_reduce(loss_sum)
             run.last_loss = loss_sum.item() / n_sum / run.world
@@ -432,13 +433,8 @@ def finish(run: Run) -> dict:
         dist.destroy_process_group()
     return summary
 
-def get_config(argv=None) -> Config:
-    parser = Parser(prog="train.py", description=__doc__.split("\n")[0])
-    add_flags(parser, Config)
-    return from_args(Config, parser.parse_args(argv))
-
 def main(argv=None):
-    cfg = get_config(argv)
+    cfg = parse_config(Config, "train.py", __doc__, argv)
     with input_errors("train.py"):  # bad input is one line; a bug keeps its traceback
         run, ck = setup(cfg.check())
         restore(run, ck)

@@ -142,9 +142,10 @@ def test_trace_and_probe_bad_input(w, capsys, tmp_path):
     one_line_error(capsys, probe.main, ["--init", str(w / "run"), "--probes", str(w / "binary.jsonl")], "binary.jsonl")
     one_line_error(capsys, probe.main, pbase + ["--device", "warp9"], "--device")
     one_line_error(capsys, probe.main, pbase + ["--batch-size", "0"], "--batch-size")
-    ap = probe.Parser()
-    common.add_flags(ap, probe.ProbeConfig)
-    assert all(a.help for a in ap._actions)  # every flag of probe.py says what it is
+    for config in (probe.ProbeConfig, tgl_trace.TraceConfig, train.Config):  # every flag says what it is
+        ap = common.Parser()
+        common.add_flags(ap, config)
+        assert all(a.help for a in ap._actions), config
 
 
 def test_export_bad_input(w, capsys, tmp_path):

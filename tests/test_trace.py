@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from common import parse_config
 
 import trace as tgl_trace
 from experiments import plot
@@ -327,5 +328,6 @@ def test_selection_flags_are_declared_once_for_trace_and_train():
         parser = argparse.ArgumentParser()
         add_flags(parser, config)
         assert flags <= set(parser._option_string_actions)
-    cfg = train.get_config(["--data", __file__, "--control", "random:2", "--rank-units", "mlp"])
+    cfg = parse_config(train.Config, "train.py", "", ["--data", __file__, "--control", "random:2", "--rank-units",
+                                                      "mlp"])
     assert cfg.selection == tgl_trace.Selection(rank_units="mlp", control="random:2")

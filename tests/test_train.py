@@ -13,6 +13,7 @@ import torch
 
 import data
 import train
+from common import parse_config
 from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, unit_names, unit_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,7 +287,8 @@ def test_clipping_by_unit_is_the_same_whichever_units_train():
 
 
 def test_mixreview_replay_decays_by_default():
-    args = train.get_config(["--data", __file__, "--method", "mixreview", "--replay-data", __file__, "--steps", "100"])
+    argv = ["--data", __file__, "--method", "mixreview", "--replay-data", __file__, "--steps", "100"]
+    args = parse_config(train.Config, "train.py", "", argv)
     s = data.Stream(torch.arange(500), torch.arange(500), dataclasses.replace(args, batch_size=16), 4)
     assert s.n_replay(0) == 4 and s.n_replay(99) == 1  # 0.25 of the batch at the start, a quarter of that at the end
 
