@@ -1,13 +1,13 @@
 """Benchmarks: our code against transformers, a plain loop, or other training setups.
 
-    python bench.py all                                               # the four, small: a few minutes on 2 CPU cores
-    python bench.py model --steps 5                                   # CPU: B=4, T=256, GPT-2 small
-    python bench.py probe --n-layer 12 --n-embd 768 --n-head 12 --n-probes 128   # GPT-2 small size
-    python bench.py trace --n-layer 4 --n-embd 256 --device cuda
-    python bench.py train --device cuda --n-layer 12 --n-embd 768 --vocab 50257 --block-size 512 --batch-size 8
-    python bench.py tokenize --n-tokens 20000000                      # peak memory of streaming tokenization
+    python -m experiments.bench all                                               # the four, small: a few minutes on 2 CPU cores
+    python -m experiments.bench model --steps 5                                   # CPU: B=4, T=256, GPT-2 small
+    python -m experiments.bench probe --n-layer 12 --n-embd 768 --n-head 12 --n-probes 128   # GPT-2 small size
+    python -m experiments.bench trace --n-layer 4 --n-embd 256 --device cuda
+    python -m experiments.bench train --device cuda --n-layer 12 --n-embd 768 --vocab 50257 --block-size 512 --batch-size 8
+    python -m experiments.bench tokenize --n-tokens 20000000                      # peak memory of streaming tokenization
 
-`python bench.py` alone runs `all`; `python bench.py COMMAND --help` explains each one. model and probe
+`python -m experiments.bench` alone runs `all`; `python -m experiments.bench COMMAND --help` explains each one. model and probe
 compare against transformers, a test and benchmark dependency (pip install -r requirements-dev.txt).
 """
 import argparse
@@ -318,7 +318,7 @@ Returns {setup: dict(ms, tok_s, state, saved, peak, trainable)}."""
             with autocast(device):
                 _, loss = model(x, y)
             loss.backward()
-            state = sum(p.grad.numel() * p.grad.element_size() for p in opt.params) + opt.state_bytes()
+            state = sum(t.numel() * t.element_size() for t in [p.grad for p in opt.params] + opt.exp_avg + opt.exp_avg_sq)
             torch.nn.utils.clip_grad_norm_(opt.params, 1.0, foreach=True)
             opt.step()
             opt.zero_grad()
@@ -460,7 +460,7 @@ def main(argv=None):
                 p.add_argument(f"--{flag}", type=at_least(*low or [1]), default=default, help=text)
 
     args = ap.parse_args(argv)
-    if args.command is None:  # `python bench.py` (make bench): everything, small
+    if args.command is None:  # `python -m experiments.bench` (make bench): everything, small
         args = ap.parse_args(["all"])
     kw = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "threads")}
     error = parsers[args.command].error

@@ -7,7 +7,7 @@
   controls: FP on random selections of the same size, FP on the complement of TGL's selection
   -> plus a `full` run at ALR's mean effective learning rate -> one table.
 
-Every step is a plain call of world.py, train.py, trace.py and probe.py with the flags printed,
+Every step is a plain call of experiments/world.py, train.py, trace.py and probe.py with the flags printed,
 so any line of the table can be re-run (or ablated) by hand.
 """
 import contextlib
@@ -93,7 +93,7 @@ def build_world(world_dir, cfg, seed):
         print(f"[seed {seed}] world: cached in {world_dir}", flush=True)
     else:
         why = "parameters changed, rebuilding" if os.path.exists(os.path.join(world_dir, "world.json")) else "building"
-        print(f"[seed {seed}] world: {why}:\n  world.py --out {world_dir} --seed {seed} --n-entities {cfg['entities']}"
+        print(f"[seed {seed}] world: {why}:\n  python -m experiments.world --out {world_dir} --seed {seed} --n-entities {cfg['entities']}"
               f" --heldout-words {cfg['heldout_words']}", flush=True)
         meta = tgl_world.make_world(world_dir, wcfg)
     c = meta["counts"]
@@ -118,7 +118,7 @@ def pretrain(args, cfg, seed, world_dir, base, meta):
     if os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file) and open(key_file).read() == key:
         print(f"[seed {seed}] base model: cached in {base}", flush=True)
         return
-    print(f"[seed {seed}] pretraining the base model on T0 ({cfg['pre_steps']} steps):\n  {sh(pre[1:])}", flush=True)
+    print(f"[seed {seed}] pretraining the base model on T0 ({cfg['pre_steps']} steps):\n  python {sh(pre[1:])}", flush=True)
     t = time.time()
     if subprocess.run(pre, env=thread_env(threads), stdout=None if args.verbose else subprocess.DEVNULL).returncode != 0:
         raise SystemExit("error: pretraining failed (run the command above to see why)")
@@ -133,7 +133,7 @@ def run_trace(args, cfg, seed, root, lm_text, name):
     path = os.path.join(root, f"{name}.json")
     targv = ["--init", base, "--probes", *diag, "--text", os.path.join(world_dir, lm_text), "--out", path,
              "--n-span", cfg["n_span"], "--n-lm", cfg["n_lm"], "--seed", seed, "--rank-units", RANK_UNITS]
-    print(f"[seed {seed}] tracing against {lm_text}:\n  {sh(['trace.py', *map(str, targv)])}", flush=True)
+    print(f"[seed {seed}] tracing against {lm_text}:\n  {sh(['python', 'trace.py', *map(str, targv)])}", flush=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the side-by-side profile below says it shorter
         d = tgl_trace.main([str(a) for a in targv])
     if args.plot:
@@ -240,7 +240,7 @@ def one_seed(args, cfg, seed):
 
     jobs = continual_jobs(args, cfg, seed, root)
     print(f"[seed {seed}] {len(jobs)} continual runs, {args.jobs} at a time, {args.threads} thread(s) each "
-          f"(logs in {logs}); e.g.\n  {sh(jobs[0][1][1:])}", flush=True)
+          f"(logs in {logs}); e.g.\n  python {sh(jobs[0][1][1:])}", flush=True)
     times = run_jobs(jobs, args.jobs, logs, args.threads)
 
     rows = {"base (no update)": dict(probes=base_scores(base, world_dir), time=0.0)}
@@ -297,7 +297,7 @@ def parse_args(argv=None):
     ap = Parser(prog="demo.py", description=__doc__.split("\n")[0])
     a = ap.add_argument
     a("--world", choices=["synthetic", "twiki"], default="synthetic", help="synthetic: this demo; twiki: the paper's "
-      "TemporalWiki protocol on real data (every other flag then goes to twiki.py: see python twiki.py --help)")
+      "TemporalWiki protocol on real data (every other flag then goes to twiki.py: see python -m experiments.twiki --help)")
     a("--out", help="folder for worlds, base models, traces and runs (default: out/demo, quick: out/demo-quick)")
     a("--seeds", type=int, nargs="+", default=[0], help="one full replicate (world, base, runs) per seed")
     a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")

@@ -1,5 +1,7 @@
-"""The paper's figures for our runs. Figure 1: loss, probe perplexity and per-unit gradient norms over
-training; Figure 2: a trace's relative gradient norm per layer.
+"""The paper's figures for our runs: Figure 1 (training curves) and Figure 2 (a trace's rgn per layer).
+
+Figure 1: loss, probe perplexity and per-unit gradient norms over training; Figure 2: a trace's relative
+gradient norm per layer.
 
     python -m experiments.plot out/demo/seed0/runs/full+none out/demo/seed0/runs/full+fp   # terminal
     python -m experiments.plot RUN... --png figure1.png                                    # and a PNG (matplotlib)

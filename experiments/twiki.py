@@ -1,9 +1,9 @@
 """The paper's experiment on TemporalWiki in one command: staged continual pretraining, month pair
 by month pair, with every method x TGL mode, and one table at the end.
 
-    python twiki.py --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
-    python twiki.py --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test: every step, small
-    python twiki.py --init gpt2-large --out runs/large --plan --assume-tok-s 50000   # commands, sizes, time; runs nothing
+    python -m experiments.twiki --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
+    python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test: every step, small
+    python -m experiments.twiki --init gpt2-large --out runs/large --plan --assume-tok-s 50000   # commands, sizes, time; runs nothing
 
 For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order:
   fetch what is missing -> split the stage's diff set into training text and a held-out slice ->
@@ -590,7 +590,7 @@ def plan(cfg) -> str:
                    f"not a measurement) = {total / cfg.assume_tok_s / 3600:.2f} h of training, plus tracing and probe scoring")
     else:
         out.append(f"# time: {total:,} training tokens in all; pass --assume-tok-s N (your GPU's tokens/s, e.g. from "
-                   "`python bench.py train --device cuda ...`) for an estimate")
+                   "`python -m experiments.bench train --device cuda ...`) for an estimate")
     return "\n".join(out)
 
 

@@ -1,6 +1,6 @@
 """The synthetic temporal world: general language and knowledge, at two dates T0 and T1.
 
-    python world.py --out out/world --seed 0                 # 300 people, their facts, things, general text
+    python -m experiments.world --out out/world --seed 0                 # 300 people, their facts, things, general text
 
 What a small model needs so that tracing measures what the paper measures (issue 12):
 - General language. T0 mixes the documents about entities with text from a small English grammar
