@@ -1,4 +1,4 @@
-"""Plumbing the scripts share: one-line errors, flags from dataclasses, files, processes, downloads."""
+"""Plumbing the scripts share: one-line errors, flags, files, processes, downloads."""
 import argparse
 import glob
 import json
@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from dataclasses import MISSING, field, fields, is_dataclass
 
 def fail(msg: str, prog: str = "", code: int = 2):
-    """Bad input: one line on stderr, exit code, no traceback."""
+    """Bad input: one line on stderr, no traceback."""
     print(f"{prog + ': ' if prog else ''}error: {' '.join(str(msg).split())}", file=sys.stderr)
     raise SystemExit(code)
 
 @contextmanager
 def input_errors(prog: str):
-    """The one error boundary: ValueError, OSError: bad input, told in one line; a bug keeps its traceback."""
+    """The one error boundary: ValueError, OSError: bad input, one line; a bug keeps its traceback."""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
         fail(message, prog=self.prog)
 
 def flag(default, help: str, resume_free=False, **argparse_kw):
-    """A config field that is also a flag --field-name; resume_free: it may change on --resume."""
+    """A config field that is also a flag --field-name (resume_free: may change on --resume)."""
     kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
     return field(**kw, metadata=dict(help=help, resume_free=resume_free, argparse=argparse_kw))
 
@@ -100,7 +100,6 @@ def init_distributed(device: str, threads=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
-    """The codec's message names a byte, not the file."""
     return ValueError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at {e.start}); convert it to UTF-8")
 
 def read_text(path) -> str:

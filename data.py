@@ -364,6 +364,11 @@ def parse_probe_spec(spec):
         path, dates = path.rsplit("@", 1)
     return path, dates, split
 
+def check_files(texts, probes):  # before slow work
+    for f in [parse_text_spec(t)[0] for t in texts] + [parse_probe_spec(p)[0] for p in probes]:
+        if not os.path.exists(f):
+            raise ValueError(f"no such file: {f}")
+
 def filter_dates(probes, dates, where):
     """The probes of `dates`: '2019' (also 2019-Q1..Q4), '2019-Q1', '2018,2020' or '2019-Q1..2020-Q4'."""
     on = lambda d, v: d == v or d.startswith(v + "-")  # 2019-Q1 is on 2019

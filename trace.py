@@ -249,6 +249,7 @@ def main(argv=None) -> dict:
     cfg = parse_config(TraceConfig, "trace.py", __doc__, argv)
     with input_errors("trace.py"):
         cfg.selection.check()
+        data.check_files([cfg.text], cfg.probes)  # before the model loads
         check_output(cfg.out, "--out")
         model = load_model(cfg.init, device := pick_device(cfg.device))
         d = trace_files(model, data.load_tokenizer(cfg.tokenizer or cfg.init), cfg, device)

@@ -77,14 +77,12 @@ class Config:  # train.py's flags
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
     def check(self):  # what argparse cannot check alone, before any slow work
-        paths = [data.parse_text_spec(f)[0] for f in (self.data, self.replay_data) if f]
-        paths += [f for f in (self.trace, self.tokenizer) if f and f not in ("gpt2", "word")]
-        paths += [data.parse_probe_spec(f)[0] for f in self.probes]  # FILE@DATES:SPLIT
+        texts = (self.data, self.replay_data, self.trace, self.tokenizer)  # plain paths too
+        data.check_files([f for f in texts if f and f not in ("gpt2", "word")], self.probes)
         files = (CKPT_NAME, "metrics.jsonl", "summary.json")
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
-        for bad, msg in [(next((f for f in paths if not os.path.exists(f)), None), "no such file: {}"),
-                         (self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
+        for bad, msg in [(self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
@@ -92,7 +90,7 @@ class Config:  # train.py's flags
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
-                raise ValueError(msg.format(bad))
+                raise ValueError(msg)
         self.selection.check()
         pick_device(self.device)  # --device cuda without CUDA fails now, not at the first tensor
         check_output(self.out, "--out", "dir")
@@ -315,7 +313,7 @@ def restore(run: Run, ck: dict | None):
         if state["cuda"] is not None and run.device.startswith("cuda"):
             torch.cuda.set_rng_state(state["cuda"], run.device)
         run.step, run.elapsed, run.last_loss = ck["step"], ck["time"], ck["last_loss"]
-        run.say(f"resumed at step {run.step}")
+        run.say(f"resumed: step {run.step}")
     else:
         torch.manual_seed(cfg.seed + run.rank)  # the dropout stream, whatever setup drew before
         random.seed(cfg.seed + run.rank)
@@ -335,7 +333,7 @@ def restore(run: Run, ck: dict | None):
 # ----- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
-    """{split: {ppl, em, n}}: probe.py's scorer, so the two agree on every number."""
+    """{split: {ppl, em, n}}: probe.py's scorer, so both agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
     run.say("\n".join(f"eval step {run.step}: {s} ppl {r['ppl']:.2f} em {r['em']:.2f}"

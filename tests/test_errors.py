@@ -126,6 +126,20 @@ def test_a_long_probe_fails_at_start_and_keeps_nothing_half_done(w, tmp_path, ca
     assert not (out / "ckpt.pt").exists() and not (out / "metrics.jsonl").exists()
 
 
+def test_missing_inputs_fail_before_the_model_loads(w, capsys, tmp_path, monkeypatch):
+    import model
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(train, "load_model", model.load_model)
+    monkeypatch.setattr(tgl_trace, "load_model", model.load_model)
+    out = str(tmp_path / "t.json")
+    one_line_error(capsys, tgl_trace.main, ["--init", "gpt2", "--probes", str(w / "nope.jsonl") + ":split",
+                                            "--text", str(w / "text.txt"), "--out", out], "nope.jsonl")
+    one_line_error(capsys, tgl_trace.main, ["--init", "gpt2", "--probes", str(w / "probes.jsonl"),
+                                            "--text", str(w / "nope.txt") + "@1k", "--out", out], "nope.txt")
+    one_line_error(capsys, train.main, train_argv(w, "--init", "gpt2", "--data", str(w / "nope.txt") + "@1M"),
+                   "nope.txt")
+
+
 def test_trace_and_probe_bad_input(w, capsys, tmp_path):
     base = ["--init", str(w / "run"), "--probes", str(w / "probes.jsonl"), "--text", str(w / "text.txt"), "--n-span", "1",
             "--n-lm", "1", "--block-size", "8", "--device", "cpu"]
