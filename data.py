@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from common import atomic_path, not_utf8, read_json, write_text
+from model import HUB_NAMES
 
 class GPT2Tokenizer:
     """GPT-2 BPE by tiktoken (offline if TIKTOKEN_CACHE_DIR holds its files)."""
@@ -73,6 +74,8 @@ def load_tokenizer(spec):
     p = p.parent if p.suffix == ".pt" and p.is_file() else p
     if p.is_file():
         return WordTokenizer.load(p)
+    if not p.exists() and spec not in HUB_NAMES:
+        raise ValueError(f"tokenizer {spec}: no such file or folder, nor one of {', '.join(HUB_NAMES)}")
     try:
         if (p / "tokenizer.json").is_file():
             return WordTokenizer.load(p / "tokenizer.json")
@@ -171,8 +174,14 @@ class Stream:
         self.old and self.old.load_state_dict(d["old"])
 
 def _source_files(path):
-    p, ext = Path(path), (".txt", ".csv")
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in ext and f.is_file()) if p.is_dir() else [p]
+    p, ext, files, seen = Path(path), (".txt", ".csv"), [], set()
+    for d, sub, names in os.walk(p, followlinks=True):  # symlinked folders too, each real one once
+        if (real := os.path.realpath(d)) in seen:
+            sub.clear()
+            continue
+        seen.add(real)
+        files += [Path(d, f) for f in names if Path(f).suffix.lower() in ext]
+    files = sorted(files) if p.is_dir() else [p]
     if not files or files[0].suffix.lower() not in ext:
         raise ValueError(f"{p}: not a .txt or .csv file, nor a folder of them")
     return files
@@ -188,7 +197,7 @@ def iter_documents(path):
 
 def _lines(path, newline=""):
     try:
-        with open(path, encoding="utf-8", newline=newline) as f:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:  # a byte-order mark is not text
             yield from f
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from None
@@ -207,17 +216,18 @@ def _csv_records(lines, path, columns):
 
 def parse_text_spec(spec):
     """'PATH' -> (PATH, None); 'PATH@20M' -> (PATH, 20_000_000): its first 20M tokens."""
-    m = re.fullmatch(r"(.+)@(\d+(?:\.\d+)?)([kMG]?)", str(spec))
-    if Path(spec).exists() or not m:
+    path, at, n = str(spec).rpartition("@")
+    if Path(spec).exists() or not at:
         return str(spec), None
-    return m[1], int(float(m[2]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[3]])
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", n)
+    if not (m and (k := int(float(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[2]]))):
+        raise ValueError(f"{spec}: no such file, and '@{n}' is not a token count like 20M")
+    return path, k
 
 def load_tokens(spec, tokenizer):
     """Text -> token memmap, eot after each document, streamed (billions of tokens, flat memory): all or
     the first N of 'PATH@N'. Cached next to the text (else ~/.cache/tgl), keyed by bytes, tokenizer and N."""
     path, n = parse_text_spec(spec)
-    if n == 0:
-        raise ValueError(f"{spec}: N must be positive")
     root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint}|{n}|None".encode())  # (old keys)
     for f in _source_files(path):
         with open(f, "rb") as src:
@@ -273,6 +283,8 @@ def _json(rec, rid):
     if key is None:
         raise ValueError("unknown probe format (need 'query' or 'masked_sentence')")
     slot, answer, id_key, relation, date = JSON_FORMATS[key]
+    if bad := [k for k in (key, id_key, relation, date, "split") if isinstance(rec.get(k), (list, dict))]:
+        raise ValueError(f"'{bad[0]}' is a {type(rec[bad[0]]).__name__}, want a string")
     text, ctx = str(rec[key]), rec.get("definition") or ""  # ECBD's sentences, joined as its code does
     ctx = " ".join(str(s).strip() for s in ctx) if isinstance(ctx, list) else str(ctx)
     if slot not in text:
@@ -341,6 +353,9 @@ def read_probes(spec):
 def read_probe_files(specs):
     """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get their file's
     name as split ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
+    keys = [(os.path.realpath(f), d) for f, d, _ in map(parse_probe_spec, specs)]
+    if twice := [s for s, k in zip(specs, keys) if keys.count(k) > 1]:  # its probes would count twice
+        raise ValueError(f"probe file {twice[0]} given twice: give each file once")
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
     owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})
     clash = {f for f, given, ps in files if not given and any(owners[p.split] > 1 for p in ps)}
@@ -373,6 +388,8 @@ def filter_dates(probes, dates, where):
     """The probes of `dates`: '2019' (also 2019-Q1..Q4), '2019-Q1', '2018,2020' or '2019-Q1..2020-Q4'."""
     on = lambda d, v: d == v or d.startswith(v + "-")  # 2019-Q1 is on 2019
     spans = [(lo, hi or lo) for lo, _, hi in (s.strip().partition("..") for s in dates.split(","))]
+    if back := [f"{a}..{b}" for a, b in spans if a > b and not on(a, b)]:
+        raise ValueError(f"{where}@{dates}: {back[0]} is reversed; write the earlier date first")
     kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:
         have = sorted({p.date for p in probes if p.date})

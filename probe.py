@@ -95,8 +95,8 @@ def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None):
 
 def table(summary, text=None):  # text: --text's ppl
     w = max([5, *map(len, summary)])
-    rows = [f"{k:<{w}} {s['n']:>6} {s['ppl']:>10.6g} {s['em']:>6.3f}" for k, s in summary.items()]
-    head = [f"{'split':<{w}}      n        ppl     em"] if rows else []
+    rows = [f"{k:<{w}} {s['n']:>6} {s['ppl']:>10.6g} {100 * s['em']:>6.1f}" for k, s in summary.items()]
+    head = [f"{'split':<{w}}      n        ppl   EM %"] if rows else []
     return "\n".join(head + rows + ([f"text ppl: {text:.6g}"] if text else []))
 
 def main(argv=None):

@@ -83,6 +83,7 @@ class Config:  # train.py's flags
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
         for bad, msg in [(self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
+                         (self.tgl == "none" != self.selection.control, "--control needs --tgl fp or alr"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
@@ -243,6 +244,8 @@ class Run:  # what the loop reads and writes
     elapsed: float = 0.0  # training seconds, as of the last checkpoint
     last_loss: float = None
     evals: dict = None
+    data: dict = None  # {text file: its token cache's name}: a digest of its bytes, checked on --resume
+    acc: tuple = (0.0, 0)  # (loss sum, updates) since the last log line, this rank's
 
     def say(self, *a):
         if self.rank == 0:
@@ -294,6 +297,10 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
     if rank == 0 and world > 1:
         dist.barrier()
+    run.data = {f: os.path.basename(t.filename) for f, t in [(cfg.data, tokens), (cfg.replay_data, replay)]
+                if t is not None}
+    if changed := [f for f in run.data if ck and ck.get("data", run.data).get(f) != run.data[f]]:
+        raise ValueError(f"--resume: {changed[0]} changed since {CKPT_NAME}: restore it, or --overwrite")
     run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
     trained = " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
     frozen = " ".join(u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}) or "-"
@@ -313,6 +320,7 @@ def restore(run: Run, ck: dict | None):
         if state["cuda"] is not None and run.device.startswith("cuda"):
             torch.cuda.set_rng_state(state["cuda"], run.device)
         run.step, run.elapsed, run.last_loss = ck["step"], ck["time"], ck["last_loss"]
+        run.acc = state.get("acc", (0.0, 0))
         run.say(f"resumed: step {run.step}")
     else:
         torch.manual_seed(cfg.seed + run.rank)  # the dropout stream, whatever setup drew before
@@ -336,7 +344,7 @@ def evaluate(run: Run) -> dict:
     """{split: {ppl, em, n}}: probe.py's scorer, so both agree on every number."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
-    run.say("\n".join(f"eval step {run.step}: {s} ppl {r['ppl']:.2f} em {r['em']:.2f}"
+    run.say("\n".join(f"eval step {run.step}: {s} ppl {r['ppl']:.2f} EM {100 * r['em']:.1f}%"
                       for s, r in out.items()))
     return out
 
@@ -352,26 +360,26 @@ def log(run: Run, rec: dict):
         with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-def checkpoint(run: Run, elapsed: float):  # all it takes to continue bit for bit, written by rank 0
+def checkpoint(run: Run, elapsed: float, acc: tuple):  # all it takes to continue bit for bit; rank 0 writes
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
     cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
     mine = [dict(sampler=run.stream.state_dict(), torch=torch.get_rng_state(), python=random.getstate(),
-                 cuda=cuda)] * run.world
+                 cuda=cuda, acc=acc)] * run.world
     if run.world > 1:
         dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
     state = dict(config=asdict(run.model.config), model=run.model.state_dict(), step=run.step, ranks=mine,
                  lora=getattr(run.model, "lora", None), optimizer=run.opt.state_dict(), scales=run.scales,
                  train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed,
-                 last_loss=run.last_loss)
+                 last_loss=run.last_loss, data=run.data)
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
 def train(run: Run):
     cfg, opt, model = run.cfg, run.opt, run.model
-    t_start = t_log = time.time()
-    elapsed0, loss_sum, n_sum = run.elapsed, torch.zeros((), device=run.device), 0
+    t_start, t_log, s_log = time.time(), time.time(), run.step
+    elapsed0, loss_sum, n_sum = run.elapsed, torch.tensor(run.acc[0], device=run.device), run.acc[1]
     model.train()
     while run.step < cfg.steps:
         # determine the learning rate: the schedule times each unit's TGL scale (ALR; 1 otherwise)
@@ -403,19 +411,20 @@ def train(run: Run):
         now, done = time.time(), run.step == cfg.steps
         saving = done or (cfg.save_every and run.step % cfg.save_every == 0)
         if logging or saving:  # the mean loss since the last log line: the one wait for the device
+            total = loss_sum.clone()  # a copy: each rank keeps its own sum until the log line
             if run.world > 1:
-                dist.all_reduce(loss_sum)
-            run.last_loss = loss_sum.item() / n_sum / run.world
+                dist.all_reduce(total)
+            run.last_loss = total.item() / n_sum / run.world
         scoring = run.probes and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
         if scoring:
             run.evals = evaluate(run) if run.rank == 0 else None
         if logging:
-            tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * n_sum / (now - t_log)
+            tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * (run.step - s_log) / (now - t_log)
             log(run, dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
                           time=elapsed0 + now - t_start, **({"probes": run.evals} if scoring else {})))
-            loss_sum, n_sum, t_log = loss_sum * 0, 0, time.time()
+            loss_sum, n_sum, t_log, s_log = loss_sum * 0, 0, time.time(), run.step
         if saving:
-            checkpoint(run, elapsed0 + now - t_start)
+            checkpoint(run, elapsed0 + now - t_start, (loss_sum.item(), n_sum))
 
 def finish(run: Run) -> dict:
     """summary.json; a resumed finished run writes the same (its time from the checkpoint)."""

@@ -170,7 +170,7 @@ def test_cli_json(tmp_path, tok, capsys):
     summary = probe.main(["--init", str(run), "--probes", str(pf), "--json", str(out)])
     table = capsys.readouterr().out
     assert "updated" in table and "new" in table and set(summary) == {"updated", "new"}
-    assert table.splitlines()[0].split() == ["split", "n", "ppl", "em"] and "{" not in table
+    assert table.splitlines()[0].split() == ["split", "n", "ppl", "EM", "%"] and "{" not in table
     d = json.loads(out.read_text())
     assert d["summary"] == summary and len(d["results"]) == 2
     expect = probe.summarize(probe.score(model, tok, read_probes(pf)))

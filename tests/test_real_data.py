@@ -82,7 +82,7 @@ def test_prefix_of_n_tokens(tmp_path):
     assert load_tokens(f"{src}@0.3k", tok).tolist() == full[:300]
     assert len(list(tmp_path.glob("c.txt.word*.tokens.bin"))) == 3  # full and two prefixes: own caches
     assert len(load_tokens(f"{src}@1M", tok)) == len(full)  # asked more than there is
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="not a token count"):
         load_tokens(f"{src}@0", tok)
 
 # ----------------------------------------------------------------------------- probes
