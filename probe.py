@@ -1,4 +1,4 @@
-"""Score knowledge probes (perplexity and greedy exact match per split) and held-out text.
+"""Score knowledge probes: perplexity and greedy exact match per split.
 
 A probe counts its best answer (lowest NLL per token; exact match if any); ppl = exp(NLL / tokens).
 """
@@ -18,9 +18,7 @@ MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's fp32 logits < 0.8 GB
 @dataclass
 class ProbeConfig:
     init: str = flag(None, "run folder, ckpt.pt, HF folder or hub name", required=True)
-    probes: list = flag([], "probe files (see data.read_probes)", nargs="+")
-    text: str = flag(None, "held-out text to score (PATH@N: a prefix)")
-    text_tokens: int = flag(65536, "--text: tokens scored", type=POS)
+    probes: list = flag([], "probe files (see data.read_probes)", nargs="+", required=True)
     metric: str = flag("span", "score the answer span (paper) or sentence", choices=METRICS)
     tokenizer: str = flag(None, "data.load_tokenizer's (default: --init's)")
     json: str = flag(None, "also write the results to this JSON file")
@@ -45,7 +43,7 @@ def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"
                     for i, a in owners]
 
 @torch.inference_mode()
-def _score_all(model, examples, batch_size, device):
+def score_rows(model, examples, batch_size, device):
     """(nll, n_tokens, em) per (idx, targets), in order."""
     model, out = unwrap(model), {}
     device, was_training = device or next(model.parameters()).device, model.training
@@ -69,7 +67,7 @@ def score(model, tokenizer, probes, batch_size=64, device=None, use_context=Fals
     """Per probe: its best answer's (ties: the first) nll, n_tokens, nll_per_token, em."""
     owners, examples = check_probes(tokenizer, probes, unwrap(model).config.block_size, use_context, metric)
     best, em = [(math.inf,)] * len(probes), [False] * len(probes)
-    for k, ((i, _), (nll, n, hit)) in enumerate(zip(owners, _score_all(model, examples, batch_size, device))):
+    for k, ((i, _), (nll, n, hit)) in enumerate(zip(owners, score_rows(model, examples, batch_size, device))):
         best[i], em[i] = min(best[i], (nll / n, k, nll, n)), em[i] or hit
     return [dict(id=pr.id, split=pr.split, nll=b[2], n_tokens=b[3], nll_per_token=b[0], em=int(e))
             for pr, b, e in zip(probes, best, em)]
@@ -84,26 +82,15 @@ def summarize(results):  # {split: {"ppl", "em", "n"}}
 def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
     return summarize(score(model, tokenizer, probes, batch_size, device, use_context, metric))
 
-def text_ppl(model, tokens, n_tokens=65536, batch_size=8, device=None):
-    """exp(mean NLL) of consecutive windows over the first n_tokens."""
-    T = min(unwrap(model).config.block_size, len(tokens) - 1)
-    if T < 1:
-        raise ValueError(f"--text: {len(tokens)} tokens, too few to score")
-    x, y = data.windows(tokens, list(range(0, min(len(tokens), n_tokens + 1) - T, T)) or [0], T)
-    nll, n, _ = map(sum, zip(*_score_all(model, list(zip(x, y)), batch_size, device)))
-    return math.exp(min(nll / n, 700.0))
-
-def table(summary, text=None):  # text: --text's ppl
+def table(summary):
     w = max([5, *map(len, summary)])
     rows = [f"{k:<{w}} {s['n']:>6} {s['ppl']:>10.6g} {100 * s['em']:>6.1f}" for k, s in summary.items()]
     head = [f"{'split':<{w}}      n        ppl   EM %"] if rows else []
-    return "\n".join(head + rows + ([f"text ppl: {text:.6g}"] if text else []))
+    return "\n".join(head + rows)
 
 def main(argv=None):
     cfg = parse_config(ProbeConfig, "probe.py", __doc__, argv)
     with input_errors("probe.py"):
-        if not (cfg.probes or cfg.text):
-            raise ValueError("need --probes and/or --text")
         if cfg.json:
             check_output(cfg.json, "--json")
         device, probes = pick_device(cfg.device), data.read_probe_files(cfg.probes)
@@ -112,11 +99,9 @@ def main(argv=None):
             raise ValueError(f"--tokenizer: {tok.n_vocab} tokens, the model {model.config.vocab_size}")
         results = score(model, tok, probes, cfg.batch_size, device, cfg.context, cfg.metric)
         out = dict(asdict(cfg), summary=summarize(results))
-        if cfg.text:
-            out["text_ppl"] = text_ppl(model, data.load_tokens(cfg.text, tok), cfg.text_tokens, device=device)
         if cfg.json:
             write_text(cfg.json, json.dumps(dict(out, results=results), indent=1))
-        print(table(out["summary"], out.get("text_ppl")))
+        print(table(out["summary"]))
     return out["summary"]
 
 if __name__ == "__main__":

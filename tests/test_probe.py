@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import probe
+from experiments import textppl
 from data import GPT2Tokenizer, Probe, WordTokenizer, read_probes, span_example
 from model import GPT, GPTConfig, save_checkpoint
 
@@ -83,7 +84,7 @@ def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tok, monkeypat
     monkeypatch.setattr(probe, "MAX_TOKENS", 1)  # the token cap: every batch is one row
     assert [r["nll"] for r in probe.score(model, tok, probes)] == pytest.approx([r["nll"] for r in many], rel=1e-5)
     x, y = probe.probe_example(tok, probes[3], "Oslo", False, 32, "span"), ([1, 2] + [0] * 20, [-1] * 22)
-    alone, padded = probe._score_all(model, [x], 64, "cpu"), probe._score_all(model, [x, y], 64, "cpu")
+    alone, padded = probe.score_rows(model, [x], 64, "cpu"), probe.score_rows(model, [x, y], 64, "cpu")
     assert padded[0] == pytest.approx(alone[0], rel=1e-6)  # one batch, 14 pad positions after x: same score
 
 
@@ -206,7 +207,7 @@ def test_sentence_metric_scores_every_token_of_the_sentence(tok):
 def test_text_ppl_is_the_mean_nll_of_consecutive_windows(tok):
     model = tiny(tok.n_vocab, block_size=8).eval()
     tokens = torch.randint(0, tok.n_vocab, (50,), generator=torch.Generator().manual_seed(0)).numpy()
-    got = probe.text_ppl(model, tokens, n_tokens=40, batch_size=2)
+    got = textppl.text_ppl(model, tokens, n_tokens=40, batch_size=2)
     nlls = []
     for s in range(0, 41 - 8, 8):  # windows 0..7 -> 1..8, ..., 32..39 -> 33..40: 5 windows, 40 targets
         with torch.no_grad():
@@ -214,4 +215,4 @@ def test_text_ppl_is_the_mean_nll_of_consecutive_windows(tok):
         nlls.append(F.cross_entropy(logits[0], torch.tensor(tokens[s + 1:s + 9], dtype=torch.long), reduction="sum").item())
     assert len(nlls) == 5 and got == pytest.approx(math.exp(sum(nlls) / 40), rel=1e-5)
     with pytest.raises(ValueError, match="too few"):
-        probe.text_ppl(model, tokens[:1])
+        textppl.text_ppl(model, tokens[:1])
