@@ -374,10 +374,29 @@ def run_probes(args):
         print(f"{s:>16} {n:6d}")
 
 
+def text_files(text, with_subset=False):
+    """The files data.load_tokens takes from `text` (a folder: every .txt/.csv under it, as train.py --data
+    reads it). A folder holding TemporalWiki's *_subset.csv (not the diff set wikipedia_MMNN_gpt2.csv that the
+    protocol trains on) is refused unless with_subset: skipping them here would count and cache a corpus
+    that train.py --data FOLDER never reads, since it takes them."""
+    files = data._source_files(text)  # data.py's own list, so the count is the one training sees
+    subset = [f for f in files if f.name.lower().endswith("_subset.csv")]
+    if Path(text).is_dir() and subset and not with_subset:
+        names = ", ".join(f.name for f in subset[:4]) + (" ..." if len(subset) > 4 else "")
+        raise ValueError(f"--text {text}: holds TemporalWiki's *_subset.csv ({names}), which a folder "
+                         "takes too (as train.py --data does): pass the diff set file itself "
+                         "(wikipedia_MMNN_gpt2.csv), a folder without them, or --with-subset")
+    return files
+
+
 def run_tokenize(args):
     tok = data.load_tokenizer(args.tokenizer)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError("--max-tokens must be positive")
+    files = text_files(args.text, args.with_subset)
+    if Path(args.text).is_dir():  # name what a folder gave, so nothing is taken unseen
+        names = [str(f.relative_to(args.text)) for f in files]
+        print(f"{args.text}: {len(files)} file(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     n = len(data.load_tokens(args.text if args.max_tokens is None else f"{args.text}@{args.max_tokens}", tok))
     print(f"{args.text}: {n:,} tokens ({tok.name}, vocab {tok.n_vocab})")
 
@@ -402,10 +421,17 @@ def parse_args(argv=None):
     p.add_argument("--probes", nargs="+", required=True,
                    help="probe files (.jsonl, .json, .csv); FILE@DATES:SPLIT selects dates and names the split")
     p.add_argument("--date", help="keep only probes of these dates: 2019, 2019-Q1, 2018,2020 or 2019..2020")
-    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
+    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count",
+                       description="Tokenize a text file or folder into the token cache that train.py "
+                       "--data uses, and print the count. A folder is taken whole (every .txt and .csv "
+                       "under it; the files are listed); one holding TemporalWiki's *_subset.csv is "
+                       "refused unless --with-subset.")
     t.add_argument("--text", required=True, help="a .txt file, a TemporalWiki .csv (text column), or a folder of them")
     t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
     t.add_argument("--max-tokens", type=int, help="only the first N tokens (as the path TEXT@N)")
+    t.add_argument("--with-subset", action="store_true",
+                   help="tokenize a folder's TemporalWiki *_subset.csv files too (without it, such a folder "
+                   "is refused: they are not the diff set, and train.py --data FOLDER takes them as well)")
     return ap.parse_args(argv)
 
 
