@@ -1,7 +1,7 @@
 """experiments/realdata.py `splits` and `tokenize` on the released layouts
-(twiki_probes/0801-0901_changed.csv, TempLAMA's train/val/test.json, Dynamic TempLAMA's quarters, ECBD's year folders, TWiki_Diffsets/):
-counts printed, evaluation and diagnostic files disjoint by key, malformed rows refused, dates matched as
-FILE@DATES matches them, *_subset.csv named, and every bad input one line with exit 2."""
+(twiki_probes/0801-0901_changed.csv, TempLAMA's train/val/test.json, Dynamic TempLAMA's quarters, ECBD's
+year folders, TWiki_Diffsets/): counts printed, evaluation and diagnostic files disjoint by key, malformed
+rows refused, dates matched as FILE@DATES matches them, *_subset.csv named, every bad input one line, exit 2."""
 import csv
 import io
 import json
