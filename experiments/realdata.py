@@ -51,8 +51,8 @@ def _records(path):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); want a JSON object a line") \
-                    from None
+                why = f"not valid JSON ({e.msg}); want one JSON object per line"
+                raise ValueError(f"{path}:{n}: {why}") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
             yield n, rec
@@ -60,15 +60,16 @@ def _records(path):
 
 STRING_KEYS = ("query", "masked_sentence")  # the prompt's text: a string, nothing else
 NAME_KEYS = ("id", "ex_id", "relation", "span_type", "date", "year", "split", "entity_span_str")  # or numbers
+CHECKED = frozenset(STRING_KEYS + NAME_KEYS)
 
 
 def _check_types(rec):
-    for k in STRING_KEYS + NAME_KEYS:
-        v = rec.get(k)
-        number = isinstance(v, int) and not isinstance(v, bool)  # a year as 2019
-        ok = isinstance(v, str) or (k in NAME_KEYS and (v is None or number))
-        if k in rec and not ok:
-            raise ValueError(f"{k!r} is {json.dumps(v)[:60]}, want a string")
+    for k in CHECKED.intersection(rec):
+        v = rec[k]
+        if not isinstance(v, str):
+            number = isinstance(v, int) and not isinstance(v, bool)  # a year as 2019
+            if k in STRING_KEYS or not (v is None or number):
+                raise ValueError(f"{k!r} is {json.dumps(v)[:60]}, want a string")
 
 
 def _checked(path):
@@ -112,9 +113,9 @@ def _check_dates(t0, t1):
 
 
 def _facts(recs):
-    """{key: (answer names, record)}: each (relation, query) at its latest date among recs (a 2019 window
-    may hold 2019 and 2019-Q1..Q4). Records of one query and date are one fact, their answers merged (a
-    multi-valued fact). -> facts, number of repeated records"""
+    """{key: (answer names, record to write, first record read)}: each (relation, query) at its latest date
+    among recs (a 2019 window may hold 2019 and 2019-Q1..Q4). Records of one query and date are one fact,
+    their answers merged (a multi-valued fact). -> facts, number of repeated records"""
     by_key, facts, dups = {}, {}, 0
     for r in recs:
         by_key.setdefault(r.key, []).append(r)
@@ -134,26 +135,32 @@ def _facts(recs):
     return facts, dups
 
 
-def _templama_records(files):
-    out = []
+def _templama_records(files, t0, t1):
+    """The checked records on t0 or t1 (only those are kept: Dynamic TempLAMA has 14 quarters). -> records,
+    number read, {date: 0 (on t0), 1 (on t1) or None} over the dates read"""
+    out, n_read, seen = [], 0, {}
     for path in files:
         for n, rec in _records(path):
-            where = f"{path}:{n}"
             if rec.get("query") is None or rec.get("date") in (None, ""):
-                raise ValueError(f"{where}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
+                raise ValueError(f"{path}:{n}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
             try:
                 _check_types(rec)
-                names = data.answer_names(rec.get("answer"))
+                n_read, date = n_read + 1, str(rec["date"])
+                if date not in seen:  # data.filter_dates' rule, once per distinct date
+                    seen[date] = 0 if _on(date, t0) else 1 if _on(date, t1) else None
+                if seen[date] is not None:
+                    key = (str(rec.get("relation") or ""), rec["query"])
+                    out.append(SimpleNamespace(date=date, key=key, rec=rec, path=path, n=n,
+                                               names=data.answer_names(rec.get("answer"))))
             except ValueError as e:
-                raise ValueError(f"{where}: {e}; fix or delete that record") from None
-            key = (str(rec.get("relation") or ""), rec["query"])
-            out.append(SimpleNamespace(date=str(rec["date"]), key=key, rec=rec, names=names, path=path, n=n))
-    return out
+                raise ValueError(f"{path}:{n}: {e}; fix or delete that record") from None
+    return out, n_read, seen
 
 
-def _window(recs, flag, t, files):
-    try:  # data.filter_dates: --from 2019 takes 2019-Q1..Q4 too, as FILE@2019 does
-        return data.filter_dates(recs, t, ", ".join(map(str, files)))
+def _check_window(dates, flag, t, files):
+    """Some date read is on t (data.filter_dates' check, its message listing the dates there are)."""
+    try:
+        data.filter_dates([SimpleNamespace(date=d) for d in sorted(dates)], t, ", ".join(map(str, files)))
     except ValueError as e:
         raise ValueError(f"{flag} {t}: {e}") from None
 
@@ -164,10 +171,12 @@ def _templama_groups(inputs, t0, t1):
              for f in (sorted(g for g in i.iterdir() if g.suffix in (".json", ".jsonl")) if i.is_dir() else [i])]
     if not files:
         raise ValueError(f"--input {' '.join(map(str, inputs))}: no .json or .jsonl file")
-    recs = _templama_records(files)
-    if not recs:
+    recs, n_read, seen = _templama_records(files, t0, t1)
+    if not n_read:
         raise ValueError(f"{', '.join(map(str, files))}: no records")
-    (f0, d0), (f1, d1) = (_facts(_window(recs, flag, t, files)) for flag, t in (("--from", t0), ("--to", t1)))
+    _check_window(seen, "--from", t0, files)
+    _check_window(seen, "--to", t1, files)
+    (f0, d0), (f1, d1) = (_facts([r for r in recs if seen[r.date] == i]) for i in (0, 1))
     kinds, skipped = {"updated": {}, "new": {}, "unchanged": {}}, 0
     for key, (names, rec, r) in f1.items():
         try:
@@ -179,9 +188,8 @@ def _templama_groups(inputs, t0, t1):
             continue
         kind = "new" if key not in f0 else "unchanged" if f0[key][0] == names else "updated"
         kinds[kind][key] = [rec]
-    in_window = sum(_on(r.date, t0) or _on(r.date, t1) for r in recs)
-    print(f"templama: {len(recs)} records in {len(files)} file(s); --from {t0}: {len(f0)} facts, --to {t1}: "
-          f"{len(f1)} facts; {len(recs) - in_window} records of other dates")
+    print(f"templama: {n_read} records in {len(files)} file(s); --from {t0}: {len(f0)} facts, --to {t1}: "
+          f"{len(f1)} facts; {n_read - len(recs)} records of other dates")
     print(f"templama: kept {len(f1) - skipped} (" + ", ".join(f"{k} {len(v)}" for k, v in kinds.items())
           + f"); deleted {sum(k not in f1 for k in f0)} (facts of {t0} with no record at {t1}: not probed); "
           f"duplicate keys {d0 + d1} (repeated query and date: counted once, answers merged)"
