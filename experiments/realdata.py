@@ -194,11 +194,11 @@ def _templama_groups(inputs, t0, t1):
           + f"); deleted {sum(k not in f1 for k in f0)} (facts of {t0} with no record at {t1}: not probed); "
           f"duplicate keys {d0 + d1} (repeated query and date: counted once, answers merged)"
           + (f"; skipped {skipped} that data.py cannot read as probes" if skipped else ""))
-    why = {"updated": f"no fact of {t1} has another answer at {t0}",
-           "new": f"every fact of {t1} is there at {t0}",
-           "unchanged": f"no fact of {t1} has the same answer at {t0}"}
+    why = {"updated": f"no fact of {t1} has another answer at {t0}: choose dates further apart",
+           "new": f"every fact of {t1} is there at {t0}: choose dates further apart",
+           "unchanged": f"no fact of {t1} has the same answer at {t0}: choose dates closer together"}
     for kind, groups in kinds.items():
-        yield kind, groups, f"{why[kind]}: choose dates further apart, or give more input files"
+        yield kind, groups, f"{why[kind]}, or give more input files"
 
 
 def twiki_pairs(folders):
