@@ -22,51 +22,191 @@ import random
 import sys
 from collections import Counter
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import data
-from common import Parser, input_errors, write_text
+from common import Parser, check_output, input_errors, number, read_text, write_text
 from experiments import fetch
 
 PROG = "realdata.py"
 
+# ----------------------------------------------------------------------------- reading the inputs
+# Every input file goes through data.py's checks (one line naming file:line) and, on top, the types a split
+# relies on: a list or object where a string belongs is refused, not str()-ed into a prompt or a key.
+
+
+def _records(path):
+    """(line, record) of a probe file, as data.probe_records reads them, also when the file starts with a
+    byte-order mark (Excel writes one): data's readers open it as plain UTF-8 and take the mark for a
+    part of the first column name ('subject') or of the first JSON line."""
+    path, ext = Path(path), Path(path).suffix.lower()
+    if ext not in data.READERS:
+        raise ValueError(f"{path}: unknown probe format '{ext}' (.jsonl, .json or .csv)")
+    lines = io.StringIO(read_text(path))  # read_text: utf-8-sig, and one line for a file that is not UTF-8
+    if ext == ".csv":
+        yield from data._csv_records(lines, path, data.TWIKI_COLUMNS)  # header and field counts checked
+        return
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                why = f"not valid JSON ({e.msg}); want one JSON object per line"
+                raise ValueError(f"{path}:{n}: {why}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
+            yield n, rec
+
+
+STRING_KEYS = ("query", "masked_sentence")  # the prompt's text: a string, nothing else
+NAME_KEYS = ("id", "ex_id", "relation", "span_type", "date", "year", "split", "entity_span_str")  # or numbers
+CHECKED = frozenset(STRING_KEYS + NAME_KEYS)
+
+
+def _check_types(rec):
+    for k in CHECKED.intersection(rec):
+        v = rec[k]
+        if not isinstance(v, str):
+            number = isinstance(v, int) and not isinstance(v, bool)  # a year as 2019
+            if k in STRING_KEYS or not (v is None or number):
+                raise ValueError(f"{k!r} is {json.dumps(v)[:60]}, want a string")
+
+
+def _checked(path):
+    """(line, record, the Probe data.py reads from it or None where it skips it) of a probe file; a record
+    it cannot read is one line naming file:line, at split time rather than when the derived file is read."""
+    for n, rec in _records(path):
+        try:
+            _check_types(rec)
+            probe = data.READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}; splits copies no malformed record: fix or delete it") \
+                from None
+        yield n, rec, probe
+
+
+def _on(date, t):
+    """`date` lies in `t` by data.filter_dates' rule, the one FILE@DATES uses: 2019-Q1 is on 2019."""
+    try:
+        return bool(data.filter_dates([SimpleNamespace(date=date)], t, ""))
+    except ValueError:
+        return False
+
+
+def _check_dates(t0, t1):
+    if not (t0 and t1):
+        raise ValueError("templama splits need --from and --to dates (e.g. 2019 2020, or 2019-Q4 2020-Q4)")
+    for flag, t in (("--from", t0), ("--to", t1)):
+        if ".." in t or "," in t:
+            raise ValueError(f"{flag} {t}: give one date (2019 or 2019-Q4), not a range or a list")
+    if _on(t0, t1) or _on(t1, t0):
+        raise ValueError(f"--from {t0} and --to {t1} overlap: --to must be a later date than --from")
+    if t0 > t1:
+        raise ValueError(f"--from {t0} comes after --to {t1}: swap them (the probes are --to's facts)")
+
+
 # ----------------------------------------------------------------------------- probe splits
 # The method's probe files: updated / new / unchanged facts between two dates, each with a disjoint
 # seeded diagnostic file (diag_*) for tracing. Outputs keep the input formats, so data.read_probes reads them.
+# A split is {key: [records]}: the key is what evaluation and diagnostic files never share (a TempLAMA query,
+# a TemporalWiki subject+relation, an ECBD entity), so duplicate or multi-valued rows stay on one side.
 
 
-def temporal_splits(files, t0, t1):
-    """(Dynamic) TempLAMA records at date t1, by how their answer set differs from t0's:
-    {'updated': ..., 'new': ..., 'unchanged': ...}, each {(relation, query): [record]}."""
-    if t0 >= t1:
-        raise ValueError(f"--from {t0} must come before --to {t1}")
-    at, dates = {t0: {}, t1: {}}, set()
+def _facts(recs):
+    """{key: (answer names, record to write, first record read)}: each (relation, query) at its latest date
+    among recs (a 2019 window may hold 2019 and 2019-Q1..Q4). Records of one query and date are one fact,
+    their answers merged (a multi-valued fact). -> facts, number of repeated records"""
+    by_key, facts, dups = {}, {}, 0
+    for r in recs:
+        by_key.setdefault(r.key, []).append(r)
+    for key, rs in by_key.items():
+        last = max(r.date for r in rs)
+        rs = [r for r in rs if r.date == last]
+        dups += len(rs) - 1
+        merged, names = [], []
+        for r in rs:
+            answers = r.rec["answer"] if isinstance(r.rec["answer"], list) else [r.rec["answer"]]
+            for a, name in zip(answers, r.names):
+                if name not in names:
+                    merged.append(a)
+                    names.append(name)
+        rec = rs[0].rec if len(names) == len(rs[0].names) else dict(rs[0].rec, answer=merged)
+        facts[key] = (set(names), rec, rs[0])
+    return facts, dups
+
+
+def _templama_records(files, t0, t1):
+    """The checked records on t0 or t1 (only those are kept: Dynamic TempLAMA has 14 quarters). -> records,
+    number read, {date: 0 (on t0), 1 (on t1) or None} over the dates read"""
+    out, n_read, seen = [], 0, {}
     for path in files:
-        for n, rec in data.probe_records(path):
-            if "query" not in rec or "date" not in rec:
+        for n, rec in _records(path):
+            if rec.get("query") is None or rec.get("date") in (None, ""):
                 raise ValueError(f"{path}:{n}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
-            date = str(rec["date"])
-            dates.add(date)
-            if date in at:
-                try:
-                    names = set(data.answer_names(rec.get("answer")))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: {e}") from None
-                at[date][(str(rec.get("relation", "")), rec["query"])] = (rec, names)
-    for t in (t0, t1):
-        if not at[t]:
-            raise ValueError(f"{', '.join(map(str, files))}: no record has date {t} "
-                             f"(dates: {', '.join(sorted(dates)[:8])}{' ...' if len(dates) > 8 else ''})")
-    kinds = {"updated": {}, "new": {}, "unchanged": {}}
-    for key, (rec, names) in at[t1].items():
-        kind = "new" if key not in at[t0] else "unchanged" if at[t0][key][1] == names else "updated"
+            try:
+                _check_types(rec)
+                n_read, date = n_read + 1, str(rec["date"])
+                if date not in seen:  # data.filter_dates' rule, once per distinct date
+                    seen[date] = 0 if _on(date, t0) else 1 if _on(date, t1) else None
+                if seen[date] is not None:
+                    key = (str(rec.get("relation") or ""), rec["query"])
+                    out.append(SimpleNamespace(date=date, key=key, rec=rec, path=path, n=n,
+                                               names=data.answer_names(rec.get("answer"))))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}; fix or delete that record") from None
+    return out, n_read, seen
+
+
+def _check_window(dates, flag, t, files):
+    """Some date read is on t (data.filter_dates' check, its message listing the dates there are)."""
+    try:
+        data.filter_dates([SimpleNamespace(date=d) for d in sorted(dates)], t, ", ".join(map(str, files)))
+    except ValueError as e:
+        raise ValueError(f"{flag} {t}: {e}") from None
+
+
+def _templama_groups(inputs, t0, t1):
+    _check_dates(t0, t1)
+    files = [f for i in map(Path, inputs)
+             for f in (sorted(g for g in i.iterdir() if g.suffix in (".json", ".jsonl")) if i.is_dir() else [i])]
+    if not files:
+        raise ValueError(f"--input {' '.join(map(str, inputs))}: no .json or .jsonl file")
+    recs, n_read, seen = _templama_records(files, t0, t1)
+    if not n_read:
+        raise ValueError(f"{', '.join(map(str, files))}: no records")
+    _check_window(seen, "--from", t0, files)
+    _check_window(seen, "--to", t1, files)
+    (f0, d0), (f1, d1) = (_facts([r for r in recs if seen[r.date] == i]) for i in (0, 1))
+    kinds, skipped = {"updated": {}, "new": {}, "unchanged": {}}, 0
+    for key, (names, rec, r) in f1.items():
+        try:
+            probe = data.READERS[r.path.suffix.lower()](rec, f"{r.path.stem}:{r.n}")
+        except ValueError as e:
+            raise ValueError(f"{r.path}:{r.n}: {e}; fix or delete that record") from None
+        if probe is None:  # data.py skips it (an object-first template), so no split gets it
+            skipped += 1
+            continue
+        kind = "new" if key not in f0 else "unchanged" if f0[key][0] == names else "updated"
         kinds[kind][key] = [rec]
-    return kinds
+    print(f"templama: {n_read} records in {len(files)} file(s); --from {t0}: {len(f0)} facts, --to {t1}: "
+          f"{len(f1)} facts; {n_read - len(recs)} records of other dates")
+    print(f"templama: kept {len(f1) - skipped} (" + ", ".join(f"{k} {len(v)}" for k, v in kinds.items())
+          + f"); deleted {sum(k not in f1 for k in f0)} (facts of {t0} with no record at {t1}: not probed); "
+          f"duplicate keys {d0 + d1} (repeated query and date: counted once, answers merged)"
+          + (f"; skipped {skipped} that data.py cannot read as probes" if skipped else ""))
+    why = {"updated": f"no fact of {t1} has another answer at {t0}: choose dates further apart",
+           "new": f"every fact of {t1} is there at {t0}: choose dates further apart",
+           "unchanged": f"no fact of {t1} has the same answer at {t0}: choose dates closer together"}
+    for kind, groups in kinds.items():
+        yield kind, groups, f"{why[kind]}, or give more input files"
 
 
 def twiki_pairs(folders):
     """TemporalWiki probe CSVs by month pair: {'0801-0901': {'changed': path, 'unchanged': path}}."""
     pairs = {}
     for folder in folders:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--input {folder}: not a folder (twiki takes folders of MMNN-MMNN_*.csv)")
         for f in sorted(Path(folder).rglob("*.csv")):
             m = data.TWIKI_PAIR.fullmatch(f.stem.lower())
             if m:
@@ -78,18 +218,21 @@ def twiki_pairs(folders):
     return pairs
 
 
-def _templama_groups(inputs, t0, t1):
-    if not (t0 and t1):
-        raise ValueError("templama splits need --from and --to dates (e.g. 2019 2020, or 2019-Q4 2020-Q4)")
-    files = [f for i in map(Path, inputs)
-             for f in (sorted(g for g in i.iterdir() if g.suffix in (".json", ".jsonl")) if i.is_dir() else [i])]
-    yield from temporal_splits(files, str(t0), str(t1)).items()
-
-
 def _twiki_groups(inputs):
+    """Malformed rows are refused (file:line), not skipped: TemporalWiki's own files have none, so one means a
+    damaged or foreign file, and dropping rows would make the probe sets differ from TemporalWiki's unseen."""
     for pair, files in sorted(twiki_pairs(inputs).items()):
         for kind, f in sorted(files.items()):
-            yield f"{pair}/{kind}", {i: [row] for i, (_, row) in enumerate(data.probe_records(f))}
+            groups, seen, rows = {}, set(), 0
+            for _, row, _ in _checked(f):
+                fact = tuple(row[k].strip() for k in data.TWIKI_COLUMNS)
+                rows += 1
+                if fact not in seen:  # a repeated row is one probe, counted once
+                    seen.add(fact)
+                    groups.setdefault(fact[:2], []).append(row)
+            print(f"twiki: {f}: {rows} rows, {rows - len(seen)} duplicate rows counted once, "
+                  f"{len(groups)} subject+relation keys")
+            yield f"{pair}/{kind}", groups, f"{f} holds no rows: fetch twiki-probes again"
 
 
 def _ecbd_groups(inputs, ecbd_file):
@@ -97,19 +240,36 @@ def _ecbd_groups(inputs, ecbd_file):
     if not years:
         raise ValueError(f"{', '.join(map(str, inputs))}: no YEAR/{ecbd_file} (ECBD's layout: one folder per year)")
     for f in years:
-        data.read_probes(f)  # every record checked, an error naming its file:line
-        groups = {}
-        for n, rec in data.probe_records(f):
-            groups.setdefault(str(rec.get("entity_span_str", n)), []).append(rec)  # diagnostic by entity
-        yield f"{f.parent.name}/new", groups
+        groups, seen, records = {}, set(), 0
+        for n, rec, probe in _checked(f):
+            same, records = json.dumps(rec, sort_keys=True), records + 1
+            if probe is None or same in seen:  # a repeated record is one probe, counted once
+                continue
+            seen.add(same)
+            entity = rec.get("entity_span_str")  # diagnostic by entity; a record without one is its own
+            groups.setdefault(str(entity) if entity not in (None, "") else f"\0{n}", []).append(rec)
+        print(f"ecbd: {f}: {records} records, {records - len(seen)} duplicates counted once, "
+              f"{len(groups)} entities")
+        yield f"{f.parent.name}/new", groups, f"{f} holds no records"
 
 
-def _diag_split(groups, label, diag_frac, seed):
-    """groups: {key: [records]} -> (eval records, diagnostic records), disjoint by key, seeded."""
-    keys = sorted(groups)
-    random.Random(f"{seed}:{label}").shuffle(keys)
-    n_diag = round(diag_frac * len(keys))
-    return ([r for k in sorted(keys[n_diag:]) for r in groups[k]], [r for k in sorted(keys[:n_diag]) for r in groups[k]])
+def _assign(splits, diag_frac, seed):
+    """[(name, {key: records}, why empty)] -> [(name, eval records, diag records, keys, why empty)]. A seeded
+    diag_frac of each split's keys is diagnostic: at least one where there are two keys, never all of them.
+    A key in two splits of one family (a month pair's changed and unchanged) is on the same side in both."""
+    side, out = {}, []
+    for name, groups, why in splits:
+        family, keys = PurePosixPath(name).parent, sorted(groups)
+        n = len(keys)
+        want = 0 if diag_frac == 0 or n < 2 else min(n - 1, max(1, round(diag_frac * n)))
+        want -= sum(side[family, k] for k in keys if (family, k) in side)
+        free = [k for k in keys if (family, k) not in side]
+        random.Random(f"{seed}:{name.replace('/', '_')}").shuffle(free)
+        for i, k in enumerate(free):
+            side[family, k] = i < want
+        pick = lambda diag: [r for k in keys if side[family, k] == diag for r in groups[k]]
+        out.append((name, pick(False), pick(True), n, why))
+    return out
 
 
 def _write(path, recs):
@@ -126,21 +286,53 @@ def _write(path, recs):
     write_text(path, text)
 
 
+def _check_inputs(inputs, out, diag_frac):
+    if not (isinstance(diag_frac, (int, float)) and 0 <= diag_frac < 1):
+        raise ValueError(f"--diag-frac must be in [0, 1), got {diag_frac}")
+    check_output(str(out), "--out", "dir")
+    seen = {}
+    for i in map(Path, inputs):
+        if not i.exists():
+            raise ValueError(f"--input {i}: no such file or folder")
+        if i.resolve() in seen:
+            raise ValueError(f"--input {i}: given twice (also as {seen[i.resolve()]}): "
+                             "its probes would count twice")
+        seen[i.resolve()] = i
+
+
 def make_splits(kind, inputs, out, dates=(None, None), diag_frac=0.25, seed=0, ecbd_file="np_spans_test.json"):
-    """Write the probe files of `kind` (templama: its `dates` (t0, t1); twiki; ecbd) under out, each split
-    with its diag_* file. Returns {relative path: count}."""
-    groups = {"templama": lambda: _templama_groups(inputs, *dates), "twiki": lambda: _twiki_groups(inputs),
+    """Write the probe files of `kind` (templama: its `dates` (t0, t1); twiki; ecbd) under out: each split's
+    evaluation file and its diag_* file, disjoint by key. No empty file is written (data.read_probes refuses
+    one): a line on stderr says which and why; diag_frac=0 writes no diag_* file. -> {relative path: count}
+    of the files written."""
+    t0, t1 = (None if t is None else str(t) for t in dates)
+    groups = {"templama": lambda: _templama_groups(inputs, t0, t1), "twiki": lambda: _twiki_groups(inputs),
               "ecbd": lambda: _ecbd_groups(inputs, ecbd_file)}
     if kind not in groups:
         raise ValueError(f"unknown splits kind {kind!r} (templama, twiki or ecbd)")
-    ext, counts = ".csv" if kind == "twiki" else ".jsonl", {}
-    for name, split in groups[kind]():  # name: 'updated', '0801-0901/changed', 'ecbd2019/new'
-        diag = PurePosixPath(name).with_name("diag_" + PurePosixPath(name).name)
-        evaluate, trace = _diag_split(split, name.replace("/", "_"), diag_frac, seed)
-        for fname, recs in ((f"{name}{ext}", evaluate), (f"{diag}{ext}", trace)):
-            _write(Path(out) / fname, recs)
-            counts[fname] = len(recs)
-    return counts
+    _check_inputs(inputs, out, diag_frac)
+    ext, files, notes = ".csv" if kind == "twiki" else ".jsonl", {}, []
+    for name, evaluate, trace, n, why in _assign(list(groups[kind]()), diag_frac, seed):
+        diag = str(PurePosixPath(name).with_name("diag_" + PurePosixPath(name).name))
+        files[f"{name}{ext}"], files[f"{diag}{ext}"] = evaluate, trace
+        if not evaluate:
+            why = why if n == 0 else "each of its keys is diagnostic in another split: lower --diag-frac"
+            notes.append(f"{name}{ext} not written: the split came out empty ({why})")
+        elif not trace and diag_frac > 0:
+            notes.append(f"{diag}{ext} not written: {name} has {n} key, too few to keep any apart")
+    written = {f: recs for f, recs in files.items() if recs}
+    if not any(not PurePosixPath(f).name.startswith("diag_") for f in written):
+        raise ValueError(f"--input {' '.join(map(str, inputs))}: every split came out empty; "
+                         + "; ".join(notes))
+    for f in sorted(files.keys() - written.keys()):
+        if (Path(out) / f).exists():  # else taken for this run's: stale probes, a diag_* that overlaps
+            raise ValueError(f"{Path(out) / f}: left by an earlier run, and this run writes no such file; "
+                             "delete it or choose another --out")
+    for note in notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    for f, recs in written.items():
+        _write(Path(out) / f, recs)
+    return {f: len(recs) for f, recs in written.items()}
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -176,8 +368,6 @@ def run_fetch(args):
 
 
 def run_splits(args):
-    if not 0 <= args.diag_frac < 1:
-        raise ValueError("--diag-frac must be in [0, 1)")
     counts = make_splits(args.kind, args.input, args.out, (args.t0, args.t1), args.diag_frac, args.seed, args.ecbd_file)
     for name, n in counts.items():
         print(f"{name:>32} {n:6d}")
@@ -192,10 +382,29 @@ def run_probes(args):
         print(f"{s:>16} {n:6d}")
 
 
+def text_files(text, with_subset=False):
+    """The files data.load_tokens takes from `text` (a folder: every .txt/.csv under it, as train.py --data
+    reads it). A folder holding TemporalWiki's *_subset.csv (not the diff set wikipedia_MMNN_gpt2.csv that the
+    protocol trains on) is refused unless with_subset: skipping them here would count and cache a corpus
+    that train.py --data FOLDER never reads, since it takes them."""
+    files = data._source_files(text)  # data.py's own list, so the count is the one training sees
+    subset = [f for f in files if f.name.lower().endswith("_subset.csv")]
+    if Path(text).is_dir() and subset and not with_subset:
+        names = ", ".join(f.name for f in subset[:4]) + (" ..." if len(subset) > 4 else "")
+        raise ValueError(f"--text {text}: holds TemporalWiki's *_subset.csv ({names}), which a folder "
+                         "takes too (as train.py --data does): pass the diff set file itself "
+                         "(wikipedia_MMNN_gpt2.csv), a folder without them, or --with-subset")
+    return files
+
+
 def run_tokenize(args):
     tok = data.load_tokenizer(args.tokenizer)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError("--max-tokens must be positive")
+    files = text_files(args.text, args.with_subset)
+    if Path(args.text).is_dir():  # name what a folder gave, so nothing is taken unseen
+        names = [str(f.relative_to(args.text)) for f in files]
+        print(f"{args.text}: {len(files)} file(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     n = len(data.load_tokens(args.text if args.max_tokens is None else f"{args.text}@{args.max_tokens}", tok))
     print(f"{args.text}: {n:,} tokens ({tok.name}, vocab {tok.n_vocab})")
 
@@ -209,19 +418,28 @@ def parse_args(argv=None):
     s.add_argument("--input", nargs="+", required=True,
                    help="templama: .json/.jsonl files or folders; twiki: folders of MMNN-MMNN_*.csv; ecbd: the root")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--from", dest="t0", help="templama: the first date (e.g. 2019, or 2019-Q4)")
-    s.add_argument("--to", dest="t1", help="templama: the second date; probes are its records")
-    s.add_argument("--diag-frac", type=float, default=0.25, help="fraction of each split kept apart for tracing")
+    s.add_argument("--from", dest="t0",
+                   help="templama: the first date (2019 or 2019-Q4; 2019 takes its quarters, as FILE@2019)")
+    s.add_argument("--to", dest="t1", help="templama: a date after --from; the probes are its facts")
+    s.add_argument("--diag-frac", type=number("[0, 1)"), default=0.25,
+                   help="fraction of each split's keys kept apart for tracing (0: no diag_* file)")
     s.add_argument("--seed", type=int, default=0, help="seed of the diagnostic sample")
     s.add_argument("--ecbd-file", default="np_spans_test.json", help="ecbd: the file taken from each year folder")
     p = sub.add_parser("probes", help="read probe files and print counts per split")
     p.add_argument("--probes", nargs="+", required=True,
                    help="probe files (.jsonl, .json, .csv); FILE@DATES:SPLIT selects dates and names the split")
     p.add_argument("--date", help="keep only probes of these dates: 2019, 2019-Q1, 2018,2020 or 2019..2020")
-    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count")
+    t = sub.add_parser("tokenize", help="tokenize (and cache) a text file or folder, print the count",
+                       description="Tokenize a text file or folder into the token cache that train.py "
+                       "--data uses, and print the count. A folder is taken whole (every .txt and .csv "
+                       "under it; the files are listed); one holding TemporalWiki's *_subset.csv is "
+                       "refused unless --with-subset.")
     t.add_argument("--text", required=True, help="a .txt file, a TemporalWiki .csv (text column), or a folder of them")
     t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
     t.add_argument("--max-tokens", type=int, help="only the first N tokens (as the path TEXT@N)")
+    t.add_argument("--with-subset", action="store_true",
+                   help="tokenize a folder's TemporalWiki *_subset.csv files too (without it, such a folder "
+                   "is refused: they are not the diff set, and train.py --data FOLDER takes them as well)")
     return ap.parse_args(argv)
 
 
