@@ -4,7 +4,7 @@ data.py makes of a text or probe file.
 
     python -m experiments.realdata fetch twiki-probes                   # TemporalWiki probes (620 kB zip)
     python -m experiments.realdata fetch twiki-diffsets                 # TemporalWiki diff sets (932 MB zip)
-    python -m experiments.realdata fetch twiki-snapshot --max-mb 500    # the first 500 MB of one snapshot (prefix-500MB/)
+    python -m experiments.realdata fetch twiki-snapshot --max-mb 500    # first 500 MB of a snapshot: prefix-500MB/
     python -m experiments.realdata fetch templama                       # TempLAMA train/val/test.json
     python -m experiments.realdata fetch dynamic-templama               # Dynamic TempLAMA train/val/test.jsonl
     python -m experiments.realdata fetch ecbd --folder ~/Downloads/ecbd # browser-only: register the unpacked folder
@@ -12,7 +12,8 @@ data.py makes of a text or probe file.
     python -m experiments.realdata splits templama --input D/templama --from 2019 --to 2020 --out probes/templama
     python -m experiments.realdata splits ecbd --input D/ecbd --out probes/ecbd
     python -m experiments.realdata probes --probes probes/twiki/*/changed.csv   # counts per split
-    python -m experiments.realdata tokenize --text D/twiki-snapshot/prefix-500MB/wikipedia_08_gpt2_prefix.csv --max-tokens 20000000
+    python -m experiments.realdata tokenize --text D/twiki-snapshot/prefix-500MB/wikipedia_08_gpt2_prefix.csv \
+        --max-tokens 20000000
 """
 import argparse
 import csv
@@ -155,12 +156,12 @@ def add_fetch_arguments(p):
     p.add_argument("--folder", help="ecbd: the unpacked folder you downloaded in a browser")
 
 
-def snapshot_dir(max_mb=None, max_docs=None) -> Path:
+def snapshot_dir(max_mb=None) -> Path:
     """Where `fetch twiki-snapshot --max-mb N` writes by default, and where twiki.py reads its old text: one
-    path for both, a folder per limit (another limit never passes for this one)."""
-    limits = ([f"{max_mb:g}MB"] if max_mb else []) + ([f"{max_docs}docs"] if max_docs else [])
-    return fetch.cache_root() / "twiki-snapshot" / "-".join(["prefix"] + limits) if limits else \
-        fetch.cache_root() / "twiki-snapshot"
+    path for both, a folder per size (another --max-mb never passes for this one). Without --max-mb
+    (--max-docs, or the whole snapshot) the data set's own folder."""
+    base = fetch.cache_root() / "twiki-snapshot"
+    return base / f"prefix-{max_mb:g}MB" if max_mb else base
 
 
 def run_fetch(args):
@@ -172,7 +173,7 @@ def run_fetch(args):
     if (args.max_mb is not None and args.max_mb <= 0) or (args.max_docs is not None and args.max_docs <= 0):
         raise ValueError("--max-mb and --max-docs must be positive")
     try:
-        out = args.out or (snapshot_dir(args.max_mb, args.max_docs) if args.name == "twiki-snapshot" else None)
+        out = args.out or (snapshot_dir(args.max_mb) if args.name == "twiki-snapshot" else None)
         return fetch.fetch(args.name, out, args.max_mb, args.max_docs, args.month)
     except FileNotFoundError as e:
         if str(e).startswith("http"):  # download's 404

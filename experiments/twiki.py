@@ -2,18 +2,23 @@
 by month pair, with every method x TGL mode, and one table at the end.
 
     python -m experiments.twiki --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
-    python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test: every step, small
-    python -m experiments.twiki --init gpt2-large --out runs/large --plan --assume-tok-s 50000   # commands, sizes, time; runs nothing
+    python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test
+    python -m experiments.twiki --init gpt2-large --out runs/large --plan   # commands, hours and GB (ESTIMATE)
+    python -m experiments.twiki --init gpt2 --out runs/t --templama templama --templama-dates 2017 2018 2019 2020 2021 \
+        --ecbd ecbd --export-hf runs/t/hf   # the paper's TempLAMA updated/unchanged and ECBD new, HF exports
 
 For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order:
-  fetch what is missing -> split the stage's diff set into training text and a held-out slice ->
-  score the untouched --init model on the stage's probes (the "init" row) -> trace each TGL arm's
-  current model on the stage's diagnostic probes against the old snapshot -> continually pretrain
-  each arm (method x TGL mode) on the diff set -> train.py scores the probes and the held-out text
-  -> each arm's run folder is its --init in the next stage.
-Every step is a plain experiments.realdata / trace.py / train.py / probe.py command, printed as it runs (and
-by --plan), so any cell of the table can be re-run by hand. A finished step is never re-run: run
-the same command again after an interruption and it goes on where it stopped.
+  fetch what is missing -> probe splits (TemporalWiki's changed/unchanged, TempLAMA's updated/unchanged
+  between the stage's two dates, ECBD's new) -> split the stage's diff set into training text and a
+  held-out slice -> score the untouched --init model (the "init" row, both metrics) -> trace each TGL
+  arm's current model on probes the stage does not evaluate -> continually pretrain each arm (method x
+  TGL mode) on the diff set, with a checkpoint every --save-minutes -> score the probes under both
+  metrics and the held-out text -> each arm's run folder is its --init in the next stage (the old
+  stage's optimizer state is then dropped) -> --export-hf: each arm's final model in Hugging Face layout.
+Every step is a plain experiments.realdata / trace.py / train.py / probe.py / experiments.export command,
+printed as it runs (and by --plan), so any cell of the table can be re-run by hand. A finished step is
+never re-run: run the same command again after an interruption and it goes on where it stopped, a
+killed training step from its last checkpoint.
 """
 import argparse
 import csv
@@ -156,7 +161,8 @@ def add_run_flags(a, d):
     a("--diag-frac", type=float, default=d.diag_frac,
       help="share of each probe split kept apart for tracing (disjoint by subject+relation); 0: evaluate on every "
            "probe and trace on probes not evaluated in the stage (the previous month pair's; stage 1: --trace-probes)")
-    a("--trace-probes", help="stage 1 traces on this probe file instead of its diag_changed.csv (needed with --diag-frac 0)")
+    a("--trace-probes",
+      help="stage 1 traces on this probe file instead of its diag_changed.csv (needed with --diag-frac 0)")
     a("--templama", nargs="+", default=[], help="TempLAMA / Dynamic TempLAMA data: 'templama' or 'dynamic-templama' "
       "(fetched into $TGL_CACHE/data), or .json/.jsonl files or folders; updated/unchanged splits built per stage")
     a("--templama-dates", nargs="+", default=[], help=f"with --templama: {len(STAGES) + 1} increasing dates, one per "
@@ -192,7 +198,8 @@ def parse_args(argv=None) -> Config:
     a("--export-hf", help="write each arm's final model (its last stage run now) in Hugging Face layout to "
       "DIR/stageK/ARM (python -m experiments.export)")
     a("--plan", action="store_true", help="print every command, the time and disk it takes (an estimate); run nothing")
-    a("--assume-tok-s", type=float, help="ASSUMED training tokens/s of one training step (all its GPUs), for the plan's "
+    a("--assume-tok-s", type=float,
+      help="ASSUMED training tokens/s of one training step (all its GPUs), for the plan's "
       "time and the checkpoint interval; default: derived from the model size (see --plan)")
     a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags")
     args = p.parse_args(argv)
@@ -248,7 +255,8 @@ def check_probe_sources(cfg: Config):
     """--templama / --templama-dates / --ecbd / --trace-probes, and that stage 1 has probes to trace on."""
     for src in cfg.templama:
         if src not in TEMPLAMA_SETS and not os.path.exists(src):
-            raise ValueError(f"--templama {src}: no such file or folder (or 'templama' / 'dynamic-templama' to fetch it)")
+            raise ValueError(f"--templama {src}: no such file or folder "
+                             "(or 'templama' / 'dynamic-templama' to fetch it)")
     dates = cfg.templama_dates
     if cfg.templama and len(dates) != len(STAGES) + 1:
         raise ValueError(f"--templama needs --templama-dates with {len(STAGES) + 1} dates, one per snapshot "
@@ -481,7 +489,8 @@ def init_probe_argv(cfg, k, metric=None) -> list:
 
 
 def export_argv(cfg, k, arm) -> list:
-    return script("experiments.export", "--init", run_dir(cfg, k, arm), "--out", Path(cfg.export_hf) / f"stage{k}" / arm)
+    dest = Path(cfg.export_hf) / f"stage{k}" / arm
+    return script("experiments.export", "--init", run_dir(cfg, k, arm), "--out", dest)
 
 
 def sh(argv) -> str:
@@ -513,7 +522,8 @@ def run(argv, log: Path, threads=None):
         raise ValueError(f"step failed (exit {proc.returncode}): {sh(argv)[:200]}; its output is in {log}")
     times = log.parent / "times.json"
     seen = read_json(times) if times.is_file() else {}
-    write_text(times, json.dumps(dict(seen if isinstance(seen, dict) else {}, **{log.stem: time.time() - t0}), indent=1))
+    seen = dict(seen if isinstance(seen, dict) else {}, **{log.stem: time.time() - t0})
+    write_text(times, json.dumps(seen, indent=1))
 
 
 # ----------------------------------------------------------------------------- data
@@ -868,7 +878,8 @@ def plan_time(cfg) -> list:
         steps = stage_steps(cfg, k)
         hours = steps * per / rate / 3600
         src = ("--max-train-tokens" if cfg.max_train_tokens else "the diff set on disk / 4 bytes per token"
-               if diff_tokens(cfg, k)[1] else f"TemporalWiki's ~{DIFF_TOKENS / 1e6:.0f}M tokens per diff set, approximate")
+               if diff_tokens(cfg, k)[1] else
+               f"TemporalWiki's ~{DIFF_TOKENS / 1e6:.0f}M tokens per diff set, approximate")
         out.append(f"#   stage {k} ({STAGES[k - 1][0]}): {steps:,} updates x {per:,} tokens = {steps * per:,} "
                    f"tokens per arm ({src}): {hours:.2f} h per arm, {hours * len(cfg.arms):.2f} h for "
                    f"{len(cfg.arms)} arms ({', '.join(cfg.arms)})")
@@ -895,7 +906,8 @@ def plan_disk(cfg) -> list:
     ckpts = (4 * runs + 8 * last + 12) * params if params else 0
     export = 4 * params * len(cfg.arms) if params and cfg.export_hf else 0
     total = diff_cache + copies + caches + prefixes + ckpts + export
-    return [f"# DISK (ESTIMATE): about {total / 1e9:.1f} GB in all = diff sets in the cache {gb(diff_cache)} + their copies "
+    return [f"# DISK (ESTIMATE): about {total / 1e9:.1f} GB in all = diff sets in the cache {gb(diff_cache)} "
+            "+ their copies "
             f"in the stage folders {gb(copies)} + token caches {gb(caches)} + snapshot prefixes {gb(prefixes)} + "
             f"checkpoints {gb(ckpts) if params else 'unknown (model size unknown)'} ({runs} runs x 4 bytes/parameter, "
             f"AdamW moments (8 bytes/parameter) kept in {last} of them"

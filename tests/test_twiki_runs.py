@@ -167,3 +167,17 @@ def test_bad_state_files_and_pass_through_flags_are_one_line(server, tmp_path, c
                     (run / "val.json", lambda: twiki.arm_row(cfg, 1, "full-none"))):
         with pytest.raises(ValueError, match=str(f)):
             what()
+
+
+def test_hand_fetch_of_a_snapshot_prefix_is_the_one_the_driver_reads(server, tmp_path, capsys):
+    """`realdata fetch twiki-snapshot --max-mb N` (the docs' hand command) writes where twiki.py reads: one download."""
+    from experiments import realdata
+    serve_twiki(server)
+    realdata.main(["fetch", "twiki-snapshot", "--max-mb", "0.002", "--month", "08"])
+    cfg = twiki.parse_args(argv("gpt2", tmp_path / "o", "--plan"))  # --snapshot-mb 0.002
+    assert twiki.old_text(cfg, 1).is_file() and twiki.old_text(cfg, 1).parent.name == "prefix-0.002MB"
+    n = len(server.log)
+    twiki.main(argv("gpt2", tmp_path / "o", "--plan"))
+    done = "# done: python -m experiments.realdata fetch twiki-snapshot --max-mb 0.002 --month 08"
+    assert done in capsys.readouterr().out
+    assert len(server.log) == n
