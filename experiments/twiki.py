@@ -869,7 +869,8 @@ def plan_time(cfg) -> list:
     """Steps and hours per stage and arm and in all, from the assumed throughput: an ESTIMATE."""
     rate, per = tok_s(cfg), tokens_per_update(cfg)
     why = ("--assume-tok-s" if cfg.assume_tok_s else
-           f"the default: 6 x {model_params(cfg) or HUB_PARAMS['gpt2-large']:,.0f} parameters FLOPs per token at "
+           f"the default: 6 x {model_params(cfg) or HUB_PARAMS['gpt2-large']:,.0f} parameters"
+           f"{'' if model_params(cfg) else ' (gpt2-large: the size of --init is unknown)'} FLOPs per token at "
            f"{MFU:.0%} MFU of {cfg.nproc} H100 SXM ({GPU_FLOPS / 1e12:.0f} dense bf16 TFLOP/s each), not measured; "
            "measure yours with `python -m experiments.bench train --device cuda` and pass --assume-tok-s")
     out = [f"\n# ESTIMATE of the training time, at an ASSUMED {rate:,.0f} training tokens/s per run ({why}):"]
