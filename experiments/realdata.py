@@ -4,7 +4,7 @@ data.py makes of a text or probe file.
 
     python -m experiments.realdata fetch twiki-probes                   # TemporalWiki probes (620 kB zip)
     python -m experiments.realdata fetch twiki-diffsets                 # TemporalWiki diff sets (932 MB zip)
-    python -m experiments.realdata fetch twiki-snapshot --max-mb 500    # the first 500 MB of text of one snapshot
+    python -m experiments.realdata fetch twiki-snapshot --max-mb 500    # first 500 MB of a snapshot: prefix-500MB/
     python -m experiments.realdata fetch templama                       # TempLAMA train/val/test.json
     python -m experiments.realdata fetch dynamic-templama               # Dynamic TempLAMA train/val/test.jsonl
     python -m experiments.realdata fetch ecbd --folder ~/Downloads/ecbd # browser-only: register the unpacked folder
@@ -12,7 +12,8 @@ data.py makes of a text or probe file.
     python -m experiments.realdata splits templama --input D/templama --from 2019 --to 2020 --out probes/templama
     python -m experiments.realdata splits ecbd --input D/ecbd --out probes/ecbd
     python -m experiments.realdata probes --probes probes/twiki/*/changed.csv   # counts per split
-    python -m experiments.realdata tokenize --text D/twiki-snapshot/wikipedia_08_gpt2_prefix.csv --max-tokens 20000000
+    python -m experiments.realdata tokenize --text D/twiki-snapshot/prefix-500MB/wikipedia_08_gpt2_prefix.csv \
+        --max-tokens 20000000
 """
 import argparse
 import csv
@@ -339,11 +340,20 @@ def make_splits(kind, inputs, out, dates=(None, None), diag_frac=0.25, seed=0, e
 
 def add_fetch_arguments(p):
     p.add_argument("name", choices=list(fetch.DATASETS) + ["ecbd"], help="data set to download")
-    p.add_argument("--out", help="folder to write (default: $TGL_CACHE/data/NAME, TGL_CACHE default ~/.cache/tgl)")
+    p.add_argument("--out", help="folder to write (default: $TGL_CACHE/data/NAME, TGL_CACHE default ~/.cache/tgl; "
+                   "twiki-snapshot --max-mb N: NAME/prefix-NMB, where twiki.py reads it)")
     p.add_argument("--max-mb", type=float, help="twiki-snapshot: only the first N MB of text of one month")
     p.add_argument("--max-docs", type=int, help="twiki-snapshot: only the first N documents of one month")
     p.add_argument("--month", help="twiki-snapshot with a limit: the snapshot month, e.g. 08 (default: the first)")
     p.add_argument("--folder", help="ecbd: the unpacked folder you downloaded in a browser")
+
+
+def snapshot_dir(max_mb=None) -> Path:
+    """Where `fetch twiki-snapshot --max-mb N` writes by default, and where twiki.py reads its old text: one
+    path for both, a folder per size (another --max-mb never passes for this one). Without --max-mb
+    (--max-docs, or the whole snapshot) the data set's own folder."""
+    base = fetch.cache_root() / "twiki-snapshot"
+    return base / f"prefix-{max_mb:g}MB" if max_mb else base
 
 
 def run_fetch(args):
@@ -355,7 +365,8 @@ def run_fetch(args):
     if (args.max_mb is not None and args.max_mb <= 0) or (args.max_docs is not None and args.max_docs <= 0):
         raise ValueError("--max-mb and --max-docs must be positive")
     try:
-        return fetch.fetch(args.name, args.out, args.max_mb, args.max_docs, args.month)
+        out = args.out or (snapshot_dir(args.max_mb) if args.name == "twiki-snapshot" else None)
+        return fetch.fetch(args.name, out, args.max_mb, args.max_docs, args.month)
     except FileNotFoundError as e:
         if str(e).startswith("http"):  # download's 404
             raise OSError(f"{e}: not found (404) on the server") from None

@@ -2,18 +2,23 @@
 by month pair, with every method x TGL mode, and one table at the end.
 
     python -m experiments.twiki --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
-    python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test: every step, small
-    python -m experiments.twiki --init gpt2-large --out runs/large --plan --assume-tok-s 50000   # commands, sizes, time; runs nothing
+    python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test
+    python -m experiments.twiki --init gpt2-large --out runs/large --plan   # commands, hours and GB (ESTIMATE)
+    python -m experiments.twiki --init gpt2 --out runs/t --templama templama --templama-dates 2017 2018 2019 2020 2021 \
+        --ecbd ecbd --export-hf runs/t/hf   # the paper's TempLAMA updated/unchanged and ECBD new, HF exports
 
 For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order:
-  fetch what is missing -> split the stage's diff set into training text and a held-out slice ->
-  score the untouched --init model on the stage's probes (the "init" row) -> trace each TGL arm's
-  current model on the stage's diagnostic probes against the old snapshot -> continually pretrain
-  each arm (method x TGL mode) on the diff set -> train.py scores the probes and the held-out text
-  -> each arm's run folder is its --init in the next stage.
-Every step is a plain experiments.realdata / trace.py / train.py / probe.py command, printed as it runs (and
-by --plan), so any cell of the table can be re-run by hand. A finished step is never re-run: run
-the same command again after an interruption and it goes on where it stopped.
+  fetch what is missing -> probe splits (TemporalWiki's changed/unchanged, TempLAMA's updated/unchanged
+  between the stage's two dates, ECBD's new) -> split the stage's diff set into training text and a
+  held-out slice -> score the untouched --init model (the "init" row, both metrics) -> trace each TGL
+  arm's current model on probes the stage does not evaluate -> continually pretrain each arm (method x
+  TGL mode) on the diff set, with a checkpoint every --save-minutes -> score the probes under both
+  metrics and the held-out text -> each arm's run folder is its --init in the next stage (the old
+  stage's optimizer state is then dropped) -> --export-hf: each arm's final model in Hugging Face layout.
+Every step is a plain experiments.realdata / trace.py / train.py / probe.py / experiments.export command,
+printed as it runs (and by --plan), so any cell of the table can be re-run by hand. A finished step is
+never re-run: run the same command again after an interruption and it goes on where it stopped, a
+killed training step from its last checkpoint.
 """
 import argparse
 import csv
@@ -26,35 +31,54 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import data
+import train
+from common import Parser, add_flags, atomic_path, check_output, input_errors, read_json, write_text
 from experiments import fetch, realdata
-from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
-from experiments.compare import ordered
 from experiments.tools import check_number, script
-from model import HUB_NAMES
+from model import CKPT_NAME, HUB_NAMES, save_checkpoint
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
 PROG = "twiki.py"
 METHODS = ("full", "mixreview", "recadam", "lora")
 TGLS = ("none", "fp", "alr")
-# (probe month pair, old snapshot month, new month): TemporalWiki's four consecutive updates. The diff
+# (probe month pair, old snapshot month, new month): TemporalWiki's four consecutive updates (2021). The diff
 # set of a stage is TWiki_Diffsets/wikipedia_{old}{new}_gpt2.csv, its old text Wikipedia_Full/wikipedia_{old}_gpt2/.
 STAGES = (("0801-0901", "08", "09"), ("0901-1001", "09", "10"), ("1001-1101", "10", "11"), ("1101-1201", "11", "12"))
-# Parameters of the hub models, for the plan's checkpoint sizes (no model is loaded by --plan).
+# Parameters of the hub models, for the plan's sizes and default throughput (no model is loaded by --plan).
 HUB_PARAMS = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6,
               "EleutherAI/gpt-neo-125m": 125e6, "EleutherAI/gpt-neo-1.3B": 1316e6}
+# TemporalWiki's Table 1 (Jang et al. 2022) gives about 346M-376M GPT-2 tokens per diff set (month pair), as
+# quoted in issue 17; the exact per-pair figures could not be checked here (no access to the paper), so the
+# plan uses the upper end for every pair: an approximate, slightly pessimistic size.
+DIFF_TOKENS = 376e6
+BYTES_PER_TOKEN = 4.5  # English Wikipedia text in CSV per GPT-2 token (approximate): sizes of text files
+# The default --assume-tok-s, an ASSUMPTION (no GPU was available to measure it): 6 x parameters FLOPs per
+# training token at 25% model FLOPs utilization of one H100 SXM (989 dense bf16 TFLOP/s). 25% is about what
+# experiments.bench measured for GPT-2 large on an H100 at commit a5e8f05 (50,912 tok/s, docs/temporalwiki.md).
+GPU_FLOPS, MFU = 989e12, 0.25
+# Probe splits: the driver names each file's split, so a column says its data set and keeps its name over stages.
+SPLITS = ("twiki/changed", "twiki/unchanged", "templama/updated", "templama/unchanged", "ecbd/new")
+OTHER = {"span": "sentence", "sentence": "span"}  # the second metric every row is also scored with
+TEMPLAMA_SETS = ("templama", "dynamic-templama")  # --templama NAME: fetched by the driver
 # Flags that decide what the runs in --out compute: continuing a run folder with any of them changed
 # would mix two experiments in one table, so it is refused (protocol.json). --methods, --tgl and
 # --stages are not among them: each arm and stage is its own folder, so adding one just runs it.
 RUN_KEYS = ("init", "max_train_tokens", "batch_size", "block_size", "grad_accum", "lr", "warmup", "snapshot_mb",
-            "val_every", "val_tokens", "metric", "templama", "ecbd", "train_args", "trace_args", "seed")
+            "val_every", "val_tokens", "metric", "diag_frac", "trace_probes", "templama", "templama_dates", "ecbd",
+            "train_args", "trace_args", "seed")
 # Flags the driver sets itself in every train.py / trace.py command: --train-args / --trace-args must not.
 OWN_FLAGS = {"--init", "--out", "--data", "--replay-data", "--method", "--tgl", "--trace", "--probes", "--steps",
              "--resume", "--overwrite", "--metric", "--text", "--batch-size",
              "--block-size", "--grad-accum", "--lr", "--warmup", "--seed", "--device", "--threads"}
+# What a dropped optimizer state says if someone resumes the checkpoint by hand (train.py prints it in one line).
+DROPPED = "none: twiki.py dropped this optimizer state once the next stage finished (--keep-optimizer keeps it)"
 
 
 @dataclass
@@ -74,8 +98,11 @@ class Config:
     val_every: int = 100
     val_tokens: int = 65536
     metric: str = "span"
+    diag_frac: float = 0.25
+    trace_probes: str | None = None
     templama: list = field(default_factory=list)
-    ecbd: list = field(default_factory=list)
+    templama_dates: list = field(default_factory=list)
+    ecbd: str | None = None
     train_args: str = ""
     trace_args: str = ""
     seed: int = 0
@@ -83,6 +110,9 @@ class Config:
     threads: int | None = None
     compile: bool = False
     nproc: int = 1
+    save_minutes: float = 30.0
+    keep_optimizer: bool = False
+    export_hf: str | None = None
     plan: bool = False
     assume_tok_s: float | None = None
     overwrite: bool = False
@@ -112,15 +142,8 @@ def stage_number(text: str) -> int:
     raise ValueError(f"unknown stage {text!r}: 1-{len(STAGES)} or a month pair ({', '.join(pairs)})")
 
 
-def parse_args(argv=None) -> Config:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, d = p.add_argument, Config(init="", out="")
-    a("--init", required=True,
-      help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ..., a local HF folder or a run folder")
-    a("--out", required=True, help="the protocol's folder: protocol.json, probes/, stageK/ARM run folders, results.md/.json")
-    a("--methods", nargs="+", choices=METHODS, default=d.methods, help="continual-learning methods (arms = methods x --tgl)")
-    a("--tgl", nargs="+", choices=TGLS, default=d.tgl, help="TGL modes stacked on each method")
-    a("--stages", nargs="+", default=["1", "2", "3", "4"], help="stages to run: numbers 1-4 or month pairs like 0901-1001")
+def add_run_flags(a, d):
+    """The flags that define the runs (protocol.json)."""
     a("--max-train-tokens", type=count,
       help="cap each stage's training at N tokens (5M, 200k); default one pass over the diff set")
     a("--batch-size", type=int, default=d.batch_size, help="train.py --batch-size (the global batch, in windows)")
@@ -133,20 +156,51 @@ def parse_args(argv=None) -> Config:
       help="every Nth document of a diff set is held out for val ppl, never trained on")
     a("--val-tokens", type=count, default=d.val_tokens, help="tokens of the held-out slice scored for val ppl")
     a("--metric", choices=["span", "sentence"], default=d.metric,
-      help="probe perplexity over the answer span (the paper's) or the whole sentence (TemporalWiki's scorer)")
-    a("--templama", nargs="+", default=[], help="extra probe files scored at every stage (e.g. TempLAMA splits)")
-    a("--ecbd", nargs="+", default=[], help="extra ECBD probe files scored at every stage")
+      help="the main probe metric (train.py's): answer span (the paper's) or whole sentence (TemporalWiki's); "
+           "every row is scored with the other one too")
+    a("--diag-frac", type=float, default=d.diag_frac,
+      help="share of each probe split kept apart for tracing (disjoint by subject+relation); 0: evaluate on every "
+           "probe and trace on probes not evaluated in the stage (the previous month pair's; stage 1: --trace-probes)")
+    a("--trace-probes",
+      help="stage 1 traces on this probe file instead of its diag_changed.csv (needed with --diag-frac 0)")
+    a("--templama", nargs="+", default=[], help="TempLAMA / Dynamic TempLAMA data: 'templama' or 'dynamic-templama' "
+      "(fetched into $TGL_CACHE/data), or .json/.jsonl files or folders; updated/unchanged splits built per stage")
+    a("--templama-dates", nargs="+", default=[], help=f"with --templama: {len(STAGES) + 1} increasing dates, one per "
+      "snapshot (e.g. 2019 2020 2021 2022 2023, or quarters 2021-Q1 ...); stage K compares date K with date K+1")
+    a("--ecbd", help="ECBD's unpacked folder (year folders of np_spans_test.json), or 'ecbd' for the one registered "
+      "with `python -m experiments.realdata fetch ecbd --folder PATH`; scored as ecbd/new at every stage")
     a("--train-args", default="", help="more train.py flags for every run, quoted (e.g. '--recadam-gamma 50 --eval-every 500'; "
       "one flag alone: --train-args=--flag)")
     a("--trace-args", default="", help="more trace.py flags, quoted (e.g. '--n-span 200 --select topk:8')")
     a("--seed", type=int, default=d.seed, help="seed of the probe splits and of training")
+
+
+def parse_args(argv=None) -> Config:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a, d = p.add_argument, Config(init="", out="")
+    a("--init", required=True,
+      help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ..., a local HF folder or a run folder")
+    a("--out", required=True, help="the protocol's folder: protocol.json, probes/, stageK/ARM run folders, results.md/.json")
+    a("--methods", nargs="+", choices=METHODS, default=d.methods, help="continual-learning methods (arms = methods x --tgl)")
+    a("--tgl", nargs="+", choices=TGLS, default=d.tgl, help="TGL modes stacked on each method")
+    a("--stages", nargs="+", default=["1", "2", "3", "4"], help="stages to run: numbers 1-4 or month pairs like 0901-1001")
+    add_run_flags(a, d)
     a("--device", default=d.device, help="auto | cpu | cuda | mps, for every step")
     a("--threads", type=int, help="CPU threads per step")
     a("--compile", action="store_true", help="train.py --compile (torch.compile, CUDA)")
     a("--nproc", type=int, default=d.nproc,
       help="processes per training step: >1 runs train.py under torchrun --nproc_per_node N")
-    a("--plan", action="store_true", help="print every command, download and disk sizes and a time estimate; run nothing")
-    a("--assume-tok-s", type=float, help="--plan: ASSUMED training tokens/s per run, for the time estimate (not a measurement)")
+    a("--save-minutes", type=float, default=d.save_minutes,
+      help="checkpoint every training step about every N minutes (train.py --save-every, in updates computed from "
+           "--assume-tok-s); 0: only at the end. A --save-every in --train-args wins")
+    a("--keep-optimizer", action="store_true", help="keep every stage's optimizer state (AdamW moments: 2/3 of a "
+      "checkpoint); by default it is dropped once the same arm's next stage has finished")
+    a("--export-hf", help="write each arm's final model (its last stage run now) in Hugging Face layout to "
+      "DIR/stageK/ARM (python -m experiments.export)")
+    a("--plan", action="store_true", help="print every command, the time and disk it takes (an estimate); run nothing")
+    a("--assume-tok-s", type=float,
+      help="ASSUMED training tokens/s of one training step (all its GPUs), for the plan's "
+      "time and the checkpoint interval; default: derived from the model size (see --plan)")
     a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags")
     args = p.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "stages"})
@@ -155,24 +209,40 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
+def check_passed(flag: str, text: str, config, required: list):
+    """--train-args / --trace-args through train.py's / trace.py's own parser, before anything slow: an
+    unknown flag or a bad value is one line now, not after the downloads and the first stages."""
+    try:
+        extra = shlex.split(text)
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r}: {e}") from None
+    taken = [t.split("=")[0] for t in extra if t.split("=")[0] in OWN_FLAGS]
+    if taken:
+        raise ValueError(f"{flag}: {taken[0]} is set by twiki.py itself; use twiki.py's own flag for it")
+    parser = Parser(prog=f"{PROG} {flag}", add_help=False)
+    add_flags(parser, config)
+    parser.parse_args(required + extra)  # Parser.error: one line, exit 2
+
+
 def check_config(cfg: Config):
     """Every flag and path, before anything slow (no network, no model load)."""
     check_output(cfg.out, "--out", "dir")
     if cfg.init not in HUB_NAMES and not os.path.exists(cfg.init):
         raise ValueError(f"--init {cfg.init}: not a known model ({', '.join(HUB_NAMES)}) nor a local folder")
-    for f in cfg.templama + cfg.ecbd:
-        if not os.path.isfile(f):
-            raise ValueError(f"no such probe file: {f}")
     for flag in ("batch_size", "block_size", "grad_accum", "val_every", "val_tokens", "max_train_tokens", "threads", "nproc"):
         check_number("--" + flag.replace("_", "-"), getattr(cfg, flag), low=1, integer=True)
     check_number("--warmup", cfg.warmup, low=0, integer=True)
     check_number("--lr", cfg.lr, low=0, low_open=True)
     check_number("--snapshot-mb", cfg.snapshot_mb, low=0, low_open=True)
     check_number("--assume-tok-s", cfg.assume_tok_s, low=0, low_open=True)
-    for flag, extra in (("--train-args", cfg.train_args), ("--trace-args", cfg.trace_args)):
-        taken = [t.split("=")[0] for t in shlex.split(extra) if t.split("=")[0] in OWN_FLAGS]
-        if taken:
-            raise ValueError(f"{flag}: {taken[0]} is set by twiki.py itself; use twiki.py's own flag for it")
+    check_number("--save-minutes", cfg.save_minutes, low=0)
+    check_number("--diag-frac", cfg.diag_frac, low=0, high=1, high_open=True)
+    check_probe_sources(cfg)
+    if cfg.export_hf:
+        check_output(cfg.export_hf, "--export-hf", "dir")
+    check_passed("--train-args", cfg.train_args, train.Config, ["--data", "-"])
+    check_passed("--trace-args", cfg.trace_args, train.tgl_trace.TraceConfig,
+                 ["--init", "-", "--probes", "-", "--text", "-", "--out", "-"])
     check_protocol(cfg)
     for k in cfg.stages:  # a stage trains on from the previous stage's runs, which must exist
         ready = not cfg.overwrite and all(finished(run_dir(cfg, k - 1, arm)) for arm in cfg.arms)  # --overwrite removes them
@@ -181,12 +251,36 @@ def check_config(cfg: Config):
                              f"add stage {k - 1} to --stages")
 
 
+def check_probe_sources(cfg: Config):
+    """--templama / --templama-dates / --ecbd / --trace-probes, and that stage 1 has probes to trace on."""
+    for src in cfg.templama:
+        if src not in TEMPLAMA_SETS and not os.path.exists(src):
+            raise ValueError(f"--templama {src}: no such file or folder "
+                             "(or 'templama' / 'dynamic-templama' to fetch it)")
+    dates = cfg.templama_dates
+    if cfg.templama and len(dates) != len(STAGES) + 1:
+        raise ValueError(f"--templama needs --templama-dates with {len(STAGES) + 1} dates, one per snapshot "
+                         f"(got {len(dates)}), e.g. --templama-dates 2019 2020 2021 2022 2023")
+    if dates and not cfg.templama:
+        raise ValueError("--templama-dates without --templama: give the TempLAMA data too")
+    if any(a >= b for a, b in zip(dates, dates[1:])):
+        raise ValueError(f"--templama-dates {' '.join(dates)}: each date must come after the one before it")
+    if cfg.ecbd and not sorted(ecbd_root(cfg).glob("*/np_spans_test.json")):
+        raise ValueError(f"--ecbd {cfg.ecbd}: no YEAR/np_spans_test.json in {ecbd_root(cfg)} (ECBD's unpacked "
+                         "folder; 'ecbd' means the one registered with `python -m experiments.realdata fetch ecbd`)")
+    if cfg.trace_probes and not os.path.isfile(cfg.trace_probes):
+        raise ValueError(f"--trace-probes {cfg.trace_probes}: no such file")
+    if cfg.diag_frac == 0 and 1 in cfg.stages and not cfg.trace_probes and any(t != "none" for t in cfg.tgl):
+        raise ValueError("--diag-frac 0: stage 1 has no probes to trace on (no month pair before it); "
+                         "give --trace-probes FILE, or --diag-frac > 0")
+
+
 def check_protocol(cfg: Config):
     """OUT/protocol.json records the run-defining flags; continuing with others is refused, naming them."""
     path = Path(cfg.out) / "protocol.json"
     if not path.is_file() or cfg.overwrite:
         return
-    saved, now = read_json(path).get("flags", {}), protocol_flags(cfg)
+    saved, now = state(path, "flags", dict)["flags"], protocol_flags(cfg)
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_KEYS if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"{path}: this protocol ran with other flags ({'; '.join(diff)}); "
@@ -195,6 +289,25 @@ def check_protocol(cfg: Config):
 
 def protocol_flags(cfg: Config) -> dict:
     return json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS}))  # as it reads back from JSON
+
+
+def state(path, key: str, kind) -> dict:
+    """One of the driver's state files (protocol.json, summary.json, init.json, val.json): a JSON object
+    whose `key` is a `kind`; anything else is one line naming the file, never a traceback later."""
+    d = read_json(path)
+    if not isinstance(d, dict) or not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):
+        raise ValueError(f"{path}: not what this driver wrote (want a JSON object with '{key}'); "
+                         "move it away and run again to redo that step")
+    return d
+
+
+def probe_summary(path, key="summary") -> dict:
+    """{split: {ppl, em, n}} from a train.py summary.json ('probes') or probe.py --json ('summary'), checked."""
+    s = state(path, key, dict)[key]
+    for split, r in s.items():
+        if not (isinstance(r, dict) and all(isinstance(r.get(m), (int, float)) for m in ("ppl", "em", "n"))):
+            raise ValueError(f"{path}: split {split!r} has no numbers ppl, em, n; move the file away and run again")
+    return s
 
 
 # ----------------------------------------------------------------------------- where things are
@@ -212,10 +325,17 @@ def probe_dir(cfg, k) -> Path:
 
 
 def old_text(cfg, k) -> Path:
-    """The stage's old text: a prefix of the first month's snapshot, in a folder per size, so another
-    --snapshot-mb never reuses a prefix of the wrong size."""
-    folder = fetch.cache_root() / "twiki-snapshot" / f"prefix-{cfg.snapshot_mb:g}MB"
-    return folder / f"wikipedia_{STAGES[k - 1][1]}_gpt2_prefix.csv"
+    """The stage's old text: a prefix of the first month's snapshot, where `realdata fetch twiki-snapshot
+    --max-mb N` puts it too (a folder per size, so another --snapshot-mb never reuses a prefix of the wrong size)."""
+    return realdata.snapshot_dir(cfg.snapshot_mb) / f"wikipedia_{STAGES[k - 1][1]}_gpt2_prefix.csv"
+
+
+def ecbd_root(cfg) -> Path:
+    return fetch.cache_root() / "ecbd" if cfg.ecbd == "ecbd" else Path(cfg.ecbd)
+
+
+def templama_inputs(cfg) -> list:
+    return [fetch.cache_root() / s if s in TEMPLAMA_SETS else Path(s) for s in cfg.templama]
 
 
 def diff_name(k) -> str:
@@ -240,16 +360,40 @@ def trace_file(cfg, k, arm) -> Path:
     return stage_dir(cfg, k) / ("trace-init.json" if k == 1 else f"trace-{arm}.json")
 
 
+def trace_probes(cfg, k) -> Path:
+    """What stage k traces on: never probes it evaluates. Its diag_changed.csv (kept apart by --diag-frac), or
+    with --diag-frac 0 the previous month pair's changed facts (evaluated there, not here); stage 1:
+    --trace-probes when given."""
+    if k == 1 and cfg.trace_probes:
+        return Path(cfg.trace_probes)
+    return probe_dir(cfg, k) / "diag_changed.csv" if cfg.diag_frac > 0 else probe_dir(cfg, k - 1) / "changed.csv"
+
+
 def finished(run: Path) -> bool:
-    """A run is done when train.py wrote summary.json with its probe scores."""
-    try:
-        return bool(read_json(run / "summary.json").get("probes"))
-    except (OSError, ValueError):
+    """A run is done when train.py wrote summary.json with its probe scores; a summary.json of another
+    shape is one line naming it (not a run to redo silently)."""
+    if not (run / "summary.json").is_file():
         return False
+    probe_summary(run / "summary.json", "probes")
+    return True
+
+
+def has_probes(path: Path) -> bool:
+    """A probe file to score: there and not empty (a split with no record, e.g. no TempLAMA fact updated
+    between two dates, gets no column rather than a failed step)."""
+    return path.is_file() and next(iter(data.probe_records(path)), None) is not None
 
 
 def probe_files(cfg, k) -> list:
-    return [str(probe_dir(cfg, k) / "changed.csv"), str(probe_dir(cfg, k) / "unchanged.csv")] + cfg.templama + cfg.ecbd
+    """FILE:SPLIT specs: each split named by its data set (data.read_probes' :SPLIT), the same in every stage."""
+    pd = probe_dir(cfg, k)
+    files = [(pd / "changed.csv", "twiki/changed"), (pd / "unchanged.csv", "twiki/unchanged")]
+    files += [(pd / "templama" / f"{s}.jsonl", f"templama/{s}") for s in ("updated", "unchanged") if cfg.templama]
+    ecbd = Path(cfg.out) / "probes" / "ecbd"
+    if cfg.ecbd:  # every year folder's new entities in one column
+        years = sorted(ecbd.glob("*/new.jsonl")) or [ecbd / "YEAR" / "new.jsonl"]
+        files += [(f, "ecbd/new") for f in years]
+    return [f"{f}:{split}" for f, split in files if cfg.plan or split.startswith("twiki/") or has_probes(f)]
 
 
 # ----------------------------------------------------------------------------- commands
@@ -258,27 +402,59 @@ def common_flags(cfg) -> list:
     return ["--device", cfg.device] + (["--threads", cfg.threads] if cfg.threads else [])  # train.py's
 
 
+def tokens_per_update(cfg) -> int:
+    return cfg.batch_size * cfg.block_size * cfg.grad_accum
+
+
 def train_steps(cfg, n_tokens) -> int:
     """Updates for one stage: --max-train-tokens, else one pass over the stage's training text."""
-    per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    return max(1, math.ceil((cfg.max_train_tokens or n_tokens) / per_step))
+    return max(1, math.ceil((cfg.max_train_tokens or n_tokens) / tokens_per_update(cfg)))
+
+
+def model_params(cfg) -> float | None:
+    """Parameters of --init: the hub table, else its weights file's size (an estimate: fp32, and a run's
+    ckpt.pt also holds the AdamW moments, 12 bytes per parameter in all)."""
+    if cfg.init in HUB_PARAMS:
+        return HUB_PARAMS[cfg.init]
+    p = Path(cfg.init)
+    for f, per in ((p, 12), (p / CKPT_NAME, 12), (p / "model.safetensors", 4), (p / "pytorch_model.bin", 4)):
+        if f.is_file():
+            return f.stat().st_size / per
+    return None
+
+
+def tok_s(cfg) -> float:
+    """Training tokens/s of one step (all --nproc GPUs): --assume-tok-s, else the stated assumption."""
+    if cfg.assume_tok_s:
+        return cfg.assume_tok_s
+    return cfg.nproc * GPU_FLOPS * MFU / (6 * (model_params(cfg) or HUB_PARAMS["gpt2-large"]))
+
+
+def save_every(cfg) -> int | None:
+    """train.py --save-every: the updates of about --save-minutes at the assumed throughput (None: only at
+    the end). A faster GPU than assumed saves more often than every --save-minutes, a slower one less."""
+    if not cfg.save_minutes:
+        return None
+    return max(1, math.ceil(cfg.save_minutes * 60 * tok_s(cfg) / tokens_per_update(cfg)))
 
 
 def train_argv(cfg, k, arm, steps) -> list:
     """The train.py command of one arm in one stage; under torchrun when --nproc > 1 (DDP: --batch-size
     stays the global batch, so the numbers do not depend on the number of GPUs)."""
     method, tgl = arm.split("-")
-    sd = stage_dir(cfg, k)
+    sd, extra = stage_dir(cfg, k), shlex.split(cfg.train_args)
     args = ["--init", init_of(cfg, k, arm), "--data", sd / "data" / "train.csv", "--method", method, "--tgl", tgl,
             "--probes", *probe_files(cfg, k), "--steps", steps, "--batch-size", cfg.batch_size,
             "--block-size", cfg.block_size, "--grad-accum", cfg.grad_accum, "--lr", cfg.lr, "--warmup", cfg.warmup,
             "--seed", cfg.seed, "--metric", cfg.metric,
             "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
+    if save_every(cfg) and not any(t.split("=")[0] == "--save-every" for t in extra):
+        args += ["--save-every", save_every(cfg)]  # a killed step loses at most --save-minutes
     if tgl != "none":
         args += ["--trace", trace_file(cfg, k, arm)]
     if method == "mixreview":
         args += ["--replay-data", old_text(cfg, k)]  # Mix-Review replays the old snapshot
-    args += (["--compile"] if cfg.compile else []) + shlex.split(cfg.train_args)
+    args += (["--compile"] if cfg.compile else []) + extra
     if cfg.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
                 str(HERE / "train.py"), *map(str, args)]
@@ -286,24 +462,35 @@ def train_argv(cfg, k, arm, steps) -> list:
 
 
 def trace_argv(cfg, k, arm) -> list:
-    """Trace the arm's current model on the stage's diagnostic changed facts against the old snapshot."""
-    return script("trace.py", "--init", init_of(cfg, k, arm), "--probes", probe_dir(cfg, k) / "diag_changed.csv",
+    """Trace the arm's current model on probes the stage does not evaluate, against the old snapshot."""
+    return script("trace.py", "--init", init_of(cfg, k, arm), "--probes", trace_probes(cfg, k),
                   "--text", old_text(cfg, k), "--out", trace_file(cfg, k, arm), "--seed", cfg.seed,
                   "--device", cfg.device, *shlex.split(cfg.trace_args))
 
 
 def val_argv(cfg, k, arm) -> list:
-    """The perplexity of the stage's held-out slice under an arm's final model (probe.py --text)."""
+    """An arm's final model: the held-out slice's perplexity and the probes under the other metric
+    (train.py scored the main one)."""
     run_ = run_dir(cfg, k, arm)
-    return script("probe.py", "--init", run_, "--text", stage_dir(cfg, k) / "data" / "val.csv", "--text-tokens",
-                  cfg.val_tokens, "--json", run_ / "val.json", "--device", cfg.device)
+    return script("probe.py", "--init", run_, "--probes", *probe_files(cfg, k), "--metric", OTHER[cfg.metric],
+                  "--text", stage_dir(cfg, k) / "data" / "val.csv", "--text-tokens", cfg.val_tokens,
+                  "--json", run_ / "val.json", "--device", cfg.device)
 
 
-def init_probe_argv(cfg, k) -> list:
-    """The untouched --init model on the stage's probes (and held-out text): the table's "init" row."""
+def init_probe_argv(cfg, k, metric=None) -> list:
+    """The untouched --init model on the stage's probes (and held-out text): the table's "init" row;
+    metric: the other metric's file (init-METRIC.json)."""
     sd = stage_dir(cfg, k)
+    if metric:
+        return script("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--metric", metric,
+                      "--json", sd / f"init-{metric}.json", "--device", cfg.device)
     return script("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--text", sd / "data" / "val.csv",
                   "--text-tokens", cfg.val_tokens, "--metric", cfg.metric, "--json", sd / "init.json", "--device", cfg.device)
+
+
+def export_argv(cfg, k, arm) -> list:
+    dest = Path(cfg.export_hf) / f"stage{k}" / arm
+    return script("experiments.export", "--init", run_dir(cfg, k, arm), "--out", dest)
 
 
 def sh(argv) -> str:
@@ -316,27 +503,34 @@ def sh(argv) -> str:
 
 
 def run(argv, log: Path, threads=None):
-    """Run one step, its output both on our stdout and in `log`; a failed step stops the protocol in
-    one line that names its log (the lines before it show why). --threads reaches trace.py and probe.py,
-    which have no such flag, as OMP_NUM_THREADS."""
+    """Run one step, its output both on our stdout and in `log`, line by line as it comes (a killed step's
+    log keeps what it printed); its wall time goes to the stage's times.json. A failed step stops the
+    protocol in one line that names its log (the lines before it show why). --threads reaches trace.py
+    and probe.py, which have no such flag, as OMP_NUM_THREADS."""
     print(f"$ {sh(argv)}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    with open(log, "a", encoding="utf-8") as f, subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, env=env,
-                                                                 stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    t0 = time.time()
+    with open(log, "a", encoding="utf-8", buffering=1) as f, subprocess.Popen(
+            list(map(str, argv)), stdout=subprocess.PIPE, env=env, stderr=subprocess.STDOUT, text=True,
+            errors="replace") as proc:
         f.write(f"$ {sh(argv)}\n")
         for line in proc.stdout:
             sys.stdout.write(line)
             f.write(line)
     if proc.returncode != 0:
         raise ValueError(f"step failed (exit {proc.returncode}): {sh(argv)[:200]}; its output is in {log}")
+    times = log.parent / "times.json"
+    seen = read_json(times) if times.is_file() else {}
+    seen = dict(seen if isinstance(seen, dict) else {}, **{log.stem: time.time() - t0})
+    write_text(times, json.dumps(seen, indent=1))
 
 
 # ----------------------------------------------------------------------------- data
 
 def fetch_shared(cfg):
-    """Probes and diff sets (all stages in one archive each), then the probe splits of every stage.
-    Each is skipped when its files are already there, so a continued run makes no request."""
+    """Probes and diff sets (all stages in one archive each), TempLAMA when asked, then the probe splits
+    shared by all stages (TemporalWiki's, ECBD's). Each is skipped when done, so a continued run makes no request."""
     root = fetch.cache_root()
     pairs = [STAGES[k - 1][0] for k in cfg.stages]
     if not all(find_file(root / "twiki-probes", f"{p}_{s}.csv") for p in pairs for s in ("changed", "unchanged")):
@@ -345,15 +539,29 @@ def fetch_shared(cfg):
     if not all(find_file(root / "twiki-diffsets", diff_name(k)) for k in cfg.stages):
         print(f"$ {sh(script('experiments.realdata', 'fetch', 'twiki-diffsets'))}", flush=True)
         fetch.fetch("twiki-diffsets")
-    wanted = ("changed.csv", "unchanged.csv", "diag_changed.csv")
-    if not all((probe_dir(cfg, k) / f).is_file() for k in cfg.stages for f in wanted):
-        # every pair at once: realdata's splits write each pair's eval and disjoint diag_* files (seeded)
-        print(f"$ {sh(splits_argv(cfg))}")
-        realdata.make_splits("twiki", [root / "twiki-probes"], Path(cfg.out) / "probes", seed=cfg.seed)
+    for name in (s for s in cfg.templama if s in TEMPLAMA_SETS):
+        if not all((root / name / f).is_file() for f in fetch.DATASETS[name].files):
+            print(f"$ {sh(script('experiments.realdata', 'fetch', name))}", flush=True)
+            fetch.fetch(name)
+    make_split(splits_argv(cfg), Path(cfg.out) / "probes", "twiki", [root / "twiki-probes"], cfg)
+    if cfg.ecbd:
+        make_split(ecbd_argv(cfg), Path(cfg.out) / "probes" / "ecbd", "ecbd", [ecbd_root(cfg)], cfg)
+
+
+def make_split(argv, out: Path, kind, inputs, cfg, dates=(None, None)):
+    """realdata.make_splits, once: a marker written last says the folder's files are complete."""
+    marker = out / f".{kind}-splits.done"
+    if marker.is_file():
+        return
+    print(f"$ {sh(argv)}", flush=True)
+    counts = realdata.make_splits(kind, inputs, out, dates, diag_frac=cfg.diag_frac, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(marker, json.dumps(counts, indent=1))
 
 
 def fetch_stage(cfg, k):
-    """The stage's old text (a snapshot prefix) and its diff set split into train.csv / val.csv."""
+    """The stage's old text (a snapshot prefix), its diff set split into train.csv / val.csv, and its
+    TempLAMA splits (the stage's two dates)."""
     old = old_text(cfg, k)
     if not old.is_file():
         print(f"$ {sh(snapshot_argv(cfg, k))}", flush=True)
@@ -365,16 +573,30 @@ def fetch_stage(cfg, k):
             raise ValueError(f"{fetch.cache_root() / 'twiki-diffsets'}: no {diff_name(k)} after fetching the diff sets")
         print(f"# held out: one document in {cfg.val_every} of {diff} -> {folder}/val.csv, the rest -> train.csv")
         split_diff(diff, folder, cfg.val_every)
+    if cfg.templama:
+        make_split(templama_argv(cfg, k), probe_dir(cfg, k) / "templama", "templama", templama_inputs(cfg), cfg,
+                   tuple(cfg.templama_dates[k - 1:k + 1]))
 
 
 def splits_argv(cfg) -> list:
     return script("experiments.realdata", "splits", "twiki", "--input", fetch.cache_root() / "twiki-probes",
-                  "--out", Path(cfg.out) / "probes", "--seed", cfg.seed)
+                  "--out", Path(cfg.out) / "probes", "--diag-frac", cfg.diag_frac, "--seed", cfg.seed)
+
+
+def ecbd_argv(cfg) -> list:
+    return script("experiments.realdata", "splits", "ecbd", "--input", ecbd_root(cfg),
+                  "--out", Path(cfg.out) / "probes" / "ecbd", "--diag-frac", cfg.diag_frac, "--seed", cfg.seed)
+
+
+def templama_argv(cfg, k) -> list:
+    return script("experiments.realdata", "splits", "templama", "--input", *templama_inputs(cfg),
+                  "--from", cfg.templama_dates[k - 1], "--to", cfg.templama_dates[k],
+                  "--out", probe_dir(cfg, k) / "templama", "--diag-frac", cfg.diag_frac, "--seed", cfg.seed)
 
 
 def snapshot_argv(cfg, k) -> list:
     return script("experiments.realdata", "fetch", "twiki-snapshot", "--max-mb", f"{cfg.snapshot_mb:g}", "--month",
-                  STAGES[k - 1][1], "--out", old_text(cfg, k).parent)
+                  STAGES[k - 1][1])
 
 
 def split_diff(diff: Path, folder: Path, every: int):
@@ -407,16 +629,28 @@ def text_tokens(cfg, path) -> int:
 
 # ----------------------------------------------------------------------------- the protocol
 
+def scored(cfg, k, arm) -> bool:
+    """Every score of a row is on disk: init.json and init-OTHER.json, or the run's summary and val.json."""
+    if arm == "init":
+        return all((stage_dir(cfg, k) / f).is_file() for f in ("init.json", f"init-{OTHER[cfg.metric]}.json"))
+    return finished(run_dir(cfg, k, arm)) and (run_dir(cfg, k, arm) / "val.json").is_file()
+
+
 def run_stage(cfg, k):
-    """One stage: data, the init row, traces, then every arm's training (which scores the probes)."""
+    """One stage: data, the init row, traces, then every arm's training (which scores the probes) and
+    the other metric with the held-out text."""
     pair, old, new = STAGES[k - 1]
     print(f"\n== stage {k}: {pair} (old snapshot {old}, diff {old}->{new}) ==", flush=True)
     fetch_stage(cfg, k)
     sd, logs = stage_dir(cfg, k), stage_dir(cfg, k) / "logs"
-    todo = [arm for arm in cfg.arms if not finished(run_dir(cfg, k, arm))]
     if not (sd / "init.json").is_file():
         run(init_probe_argv(cfg, k), logs / "init.log", cfg.threads)
-    if not todo and all((run_dir(cfg, k, arm) / "val.json").is_file() for arm in cfg.arms):
+    if not (sd / f"init-{OTHER[cfg.metric]}.json").is_file():
+        run(init_probe_argv(cfg, k, OTHER[cfg.metric]), logs / f"init-{OTHER[cfg.metric]}.log", cfg.threads)
+    todo = [arm for arm in cfg.arms if not finished(run_dir(cfg, k, arm))]
+    for arm in [a for a in cfg.arms if a not in todo and k > 1 and not cfg.keep_optimizer]:
+        drop_optimizer(run_dir(cfg, k - 1, arm))  # done before a kill, not dropped yet
+    if not todo and all(scored(cfg, k, arm) for arm in cfg.arms):
         print(f"stage {k}: every arm finished, nothing to run")
         return
     for arm in todo:
@@ -425,9 +659,44 @@ def run_stage(cfg, k):
     steps = train_steps(cfg, 0 if cfg.max_train_tokens else text_tokens(cfg, sd / "data" / "train.csv"))
     for arm in todo:
         run(train_argv(cfg, k, arm, steps), logs / f"{arm}.log", cfg.threads)
-    for arm in cfg.arms:  # held-out perplexity of each final model
+        if k > 1 and not cfg.keep_optimizer:
+            drop_optimizer(run_dir(cfg, k - 1, arm))
+    for arm in cfg.arms:  # held-out perplexity and the other metric of each final model
         if not (run_dir(cfg, k, arm) / "val.json").is_file():
             run(val_argv(cfg, k, arm), logs / f"{arm}-val.log", cfg.threads)
+
+
+def drop_optimizer(run: Path):
+    """Once the same arm's next stage has finished, its old stage is needed only as weights (the next
+    stage's --init was read; the table reads summary.json, val.json, metrics.jsonl): the AdamW moments,
+    two thirds of a full update's checkpoint, go. Read with weights_only=True (mmap: the weights are not
+    all held in memory), written atomically; optimizer-dropped is written last, so a rerun does not reread it."""
+    marker, path = run / "optimizer-dropped", run / CKPT_NAME
+    if marker.is_file() or not path.is_file():
+        return
+    before = path.stat().st_size
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many kinds): a damaged checkpoint is one line
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}); the next stage was trained from "
+                         "it, so it was readable then: check the disk") from None
+    opt = ck.get("optimizer") if isinstance(ck, dict) else None
+    if isinstance(opt, dict) and opt.get("units") != [DROPPED]:
+        # train.py --resume on this checkpoint stops in one line naming DROPPED (its AdamW checks the units)
+        ck["optimizer"] = dict(t=opt.get("t", 0), units=[DROPPED], m=[], v=[])
+        save_checkpoint(path, ck)
+    write_text(marker, "the AdamW moments of this finished stage were dropped once the next stage had finished "
+                       "(twiki.py; --keep-optimizer keeps them). ckpt.pt loads as --init; it cannot be resumed.\n")
+    print(f"# dropped the optimizer state of {path}: {before / 1e9:.2f} -> {path.stat().st_size / 1e9:.2f} GB")
+
+
+def export_all(cfg):
+    """--export-hf DIR: each arm's final model (the last stage run now) as DIR/stageK/ARM, in Hugging Face layout."""
+    k = max(cfg.stages)
+    for arm in cfg.arms:
+        dest = Path(cfg.export_hf) / f"stage{k}" / arm
+        if not ((dest / "config.json").is_file() and (dest / "model.safetensors").is_file()):
+            run(export_argv(cfg, k, arm), stage_dir(cfg, k) / "logs" / f"{arm}-export.log", cfg.threads)
 
 
 def start(cfg):
@@ -448,32 +717,58 @@ def write_new(path: Path, text: str):
 
 # ----------------------------------------------------------------------------- the table
 
-def arm_row(cfg, k, arm) -> dict | None:
-    """One finished run's numbers: summary.json (probes, val ppl, time) and metrics.jsonl (tokens/s:
-    the median of the logged rates, so a first step slowed by compilation does not count)."""
-    run = run_dir(cfg, k, arm)
-    if not finished(run):
-        return None
-    s = read_json(run / "summary.json")
-    val = read_json(run / "val.json").get("text_ppl") if (run / "val.json").is_file() else None
+def train_rate(run: Path) -> float | None:
+    """The median of the tok_per_s that train.py logged (training alone: its logged rates exclude probe
+    scoring), so a first step slowed by compilation does not count."""
     rates = []
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
             try:
-                rates.append(json.loads(line)["tok_per_s"])
-            except (ValueError, KeyError, TypeError):
-                pass
+                r = json.loads(line).get("tok_per_s")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r):
+                rates.append(r)
+    return statistics.median(rates) if rates else None
+
+
+def step_time(cfg, k, *names) -> float | None:
+    """Wall seconds of the named steps (their logs' names) from the stage's logs/times.json."""
+    path = stage_dir(cfg, k) / "logs" / "times.json"
+    times = read_json(path) if path.is_file() else {}
+    got = [times.get(n) for n in names] if isinstance(times, dict) else []
+    return sum(got) if got and all(isinstance(t, (int, float)) for t in got) else None
+
+
+def text_ppl(path) -> float | None:
+    d = state(path, "text_ppl", (int, float)) if path.is_file() else None
+    return d and d["text_ppl"]
+
+
+def arm_row(cfg, k, arm) -> dict | None:
+    """One finished run's numbers: the main metric (summary.json), the other one and val ppl (val.json),
+    training time and tokens/s (train.py's), and the wall time of scoring the other metric and val ppl."""
+    run = run_dir(cfg, k, arm)
+    if not finished(run):
+        return None
+    s, other = read_json(run / "summary.json"), OTHER[cfg.metric]
+    val = run / "val.json"
     return dict(stage=k, pair=STAGES[k - 1][0], arm=arm, run=str(run), init=init_of(cfg, k, arm), steps=s.get("steps"),
-                probes=s["probes"], val_ppl=val, time=s.get("time"), tok_per_s=statistics.median(rates) if rates else None)
+                probes=probe_summary(run / "summary.json", "probes"),
+                **{f"probes_{other}": probe_summary(val) if val.is_file() else {}},
+                val_ppl=text_ppl(val), time=s.get("time") if isinstance(s.get("time"), (int, float)) else None,
+                tok_per_s=train_rate(run), score_time=step_time(cfg, k, f"{arm}-val"))
 
 
 def init_row(cfg, k) -> dict | None:
-    path = stage_dir(cfg, k) / "init.json"
+    path, other = stage_dir(cfg, k) / "init.json", OTHER[cfg.metric]
     if not path.is_file():
         return None
-    d = read_json(path)
+    second = stage_dir(cfg, k) / f"init-{other}.json"
     return dict(stage=k, pair=STAGES[k - 1][0], arm="init", run=str(path), init=cfg.init, steps=0,
-                probes=d["summary"], val_ppl=d.get("text_ppl"), time=None, tok_per_s=None)
+                probes=probe_summary(path), **{f"probes_{other}": probe_summary(second) if second.is_file() else {}},
+                val_ppl=text_ppl(path), time=None, tok_per_s=None,
+                score_time=step_time(cfg, k, "init", f"init-{other}"))
 
 
 def collect(cfg) -> list:
@@ -487,31 +782,44 @@ def collect(cfg) -> list:
     return rows
 
 
-def table(rows) -> str:
-    """Markdown: a row per stage x arm; per split perplexity and EM (%), held-out ppl, time, tokens/s."""
-    splits = ordered(s for r in rows for s in r["probes"])
+def table(rows, metric) -> str:
+    """Markdown: a row per stage x arm; per split perplexity and EM (%) under the main metric, then under the
+    other; held-out ppl, training time and tokens/s, scoring time."""
+    other = OTHER[metric]
+    seen = list(dict.fromkeys(s for r in rows for s in list(r["probes"]) + list(r.get(f"probes_{other}", {}))))
+    splits = [s for s in SPLITS if s in seen] + [s for s in seen if s not in SPLITS]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    head = ["stage", "arm"] + [f"{s} {m}" for s in splits for m in ("ppl", "EM")] + ["val ppl", "time (s)", "tok/s"]
+    keys = (("probes", ""), (f"probes_{other}", f" {other}"))
+    head = ["stage", "arm"] + [f"{s}{tag} {m}" for _, tag in keys for s in splits for m in ("ppl", "EM %")]
+    head += ["val ppl", "train (s)", "tok/s", "score (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['stage']} ({r['pair']})", r["arm"]]
-        for s in splits:
-            p = r["probes"].get(s)
-            cells += [fmt(p and p["ppl"], ".2f"), fmt(p and 100 * p["em"], ".1f")]
-        cells += [fmt(r["val_ppl"], ".2f"), fmt(r["time"], ".1f"), fmt(r["tok_per_s"], ",.0f")]
+        for key, _ in keys:
+            for s in splits:
+                p = r.get(key, {}).get(s)
+                cells += [fmt(p and p["ppl"], ".2f"), fmt(p and 100 * p["em"], ".1f")]
+        cells += [fmt(r["val_ppl"], ".2f"), fmt(r["time"], ".1f"), fmt(r["tok_per_s"], ",.0f"),
+                  fmt(r.get("score_time"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_results(cfg, rows):
-    out = Path(cfg.out)
-    metric = "answer-span" if cfg.metric == "span" else "whole-sentence"
-    note = (f"\n{metric} perplexity and greedy exact match (%) per probe split; val ppl: perplexity of the "
-            f"held-out slice of the stage's diff set ({cfg.val_tokens:,} tokens); time: train.py's training "
-            "time; tok/s: median logged training throughput. Rows 'init': the untouched --init model.\n")
-    write_new(out / "results.md", table(rows) + note)
-    write_new(out / "results.json", json.dumps({"protocol": protocol_flags(cfg), "rows": rows}, indent=1))
-    print(f"\n{table(rows)}\nwrote {out / 'results.md'} and {out / 'results.json'}")
+    out, other = Path(cfg.out), OTHER[cfg.metric]
+    names = {"span": "answer-span", "sentence": "whole-sentence"}
+    note = (f"\nSPLIT ppl / EM %: {names[cfg.metric]} perplexity and greedy exact match (%) per probe split "
+            f"(train.py's scoring); SPLIT {other} ppl / EM %: the same under the {names[other]} metric (probe.py); "
+            "the two metrics are not comparable with each other. twiki/*: TemporalWiki's probes of the stage's "
+            "month pair; templama/*: facts whose answer changed / did not between the stage's two --templama-dates; "
+            f"ecbd/new: ECBD's new entities. val ppl: perplexity of the held-out slice of the stage's diff set "
+            f"({cfg.val_tokens:,} tokens); train (s): train.py's training time; tok/s: median logged training "
+            "throughput (scoring excluded); score (s): wall time of the probe.py step(s) of the row (the other "
+            "metric and val ppl). Rows 'init': the untouched --init model.\n")
+    write_new(out / "results.md", table(rows, cfg.metric) + note)
+    write_new(out / "results.json", json.dumps({"protocol": protocol_flags(cfg), "metrics": [cfg.metric, other],
+                                                "rows": rows}, indent=1))
+    print(f"\n{table(rows, cfg.metric)}\nwrote {out / 'results.md'} and {out / 'results.json'}")
 
 
 # ----------------------------------------------------------------------------- --plan
@@ -520,78 +828,112 @@ def gb(n_bytes) -> str:
     return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
-def planned_tokens(cfg, k):
-    """Training tokens of one arm in stage k: the cap, else the diff set's size / 4 bytes per GPT-2 token
-    when it is on disk already (an approximation), else None (unknown before the download)."""
-    steps = None
-    if cfg.max_train_tokens:
-        steps = train_steps(cfg, 0)
-    else:
-        diff = find_file(fetch.cache_root() / "twiki-diffsets", diff_name(k))
-        if diff is not None:
-            steps = train_steps(cfg, diff.stat().st_size / 4)
-    return steps and steps * cfg.batch_size * cfg.block_size * cfg.grad_accum, steps
+def diff_tokens(cfg, k) -> tuple[float, bool]:
+    """GPT-2 tokens of stage k's diff set: its size / 4 bytes per token when it is on disk, else
+    TemporalWiki's published size (DIFF_TOKENS). -> (tokens, from disk)."""
+    diff = find_file(fetch.cache_root() / "twiki-diffsets", diff_name(k))
+    return (diff.stat().st_size / 4, True) if diff is not None else (DIFF_TOKENS, False)
 
 
-def plan_stage(cfg, k) -> tuple[list, int]:
-    """The commands of stage k, those already done marked; and the training tokens of the stage (all arms)."""
+def stage_steps(cfg, k) -> int:
+    """Updates per arm in stage k: the cap, else one pass over the diff set less its held-out slice."""
+    return train_steps(cfg, diff_tokens(cfg, k)[0] * (1 - 1 / cfg.val_every))
+
+
+def plan_stage(cfg, k) -> list:
+    """The commands of stage k, those already done marked."""
     done = lambda ok, argv: ("# done: " if ok and not cfg.overwrite else "") + sh(argv)  # noqa: E731
-    tokens, steps = planned_tokens(cfg, k)
+    sd, other = stage_dir(cfg, k), OTHER[cfg.metric]
     lines = [f"\n# stage {k}: {STAGES[k - 1][0]} (old snapshot {STAGES[k - 1][1]}, diff {diff_name(k)})",
              done(old_text(cfg, k).is_file(), snapshot_argv(cfg, k)),
-             f"# then one document in {cfg.val_every} of {diff_name(k)} -> {stage_dir(cfg, k)}/data/val.csv "
-             "(held out), the rest -> train.csv",
-             done((stage_dir(cfg, k) / "init.json").is_file(), init_probe_argv(cfg, k))]
+             f"# then one document in {cfg.val_every} of {diff_name(k)} -> {sd}/data/val.csv "
+             "(held out), the rest -> train.csv"]
+    if cfg.templama:
+        lines.append(done((probe_dir(cfg, k) / "templama" / ".templama-splits.done").is_file(), templama_argv(cfg, k)))
+    lines += [done((sd / "init.json").is_file(), init_probe_argv(cfg, k)),
+              done((sd / f"init-{other}.json").is_file(), init_probe_argv(cfg, k, other))]
     traced = set()
     for arm in cfg.arms:
         if not arm.endswith("-none") and trace_file(cfg, k, arm) not in traced:
             traced.add(trace_file(cfg, k, arm))
             lines.append(done(trace_file(cfg, k, arm).is_file(), trace_argv(cfg, k, arm)))
     for arm in cfg.arms:
-        lines.append(done(finished(run_dir(cfg, k, arm)), train_argv(cfg, k, arm, steps or "STEPS")))
+        lines.append(done(finished(run_dir(cfg, k, arm)), train_argv(cfg, k, arm, stage_steps(cfg, k))))
         lines.append(done((run_dir(cfg, k, arm) / "val.json").is_file(), val_argv(cfg, k, arm)))
-    if steps is None:
-        lines.append("# STEPS: one pass over the stage's train.csv, known once the diff sets are fetched "
-                     "(or pass --max-train-tokens)")
-    else:
-        lines.append(f"# {steps:,} updates x {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} tokens = "
-                     f"{tokens:,} training tokens per arm" +
-                     ("" if cfg.max_train_tokens else " (diff size / 4 bytes per token: approximate)"))
-    return lines, tokens and tokens * len(cfg.arms)
+    if cfg.export_hf and k == max(cfg.stages):
+        lines += [sh(export_argv(cfg, k, arm)) for arm in cfg.arms]
+    return lines
+
+
+def plan_time(cfg) -> list:
+    """Steps and hours per stage and arm and in all, from the assumed throughput: an ESTIMATE."""
+    rate, per = tok_s(cfg), tokens_per_update(cfg)
+    why = ("--assume-tok-s" if cfg.assume_tok_s else
+           f"the default: 6 x {model_params(cfg) or HUB_PARAMS['gpt2-large']:,.0f} parameters"
+           f"{'' if model_params(cfg) else ' (gpt2-large: the size of --init is unknown)'} FLOPs per token at "
+           f"{MFU:.0%} MFU of {cfg.nproc} H100 SXM ({GPU_FLOPS / 1e12:.0f} dense bf16 TFLOP/s each), not measured; "
+           "measure yours with `python -m experiments.bench train --device cuda` and pass --assume-tok-s")
+    out = [f"\n# ESTIMATE of the training time, at an ASSUMED {rate:,.0f} training tokens/s per run ({why}):"]
+    total = 0.0
+    for k in cfg.stages:
+        steps = stage_steps(cfg, k)
+        hours = steps * per / rate / 3600
+        src = ("--max-train-tokens" if cfg.max_train_tokens else "the diff set on disk / 4 bytes per token"
+               if diff_tokens(cfg, k)[1] else
+               f"TemporalWiki's ~{DIFF_TOKENS / 1e6:.0f}M tokens per diff set, approximate")
+        out.append(f"#   stage {k} ({STAGES[k - 1][0]}): {steps:,} updates x {per:,} tokens = {steps * per:,} "
+                   f"tokens per arm ({src}): {hours:.2f} h per arm, {hours * len(cfg.arms):.2f} h for "
+                   f"{len(cfg.arms)} arms ({', '.join(cfg.arms)})")
+        total += hours * len(cfg.arms)
+    every = save_every(cfg)
+    out.append(f"#   total: {total:.2f} h of training for {len(cfg.arms) * len(cfg.stages)} runs (ESTIMATE; tracing, "
+               "probe scoring, tokenizing and downloads not included)")
+    out.append(f"#   checkpoints: --save-every {every} updates = about every {cfg.save_minutes:g} minutes at that rate"
+               if every else "#   checkpoints: only at the end of each run (--save-minutes 0)")
+    return out
+
+
+def plan_disk(cfg) -> list:
+    """ONE total in GB: diff copies, token caches, snapshot prefixes, checkpoints (what --keep-optimizer keeps)."""
+    tokens = {k: diff_tokens(cfg, k)[0] for k in range(1, len(STAGES) + 1)}
+    params, months = model_params(cfg), {STAGES[k - 1][1] for k in cfg.stages}
+    diff_cache = sum(tokens.values()) * BYTES_PER_TOKEN  # the unpacked diff sets ($TGL_CACHE; *_subset.csv not counted)
+    copies = sum(tokens[k] for k in cfg.stages) * BYTES_PER_TOKEN  # train.csv + val.csv in every stage folder
+    caches = sum(tokens[k] for k in cfg.stages) * 2 + len(months) * cfg.snapshot_mb * 1e6 / BYTES_PER_TOKEN * 2
+    prefixes = len(months) * cfg.snapshot_mb * 1e6
+    runs, last = len(cfg.arms) * len(cfg.stages), len(cfg.arms) * (len(cfg.stages) if cfg.keep_optimizer else 1)
+    # per run fp32 weights (4 bytes a parameter); AdamW's two moments (8 bytes) where kept, for every trained
+    # parameter (an upper bound: TGL-FP and LoRA train fewer); one more while a checkpoint is written
+    ckpts = (4 * runs + 8 * last + 12) * params if params else 0
+    export = 4 * params * len(cfg.arms) if params and cfg.export_hf else 0
+    total = diff_cache + copies + caches + prefixes + ckpts + export
+    return [f"# DISK (ESTIMATE): about {total / 1e9:.1f} GB in all = diff sets in the cache {gb(diff_cache)} "
+            "+ their copies "
+            f"in the stage folders {gb(copies)} + token caches {gb(caches)} + snapshot prefixes {gb(prefixes)} + "
+            f"checkpoints {gb(ckpts) if params else 'unknown (model size unknown)'} ({runs} runs x 4 bytes/parameter, "
+            f"AdamW moments (8 bytes/parameter) kept in {last} of them"
+            f"{'' if cfg.keep_optimizer else ', the older stages dropped (--keep-optimizer keeps them)'})"
+            + (f" + HF exports {gb(export)}" if export else "")]
 
 
 def plan(cfg) -> str:
-    """Every command, the downloads and disk, and a time from an ASSUMED throughput. No network, no model."""
+    """Every command, the downloads, the time and the disk: an estimate. No network, no model."""
     root, months = fetch.cache_root(), sorted({STAGES[k - 1][1] for k in cfg.stages})
     out = [f"# twiki.py --plan: init {cfg.init}, arms {' '.join(cfg.arms)}, stages {' '.join(map(str, cfg.stages))}",
            f"# downloads into {root} (TGL_CACHE); HF_ENDPOINT is honoured:",
            f"#   twiki-probes    TWiki_Probes.zip: {fetch.DATASETS['twiki-probes'].disk}",
            f"#   twiki-diffsets  TWiki_Diffsets.zip: {fetch.DATASETS['twiki-diffsets'].disk}",
            f"#   twiki-snapshot  the first {cfg.snapshot_mb:g} MB of text of month(s) {', '.join(months)} "
-           f"(ranged reads of Wikipedia_Full.zip): about {gb(len(months) * cfg.snapshot_mb * 1e6)} downloaded and on disk",
+           f"(ranged reads of Wikipedia_Full.zip): about {gb(len(months) * cfg.snapshot_mb * 1e6)}",
            sh(script("experiments.realdata", "fetch", "twiki-probes")),
-           sh(script("experiments.realdata", "fetch", "twiki-diffsets")),
-           sh(splits_argv(cfg))]
-    total = 0
+           sh(script("experiments.realdata", "fetch", "twiki-diffsets"))]
+    out += [sh(script("experiments.realdata", "fetch", s)) for s in cfg.templama if s in TEMPLAMA_SETS]
+    out.append(sh(splits_argv(cfg)))
+    if cfg.ecbd:
+        out.append(sh(ecbd_argv(cfg)))
     for k in cfg.stages:
-        lines, tokens = plan_stage(cfg, k)
-        out += lines
-        total = None if tokens is None or total is None else total + tokens
-    params = HUB_PARAMS.get(cfg.init)
-    out += ["\n# disk in --out, per stage: train.csv + val.csv (a copy of the diff set) and its token cache "
-            "(2 bytes per token, about half the CSV);",
-            "#   per arm and stage a checkpoint of up to 12 bytes per parameter (fp32 weights + Adam moments)"
-            + (f": about {gb(12 * params)} for {cfg.init}, {gb(12 * params * len(cfg.arms) * len(cfg.stages))} in all"
-               if params else "") + "; token caches of the snapshot prefixes: about half their size"]
-    if total is None:
-        out.append("# time: unknown until the diff sets are on disk; pass --max-train-tokens for an estimate")
-    elif cfg.assume_tok_s:
-        out.append(f"# time: {total:,} training tokens in all at an ASSUMED {cfg.assume_tok_s:,.0f} tokens/s (--assume-tok-s, "
-                   f"not a measurement) = {total / cfg.assume_tok_s / 3600:.2f} h of training, plus tracing and probe scoring")
-    else:
-        out.append(f"# time: {total:,} training tokens in all; pass --assume-tok-s N (your GPU's tokens/s, e.g. from "
-                   "`python -m experiments.bench train --device cuda ...`) for an estimate")
-    return "\n".join(out)
+        out += plan_stage(cfg, k)
+    return "\n".join(out + plan_time(cfg) + plan_disk(cfg))
 
 
 # ----------------------------------------------------------------------------- main
@@ -607,6 +949,8 @@ def main(argv=None):
         fetch_shared(cfg)
         for k in cfg.stages:
             run_stage(cfg, k)
+        if cfg.export_hf:
+            export_all(cfg)
         rows = collect(cfg)
         write_results(cfg, rows)
     return rows

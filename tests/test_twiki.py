@@ -32,7 +32,7 @@ def serve_twiki(server):
     for pair in ("0801-0901", "0901-1001"):
         for kind in ("changed", "unchanged"):
             rows = list(csv.reader(open(SHARED / "twiki_probes" / f"{pair}_{kind}.csv", encoding="utf-8")))[1:9]
-            probes[f"TWiki_Probes/{pair}_{kind}.csv"] = csv_text(["subject", "relation", "object"], rows)
+            probes[f"twiki_probes/{pair}_{kind}.csv"] = csv_text(["subject", "relation", "object"], rows)
             facts += [" ".join(r) + "." for r in rows]
     docs = lambda n, off: [[i, f"Doc {i}. " + " ".join(facts[(i + off + j) % len(facts)] for j in range(4))]  # noqa: E731
                            for i in range(n)]
@@ -54,7 +54,7 @@ def argv(init, out, *more):
     return ["--init", init, "--out", str(out), "--methods", "full", "mixreview", "--tgl", "fp", "--stages", "1", "2",
             "--max-train-tokens", "512", "--batch-size", "4", "--block-size", "32", "--lr", "1e-3",
             "--snapshot-mb", "0.002", "--val-every", "3", "--val-tokens", "500", "--device", "cpu", "--threads", "1",
-            "--trace-args", "--n-span 4 --n-lm 4", "--ecbd", str(SHARED / "real_formats" / "ecbd2019" / "np_spans_test.json"), *more]
+            "--trace-args", "--n-span 4 --n-lm 4", "--ecbd", str(SHARED / "real_formats"), *more]
 
 
 def snapshot(folder):
@@ -77,18 +77,20 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     arms = ["full-fp", "mixreview-fp"]
     assert [(r["stage"], r["arm"]) for r in rows] == [(k, a) for k in (1, 2) for a in ["init"] + arms]
     for r in rows:
-        assert set(r["probes"]) == {"changed", "unchanged", "np_spans_test"} and r["probes"]["changed"]["n"] == 6, r
+        assert set(r["probes"]) == {"twiki/changed", "twiki/unchanged", "ecbd/new"} and r["probes"]["twiki/changed"]["n"] == 6, r
+        assert set(r["probes_sentence"]) == set(r["probes"]), r  # the other metric, next to the main one
     res = json.loads((out / "results.json").read_text())
     assert [(r["stage"], r["arm"]) for r in res["rows"]] == [(r["stage"], r["arm"]) for r in rows]
     md = (out / "results.md").read_text()
-    assert "| 2 (0901-1001) | mixreview-fp |" in md and "changed ppl" in md and "val ppl" in md
+    assert "| 2 (0901-1001) | mixreview-fp |" in md and "twiki/changed ppl" in md and "val ppl" in md
+    assert "twiki/changed EM %" in md and "twiki/changed sentence ppl" in md and "score (s)" in md
     for r in rows:  # held-out perplexity of every row, the init row (probe.py --text) included
         assert r["val_ppl"] > 1.0, r
     for arm in arms:  # stage 2 trains on from the same arm's stage 1 run, and traced that model
         ck = M.load_checkpoint(out / "stage2" / arm / M.CKPT_NAME)
         assert ck["train_config"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 512 tokens / (4 x 32)
         assert json.loads((out / "stage2" / f"trace-{arm}.json").read_text())["model"] == str(out / "stage1" / arm)
-    full, mix = (r["probes"]["changed"]["ppl"] for r in rows[1:3])
+    full, mix = (r["probes"]["twiki/changed"]["ppl"] for r in rows[1:3])
     assert full != mix  # Mix-Review replayed old text (1 of each 4 windows)
     train = (out / "stage1" / "data" / "train.csv").read_text()
     val = (out / "stage1" / "data" / "val.csv").read_text()
@@ -100,7 +102,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     compare.main([str(out / "results.json")])  # the driver's JSON: a column per stage x arm
     cmp = capsys.readouterr().out.splitlines()
     assert cmp[0].split()[3:] == [f"{r['stage']}/{r['arm']}" for r in rows]
-    assert f"{rows[1]['probes']['changed']['ppl']:.2f}" in next(line for line in cmp if line.startswith("changed "))
+    assert f"{rows[1]['probes']['twiki/changed']['ppl']:.2f}" in next(line for line in cmp if line.startswith("twiki/changed "))
 
     # a second invocation re-runs nothing: no request, no file written, no step started
     n_requests, before = len(server.log), snapshot(out)
@@ -115,7 +117,8 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert not fresh.exists() and len(server.log) == n_requests
     assert text.count("train.py --init") == 8 and "-m experiments.realdata fetch twiki-diffsets" in text
-    assert "ASSUMED 1,000 tokens/s" in text and "4,096 training tokens in all" in text
+    assert "ASSUMED 1,000 training tokens/s" in text and "4 updates x 128 tokens = 512 tokens per arm" in text
+    assert sum("--save-every 14063" in ln for ln in text.splitlines() if "train.py --init" in ln) == 8 and "ESTIMATE" in text and "DISK (ESTIMATE): about" in text
     twiki.main(argv(init, out, "--plan"))
     assert capsys.readouterr().out.count("# done: python train.py") == 4 and snapshot(out) == before
 
@@ -130,14 +133,14 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
 
 def test_nproc_builds_the_torchrun_command(tmp_path):
     """--nproc N: each train.py step runs under torchrun (DDP), with the same flags and the global batch."""
-    cfg = twiki.parse_args(argv("gpt2", tmp_path / "o", "--nproc", "4"))
+    cfg = twiki.parse_args(argv("gpt2", tmp_path / "o", "--nproc", "4", "--assume-tok-s", "1000"))
     cmd = twiki.train_argv(cfg, 2, "mixreview-fp", 7)
     assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                        str(twiki.HERE / "train.py")]
     flags = dict(zip(cmd[7::1], cmd[8::1]))
     assert flags["--init"] == str(tmp_path / "o" / "stage1" / "mixreview-fp") and flags["--steps"] == "7"
     assert flags["--batch-size"] == "4" and flags["--metric"] == "span" and "--replay-data" in cmd and "--resume" in cmd
-    single = twiki.train_argv(twiki.parse_args(argv("gpt2", tmp_path / "o")), 2, "mixreview-fp", 7)
+    single = twiki.train_argv(twiki.parse_args(argv("gpt2", tmp_path / "o", "--assume-tok-s", "1000")), 2, "mixreview-fp", 7)
     assert single[:2] == [sys.executable, str(twiki.HERE / "train.py")] and single[2:] == cmd[7:]
     assert "torch.distributed.run --standalone --nproc_per_node 4" in twiki.plan(cfg)
 
