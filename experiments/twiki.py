@@ -469,23 +469,27 @@ def trace_argv(cfg, k, arm) -> list:
 
 
 def val_argv(cfg, k, arm) -> list:
-    """An arm's final model: the held-out slice's perplexity and the probes under the other metric
-    (train.py scored the main one)."""
+    """An arm's final model on the probes under the other metric (train.py scored the main one)."""
     run_ = run_dir(cfg, k, arm)
     return script("probe.py", "--init", run_, "--probes", *probe_files(cfg, k), "--metric", OTHER[cfg.metric],
-                  "--text", stage_dir(cfg, k) / "data" / "val.csv", "--text-tokens", cfg.val_tokens,
                   "--json", run_ / "val.json", "--device", cfg.device)
 
 
+def text_argv(cfg, k, init, out: Path) -> list:
+    """The held-out slice's perplexity under a model (the init, or an arm's final one): the val ppl column."""
+    return script("experiments.textppl", "--init", init, "--text", stage_dir(cfg, k) / "data" / "val.csv",
+                  "--text-tokens", cfg.val_tokens, "--json", out, "--device", cfg.device)
+
+
 def init_probe_argv(cfg, k, metric=None) -> list:
-    """The untouched --init model on the stage's probes (and held-out text): the table's "init" row;
-    metric: the other metric's file (init-METRIC.json)."""
+    """The untouched --init model on the stage's probes: the table's "init" row; metric: the other
+    metric's file (init-METRIC.json)."""
     sd = stage_dir(cfg, k)
     if metric:
         return script("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--metric", metric,
                       "--json", sd / f"init-{metric}.json", "--device", cfg.device)
-    return script("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--text", sd / "data" / "val.csv",
-                  "--text-tokens", cfg.val_tokens, "--metric", cfg.metric, "--json", sd / "init.json", "--device", cfg.device)
+    return script("probe.py", "--init", cfg.init, "--probes", *probe_files(cfg, k), "--metric", cfg.metric,
+                  "--json", sd / "init.json", "--device", cfg.device)
 
 
 def export_argv(cfg, k, arm) -> list:
@@ -630,10 +634,13 @@ def text_tokens(cfg, path) -> int:
 # ----------------------------------------------------------------------------- the protocol
 
 def scored(cfg, k, arm) -> bool:
-    """Every score of a row is on disk: init.json and init-OTHER.json, or the run's summary and val.json."""
+    """Every score of a row is on disk: init.json, init-OTHER.json and init-text.json, or the run's summary,
+    val.json and text.json."""
     if arm == "init":
-        return all((stage_dir(cfg, k) / f).is_file() for f in ("init.json", f"init-{OTHER[cfg.metric]}.json"))
-    return finished(run_dir(cfg, k, arm)) and (run_dir(cfg, k, arm) / "val.json").is_file()
+        names = ("init.json", f"init-{OTHER[cfg.metric]}.json", "init-text.json")
+        return all((stage_dir(cfg, k) / f).is_file() for f in names)
+    run_ = run_dir(cfg, k, arm)
+    return finished(run_) and (run_ / "val.json").is_file() and (run_ / "text.json").is_file()
 
 
 def run_stage(cfg, k):
@@ -647,6 +654,8 @@ def run_stage(cfg, k):
         run(init_probe_argv(cfg, k), logs / "init.log", cfg.threads)
     if not (sd / f"init-{OTHER[cfg.metric]}.json").is_file():
         run(init_probe_argv(cfg, k, OTHER[cfg.metric]), logs / f"init-{OTHER[cfg.metric]}.log", cfg.threads)
+    if not (sd / "init-text.json").is_file():
+        run(text_argv(cfg, k, cfg.init, sd / "init-text.json"), logs / "init-text.log", cfg.threads)
     todo = [arm for arm in cfg.arms if not finished(run_dir(cfg, k, arm))]
     for arm in [a for a in cfg.arms if a not in todo and k > 1 and not cfg.keep_optimizer]:
         drop_optimizer(run_dir(cfg, k - 1, arm))  # done before a kill, not dropped yet
@@ -664,6 +673,9 @@ def run_stage(cfg, k):
     for arm in cfg.arms:  # held-out perplexity and the other metric of each final model
         if not (run_dir(cfg, k, arm) / "val.json").is_file():
             run(val_argv(cfg, k, arm), logs / f"{arm}-val.log", cfg.threads)
+        if not (run_dir(cfg, k, arm) / "text.json").is_file():
+            run(text_argv(cfg, k, run_dir(cfg, k, arm), run_dir(cfg, k, arm) / "text.json"), logs / f"{arm}-text.log",
+                cfg.threads)
 
 
 def drop_optimizer(run: Path):
@@ -746,8 +758,8 @@ def text_ppl(path) -> float | None:
 
 
 def arm_row(cfg, k, arm) -> dict | None:
-    """One finished run's numbers: the main metric (summary.json), the other one and val ppl (val.json),
-    training time and tokens/s (train.py's), and the wall time of scoring the other metric and val ppl."""
+    """One finished run's numbers: the main metric (summary.json), the other one (val.json), val ppl
+    (text.json), training time and tokens/s (train.py's), and the wall time of scoring the other metric and val ppl."""
     run = run_dir(cfg, k, arm)
     if not finished(run):
         return None
@@ -756,8 +768,9 @@ def arm_row(cfg, k, arm) -> dict | None:
     return dict(stage=k, pair=STAGES[k - 1][0], arm=arm, run=str(run), init=init_of(cfg, k, arm), steps=s.get("steps"),
                 probes=probe_summary(run / "summary.json", "probes"),
                 **{f"probes_{other}": probe_summary(val) if val.is_file() else {}},
-                val_ppl=text_ppl(val), time=s.get("time") if isinstance(s.get("time"), (int, float)) else None,
-                tok_per_s=train_rate(run), score_time=step_time(cfg, k, f"{arm}-val"))
+                val_ppl=text_ppl(run / "text.json"),
+                time=s.get("time") if isinstance(s.get("time"), (int, float)) else None,
+                tok_per_s=train_rate(run), score_time=step_time(cfg, k, f"{arm}-val", f"{arm}-text"))
 
 
 def init_row(cfg, k) -> dict | None:
@@ -767,8 +780,8 @@ def init_row(cfg, k) -> dict | None:
     second = stage_dir(cfg, k) / f"init-{other}.json"
     return dict(stage=k, pair=STAGES[k - 1][0], arm="init", run=str(path), init=cfg.init, steps=0,
                 probes=probe_summary(path), **{f"probes_{other}": probe_summary(second) if second.is_file() else {}},
-                val_ppl=text_ppl(path), time=None, tok_per_s=None,
-                score_time=step_time(cfg, k, "init", f"init-{other}"))
+                val_ppl=text_ppl(stage_dir(cfg, k) / "init-text.json"), time=None, tok_per_s=None,
+                score_time=step_time(cfg, k, "init", f"init-{other}", "init-text"))
 
 
 def collect(cfg) -> list:
@@ -851,7 +864,8 @@ def plan_stage(cfg, k) -> list:
     if cfg.templama:
         lines.append(done((probe_dir(cfg, k) / "templama" / ".templama-splits.done").is_file(), templama_argv(cfg, k)))
     lines += [done((sd / "init.json").is_file(), init_probe_argv(cfg, k)),
-              done((sd / f"init-{other}.json").is_file(), init_probe_argv(cfg, k, other))]
+              done((sd / f"init-{other}.json").is_file(), init_probe_argv(cfg, k, other)),
+              done((sd / "init-text.json").is_file(), text_argv(cfg, k, cfg.init, sd / "init-text.json"))]
     traced = set()
     for arm in cfg.arms:
         if not arm.endswith("-none") and trace_file(cfg, k, arm) not in traced:
@@ -860,6 +874,8 @@ def plan_stage(cfg, k) -> list:
     for arm in cfg.arms:
         lines.append(done(finished(run_dir(cfg, k, arm)), train_argv(cfg, k, arm, stage_steps(cfg, k))))
         lines.append(done((run_dir(cfg, k, arm) / "val.json").is_file(), val_argv(cfg, k, arm)))
+        text = run_dir(cfg, k, arm) / "text.json"
+        lines.append(done(text.is_file(), text_argv(cfg, k, run_dir(cfg, k, arm), text)))
     if cfg.export_hf and k == max(cfg.stages):
         lines += [sh(export_argv(cfg, k, arm)) for arm in cfg.arms]
     return lines

@@ -84,7 +84,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| 2 (0901-1001) | mixreview-fp |" in md and "twiki/changed ppl" in md and "val ppl" in md
     assert "twiki/changed EM %" in md and "twiki/changed sentence ppl" in md and "score (s)" in md
-    for r in rows:  # held-out perplexity of every row, the init row (probe.py --text) included
+    for r in rows:  # held-out perplexity of every row, the init row (experiments.textppl) included
         assert r["val_ppl"] > 1.0, r
     for arm in arms:  # stage 2 trains on from the same arm's stage 1 run, and traced that model
         ck = M.load_checkpoint(out / "stage2" / arm / M.CKPT_NAME)

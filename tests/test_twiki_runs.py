@@ -159,12 +159,14 @@ def test_bad_state_files_and_pass_through_flags_are_one_line(server, tmp_path, c
     for bad in ("[]", '{"probes": 3}', '{"probes": {"x": {"ppl": "a"}}}'):
         (run / "summary.json").write_text(bad)
         assert str(run / "summary.json") in one_line_error(capsys, base)
-    (out / "stage1" / "init.json").write_text('{"text_ppl": 3.0}')
+    (out / "stage1" / "init.json").write_text('{"summary": {}}')
+    (out / "stage1" / "init-text.json").write_text('{"text_ppl": [3.0]}')
     (run / "summary.json").write_text('{"probes": {"x": {"ppl": 2.0, "em": 0.5, "n": 4}}}')
-    (run / "val.json").write_text('{"summary": {}, "text_ppl": "high"}')
+    (run / "val.json").write_text('{"summary": {}}')
+    (run / "text.json").write_text('{"text_ppl": "high"}')
     cfg = twiki.parse_args(base)
-    for f, what in ((out / "stage1" / "init.json", lambda: twiki.init_row(cfg, 1)),
-                    (run / "val.json", lambda: twiki.arm_row(cfg, 1, "full-none"))):
+    for f, what in ((out / "stage1" / "init-text.json", lambda: twiki.init_row(cfg, 1)),
+                    (run / "text.json", lambda: twiki.arm_row(cfg, 1, "full-none"))):
         with pytest.raises(ValueError, match=str(f)):
             what()
 
