@@ -441,7 +441,7 @@ def main(argv=None):
     ap = Parser(prog="world.py", description=__doc__.split("\n")[0])
     d = WorldConfig()
     ap.add_argument("--out", required=True,
-                    help="output folder (refused if it holds files of the world's names not written by world.py)")
+                    help="output folder (refused if it holds world files that world.py did not write)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the world's files in --out even if world.py did not write them")
     ap.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed and sizes, same world)")
