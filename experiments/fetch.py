@@ -327,7 +327,7 @@ class RangeFile(io.RawIOBase):
                     break
                 why = "the connection closed"
             except (OSError, urllib3.exceptions.HTTPError) as e:  # requests' errors are OSErrors
-                why = f"{type(e).__name__}: {e}"
+                why = str(e) if type(e) is OSError else type(e).__name__  # a status; else a long repr
             self._drop()
             time.sleep(attempt)
         else:
