@@ -93,8 +93,7 @@ def build_world(world_dir, cfg, seed):
         meta = json.load(open(os.path.join(world_dir, "world.json")))
         print(f"[seed {seed}] world: cached in {world_dir}", flush=True)
     else:
-        why = "building" if not os.path.exists(os.path.join(world_dir, "world.json")) else \
-            "rebuilding (parameters changed or not complete)"
+        why = "parameters changed, rebuilding" if os.path.exists(os.path.join(world_dir, "world.json")) else "building"
         print(f"[seed {seed}] world: {why}:\n  python -m experiments.world --out {world_dir} --seed {seed} --n-entities {cfg['entities']}"
               f" --heldout-words {cfg['heldout_words']}", flush=True)
         with input_errors("demo.py"):  # a folder of someone else's files of the world's names: one line
