@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import _dead, atomic_path, download, write_text
+from common import _dead, atomic_path, check_output, download, write_text
 
 ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
              "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "
@@ -226,6 +226,7 @@ def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
         if v is not None and not 0 < v < math.inf:  # nan fails too
             raise ValueError(f"{flag} {v}: want a positive finite number")
     ds, folder = DATASETS[name], Path(out or cache_root() / name)
+    check_output(str(folder), "--out", "dir")
     folder.mkdir(parents=True, exist_ok=True)
     if (max_mb or max_docs) and name != "twiki-snapshot":
         raise ValueError(f"--max-mb/--max-docs apply to twiki-snapshot only, not {name}")

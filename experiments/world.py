@@ -333,6 +333,8 @@ def check_folder(out_dir, overwrite=False):
     """Before building: out_dir holds none of the world's files, or it is a world world.py built, or
     overwrite. Else the files are someone else's (a run's tokenizer.json, the user's t0.txt): refused."""
     out = Path(out_dir)
+    if (out / "probes").exists() and not (out / "probes").is_dir():
+        raise ValueError(f"{out / 'probes'} is a file; the world's probes go in a folder of that name: move it away")
     ours = (out / DONE).exists() or (out / BUILDING).exists() or _old_world(out)
     taken = [f for f in FILES if (out / f).exists()]
     if taken and not ours and not overwrite:
