@@ -59,8 +59,9 @@ def test_world_never_replaces_files_it_did_not_write(tmp_path, capsys):
     notes.mkdir()
     (notes / "notes.md").write_text("keep")
     world.main(["--out", str(notes), *args])
-    world.main(["--out", str(notes), "--seed", "2", "--n-entities", "12", "--heldout-words", "200"])  # its own
-    assert (notes / "notes.md").read_text() == "keep" and world.world_matches(notes, world.WorldConfig(**{**SMALL, "seed": 2}))
+    world.main(["--out", str(notes), "--seed", "2", "--n-entities", "12", "--heldout-words", "200"])  # rebuilt
+    assert (notes / "notes.md").read_text() == "keep"
+    assert world.world_matches(notes, world.WorldConfig(**{**SMALL, "seed": 2}))
     old = tmp_path / "old"  # a world from before the markers: world.py's own, rebuilt without --overwrite
     world.main(["--out", str(old), *args])
     (old / world.DONE).unlink()
@@ -161,7 +162,7 @@ def test_corrupt_and_over_inflating_members_name_the_member(server, tmp_path, ca
     err = one_line(capsys, realdata.main, ["fetch", "twiki-diffsets", "--out", str(tmp_path / "bomb")])
     assert "d/wikipedia_0809_gpt2.csv" in err and "zip bomb" in err and not (tmp_path / "bomb" / "d").exists()
 
-# ----------------------------------------------------------------------------- fetch: flags, ranged reads, lock
+# ----------------------------------------------------------------------------- fetch: flags, ranged reads
 
 
 def test_fetch_flags_dropped_ranged_reads_and_a_second_fetch(server, tmp_path, capsys, monkeypatch):
