@@ -59,7 +59,7 @@ def test_world_never_replaces_files_it_did_not_write(tmp_path, capsys):
     notes.mkdir()
     (notes / "notes.md").write_text("keep")
     world.main(["--out", str(notes), *args])
-    world.main(["--out", str(notes), "--seed", "2", "--n-entities", "12", "--heldout-words", "200"])  # rebuilt
+    world.main(["--out", str(notes), "--seed", "2", "--n-entities", "12", "--heldout-words", "200"])  # again
     assert (notes / "notes.md").read_text() == "keep"
     assert world.world_matches(notes, world.WorldConfig(**{**SMALL, "seed": 2}))
     old = tmp_path / "old"  # a world from before the markers: world.py's own, rebuilt without --overwrite
