@@ -67,9 +67,9 @@ def cache_root() -> Path:
 # ----------------------------------------------------------------------------- archives and files
 # An unpack is all or nothing and never touches what it did not create: the archive goes into
 # .unpack.PID first (a killed run's folder is removed by the next run), its top-level entries are
-# moved into the folder once all is out, and the marker .ARCHIVE.done, written last, lists every file
-# with its size: "already there" means the marker and those files. .ARCHIVE.unpacking, written before
-# the moves, lists the same, so a run killed while moving may replace what it had moved.
+# moved into the folder once all is out, and the marker .ARCHIVE.done, written last, lists them and
+# every file with its size: "already there" means the marker and those files. .ARCHIVE.unpacking,
+# written before the moves, lists the same, so a run killed while moving may replace what it moved.
 MAX_RATIO = 100  # a member inflating more than this (and past 1 MB) is refused: text zips to ~1/4
 
 
@@ -90,13 +90,14 @@ def _check_members(zf, where, layout) -> dict:
     return {i.filename: i.file_size for i in zf.infolist() if not i.is_dir()}
 
 
-def _listed(marker: Path):
-    """The files {name: size} a marker lists; None if there is none or it is not one."""
+def _marker(path: Path):
+    """A marker's {"tops": [entries], "files": {name: size}}; None if there is none or it is not one."""
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return files if isinstance(files, dict) else None
+    ok = isinstance(m, dict) and isinstance(m.get("tops"), list) and isinstance(m.get("files"), dict)
+    return m if ok else None
 
 
 def unpacked(folder: Path, fname: str, layout: str) -> bool:
@@ -104,23 +105,19 @@ def unpacked(folder: Path, fname: str, layout: str) -> bool:
     done = folder / f".{fname}.done"
     if done.is_file() and done.stat().st_size == 0:  # the first version's empty marker: the layout is there
         return any(re.search(layout, p.relative_to(folder).as_posix()) for p in folder.rglob("*"))
-    files = _listed(done)
+    files = (_marker(done) or {}).get("files")
     return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == s
                                for n, s in files.items())
 
 
-def _tops(files) -> set:
-    return {Path(n).parts[0] for n in files}
-
-
-def _check_free(folder: Path, fname: str, files: dict):
+def _check_free(folder: Path, fname: str, tops: set):
     """Before unpacking: a top-level entry of the archive already in folder must be one fetch unpacked
     there (listed by a marker of this archive), else it is the user's and is not replaced."""
     ours = set()
-    for marker in (folder / f".{fname}.done", folder / f".{fname}.unpacking"):
-        listed = _listed(marker)
-        ours |= _tops(files if marker.is_file() and listed is None else listed or {})  # None: old marker
-    taken = sorted(t for t in _tops(files) - ours if os.path.lexists(folder / t))
+    for path in (folder / f".{fname}.done", folder / f".{fname}.unpacking"):
+        m = _marker(path)
+        ours |= set(m["tops"]) if m else tops if path.is_file() else set()  # no list: the old empty marker
+    taken = sorted(t for t in tops - ours if os.path.lexists(folder / t))
     if taken:
         raise ValueError(f"{folder / taken[0]} is in the way of unpacking {fname} and was not unpacked by "
                          "fetch; move it away, or fetch into another folder with --out")
@@ -171,18 +168,19 @@ def unpack(archive: Path, folder: Path, layout: str):
         need, free = sum(files.values()), shutil.disk_usage(folder).free
         if need > free:
             raise OSError(f"{archive}: unpacking needs {need / 1e9:.1f} GB, {folder} has {free / 1e9:.1f} GB free")
-        _check_free(folder, archive.name, files)
+        tops = sorted({Path(n).parts[0] for n in zf.namelist()})
+        _check_free(folder, archive.name, set(tops))
         tmp = folder / f".unpack.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _extract(zf, archive, tmp)
             moving = folder / f".{archive.name}.unpacking"
-            write_text(moving, json.dumps({"files": files}))
+            write_text(moving, json.dumps({"tops": tops, "files": files}))
             for top in tmp.iterdir():
                 if (folder / top.name).is_dir() and not (folder / top.name).is_symlink():
                     shutil.rmtree(folder / top.name)  # ours (checked above): a killed earlier unpack's
                 os.replace(top, folder / top.name)
-            done = {"archive": archive.name, "files": files}
+            done = {"archive": archive.name, "tops": tops, "files": files}
             write_text(folder / f".{archive.name}.done", json.dumps(done))  # last: now it is complete
             moving.unlink()
         finally:
@@ -226,10 +224,10 @@ def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
         if v is not None and not 0 < v < math.inf:  # nan fails too
             raise ValueError(f"{flag} {v}: want a positive finite number")
     ds, folder = DATASETS[name], Path(out or cache_root() / name)
-    check_output(str(folder), "--out", "dir")
-    folder.mkdir(parents=True, exist_ok=True)
     if (max_mb or max_docs) and name != "twiki-snapshot":
         raise ValueError(f"--max-mb/--max-docs apply to twiki-snapshot only, not {name}")
+    check_output(str(folder), "--out", "dir")
+    folder.mkdir(parents=True, exist_ok=True)
     with _only_fetch(folder, name):
         if max_mb or max_docs:
             return snapshot_prefix(f"{ds.base()}/{ds.files[0]}", folder, max_mb, max_docs, month)

@@ -125,13 +125,19 @@ def test_unpack_keeps_the_users_files_and_markers_mean_complete(server, tmp_path
     realdata.main(["fetch", "twiki-probes"])
     assert len(server.log) == n + 2 and (folder / PROBES).read_text() == CSV
     (folder / ".TWiki_Probes.zip.done").unlink()  # killed while moving: .unpacking says what is ours
-    (folder / ".TWiki_Probes.zip.unpacking").write_text(json.dumps({"files": {PROBES: 3}}))
+    (folder / ".TWiki_Probes.zip.unpacking").write_text(json.dumps({"tops": ["TWiki_Probes"], "files": {PROBES: 3}}))
     (folder / PROBES).write_text("half")
     realdata.main(["fetch", "twiki-probes"])
     assert (folder / PROBES).read_text() == CSV and not (folder / ".TWiki_Probes.zip.unpacking").exists()
     (folder / ".TWiki_Probes.zip.done").write_text("")  # the first version's empty marker, files there
     realdata.main(["fetch", "twiki-probes"])
     assert len(server.log) == n + 3
+    server.files[HF + "TWiki_Diffsets.zip"] = zip_bytes({"d/wikipedia_0809_gpt2.csv": CSV, "extra/": ""})
+    (tmp_path / "diff" / "extra").mkdir(parents=True)  # in the way of a folder-only member
+    (tmp_path / "diff" / "extra" / "mine.txt").write_text("the user's")
+    assert "extra is in the way" in one_line(capsys, realdata.main, ["fetch", "twiki-diffsets", "--out",
+                                                                     str(tmp_path / "diff")])
+    assert (tmp_path / "diff" / "extra" / "mine.txt").exists() and not (tmp_path / "diff" / "d").exists()
 
 
 def lying_size(name, body: bytes, declared: int) -> bytes:
