@@ -158,11 +158,11 @@ def write_text(path, text: str):
         f.write(text)
 
 def _get(url, part, timeout, lock):
-    """One request appending to `part` from its size (Range; If-Range: the ETag in `lock`)."""
+    """One request appending to `part` from its size (Range; If-Range: ETag in `lock`)."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    h = {"Range": f"bytes={have}-", "If-Range": lock.seek(0) or lock.read() or None} if have else {}
-    with requests.get(url, stream=True, timeout=timeout, headers=h) as r:
+    h = {"Range": f"bytes={have}-", "If-Range": lock.seek(0) or lock.read() or None}
+    with requests.get(url, stream=True, timeout=timeout, **({"headers": h} if have else {})) as r:
         if r.status_code == 404:
             raise FileNotFoundError(url)
         if r.status_code == 416:  # complete, or another file's
@@ -171,7 +171,7 @@ def _get(url, part, timeout, lock):
                 raise OSError(f"{part} does not fit the file on the server; removed")
             return
         r.raise_for_status()
-        have *= r.status_code == 206  # 200: all again (a changed file, or no Range)
+        have *= r.status_code == 206  # 200: all again (file changed, or no Range)
         if have and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             raise OSError(f"asked for bytes {have}-, got {r.headers.get('Content-Range')!r}")
         lock.truncate(0)
