@@ -157,27 +157,29 @@ def write_text(path, text: str):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
-def _get(url, part, timeout):
-    """One request appending to `part` from its size (HTTP Range); OSError if it ends short."""
+def _get(url, part, timeout, lock):
+    """One request appending to `part` from its size (Range; If-Range: ETag in `lock`)."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    resume = {"headers": {"Range": f"bytes={have}-"}} if have else {}
-    with requests.get(url, stream=True, timeout=timeout, **resume) as r:
+    h = {"Range": f"bytes={have}-", "If-Range": lock.seek(0) or lock.read() or None}
+    with requests.get(url, stream=True, timeout=timeout, **({"headers": h} if have else {})) as r:
         if r.status_code == 404:
             raise FileNotFoundError(url)
-        if r.status_code == 416:  # nothing past `have`: the .part is complete, or another file's
+        if r.status_code == 416:  # complete, or another file's
             if not r.headers.get("Content-Range", "").endswith(f"/{have}"):
                 os.remove(part)
                 raise OSError(f"{part} does not fit the file on the server; removed")
             return
         r.raise_for_status()
-        have *= r.status_code == 206  # a server that ignores the range sends all of it again
+        have *= r.status_code == 206  # 200: all again (file changed, or no Range)
         if have and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             raise OSError(f"asked for bytes {have}-, got {r.headers.get('Content-Range')!r}")
+        lock.truncate(0)
+        print(r.headers.get("ETag", ""), end="", file=lock, flush=True)
         gzip, length = "Content-Encoding" in r.headers, int(r.headers.get("Content-Length", 0))
         shown = time.time()
         with open(part, "ab" if have else "wb") as f:
-            for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
+            for chunk in r.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 if time.time() - shown > 10:
                     shown = time.time()
@@ -186,24 +188,29 @@ def _get(url, part, timeout):
                 raise OSError(f"got {f.tell()} of {have + length} bytes")
 
 def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
-    """url -> dest via dest.part, renamed once complete; a broken transfer resumes (HTTP Range), here or in
-    a later call; no network fails at once."""
-    import requests
+    """url -> dest via dest.part, renamed once complete; a broken transfer resumes, here or in a later call;
+    no network fails at once."""
+    import fcntl, requests
     part = dest + ".part"
-    for attempt in range(1, retries + 1):
-        before = os.path.getsize(part) if os.path.exists(part) else 0
+    with open(dest + ".lock", "a+") as lock:
         try:
-            _get(url, part, timeout)
-            os.replace(part, dest)
-            return dest
-        except FileNotFoundError:
-            raise
-        except (requests.RequestException, OSError) as e:
-            moved = os.path.exists(part) and os.path.getsize(part) > before
-            if isinstance(e, requests.ConnectionError) and not moved:
-                raise OSError(f"cannot reach {url} ({type(e).__name__}): no network? download it elsewhere "
-                              "and pass the local file or folder") from None
-            if attempt == retries:
-                raise OSError(f"download of {url} failed after {retries} tries: {e}") from None
-            print(f"download of {url} failed ({e}); retry {attempt}/{retries - 1}", file=sys.stderr)
-            time.sleep(2 ** attempt)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(f"another process is downloading {dest}; wait for it")
+        for attempt in range(1, retries + 1):
+            before = os.path.getsize(part) if os.path.exists(part) else 0
+            try:
+                _get(url, part, timeout, lock)
+                os.replace(part, dest)
+                return dest
+            except FileNotFoundError:
+                raise
+            except (requests.RequestException, OSError) as e:
+                moved = os.path.exists(part) and os.path.getsize(part) > before
+                if isinstance(e, requests.ConnectionError) and not moved:
+                    raise OSError(f"cannot reach {url} ({type(e).__name__}): no network? download it "
+                                  "elsewhere and pass the local file or folder") from None
+                if attempt == retries:
+                    raise OSError(f"download of {url} failed after {retries} tries: {e}") from None
+                print(f"download of {url} failed ({e}); retry {attempt}/{retries - 1}", file=sys.stderr)
+                time.sleep(2 ** attempt)

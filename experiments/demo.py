@@ -87,6 +87,7 @@ def mean_alr_scale(trace_path, base_dir):
 
 def build_world(world_dir, cfg, seed):
     """The world for this seed and size; rebuilt whenever its parameters differ from the folder's."""
+    from common import input_errors
     wcfg = tgl_world.WorldConfig(seed=seed, n_entities=cfg["entities"], heldout_words=cfg["heldout_words"])
     if tgl_world.world_matches(world_dir, wcfg):
         meta = json.load(open(os.path.join(world_dir, "world.json")))
@@ -95,7 +96,8 @@ def build_world(world_dir, cfg, seed):
         why = "parameters changed, rebuilding" if os.path.exists(os.path.join(world_dir, "world.json")) else "building"
         print(f"[seed {seed}] world: {why}:\n  python -m experiments.world --out {world_dir} --seed {seed} --n-entities {cfg['entities']}"
               f" --heldout-words {cfg['heldout_words']}", flush=True)
-        meta = tgl_world.make_world(world_dir, wcfg)
+        with input_errors("demo.py"):  # a folder of someone else's files of the world's names: one line
+            meta = tgl_world.make_world(world_dir, wcfg)
     c = meta["counts"]
     print(f"[seed {seed}] world: {c['words']['t0.txt']:,} words at T0 ({c['words']['t0_facts.txt']:,} in fact documents), "
           f"{c['facts_updated']} updated facts, {c['things_new']} new entities; probes {c['probes']}", flush=True)

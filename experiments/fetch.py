@@ -6,17 +6,22 @@ $TGL_TEMPLAMA_URL and $TGL_DYNAMIC_TEMPLAMA_URL when set. Files arrive as NAME.p
 with HTTP Range requests after an interruption (common.download).
 """
 import csv
+import fcntl
 import io
 import json
+import math
 import os
 import re
 import shutil
 import sys
+import time
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import atomic_path, download
+from common import _dead, atomic_path, check_output, download, write_text
 
 ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
              "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "
@@ -60,9 +65,17 @@ def cache_root() -> Path:
 
 
 # ----------------------------------------------------------------------------- archives and files
+# An unpack is all or nothing and never touches what it did not create: the archive goes into
+# .unpack.PID first (a killed run's folder is removed by the next run), its top-level entries are
+# moved into the folder once all is out, and the marker .ARCHIVE.done, written last, lists them and
+# every file with its size: "already there" means the marker and those files. .ARCHIVE.unpacking,
+# written before the moves, lists the same, so a run killed while moving may replace what it moved.
+MAX_RATIO = 100  # a member inflating more than this (and past 1 MB) is refused: text zips to ~1/4
 
-def _check_members(zf, where, layout):
-    """Refuse an archive that is not the expected layout, or that would write outside its folder."""
+
+def _check_members(zf, where, layout) -> dict:
+    """Refuse an archive that is not the expected layout, would write outside its folder, or inflates
+    like a zip bomb. Returns {member: size} of its files."""
     names = zf.namelist()
     bad = [n for n in names if n.startswith(("/", "\\")) or ".." in Path(n).parts]
     if bad:
@@ -70,27 +83,106 @@ def _check_members(zf, where, layout):
     if not any(re.search(layout, n) for n in names):
         raise ValueError(f"{where}: not the expected layout (no member matches {layout!r}; "
                          f"first members: {', '.join(names[:3]) or 'none'})")
+    for i in zf.infolist():
+        if i.file_size > max(MAX_RATIO * i.compress_size, 1 << 20):
+            raise ValueError(f"{where}: member {i.filename} would inflate {i.compress_size:,} bytes to "
+                             f"{i.file_size:,} (over {MAX_RATIO}x, a zip bomb?); not unpacking")
+    return {i.filename: i.file_size for i in zf.infolist() if not i.is_dir()}
+
+
+def _marker(path: Path):
+    """A marker's {"tops": [entries], "files": {name: size}}; None if there is none or it is not one."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(m, dict) and isinstance(m.get("tops"), list) and isinstance(m.get("files"), dict)
+    return m if ok else None
+
+
+def unpacked(folder: Path, fname: str, layout: str) -> bool:
+    """Archive fname was unpacked into folder completely: its marker lists files that are all there."""
+    done = folder / f".{fname}.done"
+    if done.is_file() and done.stat().st_size == 0:  # the first version's empty marker: the layout is there
+        return any(re.search(layout, p.relative_to(folder).as_posix()) for p in folder.rglob("*"))
+    files = (_marker(done) or {}).get("files")
+    return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == s
+                               for n, s in files.items())
+
+
+def _check_free(folder: Path, fname: str, tops: set):
+    """Before unpacking: a top-level entry of the archive already in folder must be one fetch unpacked
+    there (listed by a marker of this archive), else it is the user's and is not replaced."""
+    ours = set()
+    for path in (folder / f".{fname}.done", folder / f".{fname}.unpacking"):
+        m = _marker(path)
+        ours |= set(m["tops"]) if m else tops if path.is_file() else set()  # no list: the old empty marker
+    taken = sorted(t for t in tops - ours if os.path.lexists(folder / t))
+    if taken:
+        raise ValueError(f"{folder / taken[0]} is in the way of unpacking {fname} and was not unpacked by "
+                         "fetch; move it away, or fetch into another folder with --out")
+
+
+def _remove_dead_temporaries(folder: Path):
+    for tmp in folder.glob(".unpack.*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_aside(archive: Path, why: str) -> ValueError:
+    """A corrupt archive (a broken transfer, or a resume appended to another file) is renamed, so that
+    the next run fetches it anew instead of failing the same way forever."""
+    os.replace(archive, archive.with_name(archive.name + ".bad"))
+    return ValueError(f"{archive}: {why}; kept as {archive.name}.bad: run again to fetch it anew")
+
+
+def _extract(zf, archive: Path, tmp: Path):
+    """Every member into tmp; a bad CRC or a member inflating past its declared size names the member."""
+    for info in zf.infolist():
+        dest = tmp / info.filename
+        if info.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with zf.open(info) as src, open(dest, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    if out.tell() + len(chunk) > info.file_size:
+                        raise zipfile.BadZipFile(f"inflates past its declared {info.file_size:,} bytes")
+                    out.write(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise _set_aside(archive, f"member {info.filename} is corrupt ({e})") from None
 
 
 def unpack(archive: Path, folder: Path, layout: str):
-    """Unzip archive into folder, all or nothing: into a temporary folder first, renamed member by
-    member once the whole archive is out. The archive is removed afterwards (it doubles the disk)."""
+    """Unzip archive into folder, all or nothing (see above). The archive is removed afterwards (it
+    doubles the disk)."""
+    _remove_dead_temporaries(folder)
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
-        raise ValueError(f"{archive}: not a zip file; remove it and fetch again") from None
+        raise _set_aside(archive, "not a zip file") from None
     with zf:
-        _check_members(zf, archive, layout)
-        need, free = sum(i.file_size for i in zf.infolist()), shutil.disk_usage(folder).free
+        files = _check_members(zf, archive, layout)
+        need, free = sum(files.values()), shutil.disk_usage(folder).free
         if need > free:
             raise OSError(f"{archive}: unpacking needs {need / 1e9:.1f} GB, {folder} has {free / 1e9:.1f} GB free")
+        tops = sorted({Path(n).parts[0] for n in zf.namelist()})
+        _check_free(folder, archive.name, set(tops))
         tmp = folder / f".unpack.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            zf.extractall(tmp)
+            _extract(zf, archive, tmp)
+            moving = folder / f".{archive.name}.unpacking"
+            write_text(moving, json.dumps({"tops": tops, "files": files}))
             for top in tmp.iterdir():
-                shutil.rmtree(folder / top.name, ignore_errors=True)
+                if (folder / top.name).is_dir() and not (folder / top.name).is_symlink():
+                    shutil.rmtree(folder / top.name)  # ours (checked above): a killed earlier unpack's
                 os.replace(top, folder / top.name)
+            done = {"archive": archive.name, "tops": tops, "files": files}
+            write_text(folder / f".{archive.name}.done", json.dumps(done))  # last: now it is complete
+            moving.unlink()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     archive.unlink()
@@ -109,31 +201,48 @@ def _check_jsonl(path: Path, key: str):
         raise ValueError(f"{path}: not the expected layout (JSON lines with '{key}'); kept as {path.name}.bad")
 
 
+@contextmanager
+def _only_fetch(folder: Path, name: str):
+    """One fetch per folder at a time: a second one would download and unpack into the same files."""
+    with open(folder / ".fetch.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even killed
+        except BlockingIOError:
+            raise OSError(f"another fetch of {name} into {folder} is running (it holds "
+                          f"{folder / '.fetch.lock'}); wait for it to finish") from None
+        yield
+
+
 def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
     """Download (and unpack) data set `name` into out (default $TGL_CACHE/data/name); returns the folder.
-    A finished fetch is not repeated: a file or unpacked archive already there is kept."""
+    A finished fetch is not repeated: a file or completely unpacked archive already there is kept."""
     if name == "ecbd":
         raise ValueError(ECBD_HELP)
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(list(DATASETS) + ['ecbd'])}")
+    for flag, v in (("--max-mb", max_mb), ("--max-docs", max_docs)):
+        if v is not None and not 0 < v < math.inf:  # nan fails too
+            raise ValueError(f"{flag} {v}: want a positive finite number")
     ds, folder = DATASETS[name], Path(out or cache_root() / name)
+    if (max_mb or max_docs) and name != "twiki-snapshot":
+        raise ValueError(f"--max-mb/--max-docs apply to twiki-snapshot only, not {name}")
+    check_output(str(folder), "--out", "dir")
     folder.mkdir(parents=True, exist_ok=True)
-    if max_mb or max_docs:
-        if name != "twiki-snapshot":
-            raise ValueError(f"--max-mb/--max-docs apply to twiki-snapshot only, not {name}")
-        return snapshot_prefix(f"{ds.base()}/{ds.files[0]}", folder, max_mb, max_docs, month)
-    for fname in ds.files:
-        dest, done = folder / fname, folder / f".{fname}.done"
-        if done.exists() or (dest.exists() and not fname.endswith(".zip")):
-            print(f"{name}: {fname} already in {folder}")
-            continue
-        if not dest.exists():
-            download(f"{ds.base()}/{fname}", str(dest), timeout=(10.0, 60.0))  # (connect, read): no network fails fast
-        if fname.endswith(".zip"):
-            unpack(dest, folder, ds.layout)
-            done.touch()
-        else:
-            _check_jsonl(dest, ds.layout)
+    with _only_fetch(folder, name):
+        if max_mb or max_docs:
+            return snapshot_prefix(f"{ds.base()}/{ds.files[0]}", folder, max_mb, max_docs, month)
+        for fname in ds.files:
+            dest = folder / fname
+            if unpacked(folder, fname, ds.layout) or (dest.exists() and not fname.endswith(".zip")):
+                print(f"{name}: {fname} already in {folder}")
+                continue
+            if not dest.exists():
+                # timeout (connect, read): no network fails fast
+                download(f"{ds.base()}/{fname}", str(dest), timeout=(10.0, 60.0))
+            if fname.endswith(".zip"):
+                unpack(dest, folder, ds.layout)
+            else:
+                _check_jsonl(dest, ds.layout)
     print(f"{name}: in {folder}")
     return folder
 
@@ -162,6 +271,9 @@ def register_ecbd(src, out=None) -> Path:
 # seekable file that reads with HTTP Range requests: zipfile reads the central directory from the
 # end (a few MB), then streams only the first CSV parts of one snapshot month, inflating as it
 # goes, and stops once --max-mb of text or --max-docs rows are out. Only those bytes are downloaded.
+
+RETRIES = 3
+
 
 class RangeFile(io.RawIOBase):
     """A remote file as a read-only seekable file; each non-sequential read opens a Range request."""
@@ -196,18 +308,30 @@ class RangeFile(io.RawIOBase):
         return self.pos
 
     def readinto(self, b):
+        """Read at self.pos; a dropped connection is reopened there (RETRIES tries), then one line."""
         import requests
+        import urllib3
         if self.pos >= self.size:
             return 0
-        if self.resp is None or self.resp_pos != self.pos:
+        for attempt in range(RETRIES):
+            try:
+                if self.resp is None or self.resp_pos != self.pos:
+                    self._drop()
+                    self.resp = requests.get(self.url, headers={"Range": f"bytes={self.pos}-"}, stream=True,
+                                             timeout=self.timeout)
+                    if self.resp.status_code != 206:
+                        raise OSError(f"range request at byte {self.pos} answered {self.resp.status_code}")
+                    self.resp_pos = self.pos
+                if data := self.resp.raw.read(len(b)):
+                    break
+                why = "the connection closed"
+            except (OSError, urllib3.exceptions.HTTPError) as e:  # requests' errors are OSErrors
+                why = str(e) if type(e) is OSError else type(e).__name__  # a status; else a long repr
             self._drop()
-            self.resp = requests.get(self.url, headers={"Range": f"bytes={self.pos}-"}, stream=True, timeout=self.timeout)
-            if self.resp.status_code != 206:
-                raise OSError(f"{self.url}: range request at byte {self.pos} answered {self.resp.status_code}")
-            self.resp_pos = self.pos
-        data = self.resp.raw.read(len(b))
-        if not data:
-            raise OSError(f"{self.url}: the connection closed at byte {self.pos} of {self.size}")
+            time.sleep(attempt)
+        else:
+            raise OSError(f"{self.url}: reading at byte {self.pos} of {self.size} failed {RETRIES} times "
+                          f"({why}); run again later (the prefix is written only when complete)")
         b[:len(data)] = data
         self.pos += len(data)
         self.resp_pos, self.fetched = self.pos, self.fetched + len(data)

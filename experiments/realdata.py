@@ -339,11 +339,13 @@ def make_splits(kind, inputs, out, dates=(None, None), diag_frac=0.25, seed=0, e
 
 
 def add_fetch_arguments(p):
+    from common import POS, number  # finite and positive: inf and nan are one line naming the flag
     p.add_argument("name", choices=list(fetch.DATASETS) + ["ecbd"], help="data set to download")
     p.add_argument("--out", help="folder to write (default: $TGL_CACHE/data/NAME, TGL_CACHE default ~/.cache/tgl; "
                    "twiki-snapshot --max-mb N: NAME/prefix-NMB, where twiki.py reads it)")
-    p.add_argument("--max-mb", type=float, help="twiki-snapshot: only the first N MB of text of one month")
-    p.add_argument("--max-docs", type=int, help="twiki-snapshot: only the first N documents of one month")
+    p.add_argument("--max-mb", type=number("(0, inf)"),
+                   help="twiki-snapshot: only the first N MB of text of one month")
+    p.add_argument("--max-docs", type=POS, help="twiki-snapshot: only the first N documents of one month")
     p.add_argument("--month", help="twiki-snapshot with a limit: the snapshot month, e.g. 08 (default: the first)")
     p.add_argument("--folder", help="ecbd: the unpacked folder you downloaded in a browser")
 
@@ -362,8 +364,6 @@ def run_fetch(args):
             print(fetch.ECBD_HELP, file=sys.stderr)
             raise SystemExit(1)  # nothing fetched: a script must not go on as if it had been
         return fetch.register_ecbd(args.folder, args.out)
-    if (args.max_mb is not None and args.max_mb <= 0) or (args.max_docs is not None and args.max_docs <= 0):
-        raise ValueError("--max-mb and --max-docs must be positive")
     try:
         out = args.out or (snapshot_dir(args.max_mb) if args.name == "twiki-snapshot" else None)
         return fetch.fetch(args.name, out, args.max_mb, args.max_docs, args.month)

@@ -18,6 +18,12 @@ Every second evaluation probe uses a held-out template that no training text con
 
 Files: t0.txt, t0_facts.txt, general_heldout.txt, t1.txt, diff.txt, tokenizer.json, world.json,
 probes/{updated,unchanged,new,diag_updated,diag_new}.jsonl. Same config, same bytes.
+
+The folder: world.py writes only these files and replaces one only in a folder it built before (its
+marker .world.building, written first, or .world.done) or with --overwrite: a training run's
+tokenizer.json or the user's own t0.txt is never replaced. Other files there are left alone.
+.world.done, written last, holds the config and every file's size: it alone makes a world "cached"
+(world_matches), so a build killed half-way is rebuilt.
 """
 import hashlib
 import json
@@ -26,7 +32,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import Parser, check_output, fail, input_errors, write_text
+from common import Parser, check_output, fail, input_errors, read_json, write_text
 from data import WordTokenizer
 
 # ----------------------------------------------------------------------------- knowledge: relations
@@ -53,6 +59,10 @@ RELATIONS = {
             "{s} was educated at {o}."),
 }
 DATES = ("2020", "2021")  # T0, T1
+TEXTS = ("t0.txt", "t0_facts.txt", "general_heldout.txt", "t1.txt", "diff.txt")
+FILES = TEXTS + ("tokenizer.json", "world.json") + tuple(
+    f"probes/{s}.jsonl" for s in ("updated", "unchanged", "new", "diag_updated", "diag_new"))
+DONE, BUILDING = ".world.done", ".world.building"  # the markers (see the module docstring)
 
 # ----------------------------------------------------------------------------- knowledge: things (ECBD)
 # A thing has a kind and a home city (its definition, given as context) and three descriptive
@@ -319,9 +329,55 @@ def _interleave(rng, docs, general):
     return out
 
 
-def make_world(out_dir, cfg: WorldConfig = None, **overrides) -> dict:
-    """Write the world (files in the module docstring); returns world.json's dict."""
+def check_folder(out_dir, overwrite=False):
+    """Before building: out_dir holds none of the world's files, or it is a world world.py built, or
+    overwrite. Else the files are someone else's (a run's tokenizer.json, the user's t0.txt): refused."""
+    out = Path(out_dir)
+    if (out / "probes").exists() and not (out / "probes").is_dir():
+        raise ValueError(f"{out / 'probes'} is a file; the world's probes go in a folder of that name: move it away")
+    ours = (out / DONE).exists() or (out / BUILDING).exists() or _old_world(out)
+    taken = [f for f in FILES if (out / f).exists()]
+    if taken and not ours and not overwrite:
+        raise ValueError(f"{out} holds {taken[0]}, which world.py did not write; build the world in another "
+                         "folder, or pass --overwrite to replace the world's files there")
+
+
+def _old_world(out: Path) -> bool:
+    """A world built before the markers existed: world.json with a WorldConfig as its config."""
+    try:
+        meta = read_json(out / "world.json")
+        return isinstance(meta, dict) and isinstance(meta.get("config"), dict) and set(meta["config"]) == set(
+            asdict(WorldConfig()))
+    except (OSError, ValueError):
+        return False
+
+
+def make_world(out_dir, cfg: WorldConfig = None, overwrite=False, **overrides) -> dict:
+    """Write the world (files in the module docstring); returns world.json's dict. A folder holding files of
+    the world's names that world.py did not write is refused unless overwrite (check_folder)."""
     cfg = cfg or WorldConfig(**overrides)
+    out = Path(out_dir)
+    check_folder(out, overwrite)
+    texts, tok, probes, meta = _build(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / BUILDING, json.dumps({"config": asdict(cfg)}))  # first: the folder is the world's now
+    if (out / DONE).exists():
+        (out / DONE).unlink()  # before any file changes: a rebuild killed half-way is not "cached"
+    (out / "probes").mkdir(exist_ok=True)
+    for fname, docs in texts.items():
+        write_text(out / fname, "\n\n".join(docs) + "\n")
+    tok.save(out / "tokenizer.json")
+    for split, recs in probes.items():
+        write_text(out / "probes" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    write_text(out / "world.json", json.dumps(meta, indent=1))
+    sizes = {f: (out / f).stat().st_size for f in FILES}
+    write_text(out / DONE, json.dumps({"config": asdict(cfg), "files": sizes}, indent=1))  # last
+    (out / BUILDING).unlink()
+    return meta
+
+
+def _build(cfg: WorldConfig):
+    """The world in memory: (texts {file: docs}, tokenizer, probes {split: records}, world.json's dict)."""
     rng = random.Random(cfg.seed)
     taken = set(w for _, _, ts, h in RELATIONS.values() for t in ts + [h] for w in re.findall(r"\w+", t))
     pools = _pools(rng, taken)
@@ -352,15 +408,9 @@ def make_world(out_dir, cfg: WorldConfig = None, **overrides) -> dict:
         rng.shuffle(docs)
     probes, unseen = _probes(rng, cfg, updated, unchanged, new_facts)
 
-    out = Path(out_dir)
-    (out / "probes").mkdir(parents=True, exist_ok=True)
     texts = {"t0.txt": t0, "t0_facts.txt": facts_t0, "general_heldout.txt": heldout, "t1.txt": t1, "diff.txt": diff}
-    for fname, docs in texts.items():
-        write_text(out / fname, "\n\n".join(docs) + "\n")
     probe_text = [r.get(k) or "" for recs in probes.values() for r in recs for k in ("query", "masked_sentence", "definition")]
-    WordTokenizer.build(["\n".join(d) for d in texts.values()] + probe_text).save(out / "tokenizer.json")
-    for split, recs in probes.items():
-        write_text(out / "probes" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    tok = WordTokenizer.build(["\n".join(d) for d in texts.values()] + probe_text)
     words = {k: sum(len(d.split()) for d in v) for k, v in texts.items()}
     meta = {
         "config": asdict(cfg), "dates": list(DATES),
@@ -374,22 +424,28 @@ def make_world(out_dir, cfg: WorldConfig = None, **overrides) -> dict:
         "entities": {e[0]: {"name": e[1], "t0": e[2], "t1": e[3]} for e in ents},
         "things": {t["id"]: dict(t, t0=t in old_things) for t in things},
     }
-    write_text(out / "world.json", json.dumps(meta, indent=1))
-    return meta
+    return texts, tok, probes, meta
 
 
 def world_matches(out_dir, cfg: WorldConfig) -> bool:
-    """True if out_dir holds a complete world built with exactly this config."""
+    """True if out_dir holds a complete world built with exactly this config: its marker .world.done,
+    written last, says so and every file it lists is there with its size."""
+    out = Path(out_dir)
     try:
-        return json.load(open(Path(out_dir) / "world.json"))["config"] == asdict(cfg)
-    except (OSError, ValueError, KeyError):
+        done = read_json(out / DONE)
+        return done["config"] == asdict(cfg) and set(done["files"]) == set(FILES) and all(
+            (out / f).stat().st_size == n for f, n in done["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
 def main(argv=None):
     ap = Parser(prog="world.py", description=__doc__.split("\n")[0])
     d = WorldConfig()
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--out", required=True,
+                    help="output folder (refused if it holds world files that world.py did not write)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the world's files in --out even if world.py did not write them")
     ap.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed and sizes, same world)")
     ap.add_argument("--n-entities", type=int, default=d.n_entities, help="people at T0 (e.g. 40 for a quick test)")
     ap.add_argument("--update-frac", type=float, default=d.update_frac, help="fraction of T0 facts that change at T1")
@@ -403,10 +459,10 @@ def main(argv=None):
         fail("need --n-entities >= 10, 0 < --update-frac < 1, 0 < --new-frac <= 1, 0 <= --diag-frac < 1", "world.py")
     if not 0 <= a.general_frac < 1 or a.old_things_frac < 0 or a.heldout_words < 100:
         fail("need 0 <= --general-frac < 1, --old-things-frac >= 0 and --heldout-words >= 100", "world.py")
-    cfg = WorldConfig(**{k: v for k, v in vars(a).items() if k != "out"})
+    cfg = WorldConfig(**{k: v for k, v in vars(a).items() if k not in ("out", "overwrite")})
     with input_errors("world.py"):
         check_output(a.out, "--out", "dir")  # '' would write the world into the current folder
-        meta = make_world(a.out, cfg)
+        meta = make_world(a.out, cfg, overwrite=a.overwrite)
     print(f"world in {a.out}: {json.dumps(meta['counts'])}")
     return meta
 

@@ -1,6 +1,7 @@
 """A local HTTP server on 127.0.0.1 for the tests of network code (fetch.py, common.download, twiki.py):
 files by URL path, with Range support, reached through HF_ENDPOINT / TGL_TEMPLAMA_URL /
 TGL_DYNAMIC_TEMPLAMA_URL. No other host is contacted."""
+import hashlib
 import io
 import threading
 import zipfile
@@ -12,11 +13,12 @@ HF = "/datasets/seonghyeonye/TemporalWiki/resolve/main/"  # where fetch.py finds
 
 
 class Server:
-    """Files by URL path, with Range support. cut[path] = n: the next answer for path announces the
-    full length but stops after n bytes (a dropped connection). no_range: ignore Range headers."""
+    """Files by URL path, with Range support and an ETag per content. cut[path] = n: the next answer for
+    path announces the full length but stops after n bytes (a dropped connection). no_range: ignore Range
+    headers. An If-Range that is not the file's ETag sends the whole file (200), unless no_if_range."""
 
     def __init__(self):
-        self.files, self.cut, self.log, self.no_range = {}, {}, [], False
+        self.files, self.cut, self.log, self.no_range, self.no_if_range = {}, {}, [], False, False
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,6 +33,9 @@ class Server:
                     self.send_error(404)
                     return
                 start, end, status = 0, len(body) - 1, 200
+                etag = f'"{hashlib.sha1(body).hexdigest()[:16]}"'
+                if self.headers.get("If-Range", etag) != etag and not owner.no_if_range:
+                    rng = None  # the file changed since the client's first part: all of it again
                 if rng and not owner.no_range:
                     a, _, b = rng.replace("bytes=", "").partition("-")
                     start, end, status = int(a), int(b) if b else len(body) - 1, 206
@@ -42,6 +47,7 @@ class Server:
                 chunk = body[start:end + 1]
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(chunk)))
+                self.send_header("ETag", etag)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
                 self.end_headers()
