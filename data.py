@@ -30,9 +30,6 @@ class GPT2Tokenizer:
         self.n_vocab, self.eot = self.enc.n_vocab, self.enc.eot_token
         self.encode = self.enc.encode_ordinary  # "<|endoftext|>" in text is plain text
 
-    def decode(self, ids):
-        return self.enc.decode(list(ids))
-
 class WordTokenizer:
     """A closed word vocabulary, else <unk>: a small softmax, fast to train on a CPU."""
     name = "word"
@@ -52,9 +49,6 @@ class WordTokenizer:
 
     def encode(self, text):
         return [self.index.get(w, self.unk) for w in self.PATTERN.findall(text)]
-
-    def decode(self, ids):  # no space before '.' etc.
-        return re.sub(r" ([.,;:!?')])|([(']) ", r"\1\2", " ".join(self.vocab[i] for i in ids))
 
     def save(self, path):
         write_text(path, json.dumps({"type": "word", "vocab": self.vocab}, ensure_ascii=False))
@@ -197,7 +191,7 @@ def iter_documents(path):
 
 def _lines(path, newline=""):
     try:
-        with open(path, encoding="utf-8-sig", newline=newline) as f:  # a byte-order mark is not text
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
             yield from f
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from None
@@ -228,7 +222,7 @@ def load_tokens(spec, tokenizer):
     """Text -> token memmap, eot after each document, streamed (billions of tokens, flat memory): all or
     the first N of 'PATH@N'. Cached next to the text (else ~/.cache/tgl), keyed by bytes, tokenizer and N."""
     path, n = parse_text_spec(spec)
-    root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint}|{n}|None".encode())  # (old keys)
+    root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint}|{n}".encode())
     for f in _source_files(path):
         with open(f, "rb") as src:
             h.update(str(f.relative_to(root)).encode() + hashlib.file_digest(src, "sha1").digest())
@@ -256,7 +250,6 @@ class Probe:
     answers: list
     split: str
     relation: str = ""
-    context: str = ""  # ECBD's definition, before the prompt when scoring with context
     date: str = ""  # as in the data: '2019', '2019-Q1', '0801-0901' (months)
     source: str = field(default="", compare=False)
 
@@ -285,8 +278,7 @@ def _json(rec, rid):
     slot, answer, id_key, relation, date = JSON_FORMATS[key]
     if bad := [k for k in (key, id_key, relation, date, "split") if isinstance(rec.get(k), (list, dict))]:
         raise ValueError(f"'{bad[0]}' is a {type(rec[bad[0]]).__name__}, want a string")
-    text, ctx = str(rec[key]), rec.get("definition") or ""  # ECBD's sentences, joined as its code does
-    ctx = " ".join(str(s).strip() for s in ctx) if isinstance(ctx, list) else str(ctx)
+    text = str(rec[key])
     if slot not in text:
         raise ValueError(f"{key} has no {slot} slot: {text!r}")
     prompt = text.split(slot)[0].rstrip()
@@ -297,8 +289,7 @@ def _json(rec, rid):
             return None
         prompt = f"{m[1][0].upper()}{m[1][1:]} is"
     return Probe(str(rec.get(id_key, rid)), prompt, answer_names(rec.get(answer), answer),
-                 str(rec.get("split") or ""), str(rec.get(relation, "")),
-                 re.sub(r"\[ENT_(START|END)\]", "", ctx).strip(), str(rec.get(date) or ""))
+                 str(rec.get("split") or ""), str(rec.get(relation, "")), str(rec.get(date) or ""))
 
 def _twiki(rec, rid):
     subj, rel, obj = (rec[k].strip() for k in TWIKI_COLUMNS)
@@ -354,7 +345,7 @@ def read_probe_files(specs):
     """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get their file's
     name as split ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
     keys = [(os.path.realpath(f), d) for f, d, _ in map(parse_probe_spec, specs)]
-    if twice := [s for s, k in zip(specs, keys) if keys.count(k) > 1]:  # its probes would count twice
+    if twice := [s for s, k in zip(specs, keys) if keys.count(k) > 1]:
         raise ValueError(f"probe file {twice[0]} given twice: give each file once")
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
     owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})

@@ -294,5 +294,3 @@ def load_hf(name: str) -> GPT:  # hub name or HF folder
         raise ValueError(f"{path}: lm_head.weight is not wte (untied: unsupported)")
     model.load_state_dict(weights)  # copy_ casts f16/bf16 to f32
     return model
-
-GPT.from_pretrained = staticmethod(load_hf)

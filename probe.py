@@ -22,24 +22,22 @@ class ProbeConfig:
     metric: str = flag("span", "score the answer span (paper) or sentence", choices=METRICS)
     tokenizer: str = flag(None, "data.load_tokenizer's (default: --init's)")
     json: str = flag(None, "also write the results to this JSON file")
-    context: bool = flag(False, "ECBD: prepend the probe's context")
     batch_size: int = flag(64, f"answers per forward (at most {MAX_TOKENS} tokens)", type=POS)
     device: str = flag("auto", "cpu, cuda, mps or auto")
 
-def probe_example(tokenizer, pr, answer, use_context, block_size, metric="span"):
+def probe_example(tokenizer, pr, answer, block_size, metric="span"):
     """(idx, targets): span: the answer (paper); sentence: every token (TemporalWiki)."""
     if metric not in METRICS:
         raise ValueError(f"--metric {metric}: want span or sentence")
-    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
-    idx, tgt = (data.span_example if metric == "span" else data.sentence_example)(tokenizer, prompt, answer)
+    idx, tgt = (data.span_example if metric == "span" else data.sentence_example)(tokenizer, pr.prompt, answer)
     if len(idx) > block_size:
         raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: {len(idx)} tokens, "
                          f"longer than the model's context ({block_size})")
     return idx, tgt
 
-def check_probes(tokenizer, probes, block_size, use_context=False, metric="span"):
+def check_probes(tokenizer, probes, block_size, metric="span"):
     owners = [(i, a) for i, pr in enumerate(probes) for a in pr.answers]
-    return owners, [probe_example(tokenizer, probes[i], a, use_context, block_size, metric)
+    return owners, [probe_example(tokenizer, probes[i], a, block_size, metric)
                     for i, a in owners]
 
 @torch.inference_mode()
@@ -63,9 +61,9 @@ def score_rows(model, examples, batch_size, device):
     model.train(was_training)
     return [out[k] for k in range(len(examples))]
 
-def score(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
+def score(model, tokenizer, probes, batch_size=64, device=None, metric="span"):
     """Per probe: its best answer's (ties: the first) nll, n_tokens, nll_per_token, em."""
-    owners, examples = check_probes(tokenizer, probes, unwrap(model).config.block_size, use_context, metric)
+    owners, examples = check_probes(tokenizer, probes, unwrap(model).config.block_size, metric)
     best, em = [(math.inf,)] * len(probes), [False] * len(probes)
     for k, ((i, _), (nll, n, hit)) in enumerate(zip(owners, score_rows(model, examples, batch_size, device))):
         best[i], em[i] = min(best[i], (nll / n, k, nll, n)), em[i] or hit
@@ -79,8 +77,8 @@ def summarize(results):  # {split: {"ppl", "em", "n"}}
     return {split: dict(ppl=math.exp(min(sum(r["nll"] for r in rs) / sum(r["n_tokens"] for r in rs), 700.0)),
                         em=sum(r["em"] for r in rs) / len(rs), n=len(rs)) for split, rs in splits.items()}
 
-def evaluate(model, tokenizer, probes, batch_size=64, device=None, use_context=False, metric="span"):
-    return summarize(score(model, tokenizer, probes, batch_size, device, use_context, metric))
+def evaluate(model, tokenizer, probes, batch_size=64, device=None, metric="span"):
+    return summarize(score(model, tokenizer, probes, batch_size, device, metric))
 
 def table(summary):
     w = max([5, *map(len, summary)])
@@ -97,7 +95,7 @@ def main(argv=None):
         model, tok = load_model(cfg.init, device), data.load_tokenizer(cfg.tokenizer or cfg.init)
         if tok.n_vocab > model.config.vocab_size:
             raise ValueError(f"--tokenizer: {tok.n_vocab} tokens, the model {model.config.vocab_size}")
-        results = score(model, tok, probes, cfg.batch_size, device, cfg.context, cfg.metric)
+        results = score(model, tok, probes, cfg.batch_size, device, cfg.metric)
         out = dict(asdict(cfg), summary=summarize(results))
         if cfg.json:
             write_text(cfg.json, json.dumps(dict(out, results=results), indent=1))

@@ -35,13 +35,13 @@ def grad_norms(model) -> dict:  # of the .grad now: train.py's log
     return unit_norms(*zip(*named)) if named else {}
 
 class GradNormHooks:
-    """While entered, each parameter requiring grad (all, with all_params) records ||grad|| and drops it
+    """While entered, each parameter requiring grad records ||grad|| and drops it
     (no full gradient is held); eval mode, .grad set aside. A post-accumulate hook fires once, on the sum;
-    a tensor hook would fire per *use* (the tied wte: embedding, LM head), on partial sums."""
+    a tensor hook would fire per *use* of the tied wte, on partial sums."""
 
-    def __init__(self, model, all_params=False):
+    def __init__(self, model):
         self.model = model
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or all_params]
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("no parameter requires grad: nothing to trace")
         self.reset()
@@ -51,9 +51,9 @@ class GradNormHooks:
         p.grad = None
 
     def __enter__(self):
-        self._saved = [(p, p.requires_grad, p.grad) for p in self.model.parameters()], self.model.training
+        self._saved = [(p, p.grad) for p in self.model.parameters()], self.model.training
         self.model.eval().zero_grad(set_to_none=True)
-        self._handles = [p.requires_grad_().register_post_accumulate_grad_hook(partial(self._record, i))
+        self._handles = [p.register_post_accumulate_grad_hook(partial(self._record, i))
                          for i, (_, p) in enumerate(self.named)]
         return self
 
@@ -61,8 +61,8 @@ class GradNormHooks:
         params, training = self._saved
         for h in self._handles:
             h.remove()
-        for p, requires_grad, grad in params:
-            p.requires_grad_(requires_grad).grad = grad
+        for p, grad in params:
+            p.grad = grad
         self.model.train(training)
 
     def reset(self):
@@ -71,12 +71,12 @@ class GradNormHooks:
     def norms(self) -> dict:
         return unit_norms([n for n, _ in self.named], self._norms)
 
-def trace_norms(model, example_sets: dict, device=None, all_params=False) -> dict:
+def trace_norms(model, example_sets: dict, device=None) -> dict:
     """{name: ({unit: mean gradient norm}, n)} for named sets of n (idx, targets)."""
     device, out = device or next(model.parameters()).device, {}
     # One example per backward: the method averages per-example norms; a batch's norm shrinks as its
     # examples partly cancel, unequally for the span (few, similar tokens) and LM losses.
-    with torch.enable_grad(), GradNormHooks(model, all_params) as hooks:
+    with torch.enable_grad(), GradNormHooks(model) as hooks:
         for name, examples in example_sets.items():
             total = {}
             for example in examples:
@@ -96,8 +96,8 @@ def result(span, lm) -> dict:  # a trace from span and LM norms, each ({unit: me
     return {"units": list(s), "span_norm": s, "lm_norm": m, "n_span": n_span, "n_lm": n_lm,
             "rgn": {u: s[u] / m[u] if m[u] > 0 else 0.0 for u in s}}
 
-def trace(model, span_examples, lm_windows, device=None, all_params=False) -> dict:  # window: w[:-1], w[1:]
-    return result(*trace_norms(model, {"span": span_examples, "lm": lm_windows}, device, all_params).values())
+def trace(model, span_examples, lm_windows, device=None) -> dict:  # window: w[:-1], w[1:]
+    return result(*trace_norms(model, {"span": span_examples, "lm": lm_windows}, device).values())
 
 # ----- step 2: select
 DEFAULT_FLOOR = 0.01
@@ -196,7 +196,6 @@ class TraceConfig:
     n_span: int = flag(100, "probes per split (a seeded sample if more)", type=POS)
     n_lm: int = flag(100, "random LM windows", type=POS)
     block_size: int = flag(None, "LM window length (default: the model's)", type=POS)
-    all_params: bool = flag(False, "trace all parameters, not just those requiring grad")
     seed: int = flag(0, "seed of the probe sample and LM windows")
     device: str = flag("auto", "cpu, cuda, mps or auto")
     selection: Selection = field(default_factory=Selection)
@@ -209,11 +208,11 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
         raise ValueError(f"--block-size must be at most the model's {conf.block_size}")
     resolve_units(cfg.selection.check().rank_units, units)  # before the slow part
     groups, sets = {}, {}
-    for p in data.read_probe_files(cfg.probes):  # each file's split (its name), or the split its records give
+    for p in data.read_probe_files(cfg.probes):  # each probe's split
         groups.setdefault(p.split, []).append(p)
     if "all" in groups:
         raise ValueError("a probe split may not be named 'all'")
-    for name, probes in groups.items():  # seeded by (seed, split); first answers
+    for name, probes in groups.items():  # a sample seeded by (seed, split); first answers
         keep = random.Random(f"{cfg.seed}:{name}").sample(range(len(probes)), min(cfg.n_span, len(probes)))
         pairs = [data.span_example(tokenizer, probes[k].prompt, probes[k].answers[0]) for k in sorted(keep)]
         sets[name] = [(i[-block_size:], t[-block_size:]) for i, t in pairs]  # the answer is at the end
@@ -222,14 +221,14 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     sets["\0lm"] = list(zip(*(w.tolist() for w in data.windows(tokens, starts, block_size))))
     if max(max(i) for s in sets.values() for i, _ in s) >= conf.vocab_size:
         raise ValueError(f"token ids past the model's vocabulary ({conf.vocab_size}): wrong --tokenizer?")
-    norms = trace_norms(model, sets, device, cfg.all_params)  # step 1
+    norms = trace_norms(model, sets, device)  # step 1: every parameter of a loaded model requires grad
     lm = norms.pop("\0lm")
     splits = {name: result(span, lm) for name, span in norms.items()}
     n = sum(c for _, c in norms.values())  # "all": the mean over every probe
     splits["all"] = result(({u: sum(s[u] * c for s, c in norms.values()) / n for u in lm[0]}, n), lm)
     d = dict(splits["all"], splits=splits, model=cfg.init, probe_files=cfg.probes, text=cfg.text,
              seed=cfg.seed, counts={"span": {k: c for k, (_, c) in norms.items()}, "lm": cfg.n_lm},
-             block_size=block_size, all_params=cfg.all_params)
+             block_size=block_size)
     plans = {mode: tgl_plan(d, mode, cfg.selection, units) for mode in ("fp", "alr")}  # step 2
     return dict(d, selection=dict(asdict(cfg.selection), **plans))
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import data
 import probe
-import trace as tgl_trace  # the project's trace.py (the repository root comes first on sys.path)
+import trace as tgl_trace  # ours, not the stdlib's: the root is first on sys.path
 from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
 from common import parse_config, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
@@ -77,8 +77,7 @@ class Config:  # train.py's flags
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
 
     def check(self):  # what argparse cannot check alone, before any slow work
-        texts = (self.data, self.replay_data, self.trace, self.tokenizer)  # plain paths too
-        data.check_files([f for f in texts if f and f not in ("gpt2", "word")], self.probes)
+        data.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
         files = (CKPT_NAME, "metrics.jsonl", "summary.json")
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -93,7 +92,7 @@ class Config:  # train.py's flags
             if bad:
                 raise ValueError(msg)
         self.selection.check()
-        pick_device(self.device)  # --device cuda without CUDA fails now, not at the first tensor
+        pick_device(self.device)  # fails now, not at the first tensor
         check_output(self.out, "--out", "dir")
         return self
 
@@ -112,7 +111,7 @@ class AdamW:
         theta <- theta - s * lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
     s: 1, or RecAdam's lambda(t); the order is torch.optim.AdamW's. A group is a unit, its lr set by the loop
-    to lr(step) * lr_scale: so TGL+ALR's scales reach the update. TGL+FP's frozen units have no group.
+    to lr(step) * lr_scale (TGL+ALR). TGL+FP's frozen units have no group.
     """
 
     def __init__(self, groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -124,7 +123,7 @@ class AdamW:
 
     @torch.no_grad()
     def step(self, update_scale=1.0):
-        """The four lines above on all parameters at once, in fused torch._foreach_* calls."""
+        """The four lines above, on all parameters at once (torch._foreach_*)."""
         self.t += 1
         params, m, v = self.params, self.exp_avg, self.exp_avg_sq
         grads, lrs = [p.grad for p in params], [g["lr"] for g in self.param_groups for _ in g["params"]]
@@ -159,8 +158,7 @@ def make_param_groups(model, scales=None):
     scales, groups = scales or {}, {}
     for name, p in model.named_parameters():
         if scales.get(unit_of(name), 1.0) == 0:
-            # TGL step 3, FP: a unit the trace did not select is frozen: autograd computes no weight gradient
-            # for it and the optimizer holds no state for it.
+            # TGL step 3, FP: a unit the trace did not select is frozen: no weight gradient, no optimizer state
             p.requires_grad_(False)
         if p.requires_grad:
             groups.setdefault(unit_of(name), []).append(p)
@@ -239,7 +237,7 @@ class Run:  # what the loop reads and writes
     probes: list
     block_size: int
     stream: data.Stream = None
-    dmodel: torch.nn.Module = None  # the GPT, compiled and/or DDP-wrapped: the forward pass's
+    dmodel: torch.nn.Module = None  # the GPT, compiled and/or DDP-wrapped, for the forward pass
     step: int = 0
     elapsed: float = 0.0  # training seconds, as of the last checkpoint
     last_loss: float = None
@@ -268,8 +266,8 @@ def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run
 def setup(cfg: Config) -> tuple[Run, dict | None]:
     """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume."""
     rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
-    torch.manual_seed(cfg.seed)  # what is random before training (LoRA's A) follows --seed too
-    ck = resumed(cfg)  # read once, and compared before the model is built
+    torch.manual_seed(cfg.seed)  # LoRA's A follows --seed too
+    ck = resumed(cfg)  # compared before the model is built
     tokenizer, model = build_model(cfg, device)
     block_size, conf = cfg.block_size or model.config.block_size, model.config
     if block_size > conf.block_size or tokenizer.n_vocab > conf.vocab_size:
@@ -341,7 +339,7 @@ def restore(run: Run, ck: dict | None):
 # ----- evaluate, log, checkpoint, the loop
 
 def evaluate(run: Run) -> dict:
-    """{split: {ppl, em, n}}: probe.py's scorer, so both agree on every number."""
+    """{split: {ppl, em, n}}: probe.py's scorer, so both agree."""
     with autocast(run.device):
         out = probe.evaluate(run.model, run.tokenizer, run.probes, device=run.device, metric=run.cfg.metric)
     run.say("\n".join(f"eval step {run.step}: {s} ppl {r['ppl']:.2f} EM {100 * r['em']:.1f}%"

@@ -21,6 +21,10 @@ def gpt2():
     return GPT2Tokenizer()
 
 
+def words(tok, ids):  # a word tokenizer's ids as text, one space between tokens
+    return " ".join(tok.vocab[i] for i in ids)
+
+
 def write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
@@ -30,7 +34,7 @@ def write(path, text):
 
 def test_gpt2_tokenizer_roundtrip(gpt2):
     ids = gpt2.encode("Hello world, <|endoftext|> stays text")
-    assert gpt2.decode(ids) == "Hello world, <|endoftext|> stays text"
+    assert gpt2.enc.decode(ids) == "Hello world, <|endoftext|> stays text"
     assert gpt2.eot == 50256 and gpt2.n_vocab == 50257 and gpt2.eot not in ids
 
 
@@ -40,7 +44,7 @@ def test_word_tokenizer_build_save_load(tmp_path):
     assert set(tok.vocab[2:6]) == {".", "plays", "for", "Rovers"}  # most frequent first
     ids = tok.encode("Ann plays for Zorro United.")
     assert tok.unk in ids and ids.count(tok.unk) == 1
-    assert tok.decode(tok.encode("Bob plays for Rovers.")) == "Bob plays for Rovers."
+    assert words(tok, tok.encode("Bob plays for Rovers.")) == "Bob plays for Rovers ."
     tok.save(tmp_path / "tokenizer.json")
     back = load_tokenizer(tmp_path)  # a folder holding tokenizer.json
     assert isinstance(back, WordTokenizer) and back.vocab == tok.vocab
@@ -62,12 +66,12 @@ def test_load_tokens_cache_and_rebuild(tmp_path):
     tok = WordTokenizer.build(["one two three four five six ."])
     arr = load_tokens(src, tok)
     assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
-    assert tok.decode(arr.tolist()) == "one two three. <eot> four five. <eot>"
+    assert words(tok, arr.tolist()) == "one two three . <eot> four five . <eot>"
     caches = list(tmp_path.glob("*.tokens.bin"))
     assert len(caches) == 1
     assert list(load_tokens(src, tok)) == list(arr) and list(tmp_path.glob("*.tokens.bin")) == caches
     write(src, "one two three.\n\nfour five six.\n")  # same size class, new content: rebuilt
-    assert tok.decode(load_tokens(src, tok).tolist()).endswith("four five six. <eot>")
+    assert words(tok, load_tokens(src, tok).tolist()).endswith("four five six . <eot>")
     assert len(list(tmp_path.glob("a.txt.word-*.tokens.bin"))) == 2  # a cache per content
     tok2 = WordTokenizer.build(["one two"])  # another tokenizer: another array
     assert tok2.unk in load_tokens(src, tok2).tolist()
@@ -78,7 +82,7 @@ def test_load_tokens_folder(tmp_path, gpt2):
     write(tmp_path / "src" / "b.txt", "Second file.")
     write(tmp_path / "src" / "a.txt", "First file.")
     arr = load_tokens(tmp_path / "src", gpt2)
-    assert gpt2.decode(arr.tolist()) == "First file.<|endoftext|>Second file.<|endoftext|>"
+    assert gpt2.enc.decode(arr.tolist()) == "First file.<|endoftext|>Second file.<|endoftext|>"
     assert list(tmp_path.glob("src.gpt2-*.tokens.bin"))  # next to the folder
     with pytest.raises(FileNotFoundError):
         load_tokens(tmp_path / "missing.txt", gpt2)
@@ -151,8 +155,7 @@ def test_read_hand_written_formats(tmp_path):
         "ex_id": "e1", "masked_sentence": "Zed was born in <extra_id_0> in 1990.", "span_type": "NP",
         "answer_str": "<extra_id_0> Oslo <extra_id_1>", "definition": "Zed is a singer."}) + "\n")
     p = read_probes(f"{ecbd}:new_entities")[0]
-    assert (p.id, p.prompt, p.answers, p.split, p.context) == ("e1", "Zed was born in", ["Oslo"], "new_entities",
-                                                               "Zed is a singer.")
+    assert (p.id, p.prompt, p.answers, p.split) == ("e1", "Zed was born in", ["Oslo"], "new_entities")
     own = write(tmp_path / "mine.jsonl", json.dumps({"query": "The sky is _X_.", "answer": "blue"}) + "\n" +
                 json.dumps({"query": "Grass is _X_.", "answer": "green", "split": "colors"}) + "\n")
     assert [(p.prompt, p.answers, p.split) for p in read_probes(own)] == [
@@ -197,7 +200,7 @@ def test_span_example_gpt2_leading_space(gpt2):
 def test_span_example_word_tokenizer():
     tok = WordTokenizer.build(["Ann plays for Kugo Rovers ."])
     idx, tgt = span_example(tok, "Ann plays for", "Kugo Rovers")
-    assert tok.decode(idx) == "Ann plays for Kugo"
+    assert words(tok, idx) == "Ann plays for Kugo"
     assert tgt == [-1, -1, tok.index["Kugo"], tok.index["Rovers"]]
 
 # ----------------------------------------------------------------------------- CLI

@@ -63,7 +63,7 @@ IDX = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1
 
 def test_gpt2_logits_match_transformers(tmp_path):
     ref, folder = tiny_gpt2_hf(tmp_path)
-    ours = M.GPT.from_pretrained(str(folder))
+    ours = M.load_hf(str(folder))
     assert ours.config.n_inner == 24 and ours.config.arch == "gpt2"
     want = ref_logits(ref, IDX)
     assert want.std() > 0.1  # the comparison means something
@@ -72,7 +72,7 @@ def test_gpt2_logits_match_transformers(tmp_path):
 
 def test_gpt_neo_logits_match_transformers_with_local_layers(tmp_path):
     ref, folder = tiny_neo_hf(tmp_path)
-    ours = M.GPT.from_pretrained(str(folder))
+    ours = M.load_hf(str(folder))
     c = ours.config
     assert c.attention_layers == ["global", "local"] * 2 and c.window_size == 3 and not c.scale_attn
     assert IDX.shape[1] > c.window_size
@@ -94,12 +94,12 @@ def test_gpt_neo_old_file_with_buffers_head_and_f16(tmp_path):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.half().float())  # the reference sees the same rounded weights
-    ours = M.GPT.from_pretrained(str(folder))
+    ours = M.load_hf(str(folder))
     assert ours.transformer.wte.weight.dtype == torch.float32
     assert (our_logits(ours, IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
     torch.save(sd, folder / "pytorch_model.bin")
-    assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "lm_head")
+    assert_one_line_error(lambda: M.load_hf(str(folder)), "lm_head")
 
 
 def hub_layout(tmp_path, ref):
@@ -122,9 +122,9 @@ def test_hub_layout_safetensors_and_bin(tmp_path):
     sd, folder = hub_layout(tmp_path, ref)
     want = ref_logits(ref, IDX)
     torch.save(sd, folder / "pytorch_model.bin")  # the fallback old repositories need
-    assert (our_logits(M.GPT.from_pretrained(str(folder)), IDX) - want).abs().max() < 1e-4
+    assert (our_logits(M.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
     write_safetensors(folder / "model.safetensors", {k: v.float() for k, v in sd.items()})
-    assert (our_logits(M.GPT.from_pretrained(str(folder)), IDX) - want).abs().max() < 1e-4
+    assert (our_logits(M.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------- the model itself
@@ -230,15 +230,15 @@ def test_wrong_shape_and_missing_key_name_the_tensor(tmp_path):
     sd = M.read_safetensors(folder / "model.safetensors")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(25)
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
+    assert_one_line_error(lambda: M.load_hf(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
     del sd["transformer.h.1.mlp.c_fc.bias"]
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "missing", "h.1.mlp.c_fc.bias")
+    assert_one_line_error(lambda: M.load_hf(str(folder)), "missing", "h.1.mlp.c_fc.bias")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(24)
     sd["transformer.h.9.ln_1.weight"] = torch.zeros(16)
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: M.GPT.from_pretrained(str(folder)), "unexpected", "h.9.ln_1.weight")
-    assert_one_line_error(lambda: M.GPT.from_pretrained(str(tmp_path / "nope")), "nope")
+    assert_one_line_error(lambda: M.load_hf(str(folder)), "unexpected", "h.9.ln_1.weight")
+    assert_one_line_error(lambda: M.load_hf(str(tmp_path / "nope")), "nope")
 
 
 # ----------------------------------------------------------------------------- the download cache
@@ -297,13 +297,13 @@ def test_mocked_download_fills_cache_then_cache_makes_no_request(tmp_path, monke
             assert (cache / "gpt2" / (name + ".part")).exists() and not dest.exists()
         return FakeResponse(files.get(name, b""), status=200 if name in files else 404, on_chunk=check)
     monkeypatch.setattr(requests, "get", fake_get)
-    model = M.GPT.from_pretrained("gpt2")
+    model = M.load_hf("gpt2")
     assert [u.rsplit("/", 1)[1] for u in urls] == ["config.json", "model.safetensors", "pytorch_model.bin"]
     assert (cache / "gpt2" / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"]
     assert not list((cache / "gpt2").glob("*.part"))
     assert (our_logits(model, IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     no_network(monkeypatch)
-    assert (our_logits(M.GPT.from_pretrained("gpt2"), IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
+    assert (our_logits(M.load_hf("gpt2"), IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     assert M.load_model("gpt2").config.n_layer == 2
 
 

@@ -36,17 +36,16 @@ def probes_for_test():
         Probe("b", "Ann plays for", ["Kugo United", "Rome", "Kugo Rovers"], "updated"),  # shares a's prompt
         Probe("c", "Bob works at", ["Acme Labs"], "new"),
         Probe("d", "Cid lives in the city of", ["Oslo"], "unchanged"),
-        Probe("e", "Dee lives in", ["Paris", "Rome"], "unchanged", context="Dee works at Acme Labs ."),
+        Probe("e", "Dee lives in", ["Paris", "Rome"], "unchanged"),
         Probe("f", "", ["Oslo"], "new"),  # no prompt: end-of-text is the context
     ]
 
 
-def by_hand(model, tok, pr, use_context=False):
+def by_hand(model, tok, pr):
     """(nll, n_tokens, em) of the best answer, straight from model(idx) and F.cross_entropy."""
-    prompt = f"{pr.context} {pr.prompt}".strip() if use_context and pr.context else pr.prompt
     best, em = None, 0
     for ans in pr.answers:
-        idx, tgt = span_example(tok, prompt, ans)
+        idx, tgt = span_example(tok, pr.prompt, ans)
         with torch.no_grad():
             logits, _ = model(torch.tensor([idx]))
         tgt = torch.tensor(tgt)
@@ -62,28 +61,26 @@ def by_hand(model, tok, pr, use_context=False):
 def test_score_matches_hand_computation(tok, neo):
     model = tiny(tok.n_vocab, neo=neo)
     probes = probes_for_test()
-    for use_context in (False, True):
-        results = probe.score(model, tok, probes, use_context=use_context)
-        for pr, r in zip(probes, results):
-            nll, n, em = by_hand(model, tok, pr, use_context)
-            assert r["id"] == pr.id and r["split"] == pr.split
-            assert r["n_tokens"] == n and r["em"] == em
-            assert r["nll"] == pytest.approx(nll, rel=1e-5, abs=1e-5)
-            assert r["nll_per_token"] == pytest.approx(nll / n, rel=1e-5, abs=1e-5)
+    for pr, r in zip(probes, probe.score(model, tok, probes)):
+        nll, n, em = by_hand(model, tok, pr)
+        assert r["id"] == pr.id and r["split"] == pr.split
+        assert r["n_tokens"] == n and r["em"] == em
+        assert r["nll"] == pytest.approx(nll, rel=1e-5, abs=1e-5)
+        assert r["nll_per_token"] == pytest.approx(nll / n, rel=1e-5, abs=1e-5)
 
 
 def test_batched_equals_one_at_a_time_and_padding_changes_nothing(tok, monkeypatch):
     model = tiny(tok.n_vocab, neo=True)  # the local layer's window mask is built inside attention too
     probes = probes_for_test()
     many = probe.score(model, tok, probes, batch_size=64)
-    assert len({len(probe.probe_example(tok, pr, a, False, 32, "span")[0]) for pr in probes for a in pr.answers}) > 2
+    assert len({len(probe.probe_example(tok, pr, a, 32, "span")[0]) for pr in probes for a in pr.answers}) > 2
     for pr, r in zip(probes, many):  # alone, a probe's rows are padded less (or not at all)
         single = probe.score(model, tok, [pr], batch_size=1)[0]
         assert single["nll"] == pytest.approx(r["nll"], rel=1e-5, abs=1e-6) and single["em"] == r["em"]
         assert r["nll"] == pytest.approx(by_hand(model, tok, pr)[0], rel=1e-5, abs=1e-6)
     monkeypatch.setattr(probe, "MAX_TOKENS", 1)  # the token cap: every batch is one row
     assert [r["nll"] for r in probe.score(model, tok, probes)] == pytest.approx([r["nll"] for r in many], rel=1e-5)
-    x, y = probe.probe_example(tok, probes[3], "Oslo", False, 32, "span"), ([1, 2] + [0] * 20, [-1] * 22)
+    x, y = probe.probe_example(tok, probes[3], "Oslo", 32, "span"), ([1, 2] + [0] * 20, [-1] * 22)
     alone, padded = probe.score_rows(model, [x], 64, "cpu"), probe.score_rows(model, [x, y], 64, "cpu")
     assert padded[0] == pytest.approx(alone[0], rel=1e-6)  # one batch, 14 pad positions after x: same score
 
@@ -99,10 +96,9 @@ def test_score_equals_transformers_one_by_one(tmp_path, tok, arch):
             p.add_(0.1 * torch.randn_like(p))  # biases and LayerNorms count too
     save_hf(model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    for use_context in (False, True):
-        for pr, r in zip(probes_for_test(), probe.score(model, tok, probes_for_test(), use_context=use_context)):
-            nll, n, em = by_hand(lambda x: (hf(x).logits, None), tok, pr, use_context)
-            assert (r["n_tokens"], r["em"]) == (n, em) and r["nll"] == pytest.approx(nll, rel=1e-4, abs=1e-4)
+    for pr, r in zip(probes_for_test(), probe.score(model, tok, probes_for_test())):
+        nll, n, em = by_hand(lambda x: (hf(x).logits, None), tok, pr)
+        assert (r["n_tokens"], r["em"]) == (n, em) and r["nll"] == pytest.approx(nll, rel=1e-4, abs=1e-4)
 
 
 def test_best_answer_counts_and_em():

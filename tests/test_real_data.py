@@ -42,7 +42,7 @@ def test_twiki_csv_reads_the_text_column_one_document_per_row(tmp_path, gpt2):
     assert ids.count(gpt2.eot) == len(texts) == 3  # one end-of-text per row, not per file
     want = [t for doc in texts for t in gpt2.encode(doc) + [gpt2.eot]]
     assert ids == want
-    decoded = gpt2.decode(ids)
+    decoded = gpt2.enc.decode(list(ids))
     assert "text" not in decoded.split("<|endoftext|>")[0][:5] and '""' not in decoded  # no header, no CSV quoting
     assert '"Secretary of State for Justice"' in decoded
 
@@ -56,11 +56,11 @@ def test_csv_fields_over_the_default_limit_and_folders_of_csv_and_txt(tmp_path, 
     write(tmp_path / "src" / "notes.txt", "A note.\n\nAnother note.\n")
     tok = WordTokenizer.build(["word He said hi then left A note Another . , \""])
     arr = load_tokens(tmp_path / "src", tok)
-    docs = tok.decode(arr.tolist()).split(" <eot>")
+    docs = " ".join(tok.vocab[i] for i in arr.tolist()).split(" <eot>")
     assert len(docs) == 5 and docs[-1] == ""
-    assert docs[0] == "A note." and docs[1].strip() == "Another note."  # notes.txt sorts first
+    assert docs[0] == "A note ." and docs[1].strip() == "Another note ."  # notes.txt sorts first
     assert docs[2].strip().split() == ["word"] * 40000
-    assert docs[3].strip() == 'He said " hi ", then left.'
+    assert docs[3].strip() == 'He said " hi " , then left .'
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -128,14 +128,11 @@ def test_object_first_without_a_rewrite_is_skipped_and_said(tmp_path, capsys):
     assert capsys.readouterr().err == "q:1: skipped, the object comes first: '_X_ founded Acme.'\n"
 
 
-def test_ecbd_definition_list_joined_without_markers():
-    path = REAL / "ecbd2019" / "np_spans_test.json"
-    rec = json.loads(path.read_text())
-    p = read_probes(path)[0]
+def test_ecbd_masked_span_without_its_definition():
+    """The paper scores ECBD's masked span in its sentence; the definition (a list) is not prepended."""
+    p = read_probes(REAL / "ecbd2019" / "np_spans_test.json")[0]
     assert p.prompt == "The GPT-2 model has" and p.answers == ["1.5 billion parameters"]
-    assert p.context.startswith("Generative Pre-trained Transformer 2 (GPT-2) is an open-source")
-    assert "[ENT_" not in p.context and "['" not in p.context
-    assert p.context == " ".join(rec["definition"]).replace("[ENT_START]", "").replace("[ENT_END]", "")
+    assert p.split == "np_spans_test" and p.date == "2019" and p.relation == "NP-COMMON"
 
 
 def test_splits_of_colliding_files_keep_apart(tmp_path, capsys):

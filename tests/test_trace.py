@@ -80,14 +80,12 @@ def test_hook_norms_match_autograd(kind):
     assert d["units"] == (unit_names(2)[1:-1] if kind == "lora" else unit_names(2))
 
 
-def test_lora_units_and_all_params():
+def test_lora_traces_only_its_adapters():
     model = lora_model(units={"h.1.mlp"})
     span, lm = examples()
-    assert trace(model, span, lm)["units"] == ["h.1.mlp"]
     flags = [p.requires_grad for p in model.parameters()]
-    d = trace(model, span, lm, all_params=True)
-    assert d["units"] == unit_names(2)
-    assert [p.requires_grad for p in model.parameters()] == flags  # restored
+    assert trace(model, span, lm)["units"] == ["h.1.mlp"]
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
 
 
 def test_tied_weight_counted_once():

@@ -14,7 +14,7 @@ import torch
 import data
 import train
 from common import parse_config
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, unit_names, unit_of
+from model import GPT, GPTConfig, load_checkpoint, load_hf, model_from_checkpoint, unit_names, unit_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
@@ -249,7 +249,7 @@ def test_export_of_a_lora_run_merges_it(world, tmp_path):
     run(world, tmp_path / "lo", "--method", "lora")
     export.main(["--init", str(tmp_path / "lo"), "--out", str(tmp_path / "hf")])
     merged = model_from_checkpoint(load_checkpoint(tmp_path / "lo" / "ckpt.pt")).eval()
-    hf = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    hf = load_hf(str(tmp_path / "hf")).eval()
     x = torch.randint(0, merged.config.vocab_size, (2, 8))
     torch.testing.assert_close(hf(x)[0], merged(x)[0], atol=1e-5, rtol=1e-5)
     from transformers import AutoTokenizer  # the export's tokenizer: the world's word vocabulary
