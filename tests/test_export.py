@@ -42,7 +42,7 @@ def test_export_round_trip_through_transformers(tmp_path, arch):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(ref).__name__ == {"gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM"}[arch]
     assert (logits(ref, IDX) - want).abs().max() < 1e-4
-    back = M.GPT.from_pretrained(str(tmp_path / "out"))  # and our own loader reads what we wrote
+    back = M.load_hf(str(tmp_path / "out"))  # and our own loader reads what we wrote
     assert back.config.attention_layers == model.config.attention_layers
     assert (logits(back, IDX) - want).abs().max() < 1e-4
     assert not list((tmp_path / "out").glob("*.tmp"))
