@@ -229,8 +229,9 @@ def check_config(cfg: Config):
     check_output(cfg.out, "--out", "dir")
     if cfg.init not in HUB_NAMES and not os.path.exists(cfg.init):
         raise ValueError(f"--init {cfg.init}: not a known model ({', '.join(HUB_NAMES)}) nor a local folder")
-    for flag in ("batch_size", "block_size", "grad_accum", "val_every", "val_tokens", "max_train_tokens", "threads", "nproc"):
+    for flag in ("batch_size", "block_size", "grad_accum", "val_tokens", "max_train_tokens", "threads", "nproc"):
         check_number("--" + flag.replace("_", "-"), getattr(cfg, flag), low=1, integer=True)
+    check_number("--val-every", cfg.val_every, low=2, integer=True)  # 1 would hold out every document
     check_number("--warmup", cfg.warmup, low=0, integer=True)
     check_number("--lr", cfg.lr, low=0, low_open=True)
     check_number("--snapshot-mb", cfg.snapshot_mb, low=0, low_open=True)
@@ -621,7 +622,8 @@ def split_diff(diff: Path, folder: Path, every: int):
                 writers[held].writerow([doc])
                 n[held] += 1
     if not n[0] or not n[1]:
-        raise ValueError(f"{diff}: {sum(n)} documents leave {n[0]} to train on and {n[1]} held out; lower --val-every")
+        fix = "lower --val-every" if n[0] else "raise --val-every"
+        raise ValueError(f"{diff}: {sum(n)} documents leave {n[0]} to train on and {n[1]} held out; {fix}")
     os.replace(folder / "val.csv.tmp", folder / "val.csv")
     print(f"  {n[0]:,} documents to train on, {n[1]:,} held out")
 

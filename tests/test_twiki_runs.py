@@ -149,6 +149,7 @@ def test_bad_state_files_and_pass_through_flags_are_one_line(server, tmp_path, c
     assert "--trace-probes" in one_line_error(capsys, base + ["--diag-frac", "0"])
     assert "--templama-dates" in one_line_error(capsys, base + ["--templama", "templama"])
     assert "--diag-frac" in one_line_error(capsys, base + ["--diag-frac", "1"])
+    assert ">= 2" in one_line_error(capsys, base + ["--val-every", "1"])  # 1 would hold out every document
     assert not server.log  # refused before any download
     out.mkdir()
     (out / "protocol.json").write_text("[]")
