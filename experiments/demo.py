@@ -328,8 +328,18 @@ def parse_args(argv=None):
         ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
     with input_errors("demo.py"):  # before the world and the base model, not after them
         check_output(args.out, "--out", "dir")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: cannot create it ({e.strerror})") from None
         if args.results:
             check_output(args.results, "--results")
+            try:  # a folder that takes no file: found now, not after an hour of runs
+                with open(probe_file := f"{args.results}.{os.getpid()}.tmp", "w"):
+                    pass
+                os.remove(probe_file)
+            except OSError as e:
+                raise ValueError(f"--results {args.results}: cannot write there ({e.strerror})") from None
             if os.path.splitext(args.results)[1].lower() == ".json":
                 raise ValueError(f"--results {args.results}: the table is Markdown and its numbers go to a .json "
                                  "beside it; name it e.g. results.md")
@@ -367,9 +377,15 @@ def main(argv=None):
     print(f"\nthe traces (relative gradient norm = span / LM gradient norm, per unit):\n\n{traces}")
     print(f"\ndemo done in {time.time() - t0:.0f}s", flush=True)
     if args.results:
-        write_text(args.results, text + "\n\n" + traces + "\n")
-        write_text(os.path.splitext(args.results)[0] + ".json",
-                   json.dumps(dict(seeds=args.seeds, config=cfg, per_seed=per_seed), indent=1))
+        with input_errors("demo.py"):  # the runs are cached: a rerun only scores and writes
+            for path, body in ((os.path.splitext(args.results)[0] + ".json",  # the table last: it says "done"
+                                json.dumps(dict(seeds=args.seeds, config=cfg, per_seed=per_seed), indent=1)),
+                               (args.results, text + "\n\n" + traces + "\n")):
+                try:
+                    write_text(path, body)
+                except OSError as e:
+                    raise ValueError(f"--results: cannot write {path} ({e.strerror}); the runs are cached, "
+                                     "rerun with another --results") from None
     return per_seed
 
 

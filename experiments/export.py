@@ -166,6 +166,11 @@ def check_out(folder, init, overwrite=False):
     model's weights, config or tokenizer are never replaced unasked."""
     folder = str(folder)
     check_output(folder, "--out", "dir")
+    up = os.path.abspath(folder)
+    while not os.path.exists(up):  # the nearest existing folder above: the one makedirs writes into
+        up = os.path.dirname(up)
+    if not os.path.isdir(up) or not os.access(up, os.W_OK):
+        raise ValueError(f"--out {folder}: cannot create it: {up} is {'a file' if os.path.isfile(up) else 'not writable'}")
     if not os.path.isdir(folder) or overwrite:
         return
     mine = {os.path.basename(p) for p in _stages(folder)}
@@ -197,7 +202,10 @@ def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ValueError(f"--tokenizer: the tokenizer has {tokenizer.n_vocab} tokens, "
                          f"the model only {model.config.vocab_size}")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {folder}: cannot create it ({e.strerror})") from None
     for old in _stages(folder):  # dead writers' staging folders
         pid = old.rsplit(".", 2)[-2]
         if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):

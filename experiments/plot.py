@@ -266,6 +266,15 @@ def read_runs(paths) -> dict:
     return runs
 
 
+def written(flag, path, write):
+    """write(), an OSError named by its flag (not by the temporary file), then say what was written."""
+    try:
+        write()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     ap = Parser(prog="plot.py", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="*", help="train.py run folders (or metrics.jsonl files)")
@@ -290,11 +299,9 @@ def main(argv=None):
             text = terminal(runs, args.width)
         print(text)
         if args.out:
-            write_text(args.out, text + "\n")
-            print(f"wrote {args.out}")
+            written("--out", args.out, lambda: write_text(args.out, text + "\n"))
         if args.png:
-            trace_png(d, args.png) if args.trace else png(runs, args.png)
-            print(f"wrote {args.png}")
+            written("--png", args.png, lambda: trace_png(d, args.png) if args.trace else png(runs, args.png))
     return runs
 
 
