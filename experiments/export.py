@@ -45,9 +45,19 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
         f.writelines(blobs)
 
 
+def _fresh(folder, names):
+    """The low-level writers never replace a model's files: export() stages into an empty folder and moves
+    in what it may replace."""
+    there = [f for f in names if os.path.exists(os.path.join(folder, f))]
+    if there:
+        raise ValueError(f"{folder} already holds {there[0]}; export into it with experiments.export "
+                         "(--overwrite to replace it)")
+
+
 def save_hf(model: GPT, folder):
-    """config.json + model.safetensors, laid out as current transformers writes them. The model itself
-    keeps its adapters: a merged copy is written."""
+    """config.json + model.safetensors, laid out as current transformers writes them, into a folder that
+    holds neither. The model itself keeps its adapters: a merged copy is written."""
+    _fresh(folder, ("config.json", "model.safetensors"))
     c = model.config
     if getattr(model, "lora", None):
         model = merge_lora(copy.deepcopy(model))
@@ -84,7 +94,9 @@ def save_hf(model: GPT, folder):
 
 def save_tokenizer(tokenizer, folder, model_max_length=1024):
     """The tokenizer files AutoTokenizer.from_pretrained(folder) reads, for data.py's GPT2Tokenizer
-    ("gpt2") or WordTokenizer ("word"); data.load_tokenizer(folder) reads them back too."""
+    ("gpt2") or WordTokenizer ("word"), into a folder that holds none of FILES' tokenizer files;
+    data.load_tokenizer(folder) reads them back too."""
+    _fresh(folder, FILES[2:])
     os.makedirs(folder, exist_ok=True)
     if tokenizer.name == "gpt2":
         _save_gpt2(tokenizer, folder, model_max_length)
