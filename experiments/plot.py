@@ -44,9 +44,10 @@ def check_row(where, r):
         raise ValueError(f"{where}: grad_norms is not {{unit: number}}")
 
 
-def read_metrics(run) -> list:
+def read_metrics(run, notes=None) -> list:
     """The metrics lines of a run folder (or a metrics.jsonl path), in step order. A torn last line (a run
-    still writing, or killed mid-line) is left out with a note, as train.py's resume leaves it out."""
+    still writing, or killed mid-line) is left out with a note (into `notes`, else on stderr now), as
+    train.py's resume leaves it out."""
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise ValueError(f"{run}: no metrics.jsonl (a train.py run folder is needed)")
@@ -59,7 +60,11 @@ def read_metrics(run) -> list:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             if n == len(lines) and not text.endswith("\n"):
-                print(f"plot.py: note: {path}:{n}: an unfinished last line, left out", file=sys.stderr)
+                note = f"plot.py: note: {path}:{n}: an unfinished last line, left out"
+                if notes is None:
+                    print(note, file=sys.stderr)
+                else:
+                    notes.append(note)
                 break
             raise ValueError(f"{path}:{n}: not JSON lines ({e.msg}); fix or remove the line") from None
         check_row(f"{path}:{n}", rec)
@@ -218,12 +223,14 @@ def png(runs: dict, path):
         ax.set_yscale("log")
         ax.set_title(f"{name}: gradient norm per unit (before clipping)", fontsize=9)
         ax.set_xlabel("step")
-        ax.legend(fontsize=6, ncol=6, loc="upper right")
+        if units:  # matplotlib warns on stderr about an empty legend
+            ax.legend(fontsize=6, ncol=6, loc="upper right")
     ax_loss.set_title("training loss", fontsize=9)
     ax_ppl.set_title("probe answer-span perplexity", fontsize=9)
     ax_ppl.set_yscale("log")
     ax_loss.legend(fontsize=6)
-    ax_ppl.legend(fontsize=5, ncol=2)
+    if ax_ppl.get_legend_handles_labels()[0]:  # no probe scores logged: no legend, no warning
+        ax_ppl.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -257,12 +264,12 @@ def pick_units(runs: dict, spec: str) -> dict:
     return {n: {k: v for k, v in s.items() if not k.startswith("grad ") or k in keep} for n, s in runs.items()}
 
 
-def read_runs(paths) -> dict:
+def read_runs(paths, notes=None) -> dict:
     """{column name: series}: a run folder's name, or its path where two runs share a name."""
     runs = {}
     for r in paths:
         name = os.path.basename(os.path.normpath(r)) if os.path.isdir(r) else r
-        runs[os.path.normpath(r) if name in runs else name] = series(read_metrics(r))
+        runs[os.path.normpath(r) if name in runs else name] = series(read_metrics(r, notes))
     return runs
 
 
@@ -288,13 +295,14 @@ def main(argv=None):
         ap.error("give run folders, or --trace FILE")
     if args.trace and args.units:
         ap.error("--units picks gradient series of run folders; a --trace chart shows every unit")
+    notes = []  # printed once all went well: an error stays one line
     with input_errors("plot.py"):
         check_outputs(args)  # fail before reading anything
         if args.trace:
             d = check_trace(args.trace, load_trace(args.trace))
             runs, text = None, trace_charts(d)
         else:
-            runs = read_runs(args.runs)
+            runs = read_runs(args.runs, notes)
             runs = pick_units(runs, args.units) if args.units else runs
             text = terminal(runs, args.width)
         print(text)
@@ -302,6 +310,8 @@ def main(argv=None):
             written("--out", args.out, lambda: write_text(args.out, text + "\n"))
         if args.png:
             written("--png", args.png, lambda: trace_png(d, args.png) if args.trace else png(runs, args.png))
+    for note in notes:
+        print(note, file=sys.stderr)
     return runs
 
 
