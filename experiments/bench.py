@@ -437,8 +437,8 @@ def check_device(name: str) -> str:
     device = pick_device(name)
     kind, _, index = device.partition(":")
     if index and (kind != "cuda" or not index.isdigit() or int(index) >= torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: no such device here; use auto, cpu"
-                         f"{', cuda:0..' + str(torch.cuda.device_count() - 1) if torch.cuda.is_available() else ''}")
+        gpus = f", cuda:0..{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else ""
+        raise ValueError(f"--device {name}: no such device here; use auto, cpu{gpus}")
     return device
 
 

@@ -86,8 +86,8 @@ def load_summaries(path) -> list:
     for key in ("summary", "probes"):  # probe.py --json; train.py's summary.json
         if isinstance(d, dict) and key in d:
             return [(name, check_summary(f"{p}: {key!r}", d[key]))]
-    raise ValueError(f"{p}: a {type(d).__name__} without 'summary', 'probes' or 'rows': not a probe.py --json, "
-                     "train.py summary.json nor twiki.py results.json")
+    raise ValueError(f"{p}: a {type(d).__name__} without 'summary', 'probes' or 'rows': not a probe.py "
+                     "--json, train.py summary.json nor twiki.py results.json")
 
 
 def compare_table(paths):
@@ -105,7 +105,8 @@ def compare_table(paths):
 
 def main(argv=None):
     ap = Parser(prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="+", help="run folders, metrics.jsonl, summary.json, probe.py --json or twiki.py results.json")
+    ap.add_argument("paths", nargs="+",
+                    help="run folders, metrics.jsonl, summary.json, probe.py --json or twiki.py results.json")
     args, extra = ap.parse_known_args(argv)
     if extra:  # probe.py --compare took --init / --probes and ignored them: refuse, never ignore
         ap.error(f"unrecognized arguments: {' '.join(extra)} (compare.py only reads result files; "

@@ -300,7 +300,8 @@ def parse_args(argv=None):
     a("--world", choices=["synthetic", "twiki"], default="synthetic", help="synthetic: this demo; twiki: the paper's "
       "TemporalWiki protocol on real data (every other flag then goes to twiki.py: see python -m experiments.twiki --help)")
     a("--out", help="folder for worlds, base models, traces and runs (default: out/demo, quick: out/demo-quick)")
-    a("--seeds", type=SEED, nargs="+", default=[0], help="one full replicate (world, base, runs) per seed (>= 0)")
+    a("--seeds", type=SEED, nargs="+", default=[0],
+      help="one full replicate (world, base, runs) per seed (>= 0)")
     a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
     a("--jobs", type=POS, default=2, help="continual runs at a time")
     a("--threads", type=POS, help="threads per run (default: cores / jobs)")
@@ -341,8 +342,8 @@ def parse_args(argv=None):
             except OSError as e:
                 raise ValueError(f"--results {args.results}: cannot write there ({e.strerror})") from None
             if os.path.splitext(args.results)[1].lower() == ".json":
-                raise ValueError(f"--results {args.results}: the table is Markdown and its numbers go to a .json "
-                                 "beside it; name it e.g. results.md")
+                raise ValueError(f"--results {args.results}: the table is Markdown and its numbers go to a "
+                                 ".json beside it; name it e.g. results.md")
         if args.plot:
             plot.need_matplotlib()
     return args

@@ -173,16 +173,18 @@ def _stages(folder):
 
 
 def check_out(folder, init, overwrite=False):
-    """Before any slow work: `folder` may receive an export of `init` (None: of a model from elsewhere). Refused (ValueError naming --out) when it
-    is a file, or holds anything but a finished export of this same `init`, unless overwrite: another
-    model's weights, config or tokenizer are never replaced unasked."""
+    """Before any slow work: `folder` may receive an export of `init` (None: a model from elsewhere).
+    Refused (ValueError naming --out) when it is a file, cannot be created, or holds anything but a
+    finished export of this same `init`, unless overwrite: another model's weights, config or tokenizer
+    are never replaced unasked."""
     folder = str(folder)
     check_output(folder, "--out", "dir")
     up = os.path.abspath(folder)
     while not os.path.exists(up):  # the nearest existing folder above: the one makedirs writes into
         up = os.path.dirname(up)
     if not os.path.isdir(up) or not os.access(up, os.W_OK):
-        raise ValueError(f"--out {folder}: cannot create it: {up} is {'a file' if os.path.isfile(up) else 'not writable'}")
+        why = "a file" if os.path.isfile(up) else "not writable"
+        raise ValueError(f"--out {folder}: cannot create it: {up} is {why}")
     if not os.path.isdir(folder) or overwrite:
         return
     mine = {os.path.basename(p) for p in _stages(folder)}
@@ -195,9 +197,9 @@ def check_out(folder, init, overwrite=False):
     except (ValueError, OSError, AttributeError):
         same = False
     if not same or not set(have) <= {*FILES, MARKER}:
-        raise ValueError(f"--out {folder} already holds files ({', '.join(have[:3])}{', ...' * (len(have) > 3)}) "
-                         "not exported from this --init; pass --overwrite to replace its model and tokenizer files, "
-                         "or pick an empty folder")
+        some = ", ".join(have[:3]) + ", ..." * (len(have) > 3)
+        raise ValueError(f"--out {folder} already holds files ({some}) not exported from this --init; pass "
+                         "--overwrite to replace its model and tokenizer files, or pick an empty folder")
 
 
 def _source(init) -> str:
@@ -235,7 +237,8 @@ def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
         for f in set(FILES) - new:
             if os.path.exists(os.path.join(folder, f)):
                 os.remove(os.path.join(folder, f))
-        write_text(marker, json.dumps({"init": _source(init) if init is not None else None, "files": sorted(new)}))
+        source = _source(init) if init is not None else None
+        write_text(marker, json.dumps({"init": source, "files": sorted(new)}))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -245,7 +248,8 @@ def check_tokenizer(spec):
     would silently become GPT-2 BPE (data.load_tokenizer's fallback)."""
     if spec is None or spec == "gpt2" or os.path.isfile(spec):
         return
-    if os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, f)) for f in ("tokenizer.json", "vocab.json")):
+    if os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, f)) for f in ("tokenizer.json",
+                                                                                      "vocab.json")):
         return
     why = "is a folder without tokenizer.json or vocab.json" if os.path.isdir(spec) else "does not exist"
     raise ValueError(f"--tokenizer {spec}: {why}; give 'gpt2', a tokenizer.json or a folder holding one")

@@ -29,16 +29,18 @@ def _num(v) -> bool:
 
 
 def check_row(where, r):
-    """One metrics line as train.py writes it: {"step": int, "loss": number, "probes": {split: {"ppl": number}},
-    "grad_norms": {unit: number}} (the last two optional); else a ValueError naming file:line."""
+    """One metrics line as train.py writes it: {"step": int, "loss": number, "probes": {split: {"ppl":
+    number}}, "grad_norms": {unit: number}} (the last two optional); else a ValueError naming file:line."""
     if not isinstance(r, dict):
-        raise ValueError(f"{where}: a JSON {type(r).__name__}, not a metrics line (want an object with step, loss)")
+        raise ValueError(f"{where}: a JSON {type(r).__name__}, not a metrics line (want an object with "
+                         "step, loss)")
     if not isinstance(r.get("step"), int) or isinstance(r["step"], bool) or r["step"] < 0:
         raise ValueError(f"{where}: step is {r.get('step')!r}, want an integer >= 0")
     if not _num(r.get("loss")):
         raise ValueError(f"{where}: loss is {r.get('loss')!r}, want a number")
     probes, grads = r.get("probes") or {}, r.get("grad_norms") or {}
-    if not isinstance(probes, dict) or not all(isinstance(v, dict) and _num(v.get("ppl")) for v in probes.values()):
+    if not isinstance(probes, dict) or not all(isinstance(v, dict) and _num(v.get("ppl"))
+                                               for v in probes.values()):
         raise ValueError(f"{where}: probes is not {{split: {{ppl: number, ...}}}}")
     if not isinstance(grads, dict) or not all(_num(v) for v in grads.values()):
         raise ValueError(f"{where}: grad_norms is not {{unit: number}}")
@@ -91,7 +93,8 @@ def sparkline(values, width=40) -> str:
         values = [values[round(i * (len(values) - 1) / (width - 1))] for i in range(width)]
     finite = [v for v in values if math.isfinite(v)] or [0.0]  # a diverged run's nan/inf: drawn as '×'
     lo, hi = min(finite), max(finite)
-    return "".join("×" if not math.isfinite(v) else SPARK[0 if hi == lo else round((v - lo) / (hi - lo) * (len(SPARK) - 1))]
+    steps = len(SPARK) - 1
+    return "".join(SPARK[0 if hi == lo else round((v - lo) / (hi - lo) * steps)] if math.isfinite(v) else "×"
                    for v in values)
 
 
@@ -129,10 +132,10 @@ def check_trace(path, d: dict) -> dict:
     A trace without 'splits' is its own 'all' split. ValueError naming `path` else."""
     splits = d.get("splits", {"all": d})
     if not isinstance(splits, dict) or not splits:
-        raise ValueError(f"{path}: 'splits' is not {{split: {{rgn, units, ...}}}}; is this a trace.py output?")
+        raise ValueError(f"{path}: 'splits' is not {{split: {{rgn, units, ...}}}}; a trace.py output?")
     for name, sp in [("the top level", d), *((f"split {k!r}", v) for k, v in splits.items())]:
         rgn = sp.get("rgn") if isinstance(sp, dict) else None
-        if not isinstance(rgn, dict) or not rgn or not all(isinstance(u, str) and UNIT.fullmatch(u) for u in rgn):
+        if not (isinstance(rgn, dict) and rgn and all(isinstance(u, str) and UNIT.fullmatch(u) for u in rgn)):
             raise ValueError(f"{path}: {name}: rgn is not {{unit: number}} over units like embed, h.0.attn")
         bad = [u for u, v in rgn.items() if not (_num(v) and 0 <= v < math.inf)]
         if bad:
@@ -140,13 +143,16 @@ def check_trace(path, d: dict) -> dict:
         if not isinstance(sp.get("units", []), list) or sorted(sp.get("units", rgn)) != sorted(rgn):
             raise ValueError(f"{path}: {name}: its units are not those of its rgn")
     sel = d.get("selection", {})
-    if not isinstance(sel, dict) or not all(isinstance(sel[k], float if k == "floor" else str) for k in SEL_KEYS
-                                            if k in sel and (k != "floor" or not _num(sel[k]))):
+    typed = isinstance(sel, dict) and all(_num(sel[k]) if k == "floor" else isinstance(sel[k], str)
+                                          for k in SEL_KEYS if k in sel)
+    if not typed:
         raise ValueError(f"{path}: 'selection' is not trace.py's {{{', '.join(SEL_KEYS)}, ...}}")
     try:
-        d = dict(d, splits=splits, selection=sel, base=Selection(**{k: sel[k] for k in SEL_KEYS if k in sel}).check())
-        d["marks"] = {name: {u for u, v in tgl_plan(d, "fp", Selection(**dict(vars(d["base"]), trace_split=name)),
-                                                    list(sp["rgn"])).items() if v} for name, sp in splits.items()}
+        base = Selection(**{k: sel[k] for k in SEL_KEYS if k in sel}).check()
+        d = dict(d, splits=splits, selection=sel, base=base, marks={})
+        for name, sp in splits.items():
+            fp = tgl_plan(d, "fp", Selection(**dict(vars(base), trace_split=name)), list(sp["rgn"]))
+            d["marks"][name] = {u for u, v in fp.items() if v}
     except ValueError as e:  # a bad recorded --select, or no h.N unit to rank: FP's choice is undefined
         raise ValueError(f"{path}: {e}") from None
     return d
@@ -157,8 +163,8 @@ def trace_charts(d: dict) -> str:
     that split."""
     out = []
     for name, s in d["splits"].items():
-        title = (f"relative gradient norm, {name} ({s.get('n_span', '?')} span / {s.get('n_lm', '?')} LM passes; "
-                 "* = selected)")
+        passes = f"{s.get('n_span', '?')} span / {s.get('n_lm', '?')} LM passes"
+        title = f"relative gradient norm, {name} ({passes}; * = selected)"
         out.append(bar_chart(s["rgn"], title, mark=d["marks"][name]))
     return "\n\n".join(out)
 
@@ -251,17 +257,23 @@ def check_outputs(args):
         raise ValueError("--png and --out name the same file")
 
 
+def _network_order(unit):
+    """embed, h.0.attn, h.0.mlp, h.1.attn, ..., h.10.attn, ..., ln_f."""
+    return unit != "embed", unit == "ln_f", [int(x) if x.isdigit() else x for x in unit.split(".")]
+
+
 def pick_units(runs: dict, spec: str) -> dict:
-    """--units: keep only these units' gradient series; a unit no run logged is refused with the known ones."""
+    """--units: keep only these units' gradient series; a unit no run logged is refused, naming the rest."""
     want = [u.strip() for u in spec.split(",") if u.strip()]
-    known = sorted({k[5:] for s in runs.values() for k in s if k.startswith("grad ")},
-                   key=lambda u: (u != "embed", u == "ln_f", [int(x) if x.isdigit() else x for x in u.split(".")]))
+    known = sorted({k[5:] for s in runs.values() for k in s if k.startswith("grad ")}, key=_network_order)
     unknown = [u for u in want if u not in known]
     if not want or unknown:
-        raise ValueError(f"--units {spec!r}: {'no unit' if not want else 'unknown unit ' + repr(unknown[0])}; "
+        what = f"unknown unit {unknown[0]!r}" if want else "no unit"
+        raise ValueError(f"--units {spec!r}: {what}; "
                          f"the runs logged {', '.join(known) or 'no gradient norms (train.py --log-every)'}")
     keep = {f"grad {u}" for u in want}
-    return {n: {k: v for k, v in s.items() if not k.startswith("grad ") or k in keep} for n, s in runs.items()}
+    return {n: {k: v for k, v in s.items() if not k.startswith("grad ") or k in keep}
+            for n, s in runs.items()}
 
 
 def read_runs(paths, notes=None) -> dict:
@@ -288,7 +300,8 @@ def main(argv=None):
     ap.add_argument("--trace", help="a trace.py output: draw its Figure 2 instead (terminal; --png too)")
     ap.add_argument("--png", help="also write the figure to this .png file (needs matplotlib)")
     ap.add_argument("--units", help="comma list of units whose gradient norms to show (default: all)")
-    ap.add_argument("--width", type=number("[2, 1000]", int), default=40, help="sparkline width in characters")
+    ap.add_argument("--width", type=number("[2, 1000]", int), default=40,
+                    help="sparkline width in characters")
     ap.add_argument("--out", help="also write the terminal view to this text file")
     args = ap.parse_args(argv)
     if bool(args.trace) == bool(args.runs):

@@ -55,7 +55,8 @@ def test_export_never_replaces_another_models_files(hf, tmp_path, capsys):
     assert (only_st / "model.safetensors").read_bytes() == b"the user's weights"
     assert {f: (other / f).read_bytes() for f in os.listdir(other)} == before
     one_line_error(capsys, export.main, ["--init", str(hf / "a"), "--out", str(hf / "a_file")], "--out")
-    one_line_error(capsys, export.main, ["--init", str(hf / "a"), "--out", str(hf / "a_file" / "sub")], "--out")
+    under_a_file = str(hf / "a_file" / "sub")
+    one_line_error(capsys, export.main, ["--init", str(hf / "a"), "--out", under_a_file], "--out")
     one_line_error(capsys, export.main, ["--init", str(hf / "a"), "--out", ""], "--out")
     with pytest.raises(ValueError, match="--overwrite"):  # the function twiki.py's --export-hf may call
         export.export(M.load_model(str(hf / "a")), WordTokenizer.load(hf / "a" / "tokenizer.json"), other)
@@ -69,7 +70,7 @@ def test_export_never_replaces_another_models_files(hf, tmp_path, capsys):
     assert (empty / "model.safetensors").read_bytes() == (hf / "a" / "model.safetensors").read_bytes()
 
 
-def test_export_overwrite_keeps_the_old_files_until_the_new_ones_are_complete(hf, tmp_path, capsys, monkeypatch):
+def test_export_overwrite_keeps_old_files_until_the_new_ones_are_complete(hf, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     export.main(["--init", str(hf / "b"), "--out", str(out)])
     (out / "notes.txt").write_text("keep me")
@@ -107,8 +108,9 @@ def test_compare_refuses_flags_and_prints_em_in_percent(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"probes": {"new": {"ppl": 3.25, "em": 0.125, "n": 8}}}))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "probes": {"new": {"ppl": 4.0, "em": 0.5, "n": 8}}})
-                                       + "\n" + '{"step": 2, "pro')  # a torn last line: a run still writing
+    first = {"step": 1, "probes": {"new": {"ppl": 4.0, "em": 0.5, "n": 8}}}
+    torn = '{"step": 2, "pro'  # a run still writing, or killed mid-line
+    (run / "metrics.jsonl").write_text(json.dumps(first) + "\n" + torn)
     for flag in ("--init", "--probes"):
         one_line_error(capsys, compare.main, [str(run), flag, "gpt2"], flag)
     table = compare.main([str(run / "summary.json"), str(run)]).splitlines()
@@ -144,7 +146,7 @@ def test_plot_outputs_checked_first_and_written_as_named(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["adir", "run"]  # no adir.png, no fig.png
     line = one_line_error(capsys, plot.main, [str(run), "--units", "h.0.atn"], "--units")
     assert "h.0.attn" in line and "ln_f" in line  # the known units
-    runs = plot.main([str(run), "--png", str(tmp_path / "f.png"), "--units", "embed"])  # the torn line: left out
+    runs = plot.main([str(run), "--png", str(tmp_path / "f.png"), "--units", "embed"])  # torn line: left out
     assert [p[0] for p in runs["run"]["loss"]] == [1, 2] and "grad h.0.mlp" not in runs["run"]
     out = capsys.readouterr()
     assert f"wrote {tmp_path / 'f.png'}" in out.out and "unfinished last line" in out.err
@@ -177,9 +179,11 @@ def test_demo_flags_checked_before_any_work(tmp_path, capsys, monkeypatch):
              (out + ["--seeds", "x"], "--seeds"), (out + ["--jobs", "0"], "--jobs"),
              (out + ["--threads", "-2"], "--threads"), (out + ["--steps", "0"], "--steps"),
              (out + ["--lr", "nan"], "--lr"), (out + ["--lora-lr", "0"], "--lora-lr"),
-             (out + ["--lora-rank", "0"], "--lora-rank"), (out + ["--pretrain-steps", "-5"], "--pretrain-steps"),
+             (out + ["--lora-rank", "0"], "--lora-rank"),
+             (out + ["--pretrain-steps", "-5"], "--pretrain-steps"),
              (out + ["--results", str(tmp_path / "missing" / "r.md")], "--results"),
-             (out + ["--results", str(tmp_path)], "--results"), (out + ["--results", str(tmp_path / "r.json")], "--results"),
+             (out + ["--results", str(tmp_path)], "--results"),
+             (out + ["--results", str(tmp_path / "r.json")], "--results"),
              (out + ["--world=mars"], "--world")]
     for argv, name in cases:
         one_line_error(capsys, demo.main, argv, name)
@@ -190,8 +194,9 @@ def test_demo_flags_checked_before_any_work(tmp_path, capsys, monkeypatch):
 
 def test_bench_errors_are_one_line_naming_the_flag(capsys, monkeypatch):
     monkeypatch.setattr(bench, "bench_train", lambda **kw: pytest.fail("ran with a bad flag"))
-    for argv, name in [(["train", "--device", "foo"], "--device"), (["train", "--device", "cuda:99"], "--device"),
-                       (["train", "--device", "cpu:1"], "--device"), (["train", "--steps", "0"], "--steps"),
+    for argv, name in [(["train", "--device", "foo"], "--device"),
+                       (["train", "--device", "cpu:1"], "--device"),
+                       (["train", "--device", "cuda:99"], "--device"), (["train", "--steps", "0"], "--steps"),
                        (["train", "--n-head", "3"], "--n-head"), (["train", "--seed", "-1"], "--seed"),
                        (["train", "--nope"], "--nope"), (["bogus"], "bogus")]:
         one_line_error(capsys, bench.main, argv, name)
