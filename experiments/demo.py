@@ -294,6 +294,28 @@ def table(per_seed: list) -> str:
     return "\n".join(lines)
 
 
+def check_paths(args):
+    """--results, --plot and --out, before any work: the demo writes its table after an hour of runs."""
+    check_output(args.out, "--out", "dir")
+    if args.results:
+        check_output(args.results, "--results")
+        if os.path.splitext(args.results)[1].lower() == ".json":
+            raise ValueError(f"--results {args.results}: the table is Markdown and its numbers go to a "
+                             ".json beside it; name it e.g. results.md")
+        try:  # a folder that takes no file: found now
+            with open(probe_file := f"{args.results}.{os.getpid()}.tmp", "w"):
+                pass
+            os.remove(probe_file)
+        except OSError as e:
+            raise ValueError(f"--results {args.results}: cannot write there ({e.strerror})") from None
+    if args.plot:
+        plot.need_matplotlib()
+    try:  # last: a refused command leaves no folder behind
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create it ({e.strerror})") from None
+
+
 def parse_args(argv=None):
     ap = Parser(prog="demo.py", description=__doc__.split("\n")[0])
     a = ap.add_argument
@@ -328,24 +350,7 @@ def parse_args(argv=None):
     if args.only and not set(args.only) <= names:
         ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
     with input_errors("demo.py"):  # before the world and the base model, not after them
-        check_output(args.out, "--out", "dir")
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {args.out}: cannot create it ({e.strerror})") from None
-        if args.results:
-            check_output(args.results, "--results")
-            try:  # a folder that takes no file: found now, not after an hour of runs
-                with open(probe_file := f"{args.results}.{os.getpid()}.tmp", "w"):
-                    pass
-                os.remove(probe_file)
-            except OSError as e:
-                raise ValueError(f"--results {args.results}: cannot write there ({e.strerror})") from None
-            if os.path.splitext(args.results)[1].lower() == ".json":
-                raise ValueError(f"--results {args.results}: the table is Markdown and its numbers go to a "
-                                 ".json beside it; name it e.g. results.md")
-        if args.plot:
-            plot.need_matplotlib()
+        check_paths(args)
     return args
 
 
