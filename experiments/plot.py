@@ -173,7 +173,7 @@ def need_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        fail("--png needs matplotlib: pip install matplotlib", "plot.py")
+        fail("matplotlib is needed for --png: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
