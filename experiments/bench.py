@@ -32,6 +32,7 @@ from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from data import collate as _collate
 from trace import trace_norms
 from train import AdamW, make_param_groups
+from common import Parser, fail, input_errors, number
 from experiments.export import save_hf
 from experiments.world import WorldConfig, make_world
 
@@ -71,7 +72,7 @@ def need_transformers():
     try:
         import transformers
     except ImportError:
-        raise SystemExit("error: this benchmark needs transformers (pip install -r requirements-dev.txt)") from None
+        fail("this benchmark needs transformers (pip install -r requirements-dev.txt)", "bench.py")
     transformers.logging.set_verbosity_error()  # no load-time notices or progress bars between the figures
     transformers.logging.disable_progress_bar()
     return transformers
@@ -180,8 +181,8 @@ Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, wh
         try:
             tok = GPT2Tokenizer() if tokenizer == "gpt2" else WordTokenizer.load(f"{d}/tokenizer.json")
         except OSError as e:  # tiktoken's download (requests' ConnectionError is an OSError)
-            raise SystemExit(f"error: no GPT-2 BPE files offline ({type(e).__name__}): set TIKTOKEN_CACHE_DIR "
-                             "or use --tokenizer word") from None
+            fail(f"no GPT-2 BPE files offline ({type(e).__name__}): set TIKTOKEN_CACHE_DIR "
+                 "or use --tokenizer word", "bench.py")
     probes = probes[:n_probes]
     cfg = GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
     model = GPT(cfg).to(device).eval()
@@ -428,23 +429,29 @@ def bench_all(device="cpu", seed=0) -> dict:
 
 
 def at_least(low):
-    def check(s):
-        if int(s) < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {s}")
-        return int(s)
-    return check
+    return number(f"[{low}, inf)", int)
+
+
+def check_device(name: str) -> str:
+    """--device: model.pick_device's check, and for cuda:N that GPU N exists (else the first .to() fails)."""
+    device = pick_device(name)
+    kind, _, index = device.partition(":")
+    if index and (kind != "cuda" or not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        gpus = f", cuda:0..{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else ""
+        raise ValueError(f"--device {name}: no such device here; use auto, cpu{gpus}")
+    return device
 
 
 def main(argv=None):
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
 
     def common(device):  # the flags every command has (a parser per command: argparse shares defaults)
-        p = argparse.ArgumentParser(add_help=False)
+        p = Parser(add_help=False)
         p.add_argument("--device", default=device, help="cpu, cuda, mps or auto")
         p.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: %(default)s = torch's choice)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+        p.add_argument("--seed", type=at_least(0), default=0, help="seed of the weights and the data")
         return p
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    ap = Parser(prog="bench.py", description=__doc__, formatter_class=fmt)  # its subparsers: Parser too
     sub, parsers = ap.add_subparsers(dest="command", metavar="{model,probe,trace,train,tokenize,all}"), {}
     for name, (fn, device, size, flags) in {**COMMANDS, "all": (bench_all, "auto", None, {})}.items():
         p = parsers[name] = sub.add_parser(name, parents=[common(device)], help=fn.__doc__.splitlines()[0],
@@ -474,7 +481,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if "n_layer" in kw:  # the model's shape travels as one (n_layer, n_head, n_embd) tuple
         kw["shape"] = (kw.pop("n_layer"), kw.pop("n_head"), kw.pop("n_embd"))
-    kw["device"] = pick_device(args.device)
+    with input_errors("bench.py"):
+        kw["device"] = check_device(args.device)
     return args.fn(**kw)
 
 

@@ -23,13 +23,14 @@ import data
 import probe
 import trace as tgl_trace
 from experiments import plot, world as tgl_world
-from common import Parser, fail, write_text
+from common import POS, Parser, check_output, fail, input_errors, number, write_text
 from experiments.tools import script
 from model import load_model, unit_names, unit_of
 
 METHODS = ("full", "mixreview", "recadam", "lora")
 TGLS = ("none", "fp", "alr")
 SPLITS = ("updated", "new", "unchanged")
+SEED = number("[0, 2147483647]", int)  # x1000 (+ draw) it seeds the random controls too
 RANK_UNITS = "blocks"  # the paper ranks layers; embed and ln_f always train (README: "Why blocks")
 
 # Sizes of the demo. --quick shrinks everything so the tests run the whole pipeline in seconds.
@@ -282,7 +283,7 @@ def table(per_seed: list) -> str:
         sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
         return fmt.format(m) + " ± " + fmt.format(sd)
 
-    head = "| run | " + " | ".join(f"{s} ppl | {s} EM" for s in SPLITS) + " | time (s) |"
+    head = "| run | " + " | ".join(f"{s} ppl | {s} EM %" for s in SPLITS) + " | time (s) |"
     lines = [head, "|" + "---|" * (2 + 2 * len(SPLITS))]
     for label, names in table_rows(list(per_seed[0]["runs"])):
         runs = [r["runs"][n] for r in per_seed for n in names]
@@ -295,47 +296,76 @@ def table(per_seed: list) -> str:
     return "\n".join(lines)
 
 
+def check_paths(args):
+    """--results, --plot and --out, before any work: the demo writes its table after an hour of runs."""
+    check_output(args.out, "--out", "dir")
+    if args.results:
+        check_output(args.results, "--results")
+        if os.path.splitext(args.results)[1].lower() == ".json":
+            raise ValueError(f"--results {args.results}: the table is Markdown and its numbers go to a "
+                             ".json beside it; name it e.g. results.md")
+        try:  # a folder that takes no file: found now
+            with open(probe_file := f"{args.results}.{os.getpid()}.tmp", "w"):
+                pass
+            os.remove(probe_file)
+        except OSError as e:
+            raise ValueError(f"--results {args.results}: cannot write there ({e.strerror})") from None
+    if args.plot:
+        plot.need_matplotlib()
+    try:  # last: a refused command leaves no folder behind
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create it ({e.strerror})") from None
+
+
 def parse_args(argv=None):
     ap = Parser(prog="demo.py", description=__doc__.split("\n")[0])
     a = ap.add_argument
     a("--world", choices=["synthetic", "twiki"], default="synthetic", help="synthetic: this demo; twiki: the paper's "
       "TemporalWiki protocol on real data (every other flag then goes to twiki.py: see python -m experiments.twiki --help)")
     a("--out", help="folder for worlds, base models, traces and runs (default: out/demo, quick: out/demo-quick)")
-    a("--seeds", type=int, nargs="+", default=[0], help="one full replicate (world, base, runs) per seed")
+    a("--seeds", type=SEED, nargs="+", default=[0],
+      help="one full replicate (world, base, runs) per seed (>= 0)")
     a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
-    a("--jobs", type=int, default=2, help="continual runs at a time")
-    a("--threads", type=int, help="threads per run (default: cores / jobs)")
+    a("--jobs", type=POS, default=2, help="continual runs at a time")
+    a("--threads", type=POS, help="threads per run (default: cores / jobs)")
     a("--controls", choices=["all", "full", "none"], default="full",
       help="FP on random selections of FP's size and on the complement: for every method (all: make results), "
            "for `full` only (the default: make demo stays within its time budget), or none")
-    a("--steps", type=int, help="continual-pretraining steps per run (default: 100, quick 6)")
-    a("--lr", type=float, help="continual-pretraining learning rate (default 1e-3)")
-    a("--lora-lr", type=float, help="learning rate of the lora runs (default: 10x --lr)")
-    a("--lora-rank", type=int, default=8, help="rank of the lora runs")
-    a("--pretrain-steps", type=int, help="base-model pretraining steps (default 1000, quick 30)")
+    a("--steps", type=POS, help="continual-pretraining steps per run (default: 100, quick 6)")
+    a("--lr", type=number("(0, inf)"), help="continual-pretraining learning rate (default 1e-3)")
+    a("--lora-lr", type=number("(0, inf)"), help="learning rate of the lora runs (default: 10x --lr)")
+    a("--lora-rank", type=POS, default=8, help="rank of the lora runs")
+    a("--pretrain-steps", type=POS, help="base-model pretraining steps (default 1000, quick 30)")
     a("--only", nargs="+", help="run only these runs (e.g. full+none lora+fp full+fp:random0 full@alr-lr)")
     a("--plot", action="store_true", help="also write trace.png and trace_facts.png (needs matplotlib)")
     a("--verbose", action="store_true", help="show the base model's pretraining log")
     a("--results", help="also write the table (Markdown) and the raw numbers (JSON beside it) here")
     args = ap.parse_args(argv)
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
-        ap.error("--jobs and --threads must be >= 1")
+    if args.world != "synthetic":  # main() takes --world out; an abbreviation (--wor) would reach here
+        ap.error(f"--world {args.world}: spell the flag out: --world {args.world}")
+    if len(set(args.seeds)) < len(args.seeds):  # a repeated seed is the same replicate: a false "± 0.00"
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed given twice; give each seed once")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     args.out = args.out or ("out/demo-quick" if args.quick else "out/demo")
     names = {n for n, _, _ in run_specs(FULL)} | {"full@alr-lr"}
     if args.only and not set(args.only) <= names:
         ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
+    with input_errors("demo.py"):  # before the world and the base model, not after them
+        check_paths(args)
     return args
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--world" in argv:  # --world twiki: the paper's real protocol (twiki.py); --world synthetic: this demo
-        i = argv.index("--world")
-        world = argv[i + 1] if i + 1 < len(argv) else ""
-        if world not in ("synthetic", "twiki"):
-            fail(f"--world {world!r}: use synthetic (the demo) or twiki (the paper's TemporalWiki protocol)", "demo.py")
-        del argv[i:i + 2]
+    at = [i for i, x in enumerate(argv) if x == "--world" or x.startswith("--world=")]
+    if at:  # --world twiki: the paper's real protocol (twiki.py); --world synthetic: this demo
+        i, = at[-1:]
+        world = argv[i][8:] if "=" in argv[i] else argv[i + 1] if i + 1 < len(argv) else ""
+        if world not in ("synthetic", "twiki") or len(at) > 1:
+            fail(f"--world {world!r}: use synthetic (the demo) or twiki (the paper's TemporalWiki protocol), "
+                 "once", "demo.py")
+        del argv[i:i + (1 if "=" in argv[i] else 2)]
         if world == "twiki":
             from experiments import twiki
             return twiki.main(argv)
@@ -355,9 +385,15 @@ def main(argv=None):
     print(f"\nthe traces (relative gradient norm = span / LM gradient norm, per unit):\n\n{traces}")
     print(f"\ndemo done in {time.time() - t0:.0f}s", flush=True)
     if args.results:
-        write_text(args.results, text + "\n\n" + traces + "\n")
-        write_text(os.path.splitext(args.results)[0] + ".json",
-                   json.dumps(dict(seeds=args.seeds, config=cfg, per_seed=per_seed), indent=1))
+        with input_errors("demo.py"):  # the runs are cached: a rerun only scores and writes
+            for path, body in ((os.path.splitext(args.results)[0] + ".json",  # the table last: it says "done"
+                                json.dumps(dict(seeds=args.seeds, config=cfg, per_seed=per_seed), indent=1)),
+                               (args.results, text + "\n\n" + traces + "\n")):
+                try:
+                    write_text(path, body)
+                except OSError as e:
+                    raise ValueError(f"--results: cannot write {path} ({e.strerror}); the runs are cached, "
+                                     "rerun with another --results") from None
     return per_seed
 
 

@@ -8,12 +8,14 @@ model.py reads such a folder back (--init FOLDER anywhere in the project).
 """
 import argparse
 import copy
+import glob
 import json
 import os
+import shutil
 
 import torch
 
-from common import Parser, atomic_path, input_errors, write_text
+from common import Parser, _dead, atomic_path, check_output, input_errors, read_json, write_text
 from data import load_tokenizer
 from model import CONV1D, HF_NAMES, ST_DTYPES, GPT, load_model, merge_lora
 
@@ -43,9 +45,19 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
         f.writelines(blobs)
 
 
+def _fresh(folder, names):
+    """The low-level writers never replace a model's files: export() stages into an empty folder and moves
+    in what it may replace."""
+    there = [f for f in names if os.path.exists(os.path.join(folder, f))]
+    if there:
+        raise ValueError(f"{folder} already holds {there[0]}; export into it with experiments.export "
+                         "(--overwrite to replace it)")
+
+
 def save_hf(model: GPT, folder):
-    """config.json + model.safetensors, laid out as current transformers writes them. The model itself
-    keeps its adapters: a merged copy is written."""
+    """config.json + model.safetensors, laid out as current transformers writes them, into a folder that
+    holds neither. The model itself keeps its adapters: a merged copy is written."""
+    _fresh(folder, ("config.json", "model.safetensors"))
     c = model.config
     if getattr(model, "lora", None):
         model = merge_lora(copy.deepcopy(model))
@@ -82,7 +94,9 @@ def save_hf(model: GPT, folder):
 
 def save_tokenizer(tokenizer, folder, model_max_length=1024):
     """The tokenizer files AutoTokenizer.from_pretrained(folder) reads, for data.py's GPT2Tokenizer
-    ("gpt2") or WordTokenizer ("word"); data.load_tokenizer(folder) reads them back too."""
+    ("gpt2") or WordTokenizer ("word"), into a folder that holds none of FILES' tokenizer files;
+    data.load_tokenizer(folder) reads them back too."""
+    _fresh(folder, FILES[2:])
     os.makedirs(folder, exist_ok=True)
     if tokenizer.name == "gpt2":
         _save_gpt2(tokenizer, folder, model_max_length)
@@ -151,32 +165,110 @@ def _save_word(tokenizer, folder, model_max_length):
 
 # ----------------------------------------------------------------------------- the script
 
-def export(model: GPT, tokenizer, folder, overwrite=False):
-    """Model and tokenizer files into one folder; with overwrite, an earlier export's FILES go first."""
+MARKER = "export.json"  # written last: says which --init this folder is a finished export of
+
+
+def _stages(folder):
+    return glob.glob(os.path.join(glob.escape(str(folder)), ".export.*.tmp"))
+
+
+def check_out(folder, init, overwrite=False):
+    """Before any slow work: `folder` may receive an export of `init` (None: a model from elsewhere).
+    Refused (ValueError naming --out) when it is a file, cannot be created, or holds anything but a
+    finished export of this same `init`, unless overwrite: another model's weights, config or tokenizer
+    are never replaced unasked."""
+    folder = str(folder)
+    check_output(folder, "--out", "dir")
+    up = os.path.abspath(folder)
+    while not os.path.exists(up):  # the nearest existing folder above: the one makedirs writes into
+        up = os.path.dirname(up)
+    if not os.path.isdir(up) or not os.access(up, os.W_OK):
+        why = "a file" if os.path.isfile(up) else "not writable"
+        raise ValueError(f"--out {folder}: cannot create it: {up} is {why}")
+    if not os.path.isdir(folder) or overwrite:
+        return
+    mine = {os.path.basename(p) for p in _stages(folder)}
+    have = sorted(set(os.listdir(folder)) - mine)
+    if not have:
+        return
+    marker = os.path.join(folder, MARKER)
+    try:
+        same = init is not None and os.path.isfile(marker) and read_json(marker).get("init") == _source(init)
+    except (ValueError, OSError, AttributeError):
+        same = False
+    if not same or not set(have) <= {*FILES, MARKER}:
+        some = ", ".join(have[:3]) + ", ..." * (len(have) > 3)
+        raise ValueError(f"--out {folder} already holds files ({some}) not exported from this --init; pass "
+                         "--overwrite to replace its model and tokenizer files, or pick an empty folder")
+
+
+def _source(init) -> str:
+    """--init as the marker records it: a path made absolute, a hub name as given."""
+    return os.path.abspath(init) if os.path.exists(init) else str(init)
+
+
+def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
+    """Model and tokenizer files into one folder (check_out's rules). Written whole into a staging folder
+    first, then moved in file by file: a refusal or crash half-way leaves the earlier files as they were;
+    FILES of an earlier export that this one does not write go (a word vocabulary's tokenizer.json beside
+    GPT-2's vocab.json would be read in place of the new one)."""
+    check_out(folder, init, overwrite)
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only {model.config.vocab_size}")
-    for f in FILES if overwrite else ():
-        if os.path.exists(os.path.join(folder, f)):
-            os.remove(os.path.join(folder, f))
-    save_hf(model, folder)
-    save_tokenizer(tokenizer, folder, model.config.block_size)
+        raise ValueError(f"--tokenizer: the tokenizer has {tokenizer.n_vocab} tokens, "
+                         f"the model only {model.config.vocab_size}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {folder}: cannot create it ({e.strerror})") from None
+    for old in _stages(folder):  # dead writers' staging folders
+        pid = old.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = os.path.join(folder, f".export.{os.getpid()}.tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        save_hf(model, stage)
+        save_tokenizer(tokenizer, stage, model.config.block_size)
+        if os.path.exists(marker := os.path.join(folder, MARKER)):
+            os.remove(marker)  # the folder is mixed until the last move: not a finished export meanwhile
+        new = set(os.listdir(stage))
+        for f in sorted(new):
+            os.replace(os.path.join(stage, f), os.path.join(folder, f))
+        for f in set(FILES) - new:
+            if os.path.exists(os.path.join(folder, f)):
+                os.remove(os.path.join(folder, f))
+        source = _source(init) if init is not None else None
+        write_text(marker, json.dumps({"init": source, "files": sorted(new)}))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_tokenizer(spec):
+    """--tokenizer: 'gpt2', a tokenizer.json, or a folder holding tokenizer.json or vocab.json; anything else
+    would silently become GPT-2 BPE (data.load_tokenizer's fallback)."""
+    if spec is None or spec == "gpt2" or os.path.isfile(spec):
+        return
+    if os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, f)) for f in ("tokenizer.json",
+                                                                                      "vocab.json")):
+        return
+    why = "is a folder without tokenizer.json or vocab.json" if os.path.isdir(spec) else "does not exist"
+    raise ValueError(f"--tokenizer {spec}: {why}; give 'gpt2', a tokenizer.json or a folder holding one")
 
 
 def main(argv=None):
     ap = Parser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", required=True, help="run folder, ckpt .pt, Hugging Face folder or hub name")
-    ap.add_argument("--out", required=True, help="folder to write (refused if it holds files, unless --overwrite)")
+    ap.add_argument("--out", required=True, help="folder to write (refused if it holds other files than an "
+                    "earlier export of this --init, unless --overwrite)")
     ap.add_argument("--tokenizer", help="'gpt2' or a tokenizer.json; default: the one of --init")
     ap.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files "
                     "(an earlier export's files are replaced, others are left alone)")
     args = ap.parse_args(argv)
     with input_errors("export.py"):
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out}: is a file, want a folder")
-        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-            raise ValueError(f"--out {args.out} already holds files; pass --overwrite to write into it")
+        check_out(args.out, args.init, args.overwrite)
+        check_tokenizer(args.tokenizer)
         model = load_model(args.init)  # a run's adapters are merged on load
-        export(model, load_tokenizer(args.tokenizer or args.init), args.out, args.overwrite)
+        export(model, load_tokenizer(args.tokenizer or args.init), args.out, args.overwrite, init=args.init)
     print(f"exported {args.init} to {args.out}")
     return args.out
 

@@ -15,7 +15,8 @@ def test_json_run_folder_and_metrics_side_by_side(tmp_path, capsys):
                                        + "\n" + json.dumps({"step": 2, "loss": 1.0}) + "\n")
     compare.main([str(out), str(run)])
     table = capsys.readouterr().out
-    assert "9.50 / 0.25" in table and "3.25 / 0.50" in table and "out.json" in table and "run" in table
+    assert "9.50 / 25.0" in table and "3.25 / 50.0" in table and "out.json" in table and "run" in table
+    assert "EM %" in table.splitlines()[0]  # EM printed in %, kept a fraction in the files
     assert table.splitlines()[1].startswith("updated")  # the paper's splits first
     assert compare.load_summaries(run / "metrics.jsonl") == [("run", {"updated": {"ppl": 9.5, "em": 0.25, "n": 1}})]
 
