@@ -29,7 +29,8 @@ def probe_example(tokenizer, pr, answer, block_size, metric="span"):
     """(idx, targets): span: the answer (paper); sentence: every token (TemporalWiki)."""
     if metric not in METRICS:
         raise ValueError(f"--metric {metric}: want span or sentence")
-    idx, tgt = (data.span_example if metric == "span" else data.sentence_example)(tokenizer, pr.prompt, answer)
+    example = data.span_example if metric == "span" else data.sentence_example
+    idx, tgt = example(tokenizer, pr.prompt, answer)
     if len(idx) > block_size:
         raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: {len(idx)} tokens, "
                          f"longer than the model's context ({block_size})")

@@ -158,7 +158,7 @@ def make_param_groups(model, scales=None):
     scales, groups = scales or {}, {}
     for name, p in model.named_parameters():
         if scales.get(unit_of(name), 1.0) == 0:
-            # TGL step 3, FP: a unit the trace did not select is frozen: no weight gradient, no optimizer state
+            # TGL step 3, FP: a unit the trace did not select is frozen (no gradient, no optimizer state)
             p.requires_grad_(False)
         if p.requires_grad:
             groups.setdefault(unit_of(name), []).append(p)
