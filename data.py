@@ -314,7 +314,7 @@ def probe_records(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object per line")
+                raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
             yield n, rec
 
 def _split_from_name(path):

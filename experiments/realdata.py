@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import data
-from common import Parser, check_output, input_errors, number, read_text, write_text
+from common import Parser, check_output, input_errors, number, write_text
 from experiments import fetch
 
 PROG = "realdata.py"
@@ -34,29 +34,6 @@ PROG = "realdata.py"
 # ----------------------------------------------------------------------------- reading the inputs
 # Every input file goes through data.py's checks (one line naming file:line) and, on top, the types a split
 # relies on: a list or object where a string belongs is refused, not str()-ed into a prompt or a key.
-
-
-def _records(path):
-    """(line, record) of a probe file, as data.probe_records reads them, also when the file starts with a
-    byte-order mark (Excel writes one): data's readers open it as plain UTF-8 and take the mark for a
-    part of the first column name ('subject') or of the first JSON line."""
-    path, ext = Path(path), Path(path).suffix.lower()
-    if ext not in data.READERS:
-        raise ValueError(f"{path}: unknown probe format '{ext}' (.jsonl, .json or .csv)")
-    lines = io.StringIO(read_text(path))  # read_text: utf-8-sig, and one line for a file that is not UTF-8
-    if ext == ".csv":
-        yield from data._csv_records(lines, path, data.TWIKI_COLUMNS)  # header and field counts checked
-        return
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                why = f"not valid JSON ({e.msg}); want one JSON object per line"
-                raise ValueError(f"{path}:{n}: {why}") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
-            yield n, rec
 
 
 STRING_KEYS = ("query", "masked_sentence")  # the prompt's text: a string, nothing else
@@ -76,7 +53,7 @@ def _check_types(rec):
 def _checked(path):
     """(line, record, the Probe data.py reads from it or None where it skips it) of a probe file; a record
     it cannot read is one line naming file:line, at split time rather than when the derived file is read."""
-    for n, rec in _records(path):
+    for n, rec in data.probe_records(path):  # a byte-order mark is stripped there too
         try:
             _check_types(rec)
             probe = data.READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
@@ -141,7 +118,7 @@ def _templama_records(files, t0, t1):
     number read, {date: 0 (on t0), 1 (on t1) or None} over the dates read"""
     out, n_read, seen = [], 0, {}
     for path in files:
-        for n, rec in _records(path):
+        for n, rec in data.probe_records(path):  # a byte-order mark is stripped there too
             if rec.get("query") is None or rec.get("date") in (None, ""):
                 raise ValueError(f"{path}:{n}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
             try:
