@@ -930,7 +930,8 @@ def plan_disk(cfg) -> list:
             f"in the stage folders {gb(copies)} + token caches {gb(caches)} + snapshot prefixes {gb(prefixes)} + "
             f"checkpoints {gb(ckpts) if params else 'unknown (model size unknown)'} ({runs} runs x 4 bytes/parameter, "
             f"AdamW moments (8 bytes/parameter) kept in {last} of them"
-            f"{'' if cfg.keep_optimizer else ', the older stages dropped (--keep-optimizer keeps them)'})"
+            f"{'' if cfg.keep_optimizer else ', the older stages dropped (--keep-optimizer keeps them)'}"
+            ", and room for one more while it is written)"
             + (f" + HF exports {gb(export)}" if export else "")]
 
 
