@@ -15,9 +15,10 @@ import shutil
 
 import torch
 
-from common import Parser, _dead, atomic_path, check_output, input_errors, read_json, write_text
+from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
 from data import load_tokenizer
 from model import CONV1D, HF_NAMES, ST_DTYPES, GPT, load_model, merge_lora
+from experiments.tools import remove_dead_temporaries
 
 # what an export writes; --overwrite removes these first, so that no file of an earlier export (a word
 # vocabulary's tokenizer.json next to GPT-2's vocab.json, say) is read in place of the new one
@@ -220,10 +221,7 @@ def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {folder}: cannot create it ({e.strerror})") from None
-    for old in _stages(folder):  # dead writers' staging folders
-        pid = old.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
-            shutil.rmtree(old, ignore_errors=True)
+    remove_dead_temporaries(folder, ".export", ".tmp")  # dead writers' staging folders
     stage = os.path.join(folder, f".export.{os.getpid()}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
     try:

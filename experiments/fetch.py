@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import _dead, atomic_path, check_output, download, write_text
+from common import atomic_path, check_output, download, write_text
+from experiments.tools import remove_dead_temporaries
 
 ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
              "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "
@@ -123,13 +124,6 @@ def _check_free(folder: Path, fname: str, tops: set):
                          "fetch; move it away, or fetch into another folder with --out")
 
 
-def _remove_dead_temporaries(folder: Path):
-    for tmp in folder.glob(".unpack.*"):
-        pid = tmp.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _set_aside(archive: Path, why: str) -> ValueError:
     """A corrupt archive (a broken transfer, or a resume appended to another file) is renamed, so that
     the next run fetches it anew instead of failing the same way forever."""
@@ -158,7 +152,7 @@ def _extract(zf, archive: Path, tmp: Path):
 def unpack(archive: Path, folder: Path, layout: str):
     """Unzip archive into folder, all or nothing (see above). The archive is removed afterwards (it
     doubles the disk)."""
-    _remove_dead_temporaries(folder)
+    remove_dead_temporaries(folder, ".unpack")
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:

@@ -1,9 +1,12 @@
 """What the scripts under experiments/ share: launching the project's scripts, number checks, progress lines."""
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+
+from common import _dead
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: the method's files
 
@@ -14,6 +17,15 @@ def script(name: str, *args) -> list:
     if name.endswith(".py"):
         return [sys.executable, str(ROOT / name), *map(str, args)]
     return [sys.executable, "-m", name, *map(str, args)]
+
+
+def remove_dead_temporaries(folder, prefix: str, suffix: str = ""):
+    """Remove FOLDER/PREFIX.PID<suffix> folders whose writer PID is dead (a killed run's leftovers), as
+    common.atomic_path does for files."""
+    for tmp in Path(folder).glob(f"{prefix}.*{suffix}"):
+        pid = tmp.name[len(prefix) + 1:len(tmp.name) - len(suffix)]
+        if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_number(flag: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):
