@@ -118,6 +118,31 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        """idx (B, T) -> (B, T + max_new_tokens): one token at a time, each fed back in. temperature 0 (the
+        default) is greedy, the same every call; > 0 samples from softmax(logits / temperature), top_k keeping
+        only the k likeliest tokens. Sampling draws from `generator` (or torch's global RNG)."""
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
+            logits, _ = self(context)
+            logits = logits[:, -1, :].float()  # (B, V): only the last position predicts the next token
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_token = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)
+        self.train(was_training)
+        return idx
+
 def add_lora(model: GPT, rank: int = 8, alpha: float = 16.0, units=None):
     """Adapters on every Linear (only in `units` if given); base weights frozen."""
     model.requires_grad_(False)
@@ -148,6 +173,8 @@ def unit_of(param_name: str) -> str:
     if p[0] == "h" and len(p) > 2 and p[2] in ("ln_1", "attn", "ln_2", "mlp"):
         return f"h.{p[1]}.{'attn' if p[2] in ('ln_1', 'attn') else 'mlp'}"
     raise ValueError(f"parameter {param_name!r} belongs to no unit")
+
+UNIT_RE = re.compile(r"embed|h\.(\d+)\.(attn|mlp)|ln_f")  # a unit's name, as unit_of returns it
 
 def unit_names(n_layer: int) -> list:  # in network order
     return ["embed"] + [f"h.{i}.{s}" for i in range(n_layer) for s in ("attn", "mlp")] + ["ln_f"]

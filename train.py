@@ -24,6 +24,8 @@ from model import save_checkpoint, unit_names, unit_of
 
 INT, NONNEG, UNIT = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
 REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
+METHODS = ("full", "mixreview", "recadam", "lora")  # the continual-learning methods TGL is stacked on
+TGL_MODES = ("none", "fp", "alr")  # no TGL, freeze the unselected units, or scale every unit's lr
 
 @dataclass
 class Config:  # train.py's flags
@@ -37,7 +39,7 @@ class Config:  # train.py's flags
     block_size: int = flag(None, "tokens per window (default: scratch 128, else the context)", type=POS)
     dropout: float = flag(None, "default: scratch 0, else the model's", type=UNIT)
     # the continual-learning method that TGL is stacked on
-    method: str = flag("full", "continual-learning method", choices=["full", "mixreview", "recadam", "lora"])
+    method: str = flag("full", "continual-learning method", choices=METHODS)
     replay_data: str = flag(None, "mixreview: old text replayed in each batch")
     replay_ratio: float = flag(0.25, "mixreview: the replayed share at step 0", type=number("[0, 1]"))
     # Mix-Review's decay is tuned per task; this default keeps a quarter of the first share
@@ -48,7 +50,7 @@ class Config:  # train.py's flags
     lora_rank: int = flag(8, "lora: adapter rank", type=POS)
     lora_alpha: float = flag(16.0, "lora: adapter output times alpha/rank", type=number("(0, inf)"))
     # TGL: the trace, and how it becomes frozen units (fp) or LR scales (alr)
-    tgl: str = flag("none", "fp: freeze unselected units; alr: scale their lr", choices=["none", "fp", "alr"])
+    tgl: str = flag("none", "fp: freeze unselected units; alr: scale their lr", choices=TGL_MODES)
     trace: str = flag(None, "trace.py's trace.json")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
