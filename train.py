@@ -22,22 +22,24 @@ from common import parse_config, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names, unit_of
 
-INT, NONNEG, UNIT = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
-REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
+# argparse types for the flags below: each checks its interval and names the flag when a value is outside
+INT, NONNEG, BELOW_ONE = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
+REAL = number("(-inf, inf)")
+RESUME_FREE = dict(resume_free=True)  # the flag may change on --resume: it does not change what is computed
 METHODS = ("full", "mixreview", "recadam", "lora")  # the continual-learning methods TGL is stacked on
 TGL_MODES = ("none", "fp", "alr")  # no TGL, freeze the unselected units, or scale every unit's lr
 
 @dataclass
 class Config:  # train.py's flags
     init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
-    out: str = flag("runs/train", "run folder", **FREE)
+    out: str = flag("runs/train", "run folder", **RESUME_FREE)
     data: str = flag(None, "training text: .txt, .csv, a folder; PATH@N: its N first tokens", required=True)
     tokenizer: str = flag(None, "gpt2, word (tokenizer.json of --init or by --data) or a tokenizer.json")
     n_layer: int = flag(4, "scratch: layers", type=POS)
     n_head: int = flag(4, "scratch: attention heads", type=POS)
     n_embd: int = flag(128, "scratch: width", type=POS)
     block_size: int = flag(None, "tokens per window (default: scratch 128, else the context)", type=POS)
-    dropout: float = flag(None, "default: scratch 0, else the model's", type=UNIT)
+    dropout: float = flag(None, "default: scratch 0, else the model's", type=BELOW_ONE)
     # the continual-learning method that TGL is stacked on
     method: str = flag("full", "continual-learning method", choices=METHODS)
     replay_data: str = flag(None, "mixreview: old text replayed in each batch")
@@ -54,7 +56,7 @@ class Config:  # train.py's flags
     trace: str = flag(None, "trace.py's trace.json")
     selection: tgl_trace.Selection = field(default_factory=tgl_trace.Selection)
     # optimization
-    steps: int = flag(500, "updates (may grow on --resume)", type=POS, **FREE)
+    steps: int = flag(500, "updates (may grow on --resume)", type=POS, **RESUME_FREE)
     batch_size: int = flag(16, "windows per micro-step, over all processes", type=POS)
     grad_accum: int = flag(1, "micro-steps per update", type=POS)
     lr: float = flag(1e-3, "peak learning rate", type=number("(0, inf)"))
@@ -62,29 +64,31 @@ class Config:  # train.py's flags
     warmup: int = flag(0, "linear warmup updates", type=INT)
     decay: str = flag("cosine", "decay after warmup", choices=["cosine", "linear", "none"])
     weight_decay: float = flag(0.0, "decoupled weight decay (matrices only)", type=NONNEG)
-    beta1: float = flag(0.9, "Adam beta1", type=UNIT)  # beta = 1 would divide by 1 - beta^t = 0
-    beta2: float = flag(0.99, "Adam beta2", type=UNIT)
+    beta1: float = flag(0.9, "Adam beta1", type=BELOW_ONE)  # beta = 1 would divide by 1 - beta^t = 0
+    beta2: float = flag(0.99, "Adam beta2", type=BELOW_ONE)
     grad_clip: float = flag(1.0, "clipping threshold (0: off)", type=NONNEG)
     seed: int = flag(0, "seed of the init, data order and dropout")
     # evaluation, logging, checkpoints, hardware
-    probes: list = flag([], "probe files to score", nargs="+", **FREE)
-    eval_every: int = flag(0, "score every N updates (0: at the end)", type=INT, **FREE)
-    metric: str = flag("span", "ppl of the answer span (paper) or sentence", choices=probe.METRICS, **FREE)
-    log_every: int = flag(10, "log (and NaN check) every N updates", type=POS, **FREE)
-    save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **FREE)
-    resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **FREE)
-    overwrite: bool = flag(False, "replace the run in --out", **FREE)
-    device: str = flag("auto", "auto | cpu | cuda | mps", **FREE)
-    compile: bool = flag(False, "torch.compile (CUDA)", **FREE)
-    threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **FREE)
+    probes: list = flag([], "probe files to score", nargs="+", **RESUME_FREE)
+    eval_every: int = flag(0, "score every N updates (0: at the end)", type=INT, **RESUME_FREE)
+    metric: str = flag("span", "ppl of the answer span (paper) or sentence", choices=probe.METRICS,
+                       **RESUME_FREE)
+    log_every: int = flag(10, "log (and NaN check) every N updates", type=POS, **RESUME_FREE)
+    save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **RESUME_FREE)
+    resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **RESUME_FREE)
+    overwrite: bool = flag(False, "replace the run in --out", **RESUME_FREE)
+    device: str = flag("auto", "auto | cpu | cuda | mps", **RESUME_FREE)
+    compile: bool = flag(False, "torch.compile (CUDA)", **RESUME_FREE)
+    threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **RESUME_FREE)
 
     def check(self):  # what argparse cannot check alone, before any slow work
         data.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
         files = (CKPT_NAME, "metrics.jsonl", "summary.json")
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
+        control_without_tgl = self.tgl == "none" and self.selection.control != "none"
         for bad, msg in [(self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
-                         (self.tgl == "none" != self.selection.control, "--control needs --tgl fp or alr"),
+                         (control_without_tgl, "--control needs --tgl fp or alr"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
@@ -245,82 +249,98 @@ class Run:  # what the loop reads and writes
     last_loss: float = None
     evals: dict = None
     data: dict = None  # {text file: its token cache's name}: a digest of its bytes, checked on --resume
-    acc: tuple = (0.0, 0)  # (loss sum, updates) since the last log line, this rank's
+    loss_since_log: tuple = (0.0, 0)  # (loss sum, updates) since the last log line, this rank's
 
     def say(self, *a):
         if self.rank == 0:
             print(*a, flush=True)
 
-def resumed(cfg: Config) -> dict | None:  # --resume: the checkpoint, if the run it describes is this one
-    if not (cfg.resume and os.path.isfile(path := os.path.join(cfg.out, CKPT_NAME))):
+def resumed(cfg: Config) -> dict | None:
+    """--resume: the checkpoint in --out if the run it describes is this one; None: start afresh."""
+    path = os.path.join(cfg.out, CKPT_NAME)
+    if not (cfg.resume and os.path.isfile(path)):
         return None
-    ck = load_checkpoint(path)
-    saved = ck.get("train_config") or {}
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in cfg.run_defining().items()
-            if saved.get(k) != v]
-    for bad, msg in [(diff, f"{path} was trained with other flags ({'; '.join(diff[:4])}): use those, "
-                            "or --overwrite or another --out"),
-                     (cfg.steps < ck["step"], f"--steps {cfg.steps} is below the checkpoint's {ck['step']}")]:
-        if bad:
-            raise ValueError("--resume: " + msg)
-    return ck
+    saved = load_checkpoint(path)
+    # A checkpoint written before a flag existed lacks its key; that run computed what the flag's default
+    # computes, so the missing key reads as the default: the default resumes, another value is refused.
+    was = dict(Config().run_defining(), **(saved.get("train_config") or {}))
+    diff = [f"--{k.replace('_', '-')} {was[k]!r} -> {v!r}" for k, v in cfg.run_defining().items() if was[k] != v]
+    if diff:
+        raise ValueError(f"--resume: {path} was trained with other flags ({'; '.join(diff[:4])}): use those, "
+                         "or --overwrite or another --out")
+    if cfg.steps < saved["step"]:
+        raise ValueError(f"--resume: --steps {cfg.steps} is below the checkpoint's {saved['step']}")
+    return saved
+
+def tgl_scales(cfg: Config, n_layer: int) -> dict | None:
+    """TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; None without TGL. A pure function of the trace
+    file, so every DDP rank computes the same."""
+    if cfg.tgl == "none":
+        return None
+    try:
+        trace = tgl_trace.load_trace(cfg.trace)
+        return tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(n_layer))
+    except ValueError as e:  # name the trace file once
+        raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
 
 def setup(cfg: Config) -> tuple[Run, dict | None]:
     """Devices, model, TGL's scales, optimizer, data: the same on a fresh start and a resume."""
     rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
     torch.manual_seed(cfg.seed)  # LoRA's A follows --seed too
-    ck = resumed(cfg)  # compared before the model is built
+    saved = resumed(cfg)  # compared before the model is built
     tokenizer, model = build_model(cfg, device)
-    block_size, conf = cfg.block_size or model.config.block_size, model.config
-    if block_size > conf.block_size or tokenizer.n_vocab > conf.vocab_size:
+    block_size, model_config = cfg.block_size or model.config.block_size, model.config
+    if block_size > model_config.block_size or tokenizer.n_vocab > model_config.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
-                         f"{conf.block_size} / {conf.vocab_size}")
+                         f"{model_config.block_size} / {model_config.vocab_size}")
     probes = data.read_probe_files(cfg.probes)  # checked now, not at the first evaluation
-    probe.check_probes(tokenizer, probes, conf.block_size, metric=cfg.metric)
-    try:  # TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; a resume reuses its scales
-        trace = None if ck or cfg.tgl == "none" else tgl_trace.load_trace(cfg.trace)
-        plan = trace and tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(conf.n_layer))
-        scales = ck["scales"] if ck else plan  # every rank's: one trace file, a pure function
-    except ValueError as e:
-        raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
+    probe.check_probes(tokenizer, probes, model_config.block_size, metric=cfg.metric)
+    # a resume reuses the scales it saved: the trace file may have moved or changed since
+    scales = saved["scales"] if saved else tgl_scales(cfg, model_config.n_layer)
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, scales and {u for u, s in scales.items() if s > 0})
+        selected = None if scales is None else {u for u, s in scales.items() if s > 0}
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, selected)
     groups = make_param_groups(model, scales)
     if not groups:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    anchors = cfg.method == "recadam" and cfg.recadam_gamma > 0 and [p.detach().clone() for p in opt.params]
-    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales, anchors or None, probes, block_size)
+    anchors = None  # RecAdam's theta0: a copy of the trained parameters as they start
+    if cfg.method == "recadam" and cfg.recadam_gamma > 0:
+        anchors = [p.detach().clone() for p in opt.params]
+    run = Run(cfg, rank, world, device, tokenizer, model, opt, scales, anchors, probes, block_size)
     if rank > 0:  # rank 0 tokenizes first, the others then read its token cache
         dist.barrier()
     tokens = data.load_tokens(cfg.data, tokenizer)
     replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
     if rank == 0 and world > 1:
         dist.barrier()
+    # a token cache's name holds a digest of its text's bytes: a changed --data file gets another name
     run.data = {f: os.path.basename(t.filename) for f, t in [(cfg.data, tokens), (cfg.replay_data, replay)]
                 if t is not None}
-    if changed := [f for f in run.data if ck and ck.get("data", run.data).get(f) != run.data[f]]:
-        raise ValueError(f"--resume: {changed[0]} changed since {CKPT_NAME}: restore it, or --overwrite")
+    for f in run.data if saved else ():
+        if saved.get("data", run.data).get(f) != run.data[f]:
+            raise ValueError(f"--resume: {f} changed since {CKPT_NAME}: restore it, or --overwrite")
     run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
     trained = " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)
-    frozen = " ".join(u for u in unit_names(conf.n_layer) if u not in {g["unit"] for g in groups}) or "-"
+    trained_units = {g["unit"] for g in groups}
+    frozen = " ".join(u for u in unit_names(model_config.n_layer) if u not in trained_units) or "-"
     run.say(f"{cfg.method}, tgl {cfg.tgl}: units (lr scale) {trained} | frozen: {frozen}")
-    return run, ck
+    return run, saved
 
-def restore(run: Run, ck: dict | None):
+def restore(run: Run, saved: dict | None):
     """Resume: weights, optimizer, sampler and RNG exactly as saved, so the run continues bit for bit."""
     cfg = run.cfg
-    if ck:
-        run.model.load_state_dict(ck["model"])
-        run.opt.load_state_dict(ck["optimizer"])
-        state = ck["ranks"][run.rank]
+    if saved:
+        run.model.load_state_dict(saved["model"])
+        run.opt.load_state_dict(saved["optimizer"])
+        state = saved["ranks"][run.rank]
         run.stream.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         if state["cuda"] is not None and run.device.startswith("cuda"):
             torch.cuda.set_rng_state(state["cuda"], run.device)
-        run.step, run.elapsed, run.last_loss = ck["step"], ck["time"], ck["last_loss"]
-        run.acc = state.get("acc", (0.0, 0))
+        run.step, run.elapsed, run.last_loss = saved["step"], saved["time"], saved["last_loss"]
+        run.loss_since_log = state.get("acc", (0.0, 0))
         run.say(f"resumed: step {run.step}")
     else:
         torch.manual_seed(cfg.seed + run.rank)  # the dropout stream, whatever setup drew before
@@ -330,7 +350,7 @@ def restore(run: Run, ck: dict | None):
         for f in (CKPT_NAME, "summary.json") if cfg.overwrite else ():  # nothing old passes for new
             Path(cfg.out, f).unlink(missing_ok=True)
         path = os.path.join(cfg.out, "metrics.jsonl")  # the log as the checkpoint saw it
-        write_text(path, "".join(log_lines(path, run.step) if ck and os.path.exists(path) else []))
+        write_text(path, "".join(log_lines(path, run.step) if saved and os.path.exists(path) else []))
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if cfg.compile else run.model
@@ -351,21 +371,29 @@ def evaluate(run: Run) -> dict:
 def stop(run: Run, why: str):  # a diverged run stops (exit 3); its last good checkpoint stays
     fail(f"{why} at step {run.step}; stopped: {run.cfg.out}/{CKPT_NAME}, if any, is good", "train.py", code=3)
 
-def log(run: Run, rec: dict):
+def duration(seconds: float) -> str:  # 75 -> '1m15s', for the ETA
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
+
+def log(run: Run, rec: dict, eta: float):
+    """One line on the terminal (with the ETA: this session's seconds per update times those left), one line
+    of metrics.jsonl (without it: a resumed run's log equals an uninterrupted one's)."""
     if not math.isfinite(rec["loss"]):
         stop(run, f"loss is {rec['loss']}")
     run.say(f"step {rec['step']}/{run.cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-            f"{rec['tok_per_s']:,.0f} tok/s | {rec['time']:.1f}s")
+            f"{rec['tok_per_s']:,.0f} tok/s | {rec['time']:.1f}s | ETA {duration(eta)}")
     if run.rank == 0:
         with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-def checkpoint(run: Run, elapsed: float, acc: tuple):  # all it takes to continue bit for bit; rank 0 writes
+def checkpoint(run: Run, elapsed: float, loss_since_log: tuple):
+    """All it takes to continue bit for bit: weights, AdamW's moments, every rank's sampler and RNG state, and
+    the loss summed since the last log line. Rank 0 writes it, atomically."""
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
     cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
     mine = [dict(sampler=run.stream.state_dict(), torch=torch.get_rng_state(), python=random.getstate(),
-                 cuda=cuda, acc=acc)] * run.world
+                 cuda=cuda, acc=loss_since_log)] * run.world  # "acc": the key older checkpoints have
     if run.world > 1:
         dist.all_gather_object(mine, mine[0])  # every rank's sampler and RNG
     run.elapsed = elapsed
@@ -376,55 +404,85 @@ def checkpoint(run: Run, elapsed: float, acc: tuple):  # all it takes to continu
     if run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
+def forward_backward(run: Run, loss_sum: torch.Tensor):
+    """One update's --grad-accum micro-steps: .grad ends as the mean gradient over them, and their mean loss
+    is added to loss_sum on the device (read once per log line, not once per step)."""
+    cfg = run.cfg
+    for micro in range(cfg.grad_accum):
+        x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
+        last = micro == cfg.grad_accum - 1
+        # DDP all-reduces gradients on the last micro-step only: the others skip the sync
+        sync = nullcontext() if last or run.world == 1 else run.dmodel.no_sync()
+        with sync, autocast(run.device):
+            _, loss = run.dmodel(x, y)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+
+def update(run: Run):
+    """Clip per unit, then AdamW; under RecAdam the Adam step is scaled by lambda(t) and followed by the pull
+    toward theta0 (lambda = 1 otherwise)."""
+    cfg, opt = run.cfg, run.opt
+    clip_gradients(opt, cfg.grad_clip, len(unit_names(run.model.config.n_layer)))
+    lambda_t = 1.0
+    if run.anchors:
+        t0 = cfg.steps / 4 if cfg.recadam_t0 is None else cfg.recadam_t0
+        lambda_t = recadam_lambda(run.step, cfg.recadam_k, t0)
+    opt.step(update_scale=lambda_t)
+    if run.anchors:
+        recadam_pull(opt, run.anchors, cfg.recadam_gamma, lambda_t)
+    opt.zero_grad()
+
+def mean_loss(run: Run, loss_sum: torch.Tensor, n_updates: int) -> float:
+    """The mean loss over updates and ranks: the one place the loop waits for the device."""
+    total = loss_sum.clone()  # a copy: each rank keeps its own sum until the log line
+    if run.world > 1:
+        dist.all_reduce(total)
+    return total.item() / n_updates / run.world
+
 def train(run: Run):
-    cfg, opt, model = run.cfg, run.opt, run.model
-    t_start, t_log, s_log = time.time(), time.time(), run.step
-    elapsed0, loss_sum, n_sum = run.elapsed, torch.tensor(run.acc[0], device=run.device), run.acc[1]
-    model.train()
+    cfg, opt = run.cfg, run.opt
+    t_start, first_step = time.time(), run.step  # this session's start: its rate gives the ETA
+    elapsed_before = run.elapsed  # training seconds of earlier sessions (a resume)
+    t_log, step_log = t_start, run.step  # the last log line: tok/s since then
+    loss_sum = torch.tensor(run.loss_since_log[0], device=run.device)
+    n_updates = run.loss_since_log[1]  # updates in loss_sum
+    run.model.train()
     while run.step < cfg.steps:
         # determine the learning rate: the schedule times each unit's TGL scale (ALR; 1 otherwise)
         lr = lr_at(run.step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
 
-        # forward, backward (--grad-accum micro-steps), update
-        for micro in range(cfg.grad_accum):
-            x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
-            last = micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step only
-            with (nullcontext() if last or run.world == 1 else run.dmodel.no_sync()), autocast(run.device):
-                _, loss = run.dmodel(x, y)
-            (loss / cfg.grad_accum).backward()  # .grad: the mean over micro-steps
-            loss_sum += loss.detach() / cfg.grad_accum
-        run.step, n_sum = run.step + 1, n_sum + 1
-        logging = run.step % cfg.log_every == 0 or run.step == cfg.steps
-        # per-unit norms of this update's gradient before clipping: the paper's Figure 1
-        grad_norms = tgl_trace.grad_norms(model) if logging else None
-        clip_gradients(opt, cfg.grad_clip, len(unit_names(model.config.n_layer)))
-        t0 = cfg.steps / 4 if cfg.recadam_t0 is None else cfg.recadam_t0
-        lam = recadam_lambda(run.step, cfg.recadam_k, t0) if run.anchors else 1.0
-        opt.step(update_scale=lam)  # RecAdam: the Adam step scaled by lambda(t), then the pull toward theta0
-        if run.anchors:
-            recadam_pull(opt, run.anchors, cfg.recadam_gamma, lam)
-        opt.zero_grad()
+        # forward, backward, update
+        forward_backward(run, loss_sum)
+        run.step, n_updates = run.step + 1, n_updates + 1
+        done = run.step == cfg.steps
+        logging = run.step % cfg.log_every == 0 or done
+        # the per-unit norms of this update's gradient, before clipping: the paper's Figure 1
+        grad_norms = tgl_trace.grad_norms(run.model) if logging else None
+        update(run)
 
-        # once in a while: evaluate, log, checkpoint
-        now, done = time.time(), run.step == cfg.steps
-        saving = done or (cfg.save_every and run.step % cfg.save_every == 0)
-        if logging or saving:  # the mean loss since the last log line: the one wait for the device
-            total = loss_sum.clone()  # a copy: each rank keeps its own sum until the log line
-            if run.world > 1:
-                dist.all_reduce(total)
-            run.last_loss = total.item() / n_sum / run.world
-        scoring = run.probes and (done or cfg.eval_every and run.step % cfg.eval_every == 0)
+        # evaluate and checkpoint (the loss first: the checkpoint keeps the last one)
+        now = time.time()
+        saving = done or (cfg.save_every > 0 and run.step % cfg.save_every == 0)
+        if logging or saving:
+            run.last_loss = mean_loss(run, loss_sum, n_updates)
+        scoring = run.probes and (done or (cfg.eval_every > 0 and run.step % cfg.eval_every == 0))
         if scoring:
             run.evals = evaluate(run) if run.rank == 0 else None
+
+        # timing and logging
         if logging:
-            tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * (run.step - s_log) / (now - t_log)
-            log(run, dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
-                          time=elapsed0 + now - t_start, **({"probes": run.evals} if scoring else {})))
-            loss_sum, n_sum, t_log, s_log = loss_sum * 0, 0, time.time(), run.step
+            tok_s = cfg.batch_size * run.block_size * cfg.grad_accum * (run.step - step_log) / (now - t_log)
+            eta = (now - t_start) / (run.step - first_step) * (cfg.steps - run.step)
+            rec = dict(step=run.step, loss=run.last_loss, lr=lr, tok_per_s=tok_s, grad_norms=grad_norms,
+                       time=elapsed_before + now - t_start)
+            if scoring:
+                rec["probes"] = run.evals
+            log(run, rec, eta)
+            loss_sum, n_updates, t_log, step_log = loss_sum * 0, 0, time.time(), run.step
         if saving:
-            checkpoint(run, elapsed0 + now - t_start, (loss_sum.item(), n_sum))
+            checkpoint(run, elapsed_before + now - t_start, (loss_sum.item(), n_updates))
 
 def finish(run: Run) -> dict:
     """summary.json; a resumed finished run writes the same (its time from the checkpoint)."""
@@ -443,8 +501,8 @@ def finish(run: Run) -> dict:
 def main(argv=None):
     cfg = parse_config(Config, "train.py", __doc__, argv)
     with input_errors("train.py"):  # bad input is one line; a bug keeps its traceback
-        run, ck = setup(cfg.check())
-        restore(run, ck)
+        run, saved = setup(cfg.check())
+        restore(run, saved)
         train(run)
         return finish(run)
 

@@ -206,6 +206,22 @@ def test_resume_refuses_changed_run_flags_and_allows_harmless_ones(w, tmp_path, 
     assert s["steps"] == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_checkpoint_from_before_a_flag_resumes_at_its_default_only(w, tmp_path, capsys):
+    """A checkpoint written before --floor and --replay-decay existed lacks their keys: that run computed
+    what the defaults compute, so the defaults resume it and another value is refused."""
+    out = tmp_path / "old"
+    argv = train_argv(w, "--save-every", "1", out=str(out))
+    train.main(argv)
+    assert "| ETA " in capsys.readouterr().out  # every log line has one
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for key in ("floor", "replay_decay"):
+        del ckpt["train_config"][key]
+    torch.save(ckpt, out / "ckpt.pt")
+    one_line_error(capsys, train.main, argv + ["--resume", "--steps", "4", "--floor", "0.5"], "--floor")
+    one_line_error(capsys, train.main, argv + ["--resume", "--steps", "4", "--replay-decay", "1"], "--replay-decay")
+    assert train.main(argv + ["--resume", "--steps", "4"])["steps"] == 4
+
+
 def test_resuming_a_finished_run_reproduces_its_summary(w, tmp_path):
     out = tmp_path / "f"
     argv = train_argv(w, "--probes", str(w / "probes.jsonl"), out=str(out))
