@@ -161,7 +161,9 @@ def _get(url, part, timeout, lock):
     """One request appending to `part` from its size (Range; If-Range: ETag in `lock`)."""
     import requests
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    h = {"Range": f"bytes={have}-", "If-Range": lock.seek(0) or lock.read() or None}
+    lock.seek(0)
+    etag = lock.read()  # the ETag of the file `part` began as: If-Range, so a changed file is sent whole
+    h = {"Range": f"bytes={have}-", "If-Range": etag or None}
     with requests.get(url, stream=True, timeout=timeout, **({"headers": h} if have else {})) as r:
         if r.status_code == 404:
             raise FileNotFoundError(url)
@@ -171,7 +173,8 @@ def _get(url, part, timeout, lock):
                 raise OSError(f"{part} does not fit the file on the server; removed")
             return
         r.raise_for_status()
-        have *= r.status_code == 206  # 200: all again (file changed, or no Range)
+        if r.status_code != 206:  # 200: all again (the file changed, or the server ignores Range)
+            have = 0
         if have and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             raise OSError(f"asked for bytes {have}-, got {r.headers.get('Content-Range')!r}")
         lock.truncate(0)

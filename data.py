@@ -142,35 +142,44 @@ class Batcher:
 
 class Stream:
     """train.py's batches. Mix-Review (He et al. 2021) fights forgetting: the last n_replay(step) rows replay
-    old text. Both samplers draw every step: a step's data depend on it alone (exact resume)."""
+    old text, a share that decays over training. Both samplers draw every step, used or not, so a step's data
+    depend on the step alone (exact resume)."""
 
     def __init__(self, tokens, replay, cfg, block_size, rank=0, world=1):  # cfg: train.Config
-        self.b, self.cfg = cfg.batch_size // world, cfg
-        self.new = Batcher(tokens, block_size, self.b, cfg.seed, rank, world)
-        self.old = replay is not None and Batcher(replay, block_size, self.b, cfg.seed + 1, rank, world)
+        self.rows, self.cfg = cfg.batch_size // world, cfg  # rows: this rank's share of the batch
+        self.new = Batcher(tokens, block_size, self.rows, cfg.seed, rank, world)
+        self.old = None  # Mix-Review's sampler of old text
+        if replay is not None:
+            self.old = Batcher(replay, block_size, self.rows, cfg.seed + 1, rank, world)
 
-    def n_replay(self, step):
+    def n_replay(self, step):  # rows * ratio at step 0, decaying geometrically to rows * ratio * decay
+        if self.old is None:
+            return 0
         c = self.cfg
-        return round(self.b * c.replay_ratio * c.replay_decay ** (step / c.steps)) if self.old else 0
+        return round(self.rows * c.replay_ratio * c.replay_decay ** (step / c.steps))
 
     def next(self, step):
-        x, y = self.new.next()
-        if self.old:
+        x, y = self.new.next()  # (rows, T) each
+        if self.old is not None:
             n = self.n_replay(step)
-            x, y = (torch.cat([a[:self.b - n], r[:n]]) for a, r in zip((x, y), self.old.next()))
+            old_x, old_y = self.old.next()
+            x = torch.cat([x[:self.rows - n], old_x[:n]])
+            y = torch.cat([y[:self.rows - n], old_y[:n]])
         return x, y
 
     def state_dict(self):
-        return {"new": self.new.state_dict(), "old": self.old and self.old.state_dict()}
+        return {"new": self.new.state_dict(), "old": None if self.old is None else self.old.state_dict()}
 
     def load_state_dict(self, d):
         self.new.load_state_dict(d["new"])
-        self.old and self.old.load_state_dict(d["old"])
+        if self.old is not None:
+            self.old.load_state_dict(d["old"])
 
 def _source_files(path):
     p, ext, files, seen = Path(path), (".txt", ".csv"), [], set()
     for d, sub, names in os.walk(p, followlinks=True):  # symlinked folders too, each real one once
-        if (real := os.path.realpath(d)) in seen:
+        real = os.path.realpath(d)
+        if real in seen:
             sub.clear()
             continue
         seen.add(real)
@@ -214,9 +223,10 @@ def parse_text_spec(spec):
     if Path(spec).exists() or not at:
         return str(spec), None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([kMG]?)", n)
-    if not (m and (k := int(float(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[2]]))):
+    count = int(float(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[2]]) if m else 0
+    if count == 0:
         raise ValueError(f"{spec}: no such file, and '@{n}' is not a token count like 20M")
-    return path, k
+    return path, count
 
 def load_tokens(spec, tokenizer):
     """Text -> token memmap, eot after each document, streamed (billions of tokens, flat memory): all or
@@ -276,7 +286,8 @@ def _json(rec, rid):
     if key is None:
         raise ValueError("unknown probe format (need 'query' or 'masked_sentence')")
     slot, answer, id_key, relation, date = JSON_FORMATS[key]
-    if bad := [k for k in (key, id_key, relation, date, "split") if isinstance(rec.get(k), (list, dict))]:
+    bad = [k for k in (key, id_key, relation, date, "split") if isinstance(rec.get(k), (list, dict))]
+    if bad:
         raise ValueError(f"'{bad[0]}' is a {type(rec[bad[0]]).__name__}, want a string")
     text = str(rec[key])
     if slot not in text:
@@ -345,7 +356,8 @@ def read_probe_files(specs):
     """Files whose default splits collide (TemporalWiki's *_changed.csv, ECBD's years) get their file's
     name as split ('ecbd2020/np_spans_test'); 'FILE:SPLIT' may merge on purpose."""
     keys = [(os.path.realpath(f), d) for f, d, _ in map(parse_probe_spec, specs)]
-    if twice := [s for s, k in zip(specs, keys) if keys.count(k) > 1]:
+    twice = [s for s, k in zip(specs, keys) if keys.count(k) > 1]
+    if twice:
         raise ValueError(f"probe file {twice[0]} given twice: give each file once")
     files = [(*parse_probe_spec(s)[::2], read_probes(s)) for s in specs]  # (path, split given, probes)
     owners = Counter(s for _, _, ps in files for s in {p.split for p in ps})
@@ -379,7 +391,8 @@ def filter_dates(probes, dates, where):
     """The probes of `dates`: '2019' (also 2019-Q1..Q4), '2019-Q1', '2018,2020' or '2019-Q1..2020-Q4'."""
     on = lambda d, v: d == v or d.startswith(v + "-")  # 2019-Q1 is on 2019
     spans = [(lo, hi or lo) for lo, _, hi in (s.strip().partition("..") for s in dates.split(","))]
-    if back := [f"{a}..{b}" for a, b in spans if a > b and not on(a, b)]:
+    back = [f"{a}..{b}" for a, b in spans if a > b and not on(a, b)]
+    if back:
         raise ValueError(f"{where}@{dates}: {back[0]} is reversed; write the earlier date first")
     kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:

@@ -46,16 +46,20 @@ def score_rows(model, examples, batch_size, device):
     """(nll, n_tokens, em) per (idx, targets), in order."""
     model, out = unwrap(model), {}
     device, was_training = device or next(model.parameters()).device, model.training
+    # shortest first: rows of similar length share a batch, so little of it is padding
     todo = sorted(range(len(examples)), key=lambda k: len(examples[k][0]))
     model.eval()
-    while todo:  # sorted: the last row is the longest
-        n = max(1, min(batch_size, MAX_TOKENS // len(examples[todo[min(batch_size, len(todo)) - 1]][0])))
+    while todo:
+        # as many rows as fit MAX_TOKENS padded tokens; the batch's last row is its longest (sorted)
+        longest = len(examples[todo[min(batch_size, len(todo)) - 1]][0])
+        n = max(1, min(batch_size, MAX_TOKENS // longest))
         x, y = data.collate([examples[k] for k in todo[:n]], device)  # (B, T); causal: padding changes no nll
         with autocast(device):
             logits, _ = model(x)  # (B, T, V)
-        at = y != -1  # (B, T); log-softmax at the N targets only
-        logp, t = logits[at].float().log_softmax(-1), y[at]
+        at = y != -1  # (B, T): the N target positions; log-softmax there only (V is large)
+        logp, t = logits[at].float().log_softmax(-1), y[at]  # (N, V), (N,)
         nll = torch.zeros(y.shape, device=device).masked_scatter_(at, -logp.gather(1, t[:, None])[:, 0])
+        # greedy exact match: every target token is the argmax (non-targets count as hits)
         hit = torch.ones_like(at).masked_scatter_(at, logp.argmax(-1) == t)
         out.update(zip(todo[:n], zip(nll.sum(1).tolist(), at.sum(1).tolist(), hit.all(1).tolist())))
         todo = todo[n:]
@@ -65,9 +69,13 @@ def score_rows(model, examples, batch_size, device):
 def score(model, tokenizer, probes, batch_size=64, device=None, metric="span"):
     """Per probe: its best answer's (ties: the first) nll, n_tokens, nll_per_token, em."""
     owners, examples = check_probes(tokenizer, probes, unwrap(model).config.block_size, metric)
-    best, em = [(math.inf,)] * len(probes), [False] * len(probes)
-    for k, ((i, _), (nll, n, hit)) in enumerate(zip(owners, score_rows(model, examples, batch_size, device))):
-        best[i], em[i] = min(best[i], (nll / n, k, nll, n)), em[i] or hit
+    rows = score_rows(model, examples, batch_size, device)  # one per (probe, gold answer)
+    best = [(math.inf,)] * len(probes)  # per probe: (nll per token, row, nll, n_tokens) of its best answer
+    em = [False] * len(probes)
+    for row, ((i, _), (nll, n, hit)) in enumerate(zip(owners, rows)):
+        best[i] = min(best[i], (nll / n, row, nll, n))  # equal nll per token: the earlier row wins
+        if hit:  # a probe is an exact match if any of its gold answers is
+            em[i] = True
     return [dict(id=pr.id, split=pr.split, nll=b[2], n_tokens=b[3], nll_per_token=b[0], em=int(e))
             for pr, b, e in zip(probes, best, em)]
 

@@ -207,22 +207,25 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     if block_size > conf.block_size:
         raise ValueError(f"--block-size must be at most the model's {conf.block_size}")
     resolve_units(cfg.selection.check().rank_units, units)  # before the slow part
-    groups, sets = {}, {}
+    by_split = {}
     for p in data.read_probe_files(cfg.probes):  # each probe's split
-        groups.setdefault(p.split, []).append(p)
-    if "all" in groups:
+        by_split.setdefault(p.split, []).append(p)
+    if "all" in by_split:
         raise ValueError("a probe split may not be named 'all'")
-    for name, probes in groups.items():  # a sample seeded by (seed, split); first answers
+    span_sets = {}  # {split: [(idx, targets)]}: a sample seeded by (seed, split), each probe's first answer
+    for name, probes in by_split.items():
         keep = random.Random(f"{cfg.seed}:{name}").sample(range(len(probes)), min(cfg.n_span, len(probes)))
         pairs = [data.span_example(tokenizer, probes[k].prompt, probes[k].answers[0]) for k in sorted(keep)]
-        sets[name] = [(i[-block_size:], t[-block_size:]) for i, t in pairs]  # the answer is at the end
+        span_sets[name] = [(i[-block_size:], t[-block_size:]) for i, t in pairs]  # the answer is at the end
     tokens = data.load_tokens(cfg.text, tokenizer)
     starts = data.random_starts(len(tokens), cfg.n_lm, block_size, cfg.seed)
-    sets["\0lm"] = list(zip(*(w.tolist() for w in data.windows(tokens, starts, block_size))))
-    if max(max(i) for s in sets.values() for i, _ in s) >= conf.vocab_size:
+    lm_windows = list(zip(*(w.tolist() for w in data.windows(tokens, starts, block_size))))
+    examples = [*(e for s in span_sets.values() for e in s), *lm_windows]
+    if max(max(idx) for idx, _ in examples) >= conf.vocab_size:
         raise ValueError(f"token ids past the model's vocabulary ({conf.vocab_size}): wrong --tokenizer?")
-    norms = trace_norms(model, sets, device)  # step 1: every parameter of a loaded model requires grad
-    lm = norms.pop("\0lm")
+    # step 1: every parameter of a loaded model requires grad, so every unit gets a norm
+    norms = trace_norms(model, span_sets, device)  # {split: ({unit: mean norm}, n)}
+    lm = trace_norms(model, {"lm": lm_windows}, device)["lm"]
     splits = {name: result(span, lm) for name, span in norms.items()}
     n = sum(c for _, c in norms.values())  # "all": the mean over every probe
     splits["all"] = result(({u: sum(s[u] * c for s, c in norms.values()) / n for u in lm[0]}, n), lm)
@@ -250,7 +253,8 @@ def main(argv=None) -> dict:
         cfg.selection.check()
         data.check_files([cfg.text], cfg.probes)  # before the model loads
         check_output(cfg.out, "--out")
-        model = load_model(cfg.init, device := pick_device(cfg.device))
+        device = pick_device(cfg.device)
+        model = load_model(cfg.init, device)
         d = trace_files(model, data.load_tokenizer(cfg.tokenizer or cfg.init), cfg, device)
         write_text(cfg.out, json.dumps(d, indent=1))
         print(report(d) + f"\n\nwrote {cfg.out}")
