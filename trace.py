@@ -202,10 +202,10 @@ class TraceConfig:
 
 def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     """The trace of each probe split and of all (the top level), with TGL's choice."""
-    conf = model.config
-    block_size, units = cfg.block_size or conf.block_size, unit_names(conf.n_layer)
-    if block_size > conf.block_size:
-        raise ValueError(f"--block-size must be at most the model's {conf.block_size}")
+    model_config = model.config
+    block_size, units = cfg.block_size or model_config.block_size, unit_names(model_config.n_layer)
+    if block_size > model_config.block_size:
+        raise ValueError(f"--block-size must be at most the model's {model_config.block_size}")
     resolve_units(cfg.selection.check().rank_units, units)  # before the slow part
     by_split = {}
     for p in data.read_probe_files(cfg.probes):  # each probe's split
@@ -221,8 +221,9 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     starts = data.random_starts(len(tokens), cfg.n_lm, block_size, cfg.seed)
     lm_windows = list(zip(*(w.tolist() for w in data.windows(tokens, starts, block_size))))
     examples = [*(e for s in span_sets.values() for e in s), *lm_windows]
-    if max(max(idx) for idx, _ in examples) >= conf.vocab_size:
-        raise ValueError(f"token ids past the model's vocabulary ({conf.vocab_size}): wrong --tokenizer?")
+    vocab_size = model_config.vocab_size
+    if max(max(idx) for idx, _ in examples) >= vocab_size:
+        raise ValueError(f"token ids past the model's vocabulary ({vocab_size}): wrong --tokenizer?")
     # step 1: every parameter of a loaded model requires grad, so every unit gets a norm
     norms = trace_norms(model, span_sets, device)  # {split: ({unit: mean norm}, n)}
     lm = trace_norms(model, {"lm": lm_windows}, device)["lm"]

@@ -31,7 +31,7 @@ from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from data import collate as _collate
 from trace import trace_norms
-from train import AdamW, make_param_groups
+from optim import AdamW, make_param_groups
 from common import Parser, fail, input_errors, number
 from experiments.export import save_hf
 from experiments.world import WorldConfig, make_world

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import optim
 import train
 from common import parse_config
 from model import GPT, GPTConfig, load_checkpoint, load_hf, model_from_checkpoint, unit_names, unit_of
@@ -77,7 +78,7 @@ def _tiny_model(seed=0):
 
 def test_adamw_matches_torch():
     ours, ref = _tiny_model(), _tiny_model()
-    opt = train.AdamW(train.make_param_groups(ours), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = optim.AdamW(optim.make_param_groups(ours), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     decay = [p for p in ref.parameters() if p.ndim >= 2]
     no_decay = [p for p in ref.parameters() if p.ndim < 2]  # LayerNorm weights and all biases
     assert decay and no_decay
@@ -107,8 +108,8 @@ def test_alr_scales_reach_groups(world, tmp_path):
         # Adam's first update is lr * sign(g) (|g| >> eps): the size of the step is the group's lr
         expect = 1e-3 * max(train.tgl_trace.DEFAULT_FLOOR, world.rgn[unit_of(name)] / top)
         assert moved.median().item() == pytest.approx(expect, rel=1e-3), name
-    groups = train.make_param_groups(_tiny_model(), {"embed": 0.5, "h.0.attn": 0.0})
-    opt = train.AdamW(groups, lr=2e-3)
+    groups = optim.make_param_groups(_tiny_model(), {"embed": 0.5, "h.0.attn": 0.0})
+    opt = optim.AdamW(groups, lr=2e-3)
     lrs = {g["unit"]: g["lr"] for g in opt.param_groups}
     assert lrs["embed"] == pytest.approx(1e-3) and lrs["h.1.mlp"] == pytest.approx(2e-3) and "h.0.attn" not in lrs
 
@@ -151,7 +152,7 @@ def test_recadam_gamma0_is_adamw_and_gamma_pulls(world, tmp_path):
     base, rec = weights(world.base), weights(tmp_path / "rec")
     dist = lambda w: sum((w[n] - base[n]).pow(2).sum().item() for n in base)
     assert dist(rec) < 0.5 * dist(full)
-    assert train.recadam_lambda(50, 0.1, 50) == 0.5 and train.recadam_lambda(-1e6, 1, 0) == 0.0
+    assert optim.recadam_lambda(50, 0.1, 50) == 0.5 and optim.recadam_lambda(-1e6, 1, 0) == 0.0
 
 
 def test_mixreview_share():
@@ -278,7 +279,7 @@ def test_clipping_by_unit_is_the_same_whichever_units_train():
         a, b = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(10))
         a.grad, b.grad = g_a.clone(), g_b.clone()
         groups = [{"params": [a]}] + ([{"params": [b]}] if train_b else [])
-        train.clip_gradients(Namespace(param_groups=groups), 1.0, n_units=2)
+        optim.clip_gradients(Namespace(param_groups=groups), 1.0, n_units=2)
         return a.grad
 
     assert torch.equal(clipped(True), clipped(False))
