@@ -74,6 +74,13 @@ def number(interval: str, kind=float):
 
 POS = number("[1, inf)", int)
 
+def duration(seconds: float) -> str:
+    """75 -> '1m15s', 4000 -> '1h06m': an ETA or an elapsed time, as every progress line shows it."""
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
 def check_output(path, flag: str, kind: str = "file"):
     """Before slow work: `path` can be written as a `kind` ("file" or "dir")."""
     folder = os.path.dirname(path) or "."

@@ -18,7 +18,7 @@ import data
 import probe
 import trace as tgl_trace  # ours, not the stdlib's: the root is first on sys.path
 from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
-from common import parse_config, write_text
+from common import duration, parse_config, write_text
 from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
 from model import save_checkpoint, unit_names
 from optim import AdamW, clip_gradients, lr_at, make_param_groups, recadam_lambda, recadam_pull
@@ -279,10 +279,6 @@ def evaluate(run: Run) -> dict:
 
 def stop(run: Run, why: str):  # a diverged run stops (exit 3); its last good checkpoint stays
     fail(f"{why} at step {run.step}; stopped: {run.cfg.out}/{CKPT_NAME}, if any, is good", "train.py", code=3)
-
-def duration(seconds: float) -> str:  # 75 -> '1m15s', for the ETA
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
 
 def log(run: Run, rec: dict, eta: float):
     """One line on the terminal (with the ETA: this session's seconds per update times those left), one line

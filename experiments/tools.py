@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import _dead
+from common import _dead, duration
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: the method's files
 
@@ -42,10 +42,6 @@ def check_number(flag: str, value, low=None, high=None, low_open=False, high_ope
 
 
 
-def _duration(s: float) -> str:
-    return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f}m" if s < 5400 else f"{s / 3600:.1f}h"
-
-
 
 class Progress:
     """One self-overwriting line on stderr: done, rate and ETA. Silent for jobs shorter than
@@ -63,7 +59,7 @@ class Progress:
         self.shown, self.printed = now, True
         rate = (done - self.start) / (now - self.t0)
         of = f" of {self.total / self.scale:,.1f}" if self.total else ""
-        eta = f", ETA {_duration((self.total - done) / rate)}" if self.total and rate > 0 else ""
+        eta = f", ETA {duration((self.total - done) / rate)}" if self.total and rate > 0 else ""
         m = "" if self.unit == "MB" else "M "
         print(f"\r{self.what}: {done / self.scale:,.1f}{of} {m}{self.unit}, {rate / self.scale:,.2f} {m}{self.unit}/s{eta}   ",
               end="", file=sys.stderr, flush=True)
