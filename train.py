@@ -118,24 +118,25 @@ def build_model(cfg: Config, device):
         spec = next((p for p in near if os.path.isfile(p)), None)
         if spec is None:
             raise ValueError(f"--tokenizer word: no {' or '.join(near)}; give a tokenizer.json")
-    tok = data.load_tokenizer(spec)
+    tokenizer = data.load_tokenizer(spec)
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
-        model_config = GPTConfig(block_size=cfg.block_size or 128, vocab_size=tok.n_vocab,
+        model_config = GPTConfig(block_size=cfg.block_size or 128, vocab_size=tokenizer.n_vocab,
                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  dropout=cfg.dropout or 0.0)
-        return tok, GPT(model_config).to(device)
+        return tokenizer, GPT(model_config).to(device)
     try:
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {cfg.init}: {e}") from None
-    # --dropout overrides the loaded model's: dropout is a module attribute, not a weight
-    for m in model.modules() if cfg.dropout is not None else ():
+    if cfg.dropout is None:
+        return tokenizer, model
+    for m in model.modules():  # --dropout overrides the loaded model's: a module attribute, not a weight
         if isinstance(m, torch.nn.Dropout):
             m.p = cfg.dropout
-        elif isinstance(getattr(m, "dropout", None), float):
+        elif isinstance(getattr(m, "dropout", None), float):  # attention's dropout probability
             m.dropout = cfg.dropout
-    return tok, model
+    return tokenizer, model
 
 @dataclass
 class Run:  # what the loop reads and writes
