@@ -18,8 +18,7 @@ import common
 import data
 from experiments import fetch, realdata
 from httpserver import HF, zip_bytes  # the `server` fixture comes from conftest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from samples import DATA
 
 
 def one_line_error(capsys, argv):
@@ -33,7 +32,7 @@ def one_line_error(capsys, argv):
 
 
 def test_fetch_twiki_probes_unpacks_and_then_makes_no_request(server, tmp_path, capsys):
-    real = (SHARED / "twiki_probes" / "0801-0901_changed.csv").read_text().splitlines()[:6]
+    real = (DATA / "twiki_probes" / "0801-0901_changed.csv").read_text().splitlines()[:6]
     server.files[HF + "TWiki_Probes.zip"] = zip_bytes({"TWiki_Probes/0801-0901_changed.csv": "\n".join(real) + "\n"})
     realdata.main(["fetch", "twiki-probes"])
     folder = tmp_path / "cache" / "data" / "twiki-probes"
@@ -105,8 +104,8 @@ def test_wrong_layouts_name_the_file(server, tmp_path, capsys):
 
 
 def test_templama_and_dynamic_templama_files(server, tmp_path):
-    rec = (SHARED / "real_formats" / "templama" / "test.json").read_bytes()
-    dyn = (SHARED / "real_formats" / "dynamic_templama" / "test.jsonl").read_bytes()
+    rec = (DATA / "real_formats" / "templama" / "test.json").read_bytes()
+    dyn = (DATA / "real_formats" / "dynamic_templama" / "test.jsonl").read_bytes()
     for f in ("train", "val", "test"):
         server.files[f"/templama/{f}.json"], server.files[f"/dyn/{f}.jsonl"] = rec, dyn
     realdata.main(["fetch", "templama"])
@@ -120,7 +119,7 @@ def test_ecbd_prints_where_to_get_it_and_takes_the_folder(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as e:
         realdata.main(["fetch", "ecbd"])
     assert e.value.code == 1 and "github.com/yasumasaonoe/ecbd" in capsys.readouterr().err
-    realdata.main(["fetch", "ecbd", "--folder", str(SHARED / "real_formats")])
+    realdata.main(["fetch", "ecbd", "--folder", str(DATA / "real_formats")])
     link = tmp_path / "cache" / "data" / "ecbd"
     assert (link / "ecbd2019" / "np_spans_test.json").is_file()
     assert "not an unpacked ECBD folder" in one_line_error(capsys, ["fetch", "ecbd", "--folder", str(tmp_path)])

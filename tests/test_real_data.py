@@ -1,19 +1,18 @@
 """data.py and experiments/realdata.py on the real corpora's layouts: TemporalWiki CSV text, TempLAMA
 dates and object-first templates, ECBD definitions, split names that never merge, prefix token arrays,
-probe splits. Uses the real samples in ../shared/data/real_formats where possible."""
+probe splits. Uses the real samples in tests/data where possible."""
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
 import data
 from data import WordTokenizer, load_tokens, read_probe_files, read_probes
 from experiments import realdata
+from samples import DATA
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL = SHARED / "real_formats"
-TWIKI = SHARED / "twiki_probes"
+REAL = DATA / "real_formats"
+TWIKI = DATA / "twiki_probes"
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ rows refused, dates matched as FILE@DATES matches them, *_subset.csv named, ever
 import csv
 import io
 import json
-from pathlib import Path
 
 import pytest
 
 from data import WordTokenizer, read_probes
 from experiments import realdata
+from samples import DATA
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL = SHARED / "real_formats"
+REAL = DATA / "real_formats"
 
 
 def write(path, text, encoding="utf-8"):
@@ -143,9 +142,9 @@ def test_eval_and_diag_never_share_a_subject_relation_with_duplicate_and_multiva
 
 
 def test_twiki_refuses_a_malformed_row_and_counts_duplicate_rows_once(tmp_path, capsys):
-    real = rows(SHARED / "twiki_probes" / "0801-0901_changed.csv")[:20]
+    real = rows(DATA / "twiki_probes" / "0801-0901_changed.csv")[:20]
     probes = tmp_path / "twiki_probes"
-    unchanged = rows(SHARED / "twiki_probes" / "0801-0901_unchanged.csv")[:20]
+    unchanged = rows(DATA / "twiki_probes" / "0801-0901_unchanged.csv")[:20]
     write(probes / "0801-0901_unchanged.csv", twiki_csv(*unchanged))
     changed = write(probes / "0801-0901_changed.csv",
                     twiki_csv(*real[:5], ["Lake Tahoe", "country", " "], *real[5:]))

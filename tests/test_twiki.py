@@ -15,8 +15,7 @@ import model as M
 from experiments import compare, twiki
 from experiments.export import save_hf
 from httpserver import HF, zip_bytes
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from samples import DATA
 
 
 def csv_text(header, rows):
@@ -31,7 +30,7 @@ def serve_twiki(server):
     probes, facts = {}, []
     for pair in ("0801-0901", "0901-1001"):
         for kind in ("changed", "unchanged"):
-            rows = list(csv.reader(open(SHARED / "twiki_probes" / f"{pair}_{kind}.csv", encoding="utf-8")))[1:9]
+            rows = list(csv.reader(open(DATA / "twiki_probes" / f"{pair}_{kind}.csv", encoding="utf-8")))[1:9]
             probes[f"twiki_probes/{pair}_{kind}.csv"] = csv_text(["subject", "relation", "object"], rows)
             facts += [" ".join(r) + "." for r in rows]
     docs = lambda n, off: [[i, f"Doc {i}. " + " ".join(facts[(i + off + j) % len(facts)] for j in range(4))]  # noqa: E731
@@ -54,7 +53,7 @@ def argv(init, out, *more):
     return ["--init", init, "--out", str(out), "--methods", "full", "mixreview", "--tgl", "fp", "--stages", "1", "2",
             "--max-train-tokens", "512", "--batch-size", "4", "--block-size", "32", "--lr", "1e-3",
             "--snapshot-mb", "0.002", "--val-every", "3", "--val-tokens", "500", "--device", "cpu", "--threads", "1",
-            "--trace-args", "--n-span 4 --n-lm 4", "--ecbd", str(SHARED / "real_formats"), *more]
+            "--trace-args", "--n-span 4 --n-lm 4", "--ecbd", str(DATA / "real_formats"), *more]
 
 
 def snapshot(folder):

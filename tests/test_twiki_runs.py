@@ -7,7 +7,6 @@ archives in TemporalWiki's real member layouts (tests/test_twiki.py's fixtures).
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,10 @@ import torch
 import model as M
 import train
 from experiments import twiki
-from test_twiki import SHARED, argv, one_line_error, serve_twiki, tiny_gpt2
+from samples import DATA
+from test_twiki import argv, one_line_error, serve_twiki, tiny_gpt2
 
-TEMPLAMA = SHARED / "real_formats" / "templama" / "test.json"
+TEMPLAMA = DATA / "real_formats" / "templama" / "test.json"
 COLUMNS = {"twiki/changed", "twiki/unchanged", "templama/updated", "templama/unchanged", "ecbd/new"}
 
 
@@ -32,7 +32,7 @@ def runs_argv(init, out, *more):
     """One TGL arm; every probe evaluated (--diag-frac 0), stage 1 tracing on a file of its own; TempLAMA
     fetched, with a date per snapshot; 32 updates a stage, a checkpoint every 2 (1 minute at 4 tok/s)."""
     return argv(init, out, "--methods", "full", "--tgl", "fp", "--diag-frac", "0",
-                "--trace-probes", str(SHARED / "twiki_probes" / "0801-0901_changed.csv"),
+                "--trace-probes", str(DATA / "twiki_probes" / "0801-0901_changed.csv"),
                 "--templama", "templama", "--templama-dates", "2010", "2011", "2012", "2013", "2014",
                 "--max-train-tokens", "4096", "--save-minutes", "1", "--assume-tok-s", "4",
                 "--train-args", "--log-every 1", *more)
@@ -98,7 +98,7 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     assert (a / "probes" / "ecbd" / "ecbd2019" / "new.jsonl").is_file()
     traced = [json.loads((a / f"stage{k}" / n).read_text())["probe_files"] for k, n in
               ((1, "trace-init.json"), (2, "trace-full-fp.json"))]
-    assert traced == [[str(SHARED / "twiki_probes" / "0801-0901_changed.csv")],
+    assert traced == [[str(DATA / "twiki_probes" / "0801-0901_changed.csv")],
                       [str(a / "probes" / "0801-0901" / "changed.csv")]]  # --diag-frac 0: probes not scored there
     md = (a / "results.md").read_text()
     assert "| twiki/changed ppl | twiki/changed EM % |" in md and "ecbd/new sentence EM %" in md
