@@ -36,8 +36,6 @@ from common import Parser, fail, input_errors, number
 from experiments.export import save_hf
 from experiments.world import WorldConfig, make_world
 
-# GPT-2 BPE offline, as the tests get it: tiktoken's files from ../shared unless TIKTOKEN_CACHE_DIR is set
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -176,8 +174,6 @@ Prints probes/s of each and checks that they agree (to bf16 rounding on CUDA, wh
     with tempfile.TemporaryDirectory() as d:
         make_world(d, WorldConfig(seed=seed, n_entities=300))
         probes = [p for s in ("updated", "unchanged", "new") for p in read_probes(f"{d}/probes/{s}.jsonl")]
-        if tokenizer == "gpt2" and TIKTOKEN_CACHE.is_dir():
-            os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
         try:
             tok = GPT2Tokenizer() if tokenizer == "gpt2" else WordTokenizer.load(f"{d}/tokenizer.json")
         except OSError as e:  # tiktoken's download (requests' ConnectionError is an OSError)
@@ -345,8 +341,6 @@ Returns {setup: dict(ms, tok_s, state, saved, peak, trainable)}."""
 def _peak_rss_mb(code: str):
     """(peak resident memory in MB, last line printed) of a fresh Python running `code` in this folder."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if TIKTOKEN_CACHE.is_dir():
-        env.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
     rss = "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"  # kB on Linux
     out = subprocess.run([sys.executable, "-c", code + rss], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True)
