@@ -120,17 +120,30 @@ def run_jobs(jobs, n_parallel, log_dir, threads):
             del running[name]
             if proc.returncode != 0:
                 tail = open(log.name).read().strip().splitlines()[-3:]
-                raise SystemExit(f"error: run {name} failed (exit {proc.returncode}); log {log.name}:\n  " + "\n  ".join(tail))
+                raise SystemExit(f"error: run {name} failed (exit {proc.returncode}); log {log.name}:\n  "
+                                 + "\n  ".join(tail))
             done[name] = time.time() - start
             eta = runs_eta(done, len(pending) + len(running), n_parallel)
-            print(f"  [{len(done)}/{len(jobs)}] {name:<24} {done[name]:5.1f}s   (runs {time.time() - t0:5.0f}s{eta})",
-                  flush=True)
+            print(f"  [{len(done)}/{len(jobs)}] {name:<24} {done[name]:5.1f}s   "
+                  f"(runs {time.time() - t0:5.0f}s{eta})", flush=True)
         if running and time.time() - shown >= PROGRESS_EVERY:
             states = [st for name, (*_, follow) in running.items() if (st := follow.status(name))]
             if states:  # one line for all running jobs: parallel runs do not interleave half lines
                 print("  ... " + " | ".join(states), flush=True)
                 shown = time.time()
     return done
+
+
+def wait_showing(proc, follow, label):
+    """Wait for proc; every PROGRESS_EVERY seconds print 'label: step s/N loss L, ETA t' from its metrics
+    (if follow is a MetricsFollower and a new record came)."""
+    shown = time.time()
+    while proc.poll() is None:
+        time.sleep(0.2)
+        state = follow.status(label) if follow and time.time() - shown >= PROGRESS_EVERY else None
+        if state:
+            print(state, flush=True)
+            shown = time.time()
 
 
 def runs_eta(done: dict, left: int, n_parallel: int) -> str:
@@ -142,7 +155,8 @@ def runs_eta(done: dict, left: int, n_parallel: int) -> str:
 
 def selection_flags() -> list:
     """SELECTION as trace.py / train.py flags (--rank-units blocks ...); --control is set per run."""
-    return [a for k, v in asdict(SELECTION).items() if k != "control" for a in ("--" + k.replace("_", "-"), v)]
+    fields = [(k, v) for k, v in asdict(SELECTION).items() if k != "control"]
+    return [a for k, v in fields for a in ("--" + k.replace("_", "-"), v)]
 
 
 def mean_alr_scale(trace_path, base_dir):
@@ -166,14 +180,17 @@ def build_world(world_dir, cfg, seed):
         meta = json.load(open(os.path.join(world_dir, "world.json")))
         print(f"[seed {seed}] world: cached in {world_dir}", flush=True)
     else:
-        why = "parameters changed, rebuilding" if os.path.exists(os.path.join(world_dir, "world.json")) else "building"
-        print(f"[seed {seed}] world: {why}:\n  python -m experiments.world --out {world_dir} --seed {seed} --n-entities {cfg['entities']}"
-              f" --heldout-words {cfg['heldout_words']}", flush=True)
+        built = os.path.exists(os.path.join(world_dir, "world.json"))
+        why = "parameters changed, rebuilding" if built else "building"
+        print(f"[seed {seed}] world: {why}:\n  python -m experiments.world --out {world_dir} --seed {seed} "
+              f"--n-entities {cfg['entities']} --heldout-words {cfg['heldout_words']}", flush=True)
         with input_errors("demo.py"):  # a folder of someone else's files of the world's names: one line
             meta = tgl_world.make_world(world_dir, wcfg)
     c = meta["counts"]
-    print(f"[seed {seed}] world: {c['words']['t0.txt']:,} words at T0 ({c['words']['t0_facts.txt']:,} in fact documents), "
-          f"{c['facts_updated']} updated facts, {c['things_new']} new entities; probes {c['probes']}", flush=True)
+    words = c["words"]
+    print(f"[seed {seed}] world: {words['t0.txt']:,} words at T0 ({words['t0_facts.txt']:,} in fact "
+          f"documents), {c['facts_updated']} updated facts, {c['things_new']} new entities; "
+          f"probes {c['probes']}", flush=True)
     return meta
 
 
@@ -181,28 +198,27 @@ def pretrain(args, cfg, seed, world_dir, base, meta):
     """The base model, pretrained from scratch on T0; cached by its exact command and world config.
     It runs alone, so it gets every core the parallel runs share."""
     threads = args.threads * args.jobs
-    pre = script("train.py", "--init", "scratch", "--tokenizer", "word", "--data", os.path.join(world_dir, "t0.txt"),
-                 "--out", base, "--n-layer", cfg["n_layer"], "--n-head", cfg["n_head"], "--n-embd", cfg["n_embd"],
+    pre = script("train.py", "--init", "scratch", "--tokenizer", "word",
+                 "--data", os.path.join(world_dir, "t0.txt"), "--out", base,
+                 "--n-layer", cfg["n_layer"], "--n-head", cfg["n_head"], "--n-embd", cfg["n_embd"],
                  "--block-size", cfg["block"], "--steps", cfg["pre_steps"], "--batch-size", cfg["pre_batch"],
-                 "--lr", cfg["pre_lr"], "--warmup", max(1, cfg["pre_steps"] // 20), "--min-lr", cfg["pre_lr"] / 10,
-                 "--weight-decay", 0.1, "--seed", seed, "--threads", threads)
+                 "--lr", cfg["pre_lr"], "--warmup", max(1, cfg["pre_steps"] // 20),
+                 "--min-lr", cfg["pre_lr"] / 10, "--weight-decay", 0.1, "--seed", seed, "--threads", threads)
     key = sh(pre[1:]) + "\nworld " + json.dumps(meta["config"], sort_keys=True)
     # Not part of the cache key: a stale or partial base is replaced, and the log's cadence (a record every
-    # 2% of the steps, for the progress lines) changes no weight.
-    pre += ["--log-every", str(max(1, cfg["pre_steps"] // 50)), "--overwrite"]
+    # 1% of the steps, for the progress lines) changes no weight.
+    pre += ["--log-every", str(max(1, cfg["pre_steps"] // 100)), "--overwrite"]
     key_file = os.path.join(base, "demo_command.txt")
-    if os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file) and open(key_file).read() == key:
+    cached = os.path.exists(os.path.join(base, "ckpt.pt")) and os.path.exists(key_file)
+    if cached and open(key_file).read() == key:
         print(f"[seed {seed}] base model: cached in {base}", flush=True)
         return
-    print(f"[seed {seed}] pretraining the base model on T0 ({cfg['pre_steps']} steps):\n  python {sh(pre[1:])}", flush=True)
-    t, shown = time.time(), time.time()
+    print(f"[seed {seed}] pretraining the base model on T0 ({cfg['pre_steps']} steps):\n"
+          f"  python {sh(pre[1:])}", flush=True)
+    t = time.time()
     follow = MetricsFollower(base, cfg["pre_steps"])  # before the run: it clears a replaced base's log
     proc = subprocess.Popen(pre, env=thread_env(threads), stdout=None if args.verbose else subprocess.DEVNULL)
-    while proc.poll() is None:  # --verbose shows train.py's own log instead
-        time.sleep(0.2)
-        if not args.verbose and time.time() - shown >= PROGRESS_EVERY and (state := follow.status("base")):
-            print(f"[seed {seed}] {state}", flush=True)
-            shown = time.time()
+    wait_showing(proc, None if args.verbose else follow, f"[seed {seed}] base")  # --verbose: train.py's log
     if proc.returncode != 0:
         raise SystemExit("error: pretraining failed (run the command above to see why)")
     write_text(key_file, key)
@@ -216,7 +232,8 @@ def run_trace(args, cfg, seed, root, lm_text, name):
     path = os.path.join(root, f"{name}.json")
     targv = ["--init", base, "--probes", *diag, "--text", os.path.join(world_dir, lm_text), "--out", path,
              "--n-span", cfg["n_span"], "--n-lm", cfg["n_lm"], "--seed", seed, *selection_flags()]
-    print(f"[seed {seed}] tracing against {lm_text}:\n  {sh(['python', 'trace.py', *map(str, targv)])}", flush=True)
+    print(f"[seed {seed}] tracing against {lm_text}:\n  {sh(['python', 'trace.py', *map(str, targv)])}",
+          flush=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the side-by-side profile below says it shorter
         d = tgl_trace.main([str(a) for a in targv])
     if args.plot:
@@ -245,7 +262,8 @@ def trace_summary(tr: dict) -> dict:
     out = {}
     for s, d in tr["splits"].items():
         v = [d["rgn"][u] for u in d["units"] if u.startswith("h.")]
-        out[s] = dict(rgn=d["rgn"], min=min(v), max=max(v), max_over_min=max(v) / min(v) if min(v) > 0 else None,
+        out[s] = dict(rgn=d["rgn"], min=min(v), max=max(v),
+                      max_over_min=max(v) / min(v) if min(v) > 0 else None,
                       peak=max((u for u in d["units"] if u.startswith("h.")), key=lambda u: d["rgn"][u]))
     return out
 
@@ -253,7 +271,8 @@ def trace_summary(tr: dict) -> dict:
 def trace_lines(per_seed: list) -> str:
     """Per seed and trace: the level and spread of rgn over the blocks' units, each split's peak, and
     how differently updated and new probes spread over units (max/min over units of their rgn ratio)."""
-    lines = ["| seed | LM text | rgn over blocks (all probes) | max/min | peak: updated | peak: new | updated/new spread |",
+    lines = ["| seed | LM text | rgn over blocks (all probes) | max/min | peak: updated | peak: new "
+             "| updated/new spread |",
              "|---|---|---|---|---|---|---|"]
     for r in per_seed:
         seed = r["seed"]
@@ -261,10 +280,12 @@ def trace_lines(per_seed: list) -> str:
             a, u, n = t["all"], t.get("diag_updated"), t.get("diag_new")
             spread = "-"
             if u and n:
-                ratio = [u["rgn"][k] / n["rgn"][k] for k in u["rgn"] if k.startswith("h.") and n["rgn"][k] > 0]
+                ratio = [u["rgn"][k] / n["rgn"][k] for k in u["rgn"]
+                         if k.startswith("h.") and n["rgn"][k] > 0]
                 spread = f"{max(ratio) / min(ratio):.2f}"
             lines.append(f"| {seed} | {'held-out general text' if name == 'general' else 'own fact text'} | "
-                         f"{a['min']:.1f}–{a['max']:.1f} | {a['max_over_min']:.2f} | {u['peak'] if u else '-'} | "
+                         f"{a['min']:.1f}–{a['max']:.1f} | {a['max_over_min']:.2f} | "
+                         f"{u['peak'] if u else '-'} | "
                          f"{n['peak'] if n else '-'} | {spread} |")
     return "\n".join(lines)
 
@@ -285,30 +306,34 @@ def run_specs(cfg, controls="all", seed=0):
 
 def continual_jobs(args, cfg, seed, root):
     """[(name, argv)] of the continual runs of one seed (world, base and trace.json under root)."""
-    world_dir, base, trace_path = os.path.join(root, "world"), os.path.join(root, "base"), os.path.join(root, "trace.json")
+    world_dir, base = os.path.join(root, "world"), os.path.join(root, "base")
+    trace_path = os.path.join(root, "trace.json")
     probes = [os.path.join(world_dir, "probes", f"{s}.jsonl") for s in SPLITS]
     common = ["--init", base, "--data", os.path.join(world_dir, "diff.txt"), "--probes", *probes,
               "--steps", cfg["steps"], "--batch-size", cfg["batch"], "--block-size", cfg["block"],
-              "--warmup", max(1, cfg["steps"] // 10), "--seed", seed, "--log-every", max(1, cfg["steps"] // 10),
+              "--warmup", max(1, cfg["steps"] // 10), "--seed", seed,
+              "--log-every", max(1, cfg["steps"] // 10),
               "--eval-every", max(1, cfg["steps"] // 5), "--threads", args.threads, *selection_flags(),
               "--overwrite"]  # the demo re-runs its arms
     extra = {"mixreview": ["--replay-data", os.path.join(world_dir, "t0.txt")], "recadam": [],
              "lora": ["--lora-rank", args.lora_rank], "full": []}
     lr_for = {"lora": args.lora_lr or 10 * cfg["lr"]}  # adapters start at zero and need a larger step
     jobs = []
-    for name, m, flags in run_specs(cfg, "all" if args.only else args.controls, seed):  # --only may name any run
+    controls = "all" if args.only else args.controls  # --only may name any run
+    for name, m, flags in run_specs(cfg, controls, seed):
         argv = script("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
                       "--out", os.path.join(root, "runs", name))
         jobs.append((name, argv + (["--trace", trace_path] if "none" not in flags else [])))
     alr_lr = cfg["lr"] * mean_alr_scale(trace_path, base)
-    jobs.append(("full@alr-lr", script("train.py", *common, "--method", "full", "--tgl", "none", "--lr", alr_lr,
-                                       "--out", os.path.join(root, "runs", "full@alr-lr"))))
+    jobs.append(("full@alr-lr", script("train.py", *common, "--method", "full", "--tgl", "none",
+                                       "--lr", alr_lr, "--out", os.path.join(root, "runs", "full@alr-lr"))))
     return [j for j in jobs if not args.only or j[0] in args.only]
 
 
 def one_seed(args, cfg, seed):
     root = os.path.join(args.out, f"seed{seed}")
-    world_dir, base, logs = os.path.join(root, "world"), os.path.join(root, "base"), os.path.join(root, "logs")
+    world_dir, base = os.path.join(root, "world"), os.path.join(root, "base")
+    logs = os.path.join(root, "logs")
     os.makedirs(logs, exist_ok=True)
     meta = build_world(world_dir, cfg, seed)
     pretrain(args, cfg, seed, world_dir, base, meta)
@@ -434,22 +459,25 @@ def check_table(per_seed: list, stored: dict) -> str:
             inside += ok
             cells.append(f"{fmt.format(value)}{'' if ok else ' OUT'} ({fmt.format(lo)}–{fmt.format(hi)})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"\n{inside} of {total} cells inside the stored seeds' range "
-                 f"(seeds {' '.join(str(r['seed']) for r in stored['per_seed'])}; ± half the printed precision)")
+    seeds = " ".join(str(r["seed"]) for r in stored["per_seed"])
+    lines.append(f"\n{inside} of {total} cells inside the stored seeds' range (seeds {seeds}; "
+                 "± half the printed precision)")
     for name, text in (("general", "held-out general text"), ("facts", "own fact text")):
         there = [r["traces"][name]["all"]["max_over_min"] for r in stored["per_seed"] if name in r["traces"]]
         mine = [r["traces"][name]["all"]["max_over_min"] for r in per_seed if name in r["traces"]]
         if there and mine:
             ok = in_range(mean(mine), min(there), max(there), 2)
-            lines.append(f"trace against {text}: the blocks' rgn max/min {mean(mine):.2f}{'' if ok else ' OUT'}"
-                         f" (stored seeds {min(there):.2f}–{max(there):.2f})")
+            lines.append(f"trace against {text}: the blocks' rgn max/min {mean(mine):.2f}"
+                         f"{'' if ok else ' OUT'} (stored seeds {min(there):.2f}–{max(there):.2f})")
     return "\n".join(lines)
 
 
 # ----- what the models say: greedy answers to a few updated facts
 
-def decode(tokenizer, ids) -> str:  # the word tokenizer keeps no decoder: its tokens are words
-    return tokenizer.enc.decode(ids) if hasattr(tokenizer, "enc") else " ".join(tokenizer.vocab[i] for i in ids)
+def decode(tokenizer, ids) -> str:
+    if hasattr(tokenizer, "enc"):  # GPT-2 BPE
+        return tokenizer.enc.decode(ids)
+    return " ".join(tokenizer.vocab[i] for i in ids)  # the word tokenizer has no decoder: tokens are words
 
 
 @torch.inference_mode()
@@ -461,12 +489,14 @@ def samples(root, names, n_facts=3) -> str:
     arms = [n for n in names if n in {f"full+{t}" for t in TGL_MODES}] or list(names)[:3]
     models = {"base": load_model(os.path.join(root, "base"))}
     models.update((n, load_model(os.path.join(root, "runs", n))) for n in arms)
-    lines = ["| prompt | gold | " + " | ".join(f"{n} says" for n in models) + " |", "|---" * (2 + len(models)) + "|"]
+    lines = ["| prompt | gold | " + " | ".join(f"{n} says" for n in models) + " |",
+             "|---" * (2 + len(models)) + "|"]
     for pr in data.read_probes(os.path.join(world_dir, "probes", "updated.jsonl"))[:n_facts]:
         idx, targets = data.span_example(tok, pr.prompt, pr.answers[0])  # the tokens the scorer reads
         n_answer = sum(t != -1 for t in targets)
         prompt = torch.tensor([idx[:len(idx) - n_answer + 1]])  # (1, T): the prompt, without the answer
-        said = [decode(tok, m.generate(prompt, n_answer)[0, prompt.size(1):].tolist()) for m in models.values()]
+        said = [decode(tok, m.generate(prompt, n_answer)[0, prompt.size(1):].tolist())
+                for m in models.values()]
         lines.append(f"| {pr.prompt.strip()} | {pr.answers[0]} | " + " | ".join(said) + " |")
     return "\n".join(lines)
 
@@ -496,16 +526,19 @@ def check_paths(args):
 def parse_args(argv=None):
     ap = Parser(prog="demo.py", description=__doc__.split("\n")[0])
     a = ap.add_argument
-    a("--world", choices=["synthetic", "twiki"], default="synthetic", help="synthetic: this demo; twiki: the paper's "
-      "TemporalWiki protocol on real data (every other flag then goes to twiki.py: see python -m experiments.twiki --help)")
-    a("--out", help="folder for worlds, base models, traces and runs (default: out/demo, quick: out/demo-quick)")
+    a("--world", choices=["synthetic", "twiki"], default="synthetic",
+      help="synthetic: this demo; twiki: the paper's TemporalWiki protocol on real data (every other flag "
+           "then goes to twiki.py: see python -m experiments.twiki --help)")
+    a("--out", help="folder for worlds, base models, traces and runs "
+                    "(default: out/demo, quick: out/demo-quick)")
     a("--seeds", type=SEED, nargs="+", default=[0],
       help="one full replicate (world, base, runs) per seed (>= 0)")
     a("--quick", action="store_true", help="tiny world and model: the whole pipeline in seconds (tests)")
     a("--jobs", type=POS, default=2, help="continual runs at a time")
     a("--threads", type=POS, help="threads per run (default: cores / jobs)")
     a("--controls", choices=["all", "full", "none"], default="full",
-      help="FP on random selections of FP's size and on the complement: for every method (all: make results), "
+      help="FP on random selections of FP's size and on the complement: for every method "
+           "(all: make results), "
            "for `full` only (the default: make demo stays within its time budget), or none")
     a("--steps", type=POS, help="continual-pretraining steps per run (default: 100, quick 6)")
     a("--lr", type=number("(0, inf)"), help="continual-pretraining learning rate (default 1e-3)")
@@ -527,7 +560,8 @@ def parse_args(argv=None):
     args.out = args.out or ("out/demo-quick" if args.quick else "out/demo")
     names = {n for n, _, _ in run_specs(FULL)} | {"full@alr-lr"}
     if args.only and not set(args.only) <= names:
-        ap.error(f"--only: unknown run {sorted(set(args.only) - names)[0]!r}; runs are {' '.join(sorted(names))}")
+        unknown = sorted(set(args.only) - names)[0]
+        ap.error(f"--only: unknown run {unknown!r}; runs are {' '.join(sorted(names))}")
     with input_errors("demo.py"):  # before the world and the base model, not after them
         check_paths(args)
     return args
@@ -556,15 +590,16 @@ def main(argv=None):
     t0 = time.time()
     per_seed = [one_seed(args, cfg, s) for s in args.seeds]
     text = table(per_seed)
-    print(f"\nanswer-span perplexity (lower is better) and exact match (%) after continual pretraining on the diff"
+    print("\nanswer-span perplexity (lower is better) and exact match (%) after continual pretraining on "
+          "the diff"
           f"{'; mean ± sd over seeds ' + ' '.join(map(str, args.seeds)) if len(args.seeds) > 1 else ''}"
           f"{' (random rows: over draws too)' if args.controls != 'none' else ''}:\n")
     print(text)
     traces = trace_lines(per_seed)
     print(f"\nthe traces (relative gradient norm = span / LM gradient norm, per unit):\n\n{traces}")
     if stored:
-        print(f"\nthis run against {args.check}: each cell with the range (min–max) of that cell over its seeds, "
-              f"OUT outside it:\n\n{check_table(per_seed, stored)}")
+        print(f"\nthis run against {args.check}: each cell with the range (min–max) of that cell over "
+              f"its seeds, OUT outside it:\n\n{check_table(per_seed, stored)}")
     root = os.path.join(args.out, f"seed{args.seeds[0]}")
     print(f"\nwhat the models say (seed {args.seeds[0]}): greedy answers to updated facts, as many tokens as "
           f"the gold answer\n\n{samples(root, [n for n in per_seed[0]['runs'] if n != 'base (no update)'])}")

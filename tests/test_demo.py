@@ -4,6 +4,7 @@ world's parameters change, --check against a results file, progress lines, and t
 import copy
 import dataclasses
 import json
+import subprocess
 import sys
 
 import pytest
@@ -12,8 +13,8 @@ from experiments import demo
 from train import TGL_MODES
 
 # every TGL arm and control of `full`, and one arm of each other method: every code path, fewer subprocesses
-ONLY = [f"full+{t}" for t in TGL_MODES] + ["mixreview+fp", "recadam+alr", "lora+alr", "full@alr-lr",
-                                           "full+fp:random0", "full+fp:random1", "full+fp:random2", "full+fp:complement"]
+ONLY = [f"full+{t}" for t in TGL_MODES] + ["mixreview+fp", "recadam+alr", "lora+alr", "full@alr-lr"] + \
+       [f"full+fp:random{d}" for d in range(3)] + ["full+fp:complement"]
 
 
 def blocks_trained(summary):
@@ -31,7 +32,8 @@ def test_quick_demo_runs_everything(tmp_path, capsys, monkeypatch):
         for s in demo.SPLITS:
             assert row["probes"][s]["n"] > 0 and row["probes"][s]["ppl"] > 1.0
     # continual pretraining on the diff moves the updated facts' perplexity from the base model's
-    assert rows["full+none"]["probes"]["updated"]["ppl"] != rows["base (no update)"]["probes"]["updated"]["ppl"]
+    updated_ppl = {n: rows[n]["probes"]["updated"]["ppl"] for n in ("full+none", "base (no update)")}
+    assert updated_ppl["full+none"] != updated_ppl["base (no update)"]
     # both traces ran, on different LM text, and the selection ranks blocks only
     assert set(res["traces"]) == {"general", "facts"}
     assert res["traces"]["general"]["all"]["rgn"] != res["traces"]["facts"]["all"]["rgn"]
@@ -43,10 +45,12 @@ def test_quick_demo_runs_everything(tmp_path, capsys, monkeypatch):
     # controls: random draws have FP's size; the complement is exactly the blocks FP freezes
     for d in range(3):
         assert len(blocks_trained(runs[f"full+fp:random{d}"])) == len(fp)
-    assert blocks_trained(runs["full+fp:complement"]) == {f"h.{i}.{s}" for i in range(2) for s in ("attn", "mlp")} - fp
+    blocks = {f"h.{i}.{s}" for i in range(2) for s in ("attn", "mlp")}
+    assert blocks_trained(runs["full+fp:complement"]) == blocks - fp
     table, traces = (tmp_path / "r.md").read_text().split("\n\n")
     assert traces.count("| 0 |") == 2 and "own fact text" in traces
-    assert "| full+fp random (3 draws) |" in table and "| full+fp complement |" in table and "| lora+alr |" in table
+    for row in ("| full+fp random (3 draws) |", "| full+fp complement |", "| lora+alr |"):
+        assert row in table
     assert table.count("\n") + 1 == len(ONLY) - 2 + 1 + 2  # 3 draws are one row; + base; + 2 header lines
     assert json.loads((tmp_path / "r.json").read_text())["seeds"] == [0]
     # what the models say: a row per updated fact, a column for the base model and each `full` arm
@@ -55,17 +59,24 @@ def test_quick_demo_runs_everything(tmp_path, capsys, monkeypatch):
     assert len(said) == 2 + 3 and all(row.count(" | ") == 5 for row in said[2:])
     check_against_stored(per_seed, json.loads((tmp_path / "r.json").read_text()))
     # every continual run is told its thread count
-    jobs = demo.continual_jobs(demo.parse_args(["--quick", "--out", str(out)]), demo.QUICK, 0, str(out / "seed0"))
+    jobs = demo.continual_jobs(demo.parse_args(["--quick", "--out", str(out)]), demo.QUICK, 0,
+                               str(out / "seed0"))
     assert all("--threads" in argv for _, argv in jobs) and demo.thread_env(3)["OMP_NUM_THREADS"] == "3"
     selection_reaches_runs_and_matched_lr(out, dict(jobs), monkeypatch)
+    reruns(out, tmp_path, capsys, monkeypatch)
 
+
+def reruns(out, tmp_path, capsys, monkeypatch):
+    """After a whole quick demo in `out`: what is cached, --check, and what a changed world rebuilds."""
     capsys.readouterr()
-    res = demo.main(["--quick", "--out", str(out), "--only", "lora+fp"])[0]  # second run: world and base cached
+    res = demo.main(["--quick", "--out", str(out), "--only", "lora+fp"])[0]  # again: world and base cached
     text = capsys.readouterr().out
-    assert "world: cached" in text and "base model: cached" in text and set(res["runs"]) == {"base (no update)", "lora+fp"}
+    assert "world: cached" in text and "base model: cached" in text
+    assert set(res["runs"]) == {"base (no update)", "lora+fp"}
     assert "| prompt | gold | base says | lora+fp says |" in text  # no `full` arm ran: the runs that did
 
-    # --check: a results file of these sizes is compared (base and full+none: 12 cells); a whole one (r.json) is refused at other sizes
+    # --check: a results file of these sizes is compared (base and full+none: 12 cells); at other sizes
+    # it is refused
     demo.main(["--quick", "--out", str(out), "--only", "full+none", "--check", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert "this run against" in text and "12 of 12 cells inside the stored seeds' range" in text
@@ -140,11 +151,13 @@ def test_check_refuses_a_bad_file_before_work(tmp_path, capsys, body, says):
 
 
 def fake_run(tmp_path, name, records, pause):
-    """(name, argv) of a job that appends `records` to OUT/metrics.jsonl, pause seconds apart, like train.py."""
+    """(name, argv) of a job that appends `records` to OUT/metrics.jsonl, `pause` s apart, like train.py."""
     code = ("import json, sys, time\nfor r in json.loads(sys.argv[1]):\n"
-            "    open(sys.argv[sys.argv.index('--out') + 1] + '/metrics.jsonl', 'a').write(json.dumps(r) + '\\n')\n"
+            "    out = sys.argv[sys.argv.index('--out') + 1]\n"
+            "    open(out + '/metrics.jsonl', 'a').write(json.dumps(r) + '\\n')\n"
             f"    time.sleep({pause})\n")
-    return name, [sys.executable, "-c", code, json.dumps(records), "--steps", "4", "--out", str(tmp_path / name)]
+    argv = [sys.executable, "-c", code, json.dumps(records), "--steps", "4", "--out", str(tmp_path / name)]
+    return name, argv
 
 
 def test_runs_show_progress_from_their_metrics(tmp_path, capsys, monkeypatch):
@@ -161,6 +174,11 @@ def test_runs_show_progress_from_their_metrics(tmp_path, capsys, monkeypatch):
     lines = [x for x in text.splitlines() if x.startswith("  ... ")]
     assert lines and all(x.count(" | ") <= 1 for x in lines)  # one line for both runs, never half lines
     assert "[2/2]" in text and "ETA" in text.split("[1/2]")[1].splitlines()[0]  # the runs' overall ETA
+    # the base model's pretraining: the same lines, one at a time
+    name, argv = fake_run(tmp_path, "a", recs, 1.0)
+    follow = demo.MetricsFollower(tmp_path / "a", 4)
+    demo.wait_showing(subprocess.Popen(argv), follow, "[seed 0] base")
+    assert capsys.readouterr().out.splitlines()[0] == "[seed 0] base: step 2/4 loss 3.00, ETA 4s"
 
 
 def test_metrics_follower_reads_whole_lines_only(tmp_path):
