@@ -28,8 +28,8 @@ import data
 import probe
 import trace as tgl_trace
 from experiments import plot, world as tgl_world
-from common import POS, Parser, check_output, fail, input_errors, number, write_text
-from experiments.tools import _duration, script
+from common import POS, Parser, check_output, duration, fail, input_errors, number, write_text
+from experiments.tools import script
 from model import load_model, unit_names, unit_of
 from train import METHODS, TGL_MODES
 
@@ -89,7 +89,7 @@ class MetricsFollower:
             return None
         self.shown = rec
         eta = rec["time"] / rec["step"] * (self.steps - rec["step"])
-        return f"{name}: step {rec['step']}/{self.steps} loss {rec['loss']:.2f}, ETA {_duration(eta)}"
+        return f"{name}: step {rec['step']}/{self.steps} loss {rec['loss']:.2f}, ETA {duration(eta)}"
 
 
 def steps_of(argv) -> int:
@@ -150,7 +150,7 @@ def runs_eta(done: dict, left: int, n_parallel: int) -> str:
     """', ETA 2m' for the jobs not finished yet, at the mean time of the finished ones."""
     if not left:
         return ""
-    return f", ETA {_duration(sum(done.values()) / len(done) * math.ceil(left / n_parallel))}"
+    return f", ETA {duration(sum(done.values()) / len(done) * math.ceil(left / n_parallel))}"
 
 
 def selection_flags() -> list:
