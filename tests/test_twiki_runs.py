@@ -86,6 +86,10 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     monkeypatch.setattr(twiki.subprocess, "Popen", real)
     again = twiki.main(runs_argv(init, b, "--stages", "2"))
     assert f"resumed: step {killed_at}" in log.read_text()
+    said = capsys.readouterr().out  # the updates done before the kill are neither timed nor left to train
+    assert (f"[stage 1/1, arm 1/1 full-fp] training updates {killed_at + 1}-32; ETA unknown until an "
+            f"update is timed ({32 - killed_at} updates of training left)") in said
+    assert f"# trained {32 - killed_at} updates" in said
     assert scores(again, 2) == scores(rows, 2) and scores(again, 1) == scores(rows, 1)
 
     # columns named by data set, the same in both stages; the driver's TempLAMA splits with each stage's dates
