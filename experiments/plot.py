@@ -136,7 +136,8 @@ def check_trace(path, d: dict) -> dict:
         raise ValueError(f"{path}: 'splits' is not {{split: {{rgn, units, ...}}}}; a trace.py output?")
     for name, sp in [("the top level", d), *((f"split {k!r}", v) for k, v in splits.items())]:
         rgn = sp.get("rgn") if isinstance(sp, dict) else None
-        if not (isinstance(rgn, dict) and rgn and all(isinstance(u, str) and UNIT_RE.fullmatch(u) for u in rgn)):
+        named = isinstance(rgn, dict) and bool(rgn) and all(UNIT_RE.fullmatch(str(u)) for u in rgn)
+        if not named:
             raise ValueError(f"{path}: {name}: rgn is not {{unit: number}} over units like embed, h.0.attn")
         bad = [u for u, v in rgn.items() if not (_num(v) and 0 <= v < math.inf)]
         if bad:

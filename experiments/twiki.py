@@ -4,8 +4,9 @@ by month pair, with every method x TGL mode, and one table at the end.
     python -m experiments.twiki --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
     python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test
     python -m experiments.twiki --init gpt2-large --out runs/large --plan   # commands, hours and GB (ESTIMATE)
-    python -m experiments.twiki --init gpt2 --out runs/t --templama templama --templama-dates 2017 2018 2019 2020 2021 \
-        --ecbd ecbd --export-hf runs/t/hf   # the paper's TempLAMA updated/unchanged and ECBD new, HF exports
+    python -m experiments.twiki --init gpt2-large --out runs/twiki --methods full mixreview --tgl none fp \\
+        --templama dynamic-templama --templama-dates 2020-Q4 2021-Q1 2021-Q2 2021-Q3 2021-Q4 --ecbd ecbd \\
+        --export-hf runs/hf   # and the paper's TempLAMA updated/unchanged and ECBD new, HF exports
 
 For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order:
   fetch what is missing -> probe splits (TemporalWiki's changed/unchanged, TempLAMA's updated/unchanged
@@ -164,7 +165,8 @@ def add_run_flags(a, d):
     a("--templama", nargs="+", default=[], help="TempLAMA / Dynamic TempLAMA data: 'templama' or 'dynamic-templama' "
       "(fetched into $TGL_CACHE/data), or .json/.jsonl files or folders; updated/unchanged splits built per stage")
     a("--templama-dates", nargs="+", default=[], help=f"with --templama: {len(STAGES) + 1} increasing dates, one per "
-      "snapshot (e.g. 2019 2020 2021 2022 2023, or quarters 2021-Q1 ...); stage K compares date K with date K+1")
+      "snapshot (e.g. Dynamic TempLAMA's quarters 2020-Q4 2021-Q1 2021-Q2 2021-Q3 2021-Q4, or years); "
+      "stage K compares date K with date K+1")
     a("--ecbd", help="ECBD's unpacked folder (year folders of np_spans_test.json), or 'ecbd' for the one registered "
       "with `python -m experiments.realdata fetch ecbd --folder PATH`; scored as ecbd/new at every stage")
     a("--train-args", default="", help="more train.py flags for every run, quoted (e.g. '--recadam-gamma 50 --eval-every 500'; "
@@ -179,7 +181,8 @@ def parse_args(argv=None) -> Config:
     a("--init", required=True,
       help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ..., a local HF folder or a run folder")
     a("--out", required=True, help="the protocol's folder: protocol.json, probes/, stageK/ARM run folders, results.md/.json")
-    a("--methods", nargs="+", choices=train.METHODS, default=d.methods, help="continual-learning methods (arms = methods x --tgl)")
+    a("--methods", nargs="+", choices=train.METHODS, default=d.methods,
+      help="continual-learning methods (arms = methods x --tgl)")
     a("--tgl", nargs="+", choices=train.TGL_MODES, default=d.tgl, help="TGL modes stacked on each method")
     a("--stages", nargs="+", default=["1", "2", "3", "4"], help="stages to run: numbers 1-4 or month pairs like 0901-1001")
     add_run_flags(a, d)
@@ -217,9 +220,22 @@ def check_passed(flag: str, text: str, config, required: list):
     taken = [t.split("=")[0] for t in extra if t.split("=")[0] in OWN_FLAGS]
     if taken:
         raise ValueError(f"{flag}: {taken[0]} is set by twiki.py itself; use twiki.py's own flag for it")
+    flag_parser(flag, config).parse_args(required + extra)  # Parser.error: one line, exit 2
+
+
+def flag_parser(flag: str, config) -> Parser:
+    """train.py's / trace.py's own flags (its Config's): what --train-args / --trace-args may pass."""
     parser = Parser(prog=f"{PROG} {flag}", add_help=False)
     add_flags(parser, config)
-    parser.parse_args(required + extra)  # Parser.error: one line, exit 2
+    return parser
+
+
+def passed_save_every(cfg) -> int | None:
+    """The --save-every that --train-args passes, as train.py's parser reads it (the last one, or an
+    abbreviation), or None when it passes none: then the driver adds its own from --save-minutes."""
+    parser = flag_parser("--train-args", train.Config)
+    parser.set_defaults(save_every=None)  # given or not, where train.py's default would be 0
+    return parser.parse_args(["--data", "-"] + shlex.split(cfg.train_args)).save_every
 
 
 def check_config(cfg: Config):
@@ -259,7 +275,7 @@ def check_probe_sources(cfg: Config):
     dates = cfg.templama_dates
     if cfg.templama and len(dates) != len(STAGES) + 1:
         raise ValueError(f"--templama needs --templama-dates with {len(STAGES) + 1} dates, one per snapshot "
-                         f"(got {len(dates)}), e.g. --templama-dates 2019 2020 2021 2022 2023")
+                         f"(got {len(dates)}), e.g. --templama-dates 2020-Q4 2021-Q1 2021-Q2 2021-Q3 2021-Q4")
     if dates and not cfg.templama:
         raise ValueError("--templama-dates without --templama: give the TempLAMA data too")
     if any(a >= b for a, b in zip(dates, dates[1:])):
@@ -447,7 +463,7 @@ def train_argv(cfg, k, arm, steps) -> list:
             "--block-size", cfg.block_size, "--grad-accum", cfg.grad_accum, "--lr", cfg.lr, "--warmup", cfg.warmup,
             "--seed", cfg.seed, "--metric", cfg.metric,
             "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
-    if save_every(cfg) and not any(t.split("=")[0] == "--save-every" for t in extra):
+    if save_every(cfg) and passed_save_every(cfg) is None:
         args += ["--save-every", save_every(cfg)]  # a killed step loses at most --save-minutes
     if tgl != "none":
         args += ["--trace", trace_file(cfg, k, arm)]
@@ -970,12 +986,22 @@ def plan_time(cfg) -> list:
                    f"tokens per arm ({src}): {hours:.2f} h per arm, {hours * len(cfg.arms):.2f} h for "
                    f"{len(cfg.arms)} arms ({', '.join(cfg.arms)})")
         total += hours * len(cfg.arms)
-    every = save_every(cfg)
     out.append(f"#   total: {total:.2f} h of training for {len(cfg.arms) * len(cfg.stages)} runs (ESTIMATE; tracing, "
                "probe scoring, tokenizing and downloads not included)")
-    out.append(f"#   checkpoints: --save-every {every} updates = about every {cfg.save_minutes:g} minutes at that rate"
-               if every else "#   checkpoints: only at the end of each run (--save-minutes 0)")
-    return out
+    return out + [plan_checkpoints(cfg)]
+
+
+def plan_checkpoints(cfg) -> str:
+    """The plan's line on checkpoints: the interval its train.py commands carry (a --save-every in
+    --train-args wins over the driver's from --save-minutes)."""
+    passed, rate = passed_save_every(cfg), tok_s(cfg)
+    every, why = (save_every(cfg), "from --save-minutes") if passed is None else (passed, "from --train-args")
+    if not every:
+        return "#   checkpoints: only at the end of each run (" + (
+            "--save-minutes 0)" if passed is None else "--save-every 0 in --train-args)")
+    minutes = every * tokens_per_update(cfg) / rate / 60
+    return (f"#   checkpoints: --save-every {every} updates ({why}) "
+            f"= about every {minutes:.3g} minutes at that rate")
 
 
 def plan_disk(cfg) -> list:

@@ -65,6 +65,7 @@ def test_trace_marks_read_every_selection_field():
     d = plot.check_trace("t.json", dict(rgn=deeper, units=units, splits=splits, selection=chosen))
     assert d["marks"] == {"a": {"ln_f"}, "b": {"embed"}}
     default = plot.check_trace("t.json", dict(rgn=deeper, units=units, splits=splits, selection={}))
-    assert default["marks"]["a"] == {"embed", "h.1.attn", "h.1.mlp", "ln_f"}  # blocks above their mean; the rest train
+    # the defaults: the blocks above their mean rgn, embed and ln_f always train
+    assert default["marks"]["a"] == {"embed", "h.1.attn", "h.1.mlp", "ln_f"}
     with pytest.raises(ValueError, match="t.json: 'selection' is not trace.py's {select, rank_units"):
         plot.check_trace("t.json", dict(rgn=deeper, units=units, splits=splits, selection={"rank_units": 3}))
