@@ -704,13 +704,14 @@ class Progress:
     """Where the protocol stands, printed before each step of an arm ("stage 1/2, arm 2/4 full-fp:
     training ..."), with an ETA of the training left: seconds per update measured on the updates this
     invocation trained (the wall time of its train.py steps, loading and probe scoring included), times
-    the updates still to train. Runs finished before and the updates a killed
-    run had done before its checkpoint cost nothing now, so they count neither as work done nor as work
-    left. Only training is projected (tracing and scoring are minutes where training is hours); the
-    later stages' updates are estimates (their diff sets' sizes, as --plan's)."""
+    the updates still to train. Runs finished before, and the updates a killed run had done before its
+    checkpoint, cost nothing now: they count neither as work done nor as work left. Only training is
+    projected (tracing and scoring are minutes where training is hours); the later stages' updates are
+    estimates (their diff sets' sizes, as --plan's)."""
 
     def __init__(self, cfg):
-        self.cfg, self.seconds, self.updates = cfg, 0.0, 0
+        self.cfg, self.seconds, self.updates = cfg, 0.0, 0  # seconds and updates of the training timed so far
+        self.start, self.t0 = 0, 0.0  # the arm in training: the update it resumed from, its start time
         self.left = {(k, arm): 0 if finished(run_dir(cfg, k, arm)) else stage_steps(cfg, k)
                      for k in cfg.stages for arm in cfg.arms}
 
