@@ -255,10 +255,9 @@ The target (issue 4) is traced / plain <= 1.1: the hooks must not be the bottlen
 
 def train_setups(n_layer):
     """{name: unit scales for make_param_groups (0 = frozen), None = all train, or "lora"}."""
-    half = n_layer // 2
-    late = {f"h.{i}.{s}" for i in range(half, n_layer) for s in ("attn", "mlp")} | {"ln_f"}
-    early = {"embed"} | {f"h.{i}.{s}" for i in range(half) for s in ("attn", "mlp")}
-    units = unit_names(n_layer)
+    units = unit_names(n_layer)  # embed, h.0.attn, h.0.mlp, ..., ln_f: network order
+    cut = 1 + 2 * (n_layer // 2)  # embed and the first half of the blocks
+    early, late = set(units[:cut]), set(units[cut:])
     return {"full": None,
             "fp (late half frozen)": {u: float(u not in late) for u in units},
             "fp (early half frozen)": {u: float(u not in early) for u in units},

@@ -49,7 +49,7 @@ class Dataset:
 
 DATASETS = {
     "twiki-probes": Dataset(twiki_url, ("TWiki_Probes.zip",), r"(?:^|/)\d{4}-\d{4}_(?:un)?changed\.csv$",
-                            "1 MB download, a few MB unpacked"),
+                            "620 kB download, a few MB unpacked"),
     "twiki-diffsets": Dataset(twiki_url, ("TWiki_Diffsets.zip",), r"(?:^|/)wikipedia_\d{4}_gpt2\.csv$",
                               "932 MB download plus the unpacked CSVs (checked before unpacking)"),
     "twiki-snapshot": Dataset(twiki_url, ("Wikipedia_Full.zip",), SNAPSHOT_PART.pattern,

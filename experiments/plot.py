@@ -14,11 +14,11 @@ The terminal view is always there (one sparkline per series); the PNG needs matp
 import json
 import math
 import os
-import re
 import sys
+from dataclasses import fields
 
 from common import Parser, atomic_path, check_output, fail, input_errors, number, read_text, write_text
-from model import unit_names
+from model import UNIT_RE, unit_names
 from trace import Selection, load_trace, tgl_plan
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -122,8 +122,9 @@ def bar_chart(rgn: dict, title: str, width: int = 40, mark=()) -> str:
         lines.append(f"{label:>10} │{bar} {rgn[u]:.3f}{' *' if u in mark else ''}")
     return "\n".join(lines)
 
-UNIT = re.compile(r"embed|ln_f|h\.\d+\.(attn|mlp)")
-SEL_KEYS = ("select", "rank_units", "alr_norm", "floor", "control")
+# The selection's fields, as trace.py records them (asdict of a trace.Selection), with their defaults: read
+# from the dataclass, so a field added there reaches the chart (a copied list here once dropped one silently).
+SEL_FIELDS = {f.name: f.default for f in fields(Selection)}
 
 
 def check_trace(path, d: dict) -> dict:
@@ -135,7 +136,8 @@ def check_trace(path, d: dict) -> dict:
         raise ValueError(f"{path}: 'splits' is not {{split: {{rgn, units, ...}}}}; a trace.py output?")
     for name, sp in [("the top level", d), *((f"split {k!r}", v) for k, v in splits.items())]:
         rgn = sp.get("rgn") if isinstance(sp, dict) else None
-        if not (isinstance(rgn, dict) and rgn and all(isinstance(u, str) and UNIT.fullmatch(u) for u in rgn)):
+        named = isinstance(rgn, dict) and bool(rgn) and all(UNIT_RE.fullmatch(str(u)) for u in rgn)
+        if not named:
             raise ValueError(f"{path}: {name}: rgn is not {{unit: number}} over units like embed, h.0.attn")
         bad = [u for u, v in rgn.items() if not (_num(v) and 0 <= v < math.inf)]
         if bad:
@@ -143,14 +145,16 @@ def check_trace(path, d: dict) -> dict:
         if not isinstance(sp.get("units", []), list) or sorted(sp.get("units", rgn)) != sorted(rgn):
             raise ValueError(f"{path}: {name}: its units are not those of its rgn")
     sel = d.get("selection", {})
-    typed = isinstance(sel, dict) and all(_num(sel[k]) if k == "floor" else isinstance(sel[k], str)
-                                          for k in SEL_KEYS if k in sel)
+    typed = isinstance(sel, dict) and all(_num(sel[k]) if _num(default) else isinstance(sel[k], type(default))
+                                          for k, default in SEL_FIELDS.items() if k in sel)
     if not typed:
-        raise ValueError(f"{path}: 'selection' is not trace.py's {{{', '.join(SEL_KEYS)}, ...}}")
+        raise ValueError(f"{path}: 'selection' is not trace.py's {{{', '.join(SEL_FIELDS)}, ...}}")
     try:
-        base = Selection(**{k: sel[k] for k in SEL_KEYS if k in sel}).check()
+        base = Selection(**{k: sel[k] for k in SEL_FIELDS if k in sel}).check()
         d = dict(d, splits=splits, selection=sel, base=base, marks={})
         for name, sp in splits.items():
+            # each split's chart marks what FP selects from that split's own rgn, whichever split
+            # (trace_split) the run itself selected with: the recorded trace_split is overridden here
             fp = tgl_plan(d, "fp", Selection(**dict(vars(base), trace_split=name)), list(sp["rgn"]))
             d["marks"][name] = {u for u, v in fp.items() if v}
     except ValueError as e:  # a bad recorded --select, or no h.N unit to rank: FP's choice is undefined

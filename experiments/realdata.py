@@ -12,7 +12,7 @@ data.py makes of a text or probe file.
     python -m experiments.realdata splits templama --input D/templama --from 2019 --to 2020 --out probes/templama
     python -m experiments.realdata splits ecbd --input D/ecbd --out probes/ecbd
     python -m experiments.realdata probes --probes probes/twiki/*/changed.csv   # counts per split
-    python -m experiments.realdata tokenize --text D/twiki-snapshot/prefix-500MB/wikipedia_08_gpt2_prefix.csv \
+    python -m experiments.realdata tokenize --text D/twiki-snapshot/prefix-500MB/wikipedia_08_gpt2_prefix.csv \\
         --max-tokens 20000000
 """
 import argparse

@@ -4,8 +4,9 @@ by month pair, with every method x TGL mode, and one table at the end.
     python -m experiments.twiki --init gpt2 --out runs/twiki --methods full mixreview --tgl none fp
     python -m experiments.twiki --init gpt2 --out runs/smoke --max-train-tokens 5M --snapshot-mb 50   # smoke test
     python -m experiments.twiki --init gpt2-large --out runs/large --plan   # commands, hours and GB (ESTIMATE)
-    python -m experiments.twiki --init gpt2 --out runs/t --templama templama --templama-dates 2017 2018 2019 2020 2021 \
-        --ecbd ecbd --export-hf runs/t/hf   # the paper's TempLAMA updated/unchanged and ECBD new, HF exports
+    python -m experiments.twiki --init gpt2-large --out runs/twiki --methods full mixreview --tgl none fp \\
+        --templama dynamic-templama --templama-dates 2020-Q4 2021-Q1 2021-Q2 2021-Q3 2021-Q4 --ecbd ecbd \\
+        --export-hf runs/hf   # and the paper's TempLAMA updated/unchanged and ECBD new, HF exports
 
 For each stage (month pair 0801-0901, 0901-1001, 1001-1101, 1101-1201), in order:
   fetch what is missing -> probe splits (TemporalWiki's changed/unchanged, TempLAMA's updated/unchanged
@@ -41,13 +42,11 @@ import data
 import train
 from common import Parser, add_flags, atomic_path, check_output, input_errors, read_json, write_text
 from experiments import fetch, realdata
-from experiments.tools import check_number, script
+from experiments.tools import _duration, check_number, script
 from model import CKPT_NAME, HUB_NAMES, save_checkpoint
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
 PROG = "twiki.py"
-METHODS = ("full", "mixreview", "recadam", "lora")
-TGLS = ("none", "fp", "alr")
 # (probe month pair, old snapshot month, new month): TemporalWiki's four consecutive updates (2021). The diff
 # set of a stage is TWiki_Diffsets/wikipedia_{old}{new}_gpt2.csv, its old text Wikipedia_Full/wikipedia_{old}_gpt2/.
 STAGES = (("0801-0901", "08", "09"), ("0901-1001", "09", "10"), ("1001-1101", "10", "11"), ("1101-1201", "11", "12"))
@@ -166,7 +165,8 @@ def add_run_flags(a, d):
     a("--templama", nargs="+", default=[], help="TempLAMA / Dynamic TempLAMA data: 'templama' or 'dynamic-templama' "
       "(fetched into $TGL_CACHE/data), or .json/.jsonl files or folders; updated/unchanged splits built per stage")
     a("--templama-dates", nargs="+", default=[], help=f"with --templama: {len(STAGES) + 1} increasing dates, one per "
-      "snapshot (e.g. 2019 2020 2021 2022 2023, or quarters 2021-Q1 ...); stage K compares date K with date K+1")
+      "snapshot (e.g. Dynamic TempLAMA's quarters 2020-Q4 2021-Q1 2021-Q2 2021-Q3 2021-Q4, or years); "
+      "stage K compares date K with date K+1")
     a("--ecbd", help="ECBD's unpacked folder (year folders of np_spans_test.json), or 'ecbd' for the one registered "
       "with `python -m experiments.realdata fetch ecbd --folder PATH`; scored as ecbd/new at every stage")
     a("--train-args", default="", help="more train.py flags for every run, quoted (e.g. '--recadam-gamma 50 --eval-every 500'; "
@@ -181,8 +181,9 @@ def parse_args(argv=None) -> Config:
     a("--init", required=True,
       help="stage 1's model: gpt2, gpt2-large, EleutherAI/gpt-neo-1.3B, ..., a local HF folder or a run folder")
     a("--out", required=True, help="the protocol's folder: protocol.json, probes/, stageK/ARM run folders, results.md/.json")
-    a("--methods", nargs="+", choices=METHODS, default=d.methods, help="continual-learning methods (arms = methods x --tgl)")
-    a("--tgl", nargs="+", choices=TGLS, default=d.tgl, help="TGL modes stacked on each method")
+    a("--methods", nargs="+", choices=train.METHODS, default=d.methods,
+      help="continual-learning methods (arms = methods x --tgl)")
+    a("--tgl", nargs="+", choices=train.TGL_MODES, default=d.tgl, help="TGL modes stacked on each method")
     a("--stages", nargs="+", default=["1", "2", "3", "4"], help="stages to run: numbers 1-4 or month pairs like 0901-1001")
     add_run_flags(a, d)
     a("--device", default=d.device, help="auto | cpu | cuda | mps, for every step")
@@ -219,9 +220,22 @@ def check_passed(flag: str, text: str, config, required: list):
     taken = [t.split("=")[0] for t in extra if t.split("=")[0] in OWN_FLAGS]
     if taken:
         raise ValueError(f"{flag}: {taken[0]} is set by twiki.py itself; use twiki.py's own flag for it")
+    flag_parser(flag, config).parse_args(required + extra)  # Parser.error: one line, exit 2
+
+
+def flag_parser(flag: str, config) -> Parser:
+    """train.py's / trace.py's own flags (its Config's): what --train-args / --trace-args may pass."""
     parser = Parser(prog=f"{PROG} {flag}", add_help=False)
     add_flags(parser, config)
-    parser.parse_args(required + extra)  # Parser.error: one line, exit 2
+    return parser
+
+
+def passed_save_every(cfg) -> int | None:
+    """The --save-every that --train-args passes, as train.py's parser reads it (the last one, or an
+    abbreviation), or None when it passes none: then the driver adds its own from --save-minutes."""
+    parser = flag_parser("--train-args", train.Config)
+    parser.set_defaults(save_every=None)  # given or not, where train.py's default would be 0
+    return parser.parse_args(["--data", "-"] + shlex.split(cfg.train_args)).save_every
 
 
 def check_config(cfg: Config):
@@ -261,7 +275,7 @@ def check_probe_sources(cfg: Config):
     dates = cfg.templama_dates
     if cfg.templama and len(dates) != len(STAGES) + 1:
         raise ValueError(f"--templama needs --templama-dates with {len(STAGES) + 1} dates, one per snapshot "
-                         f"(got {len(dates)}), e.g. --templama-dates 2019 2020 2021 2022 2023")
+                         f"(got {len(dates)}), e.g. --templama-dates 2020-Q4 2021-Q1 2021-Q2 2021-Q3 2021-Q4")
     if dates and not cfg.templama:
         raise ValueError("--templama-dates without --templama: give the TempLAMA data too")
     if any(a >= b for a, b in zip(dates, dates[1:])):
@@ -449,7 +463,7 @@ def train_argv(cfg, k, arm, steps) -> list:
             "--block-size", cfg.block_size, "--grad-accum", cfg.grad_accum, "--lr", cfg.lr, "--warmup", cfg.warmup,
             "--seed", cfg.seed, "--metric", cfg.metric,
             "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
-    if save_every(cfg) and not any(t.split("=")[0] == "--save-every" for t in extra):
+    if save_every(cfg) and passed_save_every(cfg) is None:
         args += ["--save-every", save_every(cfg)]  # a killed step loses at most --save-minutes
     if tgl != "none":
         args += ["--trace", trace_file(cfg, k, arm)]
@@ -645,11 +659,12 @@ def scored(cfg, k, arm) -> bool:
     return finished(run_) and (run_ / "val.json").is_file() and (run_ / "text.json").is_file()
 
 
-def run_stage(cfg, k):
+def run_stage(cfg, k, progress):
     """One stage: data, the init row, traces, then every arm's training (which scores the probes) and
     the other metric with the held-out text."""
     pair, old, new = STAGES[k - 1]
-    print(f"\n== stage {k}: {pair} (old snapshot {old}, diff {old}->{new}) ==", flush=True)
+    print(f"\n== stage {k}: {pair} (old snapshot {old}, diff {old}->{new}), "
+          f"{cfg.stages.index(k) + 1} of the {len(cfg.stages)} stage(s) run now ==", flush=True)
     fetch_stage(cfg, k)
     sd, logs = stage_dir(cfg, k), stage_dir(cfg, k) / "logs"
     if not (sd / "init.json").is_file():
@@ -666,18 +681,87 @@ def run_stage(cfg, k):
         return
     for arm in todo:
         if not arm.endswith("-none") and not trace_file(cfg, k, arm).is_file():
+            progress.say(k, arm, "tracing")
             run(trace_argv(cfg, k, arm), logs / f"trace-{'init' if k == 1 else arm}.log", cfg.threads)
     steps = train_steps(cfg, 0 if cfg.max_train_tokens else text_tokens(cfg, sd / "data" / "train.csv"))
     for arm in todo:
+        progress.start_training(k, arm, steps)
         run(train_argv(cfg, k, arm, steps), logs / f"{arm}.log", cfg.threads)
+        progress.trained(k, arm)
         if k > 1 and not cfg.keep_optimizer:
             drop_optimizer(run_dir(cfg, k - 1, arm))
     for arm in cfg.arms:  # held-out perplexity and the other metric of each final model
+        if not scored(cfg, k, arm):
+            progress.say(k, arm, "scoring the other metric and the held-out text")
         if not (run_dir(cfg, k, arm) / "val.json").is_file():
             run(val_argv(cfg, k, arm), logs / f"{arm}-val.log", cfg.threads)
         if not (run_dir(cfg, k, arm) / "text.json").is_file():
             run(text_argv(cfg, k, run_dir(cfg, k, arm), run_dir(cfg, k, arm) / "text.json"), logs / f"{arm}-text.log",
                 cfg.threads)
+
+
+class Progress:
+    """Where the protocol stands, printed before each step of an arm ("stage 1/2, arm 2/4 full-fp:
+    training ..."), with an ETA of the training left: seconds per update measured on the updates this
+    invocation trained (the wall time of its train.py steps, loading and probe scoring included), times
+    the updates still to train. Runs finished before, and the updates a killed run had done before its
+    checkpoint, cost nothing now: they count neither as work done nor as work left. Only training is
+    projected (tracing and scoring are minutes where training is hours); the later stages' updates are
+    estimates (their diff sets' sizes, as --plan's)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.seconds, self.updates = cfg, 0.0, 0  # seconds and updates of the training timed so far
+        self.start, self.t0 = 0, 0.0  # the arm in training: the update it resumed from, its start time
+        self.left = {(k, arm): 0 if finished(run_dir(cfg, k, arm)) else stage_steps(cfg, k)
+                     for k in cfg.stages for arm in cfg.arms}
+
+    def say(self, k, arm, what: str):
+        left = sum(self.left.values())
+        if not left:
+            eta = "no training left"
+        elif not self.updates:
+            eta = f"ETA unknown until an update is timed ({left:,} updates of training left)"
+        else:
+            rate = self.seconds / self.updates
+            eta = (f"ETA {_duration(left * rate)} of training ({left:,} updates left at {rate:.3g} s/update, "
+                   f"measured over the {self.updates:,} trained now)")
+        stages, arms = self.cfg.stages, self.cfg.arms
+        where = f"stage {stages.index(k) + 1}/{len(stages)}, arm {arms.index(arm) + 1}/{len(arms)} {arm}"
+        print(f"[{where}] {what}; {eta}", flush=True)
+
+    def start_training(self, k, arm, steps: int):
+        """Before an arm's train.py: this stage's exact updates replace the estimate; a killed run's
+        checkpoint says how many of them are done already."""
+        self.left.update({(k, a): steps for a in self.cfg.arms if self.left[(k, a)]})
+        self.start, self.t0 = resumed_step(run_dir(self.cfg, k, arm)), time.time()
+        self.left[(k, arm)] = max(0, steps - self.start)
+        resumed = f"training updates {self.start + 1:,}-{steps:,}"  # a killed run, from its checkpoint
+        self.say(k, arm, resumed if self.start else f"training {steps:,} updates")
+
+    def trained(self, k, arm):
+        if self.left[(k, arm)]:  # a run killed after its last update trained none now: no rate to learn
+            self.seconds += time.time() - self.t0
+            self.updates += self.left[(k, arm)]
+        self.left[(k, arm)] = 0
+
+    def summary(self):
+        if self.updates:
+            print(f"\n# trained {self.updates:,} updates in {_duration(self.seconds)} "
+                  f"({self.seconds / self.updates:.3g} s/update, train.py's loading and scoring included)")
+
+
+def resumed_step(run: Path) -> int:
+    """The update a killed training step goes on from: its checkpoint's (mmap: the weights are not read).
+    0 when there is none; an unreadable one is train.py's to report."""
+    path = run / CKPT_NAME
+    if not path.is_file():
+        return 0
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (torch raises many kinds)
+        return 0
+    step = ck.get("step") if isinstance(ck, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
 
 
 def drop_optimizer(run: Path):
@@ -791,7 +875,7 @@ def collect(cfg) -> list:
     --methods / --tgl too, after this one's): one table across stages and arms."""
     rows = []
     for k in range(1, len(STAGES) + 1):
-        found = sorted(p.name for p in stage_dir(cfg, k).glob("*-*") if p.name.split("-")[0] in METHODS)
+        found = sorted(p.name for p in stage_dir(cfg, k).glob("*-*") if p.name.split("-")[0] in train.METHODS)
         arms = cfg.arms + [arm for arm in found if arm not in cfg.arms]
         rows += [r for r in [init_row(cfg, k)] + [arm_row(cfg, k, arm) for arm in arms] if r]
     return rows
@@ -903,12 +987,22 @@ def plan_time(cfg) -> list:
                    f"tokens per arm ({src}): {hours:.2f} h per arm, {hours * len(cfg.arms):.2f} h for "
                    f"{len(cfg.arms)} arms ({', '.join(cfg.arms)})")
         total += hours * len(cfg.arms)
-    every = save_every(cfg)
     out.append(f"#   total: {total:.2f} h of training for {len(cfg.arms) * len(cfg.stages)} runs (ESTIMATE; tracing, "
                "probe scoring, tokenizing and downloads not included)")
-    out.append(f"#   checkpoints: --save-every {every} updates = about every {cfg.save_minutes:g} minutes at that rate"
-               if every else "#   checkpoints: only at the end of each run (--save-minutes 0)")
-    return out
+    return out + [plan_checkpoints(cfg)]
+
+
+def plan_checkpoints(cfg) -> str:
+    """The plan's line on checkpoints: the interval its train.py commands carry (a --save-every in
+    --train-args wins over the driver's from --save-minutes)."""
+    passed, rate = passed_save_every(cfg), tok_s(cfg)
+    every, why = (save_every(cfg), "from --save-minutes") if passed is None else (passed, "from --train-args")
+    if not every:
+        return "#   checkpoints: only at the end of each run (" + (
+            "--save-minutes 0)" if passed is None else "--save-every 0 in --train-args)")
+    minutes = every * tokens_per_update(cfg) / rate / 60
+    return (f"#   checkpoints: --save-every {every} updates ({why}) "
+            f"= about every {minutes:.3g} minutes at that rate")
 
 
 def plan_disk(cfg) -> list:
@@ -966,8 +1060,10 @@ def main(argv=None):
             return None
         start(cfg)
         fetch_shared(cfg)
+        progress = Progress(cfg)  # after fetch_shared: the diff sets' sizes give the later stages' updates
         for k in cfg.stages:
-            run_stage(cfg, k)
+            run_stage(cfg, k, progress)
+        progress.summary()
         if cfg.export_hf:
             export_all(cfg)
         rows = collect(cfg)

@@ -1,10 +1,12 @@
 """plot.py: Figure 1 (loss, probe perplexity, per-unit gradient norms over training) from a tiny run."""
 import json
+from dataclasses import asdict, fields
 
 import pytest
 
 from experiments import plot
 import train
+from trace import Selection
 from experiments.world import WorldConfig, make_world
 
 
@@ -48,3 +50,22 @@ def test_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "bad.jsonl")])
     assert "not JSON lines" in capsys.readouterr().err
+
+
+def test_trace_marks_read_every_selection_field():
+    """plot takes the selection's fields from trace.Selection (a copied list once dropped a new field
+    silently), and each recorded one reaches the '*' marks; each split's chart marks what FP selects
+    from that split's rgn, whichever --trace-split the run used."""
+    assert list(plot.SEL_FIELDS) == [f.name for f in fields(Selection)]
+    units = train.unit_names(2)
+    deeper = {u: float(i) for i, u in enumerate(units)}  # ln_f largest
+    shallower = {u: float(len(units) - i) for i, u in enumerate(units)}  # embed largest
+    splits = {"a": dict(rgn=deeper, units=units), "b": dict(rgn=shallower, units=units)}
+    chosen = asdict(Selection(select="topk:1", rank_units="all", trace_split="b"))
+    d = plot.check_trace("t.json", dict(rgn=deeper, units=units, splits=splits, selection=chosen))
+    assert d["marks"] == {"a": {"ln_f"}, "b": {"embed"}}
+    default = plot.check_trace("t.json", dict(rgn=deeper, units=units, splits=splits, selection={}))
+    # the defaults: the blocks above their mean rgn, embed and ln_f always train
+    assert default["marks"]["a"] == {"embed", "h.1.attn", "h.1.mlp", "ln_f"}
+    with pytest.raises(ValueError, match="t.json: 'selection' is not trace.py's {select, rank_units"):
+        plot.check_trace("t.json", dict(rgn=deeper, units=units, splits=splits, selection={"rank_units": 3}))

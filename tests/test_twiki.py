@@ -6,6 +6,7 @@ invocation that re-runs nothing, --plan that runs nothing, and a changed flag re
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -68,12 +69,36 @@ def one_line_error(capsys, args):
     return err
 
 
+PROGRESS = re.compile(r"\[stage (\d)/2, arm (\d)/2 (\S+)\] (tracing|training 4 updates|scoring [^;]+); "
+                      r"(?:no training left|ETA (?:unknown until an update is timed "
+                      r"\((\d+) updates of training left\)|\S+ of training "
+                      r"\((\d+) updates left at \S+ s/update, measured over the (\d+) trained now\)))$")
+
+
+def check_progress(out: str, arms):
+    """Two stages x two arms of 4 updates: the stage and arm of each step, and an ETA once one arm has been
+    timed, over the updates left (16 before the first, 4 fewer after each)."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("[stage ")]
+    got = [PROGRESS.fullmatch(ln) for ln in lines]
+    assert lines and all(got), lines
+    got = [m.groups() for m in got]  # stage, arm #, arm, what, updates left (no ETA / ETA), timed
+    train = [m for m in got if m[3].startswith("training")]
+    expect = [(k, i + 1, a) for k in (1, 2) for i, a in enumerate(arms)]
+    assert [(int(m[0]), int(m[1]), m[2]) for m in train] == expect
+    assert [int(m[4] or m[5]) for m in train] == [16, 12, 8, 4]  # not yet trained, this arm's included
+    assert train[0][4] and [m[6] for m in train] == [None, "4", "8", "12"]  # unknown until an update is timed
+    assert [m[3] for m in got].count("tracing") == 3  # stage 1's arms share a trace, stage 2's don't
+    assert lines[-1].endswith("scoring the other metric and the held-out text; no training left")
+    assert "# trained 16 updates in " in out
+
+
 def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     serve_twiki(server)
     init, out = tiny_gpt2(tmp_path / "tiny"), tmp_path / "twiki"
     rows = twiki.main(argv(init, out))
     arms = ["full-fp", "mixreview-fp"]
+    check_progress(capsys.readouterr().out, arms)
     assert [(r["stage"], r["arm"]) for r in rows] == [(k, a) for k in (1, 2) for a in ["init"] + arms]
     for r in rows:
         assert set(r["probes"]) == {"twiki/changed", "twiki/unchanged", "ecbd/new"} and r["probes"]["twiki/changed"]["n"] == 6, r

@@ -86,6 +86,10 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     monkeypatch.setattr(twiki.subprocess, "Popen", real)
     again = twiki.main(runs_argv(init, b, "--stages", "2"))
     assert f"resumed: step {killed_at}" in log.read_text()
+    said = capsys.readouterr().out  # the updates done before the kill are neither timed nor left to train
+    assert (f"[stage 1/1, arm 1/1 full-fp] training updates {killed_at + 1}-32; ETA unknown until an "
+            f"update is timed ({32 - killed_at} updates of training left)") in said
+    assert f"# trained {32 - killed_at} updates" in said
     assert scores(again, 2) == scores(rows, 2) and scores(again, 1) == scores(rows, 1)
 
     # columns named by data set, the same in both stages; the driver's TempLAMA splits with each stage's dates
@@ -135,6 +139,16 @@ def test_plan_sizes_the_run_with_nothing_on_disk(server, tmp_path, capsys):
     disk = [ln for ln in text.splitlines() if "GB in all" in ln]
     assert len(disk) == 1 and "checkpoints" in disk[0] and "snapshot prefixes" in disk[0]
     assert not server.log and not (tmp_path / "o").exists()
+    assert "checkpoints: --save-every 11699 updates (from --save-minutes) = about every 30 minutes " in text
+    # a --save-every in --train-args (abbreviated, as train.py's parser takes it) is the one the commands
+    # carry, and the one the plan's checkpoint line states
+    cfg = twiki.parse_args(["--init", "gpt2-large", "--out", "o", "--train-args=--save-e=500"])
+    own = twiki.plan(cfg)
+    trains = [ln for ln in own.splitlines() if ln.startswith("python train.py")]
+    assert len(trains) == 8 and all(ln.endswith(" --save-e=500") for ln in trains)
+    assert not any("--save-every" in ln for ln in trains)  # the driver adds none of its own
+    minutes = 500 * 8 * 1024 / twiki.tok_s(cfg) / 60
+    assert f"checkpoints: --save-every 500 updates (from --train-args) = about every {minutes:.3g} min" in own
     with_opt = twiki.plan(twiki.parse_args(["--init", "gpt2-large", "--out", str(tmp_path / "o"), "--keep-optimizer"]))
     gb = lambda t: float(t.split("about ")[1].split(" GB")[0])  # noqa: E731
     assert gb(with_opt.splitlines()[-1]) > gb(disk[0]) + 30  # 6 more runs' AdamW moments of 774M parameters
