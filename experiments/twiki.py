@@ -40,9 +40,10 @@ import torch
 
 import data
 import train
-from common import Parser, add_flags, atomic_path, check_output, input_errors, read_json, write_text
+from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
+from common import write_text
 from experiments import fetch, realdata
-from experiments.tools import _duration, check_number, script
+from experiments.tools import check_number, script
 from model import CKPT_NAME, HUB_NAMES, save_checkpoint
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
@@ -723,7 +724,7 @@ class Progress:
             eta = f"ETA unknown until an update is timed ({left:,} updates of training left)"
         else:
             rate = self.seconds / self.updates
-            eta = (f"ETA {_duration(left * rate)} of training ({left:,} updates left at {rate:.3g} s/update, "
+            eta = (f"ETA {duration(left * rate)} of training ({left:,} updates left at {rate:.3g} s/update, "
                    f"measured over the {self.updates:,} trained now)")
         stages, arms = self.cfg.stages, self.cfg.arms
         where = f"stage {stages.index(k) + 1}/{len(stages)}, arm {arms.index(arm) + 1}/{len(arms)} {arm}"
@@ -746,7 +747,7 @@ class Progress:
 
     def summary(self):
         if self.updates:
-            print(f"\n# trained {self.updates:,} updates in {_duration(self.seconds)} "
+            print(f"\n# trained {self.updates:,} updates in {duration(self.seconds)} "
                   f"({self.seconds / self.updates:.3g} s/update, train.py's loading and scoring included)")
 
 
