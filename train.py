@@ -17,10 +17,10 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # ours, not the stdlib's: the root is first on sys.path
+from checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
 from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
 from common import parse_config, write_text
-from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
-from model import save_checkpoint, unit_names, unit_of
+from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names, unit_of
 
 INT, NONNEG, UNIT = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
 REAL, FREE = number("(-inf, inf)"), dict(resume_free=True)  # FREE: the flag may change on --resume
