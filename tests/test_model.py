@@ -1,6 +1,6 @@
-"""model.py: logits against transformers, the checkpoint layouts, LoRA, units, safetensors errors, the
-download cache. transformers is imported inside tests only: it is the numerical reference. The export
-back to the Hugging Face layout: test_export.py."""
+"""model.py and checkpoint.py: logits against transformers, the checkpoint layouts, written-out attention
+against SDPA, generate, LoRA, units, safetensors errors, the download cache. transformers is imported inside
+tests only: it is the numerical reference. The export back to the Hugging Face layout: test_export.py."""
 import json
 
 import pytest
@@ -182,6 +182,90 @@ def test_unit_of_covers_every_parameter_once():
     assert M.unit_of("transformer.h.1.mlp.c_proj.lora_B") == "h.1.mlp"
     with pytest.raises(ValueError):
         M.unit_of("transformer.bogus")
+
+
+def forward_and_grads(model, use_sdpa, monkeypatch):
+    """Logits and every parameter's gradient of a loss that weighs each logit differently."""
+    monkeypatch.setattr(M.CausalSelfAttention, "use_sdpa", use_sdpa)
+    model.zero_grad()
+    logits, _ = model.eval()(IDX)
+    (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_written_out_attention_equals_sdpa(arch, monkeypatch):
+    model = tiny(arch)
+    with torch.no_grad():  # GPT-2's init leaves biases 0, scores small: make every term count
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    if arch == "gpt_neo":  # a local layer shorter than the sequence: the window mask is exercised
+        assert model.transformer.h[1].attn.window == 3 < IDX.shape[1]
+    fast, fast_grads = forward_and_grads(model, True, monkeypatch)
+    slow, slow_grads = forward_and_grads(model, False, monkeypatch)
+    assert fast.std() > 0.1
+    assert (fast - slow).abs().max() < 1e-5
+    for n, g in fast_grads.items():
+        assert g.abs().max() > 0, n  # every parameter gets a gradient in both
+        assert (g - slow_grads[n]).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), n
+
+
+def test_mask_causal_and_local():
+    model = tiny("gpt_neo")
+    glob, loc = (model.transformer.h[i].attn.mask(6, "cpu") for i in (0, 1))
+    i, j = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    assert torch.equal(glob, j <= i)
+    assert torch.equal(loc, (i - j >= 0) & (i - j < 3))
+
+
+def test_sdpa_is_the_default_path(monkeypatch):
+    assert M.CausalSelfAttention.use_sdpa
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return sdpa(*a, **k)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    for arch in ("gpt2", "gpt_neo"):
+        calls.clear()
+        our_logits(tiny(arch), IDX)
+        assert len(calls) == 2  # once per layer, local layer included
+
+
+# ----------------------------------------------------------------------------- generate
+
+def test_generate_appends_n_tokens_the_same_twice():
+    model = tiny().train()
+    out = model.generate(IDX[:, :5], 7)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], IDX[:, :5])
+    assert torch.equal(model.generate(IDX[:, :5], 7), out)  # greedy by default: deterministic
+    assert model.training  # the mode it had is given back
+
+
+def test_greedy_is_argmax_step_by_step_and_top_k_1_is_greedy():
+    model = tiny().eval()
+    with torch.no_grad():  # a sharper model: argmax ties are unlikely
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = IDX[:, :4]
+    for _ in range(6):
+        idx = torch.cat((idx, our_logits(model, idx)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(IDX[:, :4], 6), idx)
+    seeded = [torch.Generator().manual_seed(s) for s in range(4)]
+    assert torch.equal(model.generate(IDX[:, :4], 6, temperature=1.0, top_k=1, generator=seeded[0]), idx)
+    draws = {tuple(model.generate(IDX[:1, :4], 6, temperature=2.0, generator=g)[0].tolist()) for g in seeded[1:]}
+    assert len(draws) > 1  # temperature > 0 without top_k samples: different seeds, different text
+
+
+def test_generate_past_block_size_crops_the_context():
+    model = tiny()  # block_size 32: position 32 does not exist
+    start = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    out = model.generate(start, 10)
+    assert out.shape == (2, 40) and torch.equal(out[:, :30], start)
+    # the last token was predicted from the last 32 tokens only
+    want = our_logits(model, out[:, 7:39])[:, -1].argmax(-1)
+    assert torch.equal(out[:, 39], want)
 
 
 # ----------------------------------------------------------------------------- safetensors and errors
