@@ -56,9 +56,10 @@ class CausalSelfAttention(nn.Module):
     """Every position mixes in the values of earlier positions, weighted by how well its query matches
     their keys; n_head heads do this side by side on slices of the embedding, each of size hs."""
 
-    # True: PyTorch's fused scaled_dot_product_attention, the fast path every script uses. False: the
-    # same computation written out below, to read or to check (tests/test_model.py holds the two equal).
-    # Set it on the class for every layer, or on one layer's attn.
+    # True: PyTorch's fused scaled_dot_product_attention, the fast path every script uses (one kernel that,
+    # on a GPU, never stores the (T, T) weights). False: the same computation written out below, to read
+    # or to check (tests/test_model.py holds the two equal). Set it on the class for every layer, or on one
+    # layer's attn.
     use_sdpa = True
 
     def __init__(self, config: GPTConfig, layer: int):
@@ -99,7 +100,7 @@ class CausalSelfAttention(nn.Module):
                 att = att / math.sqrt(hs)
             att = att.masked_fill(~self.mask(T, x.device), float("-inf"))  # what i may not see: weight 0
             att = F.softmax(att, dim=-1)  # each row i: weights over j that sum to 1
-            att = F.dropout(att, p)
+            att = F.dropout(att, p)  # p is 0 outside training
             y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs): the weighted sum of values
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.c_proj(y)  # (B, T, C)
@@ -127,7 +128,7 @@ class Block(nn.Module):
     def forward(self, x):
         # pre-LN (GPT-2): each sublayer reads a normalized copy of the residual stream x and adds its
         # output back. x itself is never normalized on the way, so the gradient reaches early layers
-        # through the sums unchanged; that is what lets deep stacks train without warm-up tricks.
+        # through the sums unchanged: deep stacks train stably (post-LN, the original Transformer's, less so).
         x = x + self.resid_dropout(self.attn(self.ln_1(x)))
         return x + self.mlp(self.ln_2(x))
 
@@ -156,7 +157,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith("c_proj.weight"):
                 # the residual projections: each block adds two outputs (attn, mlp) to the residual stream,
-                # so its variance grows with depth; 1/sqrt(2 * n_layer) keeps the sum near 0.02^2 at init
+                # so its variance grows with depth; with std / sqrt(2 * n_layer) all 2 * n_layer additions
+                # together add about as much variance at init as one unscaled layer would (GPT-2 paper, 2.3)
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, idx, targets=None):
@@ -202,8 +204,8 @@ def add_lora(model: GPT, rank: int = 8, alpha: float = 16.0, units=None):
     for name, m in model.named_modules():
         if isinstance(m, Linear) and (units is None or unit_of(name + ".weight") in units):
             m.lora_A = nn.Parameter(m.weight.new_empty(rank, m.in_features))
-            # B = 0: the adapter adds B A x = 0, so training starts from exactly the loaded model, and the
-            # first gradients reach B (through the random A) rather than cancelling out
+            # B = 0: the adapter's B A x is 0, so training starts from exactly the loaded model; A is
+            # random so that B's gradient, which goes through A x, is not 0 as well
             m.lora_B = nn.Parameter(m.weight.new_zeros(m.out_features, rank))
             nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))  # as in the LoRA paper's code
             m.lora_scaling = alpha / rank

@@ -75,7 +75,8 @@ def test_module_runs_from_the_command_line(run):
     folder, _, tok = run
     prompt = "Cid lives in Narnia"
     argv = ["--init", str(folder), "--prompt", prompt, "--max-new-tokens", "3"]
-    out = subprocess.run([sys.executable, "-m", "experiments.sample", *argv], capture_output=True, text=True, cwd=ROOT)
+    command = [sys.executable, "-m", "experiments.sample", *argv]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(prompt) and len(tok.encode(out.stdout[len(prompt):])) == 3
     assert "<unk>" in out.stderr  # Narnia is not in the vocabulary, and the user is told
