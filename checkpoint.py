@@ -1,13 +1,8 @@
 """Checkpoints: tgl's own ckpt.pt, Hugging Face folders and hub names, safetensors.
 
-Every script takes `--init`, and `load_model(init)` is the one place it is read. Three kinds of file reach
-the same `model.GPT`:
-- a run folder (or its ckpt.pt) that train.py wrote: our config and state dict, LoRA adapters merged;
-- a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin), as transformers writes it:
-  its config fields and parameter names are translated to ours (`config_from_hf`, `hf_to_ours`);
-- a hub name (gpt2 ... gpt2-xl, GPT-Neo): downloaded once into ~/.cache/tgl (or $TGL_CACHE), then read
-  as a Hugging Face folder.
-The way back, a run as a Hugging Face folder, is experiments/export.py.
+`load_model(init)` reads every script's --init as a model.GPT: a run folder (or its ckpt.pt) train.py
+wrote, LoRA merged; a Hugging Face folder, its config and names translated to ours; a hub name, downloaded
+once into $TGL_CACHE (~/.cache/tgl). The way back, a run as a Hugging Face folder: experiments/export.py.
 """
 import json
 import math

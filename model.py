@@ -1,15 +1,10 @@
-"""The GPT: GPT-2 and GPT-Neo in one class, with GPT-2's parameter names.
+"""The GPT: GPT-2 and GPT-Neo in one class, with GPT-2's parameter names (files: checkpoint.py).
 
-As in nanoGPT, this file is the model and nothing else (reading and writing it: checkpoint.py). A GPT is
-token and position embeddings, n_layer Blocks of (LayerNorm, causal self-attention, LayerNorm, MLP), a
-last LayerNorm and a head that reuses the token embedding. GPT-Neo is the same network with three
-differences, each a GPTConfig field: no q/k/v bias, no 1/sqrt(head size) on the attention scores, and
-"local" layers that attend only to the last window_size positions. The parameter names are GPT-2's
-(transformer.h.3.attn.c_attn.weight, ...), so a reader can hold them against the paper and the hub files.
-
-TGL's units, the pieces it measures, freezes or slows down, are at the end: `unit_of` maps every
-parameter to embed, h.{i}.attn, h.{i}.mlp or ln_f. LoRA (`add_lora`) is here too: one of the
-continual-learning methods TGL is stacked on, and it changes the model, not the training loop.
+As in nanoGPT: token + position embeddings, n_layer Blocks (LayerNorm, causal self-attention, LayerNorm,
+MLP), a last LayerNorm, and a head that is the token embedding. GPT-Neo differs in three GPTConfig
+fields: no q/k/v bias, no 1/sqrt(head size) on the scores, "local" layers that see window_size back.
+TGL's units, what it measures, freezes or slows down, are at the end: `unit_of` maps each parameter to
+embed, h.{i}.attn, h.{i}.mlp or ln_f. LoRA (`add_lora`), a method TGL stacks on, changes the model.
 """
 import math
 import re
@@ -56,10 +51,8 @@ class CausalSelfAttention(nn.Module):
     """Every position mixes in the values of earlier positions, weighted by how well its query matches
     their keys; n_head heads do this side by side on slices of the embedding, each of size hs."""
 
-    # True: PyTorch's fused scaled_dot_product_attention, the fast path every script uses (one kernel that,
-    # on a GPU, never stores the (T, T) weights). False: the same computation written out below, to read
-    # or to check (tests/test_model.py holds the two equal). Set it on the class for every layer, or on one
-    # layer's attn.
+    # True: torch's fused scaled_dot_product_attention, the fast path every script uses (on a GPU it never
+    # stores the (T, T) weights). False: the same written out below, to read (tests hold the two equal).
     use_sdpa = True
 
     def __init__(self, config: GPTConfig, layer: int):
@@ -144,8 +137,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),  # pre-LN: the stream's last norm
         ))
         # tied embeddings (GPT-2): the head that scores the next token is the token embedding itself, one
-        # tensor that appears once in parameters(). It saves vocab_size * n_embd parameters, and it is
-        # why unit_of puts lm_head in the unit "embed".
+        # tensor, once in parameters(); so unit_of puts lm_head in the unit "embed"
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         # GPT-2's init: every weight N(0, 0.02), biases 0 (LayerNorms keep weight 1, bias 0)
