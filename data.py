@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import HUB_NAMES
 from common import atomic_path, not_utf8, read_json, write_text
-from model import HUB_NAMES
 
 class GPT2Tokenizer:
     """GPT-2 BPE by tiktoken (offline if TIKTOKEN_CACHE_DIR holds its files)."""

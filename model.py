@@ -1,21 +1,23 @@
-"""GPT-2/GPT-Neo as one GPT with GPT-2's parameter names; LoRA, units, checkpoints, Hugging Face files."""
-import json
+"""The GPT: GPT-2 and GPT-Neo in one class, with GPT-2's parameter names (files: checkpoint.py).
+
+As in nanoGPT: token + position embeddings, n_layer Blocks (LayerNorm, causal self-attention, LayerNorm,
+MLP), a last LayerNorm, and a head that is the token embedding. GPT-Neo differs in three GPTConfig
+fields: no q/k/v bias, no 1/sqrt(head size) on the scores, "local" layers that see window_size back.
+TGL's units, what it measures, freezes or slows down, are at the end: `unit_of` maps each parameter to
+embed, h.{i}.attn, h.{i}.mlp or ln_f. LoRA (`add_lora`), a method TGL stacks on, changes the model.
+"""
 import math
-import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_path, download, read_json
-
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
+    block_size: int = 1024  # the longest sequence: the number of learned positions
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -41,29 +43,64 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         y = super().forward(x)
-        if getattr(self, "lora_A", None) is not None:
+        if getattr(self, "lora_A", None) is not None:  # add_lora gave this layer an adapter
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scaling
         return y
 
 class CausalSelfAttention(nn.Module):
+    """Every position mixes in the values of earlier positions, weighted by how well its query matches
+    their keys; n_head heads do this side by side on slices of the embedding, each of size hs."""
+
+    # True: torch's fused scaled_dot_product_attention, the fast path every script uses (on a GPU it never
+    # stores the (T, T) weights). False: the same written out below, to read (tests hold the two equal).
+    use_sdpa = True
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v at once
-        self.c_proj = Linear(config.n_embd, config.n_embd)
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.scale = None if config.scale_attn else 1.0  # None: SDPA's 1/sqrt(head_dim)
-        self.window = config.window_size if "local" in config.attention_layers[layer:layer + 1] else None
+        self.c_proj = Linear(config.n_embd, config.n_embd)  # the heads' outputs back into the residual
+        self.n_head, self.dropout, self.scale_attn = config.n_head, config.dropout, config.scale_attn
+        local = "local" in config.attention_layers[layer:layer + 1]
+        self.window = config.window_size if local else None  # None: a global layer sees every earlier j
+
+    def mask(self, T: int, device) -> torch.Tensor:
+        """(T, T) bool: True where position i may attend to position j. Causal: j <= i, never the
+        future. GPT-Neo's local layers also drop j more than window - 1 back: 0 <= i - j < window."""
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # j <= i
+        if self.window is not None:
+            allowed = allowed.triu(1 - self.window)  # i - j <= window - 1
+        return allowed
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-        mask, p = None, self.dropout if self.training else 0.0
-        if self.window is not None and T > self.window:  # GPT-Neo's local: i sees j if 0 <= i - j < window
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().triu(1 - self.window)
-        y = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=mask is None, scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        B, T, C = x.shape  # batch, sequence length, embedding size (n_embd)
+        hs = C // self.n_head  # head size
+        # one matmul gives q, k and v for every head; split C into n_head heads of size hs
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0  # attention dropout, while training only
+        if self.use_sdpa:
+            # the causal mask is built in (is_causal); a local layer longer than its window needs ours
+            mask = self.mask(T, x.device) if self.window is not None and T > self.window else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
+                                               scale=None if self.scale_attn else 1.0)  # None: 1/sqrt(hs)
+        else:
+            # scores: how well query i matches key j. 1/sqrt(hs) keeps their spread near 1 whatever hs
+            # is, so softmax does not saturate (GPT-2); GPT-Neo was trained without it
+            att = q @ k.transpose(-2, -1)  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+            if self.scale_attn:
+                att = att / math.sqrt(hs)
+            att = att.masked_fill(~self.mask(T, x.device), float("-inf"))  # what i may not see: weight 0
+            att = F.softmax(att, dim=-1)  # each row i: weights over j that sum to 1
+            att = F.dropout(att, p)  # p is 0 outside training
+            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs): the weighted sum of values
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return self.c_proj(y)  # (B, T, C)
 
 class MLP(nn.Module):
+    """Position by position: widen to n_inner, GELU, project back. Most of a block's parameters."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
@@ -81,7 +118,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp, self.resid_dropout = MLP(config), nn.Dropout(config.dropout)
 
-    def forward(self, x):  # pre-LN: x + f(LN(x))
+    def forward(self, x):
+        # pre-LN (GPT-2): each sublayer reads a normalized copy of the residual stream x and adds its
+        # output back. x itself is never normalized on the way, so the gradient reaches early layers
+        # through the sums unchanged: deep stacks train stably (post-LN, the original Transformer's, less so).
         x = x + self.resid_dropout(self.attn(self.ln_1(x)))
         return x + self.mlp(self.ln_2(x))
 
@@ -90,32 +130,39 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),  # pre-LN: the stream's last norm
         ))
+        # tied embeddings (GPT-2): the head that scores the next token is the token embedding itself, one
+        # tensor, once in parameters(); so unit_of puts lm_head in the unit "embed"
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, once in parameters()
-        for m in self.modules():  # GPT-2's init
+        self.lm_head.weight = self.transformer.wte.weight
+        # GPT-2's init: every weight N(0, 0.02), biases 0 (LayerNorms keep weight 1, bias 0)
+        for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
-            elif name.endswith("c_proj.weight"):  # residual projections
+            elif name.endswith("c_proj.weight"):
+                # the residual projections: each block adds two outputs (attn, mlp) to the residual stream,
+                # so its variance grows with depth; with std / sqrt(2 * n_layer) all 2 * n_layer additions
+                # together add about as much variance at init as one unscaled layer would (GPT-2 paper, 2.3)
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy (-1: no loss)."""
         t, pos = self.transformer, torch.arange(idx.shape[1], device=idx.device)
-        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C)
+        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C): what each token is + where it is
         for block in t.h:
             x = block(x)
-        logits = self.lm_head(t.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(t.ln_f(x))  # (B, T, V): at each position, a score for every next token
         if targets is None:
             return logits, None
+        # -1 marks a position without loss: the prompt of a salient-span example, padding
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
     @torch.no_grad()
@@ -127,13 +174,13 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # no dropout while sampling
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
+            context = idx[:, -self.config.block_size:]  # the model has only block_size positions
             logits, _ = self(context)
             logits = logits[:, -1, :].float()  # (B, V): only the last position predicts the next token
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
-                logits = logits / temperature
+                logits = logits / temperature  # < 1 sharpens the distribution, > 1 flattens it
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
                     logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -149,7 +196,9 @@ def add_lora(model: GPT, rank: int = 8, alpha: float = 16.0, units=None):
     for name, m in model.named_modules():
         if isinstance(m, Linear) and (units is None or unit_of(name + ".weight") in units):
             m.lora_A = nn.Parameter(m.weight.new_empty(rank, m.in_features))
-            m.lora_B = nn.Parameter(m.weight.new_zeros(m.out_features, rank))  # B = 0: unchanged at start
+            # B = 0: the adapter's B A x is 0, so training starts from exactly the loaded model; A is
+            # random so that B's gradient, which goes through A x, is not 0 as well
+            m.lora_B = nn.Parameter(m.weight.new_zeros(m.out_features, rank))
             nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))  # as in the LoRA paper's code
             m.lora_scaling = alpha / rank
     model.lora = dict(rank=rank, alpha=alpha, units=None if units is None else sorted(units))
@@ -157,6 +206,7 @@ def add_lora(model: GPT, rank: int = 8, alpha: float = 16.0, units=None):
 
 @torch.no_grad()
 def merge_lora(model: GPT):
+    """W += (alpha/r) B A: the same function without adapters, a plain GPT again."""
     for m in model.modules():
         if getattr(m, "lora_A", None) is not None:
             m.weight += (m.lora_B @ m.lora_A) * m.lora_scaling
@@ -164,14 +214,23 @@ def merge_lora(model: GPT):
     model.lora = None
     return model
 
+# ----------------------------------------------------------------------------- TGL's units
+
 def unit_of(param_name: str) -> str:
     """embed (+ tied lm_head), h.{i}.attn, h.{i}.mlp or ln_f; ln_1/ln_2 join the sublayer they alone
     feed, an adapter the layer it adapts."""
+    # ln_1's output goes only into attn, ln_2's only into the MLP: each LayerNorm is part of its sublayer's
+    # path, and freezing or slowing "h.3.attn" has to act on its input normalization too. wte and lm_head
+    # are one tensor (tied), so they can only be one unit; wpe is added to it at the input.
     p = re.sub(r"^(_orig_mod\.)?(module\.)?(transformer\.)?", "", param_name).split(".")
-    if p[0] in ("wte", "wpe", "lm_head", "ln_f"):
-        return "ln_f" if p[0] == "ln_f" else "embed"
-    if p[0] == "h" and len(p) > 2 and p[2] in ("ln_1", "attn", "ln_2", "mlp"):
-        return f"h.{p[1]}.{'attn' if p[2] in ('ln_1', 'attn') else 'mlp'}"
+    if p[0] == "ln_f":
+        return "ln_f"
+    if p[0] in ("wte", "wpe", "lm_head"):
+        return "embed"
+    if p[0] == "h" and len(p) > 2 and p[2] in ("ln_1", "attn"):
+        return f"h.{p[1]}.attn"
+    if p[0] == "h" and len(p) > 2 and p[2] in ("ln_2", "mlp"):
+        return f"h.{p[1]}.mlp"
     raise ValueError(f"parameter {param_name!r} belongs to no unit")
 
 UNIT_RE = re.compile(r"embed|h\.(\d+)\.(attn|mlp)|ln_f")  # a unit's name, as unit_of returns it
@@ -179,145 +238,30 @@ UNIT_RE = re.compile(r"embed|h\.(\d+)\.(attn|mlp)|ln_f")  # a unit's name, as un
 def unit_names(n_layer: int) -> list:  # in network order
     return ["embed"] + [f"h.{i}.{s}" for i in range(n_layer) for s in ("attn", "mlp")] + ["ln_f"]
 
-def unwrap(model) -> GPT:  # the GPT inside torch.compile/DDP
-    for w in ("_orig_mod", "module", "_orig_mod"):
-        model = getattr(model, w, model)
+# ----------------------------------------------------------------------------- devices
+
+def unwrap(model) -> GPT:
+    """The GPT inside torch.compile (_orig_mod) and DDP (module), wrapped in either order."""
+    for wrapper in ("_orig_mod", "module", "_orig_mod"):
+        model = getattr(model, wrapper, model)
     return model
 
 def pick_device(name: str = "auto") -> str:
-    here = ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available() + ["cpu"]
-    if name != "auto" and name.split(":")[0] not in here:
+    """--device: auto is the first of cuda, mps, cpu that this machine has."""
+    here = []
+    if torch.cuda.is_available():
+        here.append("cuda")
+    if torch.backends.mps.is_available():
+        here.append("mps")
+    here.append("cpu")
+    if name == "auto":
+        return here[0]
+    if name.split(":")[0] not in here:
         raise ValueError(f"--device {name}: not here; use auto or {', '.join(here)}")
-    return here[0] if name == "auto" else name
+    return name
 
 def autocast(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
-
-CKPT_NAME = "ckpt.pt"  # {"config": asdict(GPTConfig), "model": state_dict, "lora": dict | None, ...}
-
-def save_checkpoint(path, state: dict):
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-def load_checkpoint(path) -> dict:
-    try:  # weights_only: runs no code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from e
-
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    model, lora = GPT(GPTConfig(**ckpt["config"])), ckpt.get("lora")
-    if lora:
-        add_lora(model, lora["rank"], lora["alpha"], lora["units"])
-    model.load_state_dict(ckpt["model"])
-    return merge_lora(model).requires_grad_(True) if lora else model
-
-def load_model(init: str, device: str = "cpu") -> GPT:
-    """Any --init: a run folder or its ckpt.pt (LoRA merged), an HF folder or a hub name."""
-    path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
-    if not (os.path.isfile(path) and path.endswith(".pt")):
-        return load_hf(init).to(device)
-    try:
-        return model_from_checkpoint(load_checkpoint(path)).to(device)
-    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a tgl checkpoint ({type(e).__name__}: {e})") from None
-
-ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125m",
-             "EleutherAI/gpt-neo-1.3B")
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out)
-FIELDS = "block_size vocab_size n_layer n_head n_embd n_inner layer_norm_epsilon window_size".split()
-HF_NAMES = {  # GPTConfig field -> config.json field
-    "gpt2": dict(zip(FIELDS[:7], FIELDS), block_size="n_positions", scale_attn="scale_attn_weights"),
-    "gpt_neo": dict(zip(FIELDS, FIELDS), block_size="max_position_embeddings", n_layer="num_layers",
-                    n_head="num_heads", n_embd="hidden_size", n_inner="intermediate_size")}
-
-def read_safetensors(path) -> dict:
-    """8 bytes little-endian N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the data."""
-    tensors, name = {}, "header"
-    try:
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if (n := int.from_bytes(raw[:8].tobytes(), "little")) > len(raw) - 8:
-            raise ValueError(f"{len(raw)} bytes, header length {n}")
-        header, data = json.loads(raw[8:8 + n].tobytes()), raw[8 + n:]
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            dtype, (begin, end) = ST_DTYPES[info["dtype"]], info["data_offsets"]
-            nbytes = math.prod(shape := [int(s) for s in info["shape"]]) * dtype.itemsize
-            if not 0 <= begin <= end == begin + nbytes <= len(data):
-                raise ValueError(f"shape {shape} does not fill data_offsets {begin}..{end}")
-            tensors[name] = torch.tensor(data[begin:end]).view(dtype).reshape(shape)  # own, aligned copy
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # RuntimeError: a shape < 0
-        raise ValueError(f"{path}: corrupt or truncated safetensors: {name}: {type(e).__name__} {e}")
-    return tensors
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-def hub_folder(name: str) -> str:
-    cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
-    os.makedirs(folder := os.path.join(cache, name.replace("/", "--")), exist_ok=True)
-    have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
-    get = lambda f: download(url + f, os.path.join(folder, f))
-    if "config.json" not in have:
-        get("config.json")
-    if not {"model.safetensors", "pytorch_model.bin"} & have:
-        try:
-            get("model.safetensors")
-        except FileNotFoundError:
-            get("pytorch_model.bin")
-    return folder
-
-def config_from_hf(cfg: dict) -> GPTConfig:
-    if not (names := isinstance(cfg, dict) and HF_NAMES.get(cfg.get("model_type"))):
-        raise ValueError("want a JSON object with model_type gpt2 or gpt_neo")
-    if cfg.get("activation_function", "gelu_new") != "gelu_new" or cfg.get("scale_attn_by_inverse_layer_idx"):
-        raise ValueError("supported: gelu_new, no scale_attn_by_inverse_layer_idx")
-    if lacks := [names[k] for k in FIELDS[:5] if names[k] not in cfg]:
-        raise ValueError(f"lacks {lacks[0]!r}")
-    kw = {ours: cfg[hf] for ours, hf in names.items() if hf in cfg}
-    if cfg["model_type"] == "gpt_neo":  # attention_types [[["global", "local"], 6]]: 6 x (global, local)
-        kw.update(arch="gpt_neo", qkv_bias=False, scale_attn=False, attention_layers=[
-            t for ts, repeat in cfg.get("attention_types", []) for _ in range(repeat) for t in ts])
-    return GPTConfig(**kw)
-
-def hf_to_ours(sd: dict, arch: str) -> dict:
-    out = {}
-    for key, t in sd.items():
-        k = key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")
-        if re.search(r"\.attn\.(attention\.)?(bias|masked_bias)$", k):
-            continue  # old files' causal-mask buffers
-        if arch == "gpt2" and k.endswith(CONV1D):
-            t = t.t()  # GPT-2's Conv1D (in, out) -> nn.Linear (out, in)
-        out[k.replace(".attn.attention.out_proj.", ".attn.c_proj.")] = t
-    for k in [k for k in out if k.endswith(".attention.q_proj.weight")]:  # GPT-Neo: q, k, v -> one c_attn
-        qkv = [k.replace(".q_proj", f".{c}_proj") for c in "qkv"]
-        if all(n in out for n in qkv):
-            out[k.replace("attention.q_proj", "c_attn")] = torch.cat([out.pop(n) for n in qkv])
-    return out
-
-def load_hf(name: str) -> GPT:  # hub name or HF folder
-    folder = hub_folder(name) if name in HUB_NAMES and not os.path.isdir(name) else name
-    if not os.path.isfile(cfg_path := os.path.join(folder, "config.json")):
-        raise ValueError(f"{name}: not a folder with config.json nor one of {', '.join(HUB_NAMES)}")
-    cfg = read_json(cfg_path)  # its errors name the file
-    try:
-        config = config_from_hf(cfg)
-    except ValueError as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
-    for f, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", load_checkpoint)):
-        if os.path.exists(path := os.path.join(folder, f)):
-            break
-    else:
-        raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded: unsupported)")
-    model, weights = GPT(config), hf_to_ours(read(path), config.arch)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    weights.setdefault("lm_head.weight", weights.get("transformer.wte.weight"))  # hub GPT-2 has none
-    for k in [*want, *weights]:
-        got, need = tuple(weights[k].shape) if k in weights else "missing", want.get(k, "none (unexpected)")
-        if got != need:
-            raise ValueError(f"{path}: {k} is {got}, config.json implies {need}")
-    if not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"]):
-        raise ValueError(f"{path}: lm_head.weight is not wte (untied: unsupported)")
-    model.load_state_dict(weights)  # copy_ casts f16/bf16 to f32
-    return model
+    """bf16 matmuls on CUDA (fp32 weights and optimizer state); full fp32 elsewhere."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

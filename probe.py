@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
+from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, parse_config, write_text
-from model import autocast, load_model, pick_device, unwrap
+from model import autocast, pick_device, unwrap
 
 METRICS = ("span", "sentence")
 MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's fp32 logits < 0.8 GB

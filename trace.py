@@ -19,8 +19,9 @@ from functools import partial
 import torch
 
 import data
+from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, number, parse_config, read_json, write_text
-from model import autocast, load_model, pick_device, unit_names, unit_of
+from model import autocast, pick_device, unit_names, unit_of
 
 # ----- step 1: trace
 def unit_norms(names, norms) -> dict:  # {unit: 2-norm of its parameters' gradients}; one sync

@@ -17,10 +17,10 @@ import torch.distributed as dist
 import data
 import probe
 import trace as tgl_trace  # ours, not the stdlib's: the root is first on sys.path
+from checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
 from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
 from common import duration, parse_config, write_text
-from model import CKPT_NAME, GPT, GPTConfig, add_lora, autocast, load_checkpoint, load_model, pick_device
-from model import save_checkpoint, unit_names
+from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from optim import AdamW, clip_gradients, lr_at, make_param_groups, recadam_lambda, recadam_pull
 
 # argparse types for the flags below: each checks its interval and names the flag when a value is outside

@@ -28,9 +28,10 @@ import data
 import probe
 import trace as tgl_trace
 from experiments import plot, world as tgl_world
+from checkpoint import load_model
 from common import POS, Parser, check_output, duration, fail, input_errors, number, write_text
 from experiments.tools import script
-from model import load_model, unit_names, unit_of
+from model import unit_names, unit_of
 from train import METHODS, TGL_MODES
 
 SPLITS = ("updated", "new", "unchanged")

@@ -4,7 +4,7 @@ files, loadable by transformers' AutoModelForCausalLM / AutoTokenizer with the s
     python -m experiments.export --init runs/lora --out runs/lora/hf              # tokenizer from the run
     python -m experiments.export --init gpt2 --tokenizer gpt2 --out hf/gpt2 --overwrite
 
-model.py reads such a folder back (--init FOLDER anywhere in the project).
+checkpoint.py reads such a folder back (--init FOLDER anywhere in the project).
 """
 import argparse
 import copy
@@ -15,9 +15,10 @@ import shutil
 
 import torch
 
+from checkpoint import CONV1D, HF_NAMES, ST_DTYPES, load_model
 from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
 from data import load_tokenizer
-from model import CONV1D, HF_NAMES, ST_DTYPES, GPT, load_model, merge_lora
+from model import GPT, merge_lora
 from experiments.tools import remove_dead_temporaries
 
 # what an export writes; --overwrite removes these first, so that no file of an earlier export (a word
@@ -27,7 +28,7 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """The format model.read_safetensors reads, written atomically. Tensors must be F32, F16 or BF16."""
+    """The format checkpoint.read_safetensors reads, written atomically. Tensors must be F32, F16 or BF16."""
     names = {v: k for k, v in ST_DTYPES.items()}
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():

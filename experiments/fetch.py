@@ -35,7 +35,7 @@ SNAPSHOT_PART = re.compile(r"(?:^|/)wikipedia_(\d{2})_gpt2/[^/]*\.csv$")  # Wiki
 
 
 def twiki_url():
-    from model import hub_endpoint  # the one reading of $HF_ENDPOINT
+    from checkpoint import hub_endpoint  # the one reading of $HF_ENDPOINT
     return f"{hub_endpoint()}/datasets/seonghyeonye/TemporalWiki/resolve/main"
 
 

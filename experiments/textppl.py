@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 
 import data
 import probe
+from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, parse_config, write_text
-from model import load_model, pick_device, unwrap
+from model import pick_device, unwrap
 
 
 @dataclass

@@ -40,11 +40,11 @@ import torch
 
 import data
 import train
+from checkpoint import CKPT_NAME, HUB_NAMES, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
 from common import write_text
 from experiments import fetch, realdata
 from experiments.tools import check_number, script
-from model import CKPT_NAME, HUB_NAMES, save_checkpoint
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
 PROG = "twiki.py"
@@ -367,7 +367,7 @@ def find_file(folder: Path, name: str):
 
 def init_of(cfg, k, arm) -> str:
     """Chaining: stage 1 starts from --init, stage k from the same arm's stage k-1 run folder (LoRA
-    arms too: model.load_model merges a run's adapters into the weights it loads)."""
+    arms too: checkpoint.load_model merges a run's adapters into the weights it loads)."""
     return cfg.init if k == 1 else str(run_dir(cfg, k - 1, arm))
 
 

@@ -14,7 +14,8 @@ import probe
 import train
 import trace as tgl_trace
 from experiments import compare, export
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
@@ -127,10 +128,10 @@ def test_a_long_probe_fails_at_start_and_keeps_nothing_half_done(w, tmp_path, ca
 
 
 def test_missing_inputs_fail_before_the_model_loads(w, capsys, tmp_path, monkeypatch):
-    import model
-    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
-    monkeypatch.setattr(train, "load_model", model.load_model)
-    monkeypatch.setattr(tgl_trace, "load_model", model.load_model)
+    import checkpoint
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(train, "load_model", checkpoint.load_model)
+    monkeypatch.setattr(tgl_trace, "load_model", checkpoint.load_model)
     out = str(tmp_path / "t.json")
     one_line_error(capsys, tgl_trace.main, ["--init", "gpt2", "--probes", str(w / "nope.jsonl") + ":split",
                                             "--text", str(w / "text.txt"), "--out", out], "nope.jsonl")

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import checkpoint as C
 import model as M
 from data import WordTokenizer
 from experiments import bench, compare, demo, export, plot
@@ -59,7 +60,7 @@ def test_export_never_replaces_another_models_files(hf, tmp_path, capsys):
     one_line_error(capsys, export.main, ["--init", str(hf / "a"), "--out", under_a_file], "--out")
     one_line_error(capsys, export.main, ["--init", str(hf / "a"), "--out", ""], "--out")
     with pytest.raises(ValueError, match="--overwrite"):  # the function twiki.py's --export-hf may call
-        export.export(M.load_model(str(hf / "a")), WordTokenizer.load(hf / "a" / "tokenizer.json"), other)
+        export.export(C.load_model(str(hf / "a")), WordTokenizer.load(hf / "a" / "tokenizer.json"), other)
     with pytest.raises(ValueError, match="already holds config.json"):  # the low-level writer too
         export.save_hf(tiny_model(20), other)
     assert {f: (other / f).read_bytes() for f in os.listdir(other)} == before

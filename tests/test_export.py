@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import checkpoint as C
 import model as M
 from data import WordTokenizer
 from experiments import export
@@ -42,7 +43,7 @@ def test_export_round_trip_through_transformers(tmp_path, arch):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(ref).__name__ == {"gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM"}[arch]
     assert (logits(ref, IDX) - want).abs().max() < 1e-4
-    back = M.load_hf(str(tmp_path / "out"))  # and our own loader reads what we wrote
+    back = C.load_hf(str(tmp_path / "out"))  # and our own loader reads what we wrote
     assert back.config.attention_layers == model.config.attention_layers
     assert (logits(back, IDX) - want).abs().max() < 1e-4
     assert not list((tmp_path / "out").glob("*.tmp"))
@@ -98,7 +99,7 @@ def lora_run(tmp_path, tok):
                 p.normal_()
     run = tmp_path / "run"
     run.mkdir()
-    M.save_checkpoint(run / M.CKPT_NAME, {"config": asdict(model.config), "model": model.state_dict(),
+    C.save_checkpoint(run / C.CKPT_NAME, {"config": asdict(model.config), "model": model.state_dict(),
                                           "lora": model.lora})
     tok.save(run / "tokenizer.json")
     return run, model

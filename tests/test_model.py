@@ -1,12 +1,13 @@
-"""model.py: logits against transformers, the checkpoint layouts, LoRA, units, safetensors errors, the
-download cache. transformers is imported inside tests only: it is the numerical reference. The export
-back to the Hugging Face layout: test_export.py."""
+"""model.py and checkpoint.py: logits against transformers, the checkpoint layouts, written-out attention
+against SDPA, generate, LoRA, units, safetensors errors, the download cache. transformers is imported inside
+tests only: it is the numerical reference. The export back to the Hugging Face layout: test_export.py."""
 import json
 
 import pytest
 import torch
 
 import common
+import checkpoint as C
 import model as M
 from experiments.export import write_safetensors
 
@@ -63,7 +64,7 @@ IDX = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1
 
 def test_gpt2_logits_match_transformers(tmp_path):
     ref, folder = tiny_gpt2_hf(tmp_path)
-    ours = M.load_hf(str(folder))
+    ours = C.load_hf(str(folder))
     assert ours.config.n_inner == 24 and ours.config.arch == "gpt2"
     want = ref_logits(ref, IDX)
     assert want.std() > 0.1  # the comparison means something
@@ -72,7 +73,7 @@ def test_gpt2_logits_match_transformers(tmp_path):
 
 def test_gpt_neo_logits_match_transformers_with_local_layers(tmp_path):
     ref, folder = tiny_neo_hf(tmp_path)
-    ours = M.load_hf(str(folder))
+    ours = C.load_hf(str(folder))
     c = ours.config
     assert c.attention_layers == ["global", "local"] * 2 and c.window_size == 3 and not c.scale_attn
     assert IDX.shape[1] > c.window_size
@@ -94,12 +95,12 @@ def test_gpt_neo_old_file_with_buffers_head_and_f16(tmp_path):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.half().float())  # the reference sees the same rounded weights
-    ours = M.load_hf(str(folder))
+    ours = C.load_hf(str(folder))
     assert ours.transformer.wte.weight.dtype == torch.float32
     assert (our_logits(ours, IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
     torch.save(sd, folder / "pytorch_model.bin")
-    assert_one_line_error(lambda: M.load_hf(str(folder)), "lm_head")
+    assert_one_line_error(lambda: C.load_hf(str(folder)), "lm_head")
 
 
 def hub_layout(tmp_path, ref):
@@ -122,9 +123,9 @@ def test_hub_layout_safetensors_and_bin(tmp_path):
     sd, folder = hub_layout(tmp_path, ref)
     want = ref_logits(ref, IDX)
     torch.save(sd, folder / "pytorch_model.bin")  # the fallback old repositories need
-    assert (our_logits(M.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
+    assert (our_logits(C.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
     write_safetensors(folder / "model.safetensors", {k: v.float() for k, v in sd.items()})
-    assert (our_logits(M.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
+    assert (our_logits(C.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------- the model itself
@@ -183,6 +184,90 @@ def test_unit_of_covers_every_parameter_once():
         M.unit_of("transformer.bogus")
 
 
+def forward_and_grads(model, use_sdpa, monkeypatch):
+    """Logits and every parameter's gradient of a loss that weighs each logit differently."""
+    monkeypatch.setattr(M.CausalSelfAttention, "use_sdpa", use_sdpa)
+    model.zero_grad()
+    logits, _ = model.eval()(IDX)
+    (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_written_out_attention_equals_sdpa(arch, monkeypatch):
+    model = tiny(arch)
+    with torch.no_grad():  # GPT-2's init leaves biases 0, scores small: make every term count
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    if arch == "gpt_neo":  # a local layer shorter than the sequence: the window mask is exercised
+        assert model.transformer.h[1].attn.window == 3 < IDX.shape[1]
+    fast, fast_grads = forward_and_grads(model, True, monkeypatch)
+    slow, slow_grads = forward_and_grads(model, False, monkeypatch)
+    assert fast.std() > 0.1
+    assert (fast - slow).abs().max() < 1e-5
+    for n, g in fast_grads.items():
+        assert g.abs().max() > 0, n  # every parameter gets a gradient in both
+        assert (g - slow_grads[n]).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), n
+
+
+def test_mask_causal_and_local():
+    model = tiny("gpt_neo")
+    glob, loc = (model.transformer.h[i].attn.mask(6, "cpu") for i in (0, 1))
+    i, j = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    assert torch.equal(glob, j <= i)
+    assert torch.equal(loc, (i - j >= 0) & (i - j < 3))
+
+
+def test_sdpa_is_the_default_path(monkeypatch):
+    assert M.CausalSelfAttention.use_sdpa
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return sdpa(*a, **k)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    for arch in ("gpt2", "gpt_neo"):
+        calls.clear()
+        our_logits(tiny(arch), IDX)
+        assert len(calls) == 2  # once per layer, local layer included
+
+
+# ----------------------------------------------------------------------------- generate
+
+def test_generate_appends_n_tokens_the_same_twice():
+    model = tiny().train()
+    out = model.generate(IDX[:, :5], 7)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], IDX[:, :5])
+    assert torch.equal(model.generate(IDX[:, :5], 7), out)  # greedy by default: deterministic
+    assert model.training  # the mode it had is given back
+
+
+def test_greedy_is_argmax_step_by_step_and_top_k_1_is_greedy():
+    model = tiny().eval()
+    with torch.no_grad():  # a sharper model: argmax ties are unlikely
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = IDX[:, :4]
+    for _ in range(6):
+        idx = torch.cat((idx, our_logits(model, idx)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(IDX[:, :4], 6), idx)
+    seeded = [torch.Generator().manual_seed(s) for s in range(4)]
+    assert torch.equal(model.generate(IDX[:, :4], 6, temperature=1.0, top_k=1, generator=seeded[0]), idx)
+    draws = {tuple(model.generate(IDX[:1, :4], 6, temperature=2.0, generator=g)[0].tolist()) for g in seeded[1:]}
+    assert len(draws) > 1  # temperature > 0 without top_k samples: different seeds, different text
+
+
+def test_generate_past_block_size_crops_the_context():
+    model = tiny()  # block_size 32: position 32 does not exist
+    start = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    out = model.generate(start, 10)
+    assert out.shape == (2, 40) and torch.equal(out[:, :30], start)
+    # the last token was predicted from the last 32 tokens only
+    want = our_logits(model, out[:, 7:39])[:, -1].argmax(-1)
+    assert torch.equal(out[:, 39], want)
+
+
 # ----------------------------------------------------------------------------- safetensors and errors
 
 def test_safetensors_dtypes_against_the_reference_library(tmp_path):
@@ -191,8 +276,8 @@ def test_safetensors_dtypes_against_the_reference_library(tmp_path):
                "d": torch.zeros(0, 4)}
     write_safetensors(tmp_path / "ours.safetensors", tensors)
     save_file(tensors, tmp_path / "ref.safetensors")
-    for got in (load_file(tmp_path / "ours.safetensors"), M.read_safetensors(tmp_path / "ref.safetensors"),
-                M.read_safetensors(tmp_path / "ours.safetensors")):
+    for got in (load_file(tmp_path / "ours.safetensors"), C.read_safetensors(tmp_path / "ref.safetensors"),
+                C.read_safetensors(tmp_path / "ours.safetensors")):
         assert got.keys() == tensors.keys()
         for k, t in tensors.items():
             assert got[k].dtype == t.dtype and torch.equal(got[k], t)
@@ -216,29 +301,29 @@ def test_corrupt_and_truncated_files(tmp_path):
     }
     for name, data in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(data)
-        assert_one_line_error(lambda: M.read_safetensors(tmp_path / f"{name}.safetensors"), f"{name}.safetensors")
+        assert_one_line_error(lambda: C.read_safetensors(tmp_path / f"{name}.safetensors"), f"{name}.safetensors")
     bad_dtype = json.dumps({"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}).encode()
     (tmp_path / "dtype.safetensors").write_bytes(len(bad_dtype).to_bytes(8, "little") + bad_dtype + bytes(16))
-    assert_one_line_error(lambda: M.read_safetensors(tmp_path / "dtype.safetensors"), "I64")
+    assert_one_line_error(lambda: C.read_safetensors(tmp_path / "dtype.safetensors"), "I64")
     bad_shape = json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}).encode()
     (tmp_path / "shape.safetensors").write_bytes(len(bad_shape).to_bytes(8, "little") + bad_shape + bytes(16))
-    assert_one_line_error(lambda: M.read_safetensors(tmp_path / "shape.safetensors"), "w", "[3]")
+    assert_one_line_error(lambda: C.read_safetensors(tmp_path / "shape.safetensors"), "w", "[3]")
 
 
 def test_wrong_shape_and_missing_key_name_the_tensor(tmp_path):
     ref, folder = tiny_gpt2_hf(tmp_path)
-    sd = M.read_safetensors(folder / "model.safetensors")
+    sd = C.read_safetensors(folder / "model.safetensors")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(25)
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: M.load_hf(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
+    assert_one_line_error(lambda: C.load_hf(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
     del sd["transformer.h.1.mlp.c_fc.bias"]
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: M.load_hf(str(folder)), "missing", "h.1.mlp.c_fc.bias")
+    assert_one_line_error(lambda: C.load_hf(str(folder)), "missing", "h.1.mlp.c_fc.bias")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(24)
     sd["transformer.h.9.ln_1.weight"] = torch.zeros(16)
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: M.load_hf(str(folder)), "unexpected", "h.9.ln_1.weight")
-    assert_one_line_error(lambda: M.load_hf(str(tmp_path / "nope")), "nope")
+    assert_one_line_error(lambda: C.load_hf(str(folder)), "unexpected", "h.9.ln_1.weight")
+    assert_one_line_error(lambda: C.load_hf(str(tmp_path / "nope")), "nope")
 
 
 # ----------------------------------------------------------------------------- the download cache
@@ -288,7 +373,7 @@ def test_mocked_download_fills_cache_then_cache_makes_no_request(tmp_path, monke
     urls = []
 
     def fake_get(url, stream=False, timeout=None):
-        assert timeout and url.startswith(M.hub_endpoint() + "/gpt2/resolve/main/")
+        assert timeout and url.startswith(C.hub_endpoint() + "/gpt2/resolve/main/")
         urls.append(url)
         name = url.rsplit("/", 1)[1]
         dest = cache / "gpt2" / name
@@ -297,14 +382,14 @@ def test_mocked_download_fills_cache_then_cache_makes_no_request(tmp_path, monke
             assert (cache / "gpt2" / (name + ".part")).exists() and not dest.exists()
         return FakeResponse(files.get(name, b""), status=200 if name in files else 404, on_chunk=check)
     monkeypatch.setattr(requests, "get", fake_get)
-    model = M.load_hf("gpt2")
+    model = C.load_hf("gpt2")
     assert [u.rsplit("/", 1)[1] for u in urls] == ["config.json", "model.safetensors", "pytorch_model.bin"]
     assert (cache / "gpt2" / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"]
     assert not list((cache / "gpt2").glob("*.part"))
     assert (our_logits(model, IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     no_network(monkeypatch)
-    assert (our_logits(M.load_hf("gpt2"), IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
-    assert M.load_model("gpt2").config.n_layer == 2
+    assert (our_logits(C.load_hf("gpt2"), IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
+    assert C.load_model("gpt2").config.n_layer == 2
 
 
 def test_short_download_is_not_renamed(tmp_path, monkeypatch):
@@ -320,12 +405,12 @@ def test_short_download_is_not_renamed(tmp_path, monkeypatch):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
-    M.save_checkpoint(path, {"step": 1})
+    C.save_checkpoint(path, {"step": 1})
     with pytest.raises(RuntimeError):
         with common.atomic_path(path) as tmp:
             open(tmp, "w").write("half a file")
             raise RuntimeError("crash mid-write")
-    assert M.load_checkpoint(path) == {"step": 1}  # the last good file is untouched
+    assert C.load_checkpoint(path) == {"step": 1}  # the last good file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temporary file is left
     common.write_text(tmp_path / "a.json", "{}")
     assert (tmp_path / "a.json").read_text() == "{}"

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import probe
 from experiments import textppl
 from data import GPT2Tokenizer, Probe, WordTokenizer, read_probes, span_example
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 WORDS = "Ann Bob Cid Dee plays for works at lives in Kugo Rovers United Acme Labs Oslo Rome Paris the city of .".split()
 

@@ -10,7 +10,8 @@ from common import parse_config
 
 import trace as tgl_trace
 from experiments import plot
-from model import GPT, GPTConfig, add_lora, save_checkpoint, unit_names, unit_of
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig, add_lora, unit_names, unit_of
 from trace import GradNormHooks, grad_norms, select, trace
 
 V = 64

@@ -14,8 +14,9 @@ import torch
 import data
 import optim
 import train
+from checkpoint import load_checkpoint, load_hf, model_from_checkpoint
 from common import parse_config
-from model import GPT, GPTConfig, load_checkpoint, load_hf, model_from_checkpoint, unit_names, unit_of
+from model import GPT, GPTConfig, unit_names, unit_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",

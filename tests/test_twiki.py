@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import checkpoint as C
 import model as M
 from experiments import compare, twiki
 from experiments.export import save_hf
@@ -111,7 +112,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     for r in rows:  # held-out perplexity of every row, the init row (experiments.textppl) included
         assert r["val_ppl"] > 1.0, r
     for arm in arms:  # stage 2 trains on from the same arm's stage 1 run, and traced that model
-        ck = M.load_checkpoint(out / "stage2" / arm / M.CKPT_NAME)
+        ck = C.load_checkpoint(out / "stage2" / arm / C.CKPT_NAME)
         assert ck["train_config"]["init"] == str(out / "stage1" / arm) and ck["step"] == 4  # 512 tokens / (4 x 32)
         assert json.loads((out / "stage2" / f"trace-{arm}.json").read_text())["model"] == str(out / "stage1" / arm)
     full, mix = (r["probes"]["twiki/changed"]["ppl"] for r in rows[1:3])
@@ -176,6 +177,6 @@ def test_training_steps_run_under_torchrun(server, tmp_path):
     rows = twiki.main(argv(tiny_gpt2(tmp_path / "tiny"), out, "--methods", "full", "--tgl", "none", "--stages", "1",
                            "--nproc", "2"))
     assert [r["arm"] for r in rows] == ["init", "full-none"]
-    ck = M.load_checkpoint(out / "stage1" / "full-none" / M.CKPT_NAME)
+    ck = C.load_checkpoint(out / "stage1" / "full-none" / C.CKPT_NAME)
     assert ck["world_size"] == 2 and ck["step"] == 4
     assert "torch.distributed.run --standalone --nproc_per_node 2" in (out / "stage1" / "logs" / "full-none.log").read_text()

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-import model as M
+import checkpoint as C
 import train
 from experiments import twiki
 from samples import DATA
@@ -81,7 +81,7 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     assert e.value.code == 2 and "step failed (exit -9)" in capsys.readouterr().err
     log = b / "stage2" / "logs" / "full-fp.log"
     assert "step 5/32" in log.read_text()  # the killed step's output is in its log
-    killed_at = M.load_checkpoint(b / "stage2" / "full-fp" / M.CKPT_NAME)["step"]
+    killed_at = C.load_checkpoint(b / "stage2" / "full-fp" / C.CKPT_NAME)["step"]
     assert 0 < killed_at < 32 and killed_at % 2 == 0  # --save-every 2, from --save-minutes 1 at 4 tok/s
     monkeypatch.setattr(twiki.subprocess, "Popen", real)
     again = twiki.main(runs_argv(init, b, "--stages", "2"))
@@ -109,7 +109,7 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     assert md.count("| 1 (0801-0901) |") == 2 and md.count("| 2 (0901-1001) |") == 2
 
     # stage 1's optimizer state went once stage 2 finished; stage 2 keeps its own; the slim one is refused
-    old, new = (M.load_checkpoint(a / f"stage{k}" / "full-fp" / M.CKPT_NAME) for k in (1, 2))
+    old, new = (C.load_checkpoint(a / f"stage{k}" / "full-fp" / C.CKPT_NAME) for k in (1, 2))
     assert old["optimizer"]["units"] == [twiki.DROPPED] and not old["optimizer"]["m"] and new["optimizer"]["m"]
     assert (a / "stage1" / "full-fp" / "optimizer-dropped").is_file()
     cfg = twiki.parse_args(runs_argv(init, a, "--stages", "1"))
@@ -120,7 +120,7 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     # the export of the final model loads in transformers, with our logits
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(hf / "stage2" / "full-fp").eval()
-    ours = M.load_model(str(a / "stage2" / "full-fp")).eval()
+    ours = C.load_model(str(a / "stage2" / "full-fp")).eval()
     idx = torch.tensor([[464, 3290, 318, 257]])
     with torch.no_grad():
         assert (ref(idx).logits - ours(idx)[0]).abs().max() < 1e-4
