@@ -12,7 +12,7 @@ import re
 import numpy as np
 import torch
 
-from common import atomic_path, download, read_json
+from common import atomic_path, read_json
 from model import GPT, GPTConfig, add_lora, merge_lora
 
 # ----------------------------------------------------------------------------- tgl's own checkpoints
@@ -87,6 +87,8 @@ def hub_endpoint() -> str:
 
 def hub_folder(name: str) -> str:
     """A hub model's config.json and weights, downloaded once; safetensors, else the older .bin."""
+    # the resumable HTTP download is the data sets' too: plumbing around the method, so it is in experiments/
+    from experiments.fetch import download
     cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
     folder = os.path.join(cache, name.replace("/", "--"))
     os.makedirs(folder, exist_ok=True)

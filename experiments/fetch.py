@@ -3,7 +3,7 @@
 
 Hub downloads honour $HF_ENDPOINT (a Hugging Face mirror); TempLAMA and Dynamic TempLAMA come from
 $TGL_TEMPLAMA_URL and $TGL_DYNAMIC_TEMPLAMA_URL when set. Files arrive as NAME.part and are resumed
-with HTTP Range requests after an interruption (common.download).
+with HTTP Range requests after an interruption (`download`, which checkpoint.py's hub names use too).
 """
 import csv
 import fcntl
@@ -21,8 +21,72 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import atomic_path, check_output, download, write_text
+from common import atomic_path, check_output, write_text
 from experiments.tools import remove_dead_temporaries
+
+# ----------------------------------------------------------------------------- one resumable download
+
+def _get(url, part, timeout, lock):
+    """One request appending to `part` from its size (Range; If-Range: ETag in `lock`)."""
+    import requests
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    lock.seek(0)
+    etag = lock.read()  # the ETag of the file `part` began as: If-Range, so a changed file is sent whole
+    h = {"Range": f"bytes={have}-", "If-Range": etag or None}
+    with requests.get(url, stream=True, timeout=timeout, **({"headers": h} if have else {})) as r:
+        if r.status_code == 404:
+            raise FileNotFoundError(url)
+        if r.status_code == 416:  # complete, or another file's
+            if not r.headers.get("Content-Range", "").endswith(f"/{have}"):
+                os.remove(part)
+                raise OSError(f"{part} does not fit the file on the server; removed")
+            return
+        r.raise_for_status()
+        if r.status_code != 206:  # 200: all again (the file changed, or the server ignores Range)
+            have = 0
+        if have and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            raise OSError(f"asked for bytes {have}-, got {r.headers.get('Content-Range')!r}")
+        lock.truncate(0)
+        print(r.headers.get("ETag", ""), end="", file=lock, flush=True)
+        gzip, length = "Content-Encoding" in r.headers, int(r.headers.get("Content-Length", 0))
+        shown = time.time()
+        with open(part, "ab" if have else "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                if time.time() - shown > 10:
+                    shown = time.time()
+                    print(f"{url}: {f.tell() / 1e6:,.0f} of {(have + length) / 1e6:,.0f} MB", file=sys.stderr)
+            if length and not gzip and f.tell() != have + length:  # gzip: a compressed length
+                raise OSError(f"got {f.tell()} of {have + length} bytes")
+
+def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
+    """url -> dest via dest.part, renamed once complete; a broken transfer resumes, here or in a later call;
+    no network fails at once."""
+    import requests
+    part = dest + ".part"
+    with open(dest + ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(f"another process is downloading {dest}; wait for it")
+        for attempt in range(1, retries + 1):
+            before = os.path.getsize(part) if os.path.exists(part) else 0
+            try:
+                _get(url, part, timeout, lock)
+                os.replace(part, dest)
+                return dest
+            except FileNotFoundError:
+                raise
+            except (requests.RequestException, OSError) as e:
+                moved = os.path.exists(part) and os.path.getsize(part) > before
+                if isinstance(e, requests.ConnectionError) and not moved:
+                    raise OSError(f"cannot reach {url} ({type(e).__name__}): no network? download it "
+                                  "elsewhere and pass the local file or folder") from None
+                if attempt == retries:
+                    raise OSError(f"download of {url} failed after {retries} tries: {e}") from None
+                print(f"download of {url} failed ({e}); retry {attempt}/{retries - 1}", file=sys.stderr)
+                time.sleep(2 ** attempt)
+
 
 ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
              "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "

@@ -1,6 +1,6 @@
 """Issue 18, the newer surfaces of fetch and world: every bad case is the right result or one line naming the
 file or flag (exit 2, no traceback), and nothing the command did not create is lost. One test per class:
-world.py's folder, fetch's unpack and markers, fetch's flags and ranged reads, common.download's resume
+world.py's folder, fetch's unpack and markers, fetch's flags and ranged reads, fetch.download's resume
 and lock. Against the local HTTP server of tests/httpserver.py; archives are made here."""
 import csv
 import fcntl
@@ -14,7 +14,6 @@ import zipfile
 
 import pytest
 
-import common
 from experiments import fetch, realdata, world
 from httpserver import HF, zip_bytes
 from test_fetch import snapshot_zip
@@ -209,7 +208,7 @@ def test_fetch_flags_dropped_ranged_reads_and_a_second_fetch(server, tmp_path, c
     realdata.main(["fetch", "twiki-probes"])
     assert (folder / PROBES).read_text() == CSV
 
-# ----------------------------------------------------------------------------- common.download
+# ----------------------------------------------------------------------------- fetch.download
 
 
 def test_download_resume_if_range_and_lock(server, tmp_path, capsys):
@@ -217,19 +216,19 @@ def test_download_resume_if_range_and_lock(server, tmp_path, capsys):
     server.files["/f.bin"], server.cut["/f.bin"] = old, 100_000
     dest = str(tmp_path / "f.bin")
     with pytest.raises(OSError):
-        common.download(server.url + "/f.bin", dest, retries=1)
+        fetch.download(server.url + "/f.bin", dest, retries=1)
     server.files["/f.bin"] = new  # the file changed on the server before the resume: start again
-    common.download(server.url + "/f.bin", dest, retries=1)
+    fetch.download(server.url + "/f.bin", dest, retries=1)
     assert open(dest, "rb").read() == new and server.log[-1][1].startswith("bytes=6")  # asked to resume
     server.cut["/f.bin"] = 100_000  # unchanged: resumed, not restarted
     with pytest.raises(OSError):
-        common.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=1)
-    common.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=1)
+        fetch.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=1)
+    fetch.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=1)
     assert (tmp_path / "g.bin").read_bytes() == new and server.log[-1][1].startswith("bytes=6")
     with open(dest + ".lock", "a") as held:  # a second download of the same file at once
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(OSError, match="another process is downloading .*f.bin"):
-            common.download(server.url + "/f.bin", dest)
+            fetch.download(server.url + "/f.bin", dest)
     # a server that ignores If-Range appends the changed file to the old part: the archive fails its check,
     # is set aside, and the rerun fetches it whole
     url, folder = HF + "TWiki_Probes.zip", tmp_path / "cache" / "data" / "twiki-probes"
@@ -239,7 +238,7 @@ def test_download_resume_if_range_and_lock(server, tmp_path, capsys):
     folder.mkdir(parents=True)
     server.files[url], server.cut[url], server.no_if_range = first, len(first) // 2, True
     with pytest.raises(OSError):
-        common.download(server.url + url, str(folder / "TWiki_Probes.zip"), retries=1)
+        fetch.download(server.url + url, str(folder / "TWiki_Probes.zip"), retries=1)
     have = (folder / "TWiki_Probes.zip.part").stat().st_size
     assert have > 0
     server.files[url] = second

@@ -1,4 +1,4 @@
-"""experiments/fetch.py (`python -m experiments.realdata fetch`) and common.download against a local HTTP
+"""experiments/fetch.py (`python -m experiments.realdata fetch`) and fetch.download against a local HTTP
 server on 127.0.0.1 (started here) serving small archives in the real layouts: unpacking, resume after
 an interruption, size checks, 404, no network, wrong layouts, and the ranged read of a snapshot prefix.
 No other host is contacted."""
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import common
 import data
 from experiments import fetch, realdata
 from httpserver import HF, zip_bytes  # the `server` fixture comes from conftest
@@ -49,15 +48,15 @@ def test_interrupted_transfer_is_resumed_with_range(server, tmp_path):
     server.files["/f.bin"], server.cut["/f.bin"] = body, 100_000
     dest = tmp_path / "f.bin"
     with pytest.raises(OSError):
-        common.download(server.url + "/f.bin", str(dest), retries=1)  # the connection drops
+        fetch.download(server.url + "/f.bin", str(dest), retries=1)  # the connection drops
     part = tmp_path / "f.bin.part"
     assert not dest.exists() and 0 < part.stat().st_size < len(body)
     have = part.stat().st_size
-    common.download(server.url + "/f.bin", str(dest), retries=1)  # a later call resumes
+    fetch.download(server.url + "/f.bin", str(dest), retries=1)  # a later call resumes
     assert dest.read_bytes() == body and not part.exists()
     assert server.log[-1] == ("/f.bin", f"bytes={have}-")
     server.cut["/f.bin"] = 150_000  # within one call: the retry resumes
-    common.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=2)
+    fetch.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=2)
     assert (tmp_path / "g.bin").read_bytes() == body and server.log[-1][1] is not None
 
 
@@ -65,7 +64,7 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     body = bytes(range(256)) * 400
     server.files["/f.bin"], server.no_range = body, True
     (tmp_path / "f.bin.part").write_bytes(body[:1000] + b"stale")
-    common.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
+    fetch.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == body
 
 
@@ -73,7 +72,7 @@ def test_stale_part_and_404(server, tmp_path, capsys):
     server.files["/f.bin"] = b"x" * 1000
     (tmp_path / "g.bin.part").write_bytes(b"y" * 1200)  # a .part longer than the file: not kept as good
     with pytest.raises(OSError, match="does not fit"):
-        common.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=1)
+        fetch.download(server.url + "/f.bin", str(tmp_path / "g.bin"), retries=1)
     assert not (tmp_path / "g.bin").exists()
     err = one_line_error(capsys, ["fetch", "templama"])  # nothing served under /templama
     assert "templama/train.json" in err and "404" in err

@@ -9,6 +9,7 @@ import torch
 import common
 import checkpoint as C
 import model as M
+from experiments import fetch
 from experiments.export import write_safetensors
 
 VOCAB = 61
@@ -399,7 +400,7 @@ def test_short_download_is_not_renamed(tmp_path, monkeypatch):
     monkeypatch.setattr(requests, "get", lambda *a, **k: resp)
     monkeypatch.setattr("time.sleep", lambda s: None)
     with pytest.raises(OSError, match="50 of 80"):
-        common.download("http://x/f", str(tmp_path / "f"), retries=2)
+        fetch.download("http://x/f", str(tmp_path / "f"), retries=2)
     assert not (tmp_path / "f").exists()
 
 
