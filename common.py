@@ -1,4 +1,4 @@
-"""Plumbing the scripts share: one-line errors, flags, files, processes, downloads."""
+"""Plumbing the scripts share: one-line errors, flags, files, processes."""
 import argparse
 import glob
 import json

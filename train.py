@@ -23,10 +23,10 @@ from common import duration, parse_config, write_text
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from optim import AdamW, clip_gradients, lr_at, make_param_groups, recadam_lambda, recadam_pull
 
-# argparse types for the flags below: each checks its interval and names the flag when a value is outside
+# argparse types: a value outside the interval is refused, naming the flag
 INT, NONNEG, BELOW_ONE = number("[0, inf)", int), number("[0, inf)"), number("[0, 1)")
 REAL = number("(-inf, inf)")
-RESUME_FREE = dict(resume_free=True)  # the flag may change on --resume: it does not change what is computed
+RESUME_FREE = dict(resume_free=True)  # may change on --resume: it changes nothing computed
 METHODS = ("full", "mixreview", "recadam", "lora")  # the continual-learning methods TGL is stacked on
 TGL_MODES = ("none", "fp", "alr")  # no TGL, freeze the unselected units, or scale every unit's lr
 
@@ -170,8 +170,7 @@ def resumed(cfg: Config) -> dict | None:
     if not (cfg.resume and os.path.isfile(path)):
         return None
     saved = load_checkpoint(path)
-    # A checkpoint written before a flag existed lacks its key; that run computed what the flag's default
-    # computes, so the missing key reads as the default: the default resumes, another value is refused.
+    # a checkpoint from before a flag existed lacks its key: that run computed what the default computes
     was = dict(Config().run_defining(), **(saved.get("train_config") or {}))
     diff = [f"--{k.replace('_', '-')} {was[k]!r} -> {v!r}" for k, v in cfg.run_defining().items()
             if was[k] != v]
@@ -183,8 +182,7 @@ def resumed(cfg: Config) -> dict | None:
     return saved
 
 def tgl_scales(cfg: Config, n_layer: int) -> dict | None:
-    """TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; None without TGL. A pure function of the trace
-    file, so every DDP rank computes the same."""
+    """TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; None without TGL. Every rank computes it."""
     if cfg.tgl == "none":
         return None
     try:
@@ -282,8 +280,8 @@ def stop(run: Run, why: str):  # a diverged run stops (exit 3); its last good ch
     fail(f"{why} at step {run.step}; stopped: {run.cfg.out}/{CKPT_NAME}, if any, is good", "train.py", code=3)
 
 def log(run: Run, rec: dict, eta: float):
-    """One line on the terminal (with the ETA: this session's seconds per update times those left), one line
-    of metrics.jsonl (without it: a resumed run's log equals an uninterrupted one's)."""
+    """A line on the terminal, with the ETA (this session's s/update times the updates left), and one in
+    metrics.jsonl."""
     if not math.isfinite(rec["loss"]):
         stop(run, f"loss is {rec['loss']}")
     run.say(f"step {rec['step']}/{run.cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -293,8 +291,7 @@ def log(run: Run, rec: dict, eta: float):
             f.write(json.dumps(rec) + "\n")
 
 def checkpoint(run: Run, elapsed: float, loss_since_log: tuple):
-    """All it takes to continue bit for bit: weights, AdamW's moments, every rank's sampler and RNG state, and
-    the loss summed since the last log line. Rank 0 writes it, atomically."""
+    """All it takes to continue bit for bit (weights, moments, samplers, RNGs); rank 0 writes it."""
     if not all(torch.isfinite(p).all() for p in run.opt.params):
         stop(run, "weights are not finite")
     cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
@@ -311,8 +308,7 @@ def checkpoint(run: Run, elapsed: float, loss_since_log: tuple):
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
 def forward_backward(run: Run, loss_sum: torch.Tensor):
-    """One update's --grad-accum micro-steps: .grad ends as the mean gradient over them, and their mean loss
-    is added to loss_sum on the device (read once per log line, not once per step)."""
+    """--grad-accum micro-steps: .grad is their mean gradient; loss_sum (on device) gets their mean loss."""
     cfg = run.cfg
     for micro in range(cfg.grad_accum):
         x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
@@ -325,8 +321,7 @@ def forward_backward(run: Run, loss_sum: torch.Tensor):
         loss_sum += loss.detach() / cfg.grad_accum
 
 def update(run: Run):
-    """Clip per unit, then AdamW; under RecAdam the Adam step is scaled by lambda(t) and followed by the pull
-    toward theta0 (lambda = 1 otherwise)."""
+    """Clip per unit, then AdamW; RecAdam scales the step by lambda(t), then pulls toward theta0."""
     cfg, opt = run.cfg, run.opt
     clip_gradients(opt, cfg.grad_clip, len(unit_names(run.model.config.n_layer)))
     lambda_t = 1.0
