@@ -30,6 +30,7 @@ import trace as tgl_trace
 from experiments import plot, world as tgl_world
 from checkpoint import load_model
 from common import POS, Parser, check_output, duration, fail, input_errors, number, write_text
+from experiments.sample import decode
 from experiments.tools import script
 from model import unit_names, unit_of
 from train import METHODS, TGL_MODES
@@ -475,12 +476,6 @@ def check_table(per_seed: list, stored: dict) -> str:
 
 # ----- what the models say: greedy answers to a few updated facts
 
-def decode(tokenizer, ids) -> str:
-    if hasattr(tokenizer, "enc"):  # GPT-2 BPE
-        return tokenizer.enc.decode(ids)
-    return " ".join(tokenizer.vocab[i] for i in ids)  # the word tokenizer has no decoder: tokens are words
-
-
 @torch.inference_mode()
 def samples(root, names, n_facts=3) -> str:
     """For the first n_facts updated facts: the gold (new) answer and what the base model and each `full`
@@ -496,7 +491,7 @@ def samples(root, names, n_facts=3) -> str:
         idx, targets = data.span_example(tok, pr.prompt, pr.answers[0])  # the tokens the scorer reads
         n_answer = sum(t != -1 for t in targets)
         prompt = torch.tensor([idx[:len(idx) - n_answer + 1]])  # (1, T): the prompt, without the answer
-        said = [decode(tok, m.generate(prompt, n_answer)[0, prompt.size(1):].tolist())
+        said = [decode(tok, m.generate(prompt, n_answer)[0, prompt.size(1):].tolist()).strip()
                 for m in models.values()]
         lines.append(f"| {pr.prompt.strip()} | {pr.answers[0]} | " + " | ".join(said) + " |")
     return "\n".join(lines)
