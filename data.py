@@ -397,6 +397,6 @@ def filter_dates(probes, dates, where):
     kept = [p for p in probes if any(on(p.date, a) or on(p.date, b) or a <= p.date <= b for a, b in spans)]
     if not kept:
         have = sorted({p.date for p in probes if p.date})
-        have = ", ".join(have[:6]) + " ..." * (len(have) > 6) or "none"
+        have = (", ".join(have[:6]) + (" ..." if len(have) > 6 else "")) or "none"
         raise ValueError(f"{where}: no probe has a date in '{dates}' (it has {have})")
     return kept
