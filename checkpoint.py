@@ -82,26 +82,6 @@ def read_safetensors(path) -> dict:
         raise ValueError(f"{path}: corrupt or truncated safetensors: {name}: {type(e).__name__} {e}")
     return tensors
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-def hub_folder(name: str) -> str:
-    """A hub model's config.json and weights, downloaded once; safetensors, else the older .bin."""
-    # the resumable HTTP download is the data sets' too: plumbing around the method, so it is in experiments/
-    from experiments.fetch import download
-    cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
-    folder = os.path.join(cache, name.replace("/", "--"))
-    os.makedirs(folder, exist_ok=True)
-    have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
-    if "config.json" not in have:
-        download(url + "config.json", os.path.join(folder, "config.json"))
-    if not {"model.safetensors", "pytorch_model.bin"} & have:
-        try:
-            download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
-        except FileNotFoundError:  # old repositories have only pytorch_model.bin
-            download(url + "pytorch_model.bin", os.path.join(folder, "pytorch_model.bin"))
-    return folder
-
 def config_from_hf(cfg: dict) -> GPTConfig:
     names = HF_NAMES.get(cfg.get("model_type")) if isinstance(cfg, dict) else None
     if not names:
@@ -135,7 +115,11 @@ def hf_to_ours(sd: dict, arch: str) -> dict:
 
 def load_hf(name: str) -> GPT:
     """A hub name or a Hugging Face folder; every tensor's shape is checked against config.json."""
-    folder = hub_folder(name) if name in HUB_NAMES and not os.path.isdir(name) else name
+    folder = name
+    if name in HUB_NAMES and not os.path.isdir(name):
+        # downloaded once, resumably, beside the data sets: plumbing around the method, in experiments/
+        from experiments.fetch import hub_folder
+        folder = hub_folder(name)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{name}: not a folder with config.json nor one of {', '.join(HUB_NAMES)}")

@@ -88,6 +88,27 @@ def download(url: str, dest: str, retries: int = 3, timeout=30.0) -> str:
                 time.sleep(2 ** attempt)
 
 
+def hub_endpoint() -> str:  # the one reading of $HF_ENDPOINT (a Hugging Face mirror)
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_folder(name: str) -> str:
+    """A hub model's config.json and weights (checkpoint.load_model's hub names), downloaded once;
+    safetensors, else the older .bin."""
+    cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
+    folder = os.path.join(cache, name.replace("/", "--"))
+    os.makedirs(folder, exist_ok=True)
+    have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
+    if "config.json" not in have:
+        download(url + "config.json", os.path.join(folder, "config.json"))
+    if not {"model.safetensors", "pytorch_model.bin"} & have:
+        try:
+            download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
+        except FileNotFoundError:  # old repositories have only pytorch_model.bin
+            download(url + "pytorch_model.bin", os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
 ECBD_HELP = ("ECBD is a browser-only download: open the box.com folder linked from "
              "https://github.com/yasumasaonoe/ecbd, download and unpack it, then run "
              "`python -m experiments.realdata fetch ecbd --folder PATH` (PATH holds one folder per year, e.g. "
@@ -99,7 +120,6 @@ SNAPSHOT_PART = re.compile(r"(?:^|/)wikipedia_(\d{2})_gpt2/[^/]*\.csv$")  # Wiki
 
 
 def twiki_url():
-    from checkpoint import hub_endpoint  # the one reading of $HF_ENDPOINT
     return f"{hub_endpoint()}/datasets/seonghyeonye/TemporalWiki/resolve/main"
 
 

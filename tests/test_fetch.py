@@ -174,12 +174,11 @@ def test_snapshot_prefix_by_size_tokenizes(server, tmp_path):
 
 
 def test_model_downloads_use_hf_endpoint_and_resume(server, tmp_path):
-    import checkpoint
     weights = random.Random(2).randbytes(200_000)
     server.files["/gpt2/resolve/main/config.json"] = b'{"model_type": "gpt2"}'
     server.files["/gpt2/resolve/main/model.safetensors"], server.cut["/gpt2/resolve/main/model.safetensors"] = \
         weights, 140_000
-    folder = Path(checkpoint.hub_folder("gpt2"))  # the transfer breaks off once; download's retry resumes it
+    folder = Path(fetch.hub_folder("gpt2"))  # the transfer breaks off once; download's retry resumes it
     assert (folder / "model.safetensors").read_bytes() == weights
     ranges = [r for p, r in server.log if p.endswith("model.safetensors")]
     assert ranges[0] is None and len(ranges) == 2 and 0 < int(ranges[1][6:-1]) < 140_000  # resumed, not restarted

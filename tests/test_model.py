@@ -374,7 +374,7 @@ def test_mocked_download_fills_cache_then_cache_makes_no_request(tmp_path, monke
     urls = []
 
     def fake_get(url, stream=False, timeout=None):
-        assert timeout and url.startswith(C.hub_endpoint() + "/gpt2/resolve/main/")
+        assert timeout and url.startswith(fetch.hub_endpoint() + "/gpt2/resolve/main/")
         urls.append(url)
         name = url.rsplit("/", 1)[1]
         dest = cache / "gpt2" / name
