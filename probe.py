@@ -96,15 +96,20 @@ def table(summary):
     head = [f"{'split':<{w}}      n        ppl   EM %"] if rows else []
     return "\n".join(head + rows)
 
+def load_with_tokenizer(init: str, tokenizer: str | None, device):
+    """--init's model and the tokenizer for its text (--tokenizer, else --init's), checked to fit."""
+    model, tok = load_model(init, device), data.load_tokenizer(tokenizer or init)
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"--tokenizer: {tok.n_vocab} tokens, the model {model.config.vocab_size}")
+    return model, tok
+
 def main(argv=None):
     cfg = parse_config(ProbeConfig, "probe.py", __doc__, argv)
     with input_errors("probe.py"):
         if cfg.json:
             check_output(cfg.json, "--json")
         device, probes = pick_device(cfg.device), data.read_probe_files(cfg.probes)
-        model, tok = load_model(cfg.init, device), data.load_tokenizer(cfg.tokenizer or cfg.init)
-        if tok.n_vocab > model.config.vocab_size:
-            raise ValueError(f"--tokenizer: {tok.n_vocab} tokens, the model {model.config.vocab_size}")
+        model, tok = load_with_tokenizer(cfg.init, cfg.tokenizer, device)
         results = score(model, tok, probes, cfg.batch_size, device, cfg.metric)
         out = dict(asdict(cfg), summary=summarize(results))
         if cfg.json:

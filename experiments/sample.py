@@ -7,7 +7,7 @@
 Greedy by default: the same text every call, the likeliest token at each step (what probe.py's exact
 match asks of an answer). --temperature > 0 samples instead, --top-k from the k likeliest tokens only,
 --seed fixes the draw. The model is model.GPT.generate's; --init and --tokenizer are read as probe.py
-reads them (checkpoint.load_model, data.load_tokenizer).
+reads them (probe.load_with_tokenizer).
 """
 import re
 import sys
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from checkpoint import load_model
+import probe
 from common import POS, flag, input_errors, number, parse_config
 from model import pick_device, unwrap
 
@@ -58,10 +58,7 @@ def main(argv=None) -> str:
     with input_errors(PROG):
         if cfg.top_k is not None and cfg.temperature == 0:
             raise ValueError(f"--top-k {cfg.top_k}: needs --temperature > 0 (0: greedy)")
-        model = load_model(cfg.init, pick_device(cfg.device))
-        tok = data.load_tokenizer(cfg.tokenizer or cfg.init)
-        if tok.n_vocab > model.config.vocab_size:
-            raise ValueError(f"--tokenizer: {tok.n_vocab} tokens, the model {model.config.vocab_size}")
+        model, tok = probe.load_with_tokenizer(cfg.init, cfg.tokenizer, pick_device(cfg.device))
         unknown = getattr(tok, "unk", None)
         if unknown is not None and unknown in tok.encode(cfg.prompt):
             print(f"{PROG}: note: words of --prompt outside the vocabulary read as <unk>", file=sys.stderr)

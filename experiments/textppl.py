@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 
 import data
 import probe
-from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, parse_config, write_text
 from model import pick_device, unwrap
 
@@ -42,9 +41,7 @@ def main(argv=None) -> float:
         if cfg.json:
             check_output(cfg.json, "--json")
         device = pick_device(cfg.device)
-        model, tok = load_model(cfg.init, device), data.load_tokenizer(cfg.tokenizer or cfg.init)
-        if tok.n_vocab > model.config.vocab_size:
-            raise ValueError(f"--tokenizer: {tok.n_vocab} tokens, the model {model.config.vocab_size}")
+        model, tok = probe.load_with_tokenizer(cfg.init, cfg.tokenizer, device)
         ppl = text_ppl(model, data.load_tokens(cfg.text, tok), cfg.text_tokens, cfg.batch_size, device)
         if cfg.json:
             write_text(cfg.json, json.dumps(dict(asdict(cfg), text_ppl=ppl), indent=1))
