@@ -23,9 +23,9 @@ def save_checkpoint(path, state: dict):
     with atomic_path(path) as tmp:  # written beside, then renamed: a crash leaves the last good file
         torch.save(state, tmp)
 
-def load_checkpoint(path) -> dict:
-    try:  # weights_only: runs no code
-        return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path, mmap=False) -> dict:
+    try:  # weights_only: runs no code; mmap: tensors read only when used
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from e
 

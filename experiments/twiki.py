@@ -36,11 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import data
 import train
-from checkpoint import CKPT_NAME, HUB_NAMES, save_checkpoint
+from checkpoint import CKPT_NAME, HUB_NAMES, load_checkpoint, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
 from common import write_text
 from experiments import fetch, realdata
@@ -758,8 +756,8 @@ def resumed_step(run: Path) -> int:
     if not path.is_file():
         return 0
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 (torch raises many kinds)
+        ck = load_checkpoint(path, mmap=True)
+    except ValueError:
         return 0
     step = ck.get("step") if isinstance(ck, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
@@ -775,10 +773,10 @@ def drop_optimizer(run: Path):
         return
     before = path.stat().st_size
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 (torch raises many kinds): a damaged checkpoint is one line
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}); the next stage was trained from "
-                         "it, so it was readable then: check the disk") from None
+        ck = load_checkpoint(path, mmap=True)
+    except ValueError as e:  # a damaged checkpoint is one line
+        raise ValueError(f"{e}; the next stage was trained from it, so it was readable then: "
+                         "check the disk") from None
     opt = ck.get("optimizer") if isinstance(ck, dict) else None
     if isinstance(opt, dict) and opt.get("units") != [DROPPED]:
         # train.py --resume on this checkpoint stops in one line naming DROPPED (its AdamW checks the units)
