@@ -37,7 +37,6 @@ from experiments.export import save_hf
 from experiments.world import WorldConfig, make_world
 
 
-
 # ----------------------------------------------------------------------------- shared helpers
 
 def sync(device):

@@ -4,7 +4,6 @@ world.py's folder, fetch's unpack and markers, fetch's flags and ranged reads, f
 and lock. Against the local HTTP server of tests/httpserver.py; archives are made here."""
 import csv
 import fcntl
-import io
 import json
 import os
 import random
