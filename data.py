@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import HUB_NAMES
 from common import atomic_path, not_utf8, read_json, write_text
 
 class GPT2Tokenizer:
     """GPT-2 BPE by tiktoken (offline if TIKTOKEN_CACHE_DIR holds its files)."""
     name = fingerprint = "gpt2"
+    bos = None  # Llama 3's: experiments/hf_tokenizer.py
 
     def __init__(self):
         import tiktoken
@@ -32,7 +32,7 @@ class GPT2Tokenizer:
 
 class WordTokenizer:
     """A closed word vocabulary, else <unk>: a small softmax, fast to train on a CPU."""
-    name = "word"
+    name, bos = "word", None
     SPECIALS = ("<eot>", "<unk>")
     PATTERN = re.compile(r"<eot>|<unk>|\w+|[^\w\s]")
 
@@ -63,19 +63,19 @@ class WordTokenizer:
         return cls(v)
 
 def load_tokenizer(spec):
-    """A tokenizer.json, or a folder or .pt next to one -> WordTokenizer; else GPT-2 BPE."""
+    """A tokenizer.json, or a folder or .pt next to one -> WordTokenizer; another family's: hf_tokenizer.py;
+    else GPT-2 BPE."""
     p = Path(spec)
-    p = p.parent if p.suffix == ".pt" and p.is_file() else p
+    p = p.parent if p.is_file() and (p.suffix == ".pt" or p.name == "tokenizer.json") else p
     if p.is_file():
         return WordTokenizer.load(p)
-    if not p.exists() and spec not in HUB_NAMES:
-        raise ValueError(f"tokenizer {spec}: no such file or folder, nor one of {', '.join(HUB_NAMES)}")
     try:
         if (p / "tokenizer.json").is_file():
             return WordTokenizer.load(p / "tokenizer.json")
-    except ValueError:  # an HF tokenizer, not WordLevel: GPT-2 BPE
+    except ValueError:  # not ours
         pass
-    return GPT2Tokenizer()
+    from experiments.hf_tokenizer import family_tokenizer  # plumbing: hub names, HF files
+    return family_tokenizer(spec, p) or GPT2Tokenizer()
 
 def span_example(tokenizer, prompt, answer):
     """(idx, targets) of prompt + answer, targets -1 but on the answer: the signal is the gradient of the
@@ -89,16 +89,17 @@ def span_example(tokenizer, prompt, answer):
     full = tokenizer.encode(prompt + glue + answer)
     if full[:len(p)] != p:  # a merge across the boundary: fall back to separate encodings
         full = p + tokenizer.encode(glue + answer)
-    if not p:
-        p, full = [tokenizer.eot], [tokenizer.eot] + full
+    first = [tokenizer.bos] if tokenizer.bos is not None else [] if p else [tokenizer.eot]
+    p, full = first + p, first + full  # BOS as AutoTokenizer adds it
     return full[:-1], [-1] * (len(p) - 1) + full[len(p):]
 
 def sentence_example(tokenizer, prompt, answer):
-    """(idx, targets) of 'prompt answer' after end-of-text, every token a target (TemporalWiki's metric)."""
+    """(idx, targets) of 'prompt answer' after end-of-text (or BOS), every token a target (TemporalWiki's)."""
     prompt, answer = prompt.rstrip(), answer.strip()
     if not answer:
         raise ValueError("empty answer")
-    full = [tokenizer.eot] + tokenizer.encode(f"{prompt} {answer}" if prompt else answer)
+    start = tokenizer.eot if tokenizer.bos is None else tokenizer.bos
+    full = [start] + tokenizer.encode(f"{prompt} {answer}" if prompt else answer)
     return full[:-1], full[1:]
 
 def random_starts(n_tokens, n, block_size, seed):
@@ -229,7 +230,7 @@ def parse_text_spec(spec):
     return path, count
 
 def load_tokens(spec, tokenizer):
-    """Text -> token memmap, eot after each document, streamed (billions of tokens, flat memory): all or
+    """Text -> token memmap, eot after each document (BOS before), streamed (billions of tokens, flat memory): all or
     the first N of 'PATH@N'. Cached next to the text (else ~/.cache/tgl), keyed by bytes, tokenizer and N."""
     path, n = parse_text_spec(spec)
     root, h = Path(path).parent, hashlib.sha1(f"{tokenizer.fingerprint}|{n}".encode())
@@ -244,7 +245,8 @@ def load_tokens(spec, tokenizer):
         with atomic_path(d / name) as tmp, open(tmp, "wb") as out:
             k = 0
             for doc in iter_documents(path):
-                ids = (tokenizer.encode(doc) + [tokenizer.eot])[:n - k if n else None]
+                ids = ([] if tokenizer.bos is None else [tokenizer.bos]) + tokenizer.encode(doc)
+                ids = (ids + [tokenizer.eot])[:n - k if n else None]
                 out.write(np.asarray(ids, dtype=dtype).tobytes())
                 k += len(ids)
                 if k == n:

@@ -96,16 +96,19 @@ def save_hf(model: GPT, folder):
 
 def save_tokenizer(tokenizer, folder, model_max_length=1024):
     """The tokenizer files AutoTokenizer.from_pretrained(folder) reads, for data.py's GPT2Tokenizer
-    ("gpt2") or WordTokenizer ("word"), into a folder that holds none of FILES' tokenizer files;
-    data.load_tokenizer(folder) reads them back too."""
+    ("gpt2"), WordTokenizer ("word") or another family's tokenizer.json (experiments/hf_tokenizer.py: its
+    files as given), into a folder that holds none of FILES' tokenizer files; data.load_tokenizer(folder)
+    reads them back too."""
     _fresh(folder, FILES[2:])
     os.makedirs(folder, exist_ok=True)
     if tokenizer.name == "gpt2":
         _save_gpt2(tokenizer, folder, model_max_length)
     elif tokenizer.name == "word":
         _save_word(tokenizer, folder, model_max_length)
+    elif tokenizer.name == "hf":
+        tokenizer.save(os.path.join(folder, "tokenizer.json"))
     else:
-        raise ValueError(f"no Hugging Face export for the tokenizer {tokenizer.name!r} (gpt2 or word)")
+        raise ValueError(f"no Hugging Face export for the tokenizer {tokenizer.name!r} (gpt2, word or hf)")
 
 
 def _save_gpt2(tokenizer, folder, model_max_length):

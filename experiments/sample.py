@@ -37,6 +37,8 @@ class SampleConfig:
 
 def decode(tokenizer, ids) -> str:
     """Token ids -> text, with a leading space where the text would have one after a prompt."""
+    if hasattr(tokenizer, "decode"):  # another family's BPE (experiments/hf_tokenizer.py)
+        return tokenizer.decode(ids)
     if isinstance(tokenizer, data.GPT2Tokenizer):
         return tokenizer.enc.decode(ids)  # BPE tokens carry their own spaces
     # a word vocabulary lost the spacing: a space before each word, none before punctuation
@@ -47,7 +49,8 @@ def sample(model, tokenizer, prompt: str, max_new_tokens=30, temperature=0.0, to
     """The model's continuation of `prompt`, as text (greedy by default)."""
     model = unwrap(model)
     device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt) or [tokenizer.eot]  # nothing to continue: start a document
+    ids = ([] if tokenizer.bos is None else [tokenizer.bos]) + tokenizer.encode(prompt)  # BOS as the family's
+    ids = ids or [tokenizer.eot]  # nothing to continue: start a document
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, generator)
     return decode(tokenizer, out[0, len(ids):].tolist())

@@ -54,8 +54,9 @@ def test_word_tokenizer_build_save_load(tmp_path):
 def test_load_tokenizer_falls_back_to_gpt2(tmp_path):
     assert isinstance(load_tokenizer("gpt2"), GPT2Tokenizer)
     assert isinstance(load_tokenizer(tmp_path), GPT2Tokenizer)  # a folder without tokenizer.json
-    write(tmp_path / "tokenizer.json", json.dumps({"model": {"type": "BPE"}}))  # an HF tokenizer file
-    assert isinstance(load_tokenizer(tmp_path), GPT2Tokenizer)
+    write(tmp_path / "tokenizer.json", json.dumps({"model": {"type": "BPE"}}))  # an HF file, not GPT-2's:
+    with pytest.raises(ValueError, match="not a byte-level BPE"):  # read exactly or refused, never GPT-2 BPE
+        load_tokenizer(tmp_path)
 
 # ----------------------------------------------------------------------------- token arrays
 
