@@ -183,11 +183,16 @@ def need_matplotlib():
     return plt
 
 
-def trace_png(d: dict, path):
-    """Figure 2 as a PNG: per split, relative gradient norm per layer, attention and MLP bars side by side."""
+def trace_png(d: dict, path, table: str = None):
+    """Figure 2 as a PNG: per split, relative gradient norm per layer, attention and MLP bars side by side;
+    `table` (text) beside them, as the paper's layout has it."""
     plt = need_matplotlib()
     names = list(d["splits"])
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names)), squeeze=False)
+    width = 8 + (0.075 * max(map(len, table.splitlines())) if table else 0)
+    fig, axes = plt.subplots(len(names), 2 if table else 1, figsize=(width, 2.4 * len(names)),
+                             squeeze=False)
+    for ax in axes[:, 1] if table else ():
+        ax.remove()  # the right column is one text panel, added below
     for ax, name in zip(axes[:, 0], names):
         rgn = d["splits"][name]["rgn"]
         layers = sorted({int(u.split(".")[1]) for u in rgn if u.startswith("h.")})
@@ -199,7 +204,11 @@ def trace_png(d: dict, path):
     axes[-1, 0].set_xlabel("layer")
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=8)
     fig.suptitle("span / LM gradient norm per layer")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 8 / width, 1))
+    if table:
+        side = fig.add_axes((8 / width, 0.02, 1 - 8 / width, 0.9))
+        side.set_axis_off()
+        side.text(0, 1, table, family="monospace", fontsize=7, va="top")
     with atomic_path(path) as tmp:  # never half a PNG under the name
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
