@@ -25,7 +25,7 @@ from pathlib import Path
 import probe
 import trace as tgl_trace
 from checkpoint import load_model
-from common import Parser, check_output, input_errors, write_text
+from common import Parser, check_output, duration, input_errors, write_text
 from experiments import fetch, plot, realdata
 from experiments.hf_tokenizer import GPT2_NAMES, HUB_NAME
 from experiments.tools import check_number, script
@@ -180,8 +180,7 @@ def table(d: dict) -> str:
     for i in sorted({int(u.split(".")[1]) for u in units if u.startswith("h.")}):
         rows.append(f"{i:>5} " + " ".join(f"{sp[s]['rgn'][f'h.{i}.{sub}']:>12.3f}" for sub in ("attn", "mlp")
                                           for s in SPLITS))
-    for u in ("embed", "ln_f"):
-        rows.append(f"{u:>5} " + " ".join(f"{sp[s]['rgn'][u]:>12.3f}" for s in SPLITS) + "   (not ranked)")
+    rows += [f"{u} (not ranked): " + ", ".join(f"{s} {sp[s]['rgn'][u]:.3f}" for s in SPLITS) for u in ("embed", "ln_f")]
     n = d["counts"]
     rows.append(f"probes traced: {n['span'].get('updated', 0)} updated, {n['span'].get('new', 0)} new; "
                 f"{n['lm']} LM windows of {d['block_size']} tokens")
@@ -227,7 +226,7 @@ def plan(args, model, device) -> str:
     lines = [f"# figure2.py --plan: {args.init} -> {args.out}"]
     lines += [("# done: " if done and not args.overwrite else "") + sh(argv) for _, argv, done in steps(args)]
     lines.append(f"# ESTIMATE of the trace on this device ({device}): {args.n_lm} LM windows x {t_lm:.3g} s + "
-                 f"2 x {args.n_span} probes x {t_span:.3g} s = about {total / 60:.1f} min. Measured now: one traced "
+                 f"2 x {args.n_span} probes x {t_span:.3g} s = about {duration(total)}. Measured now: one traced "
                  f"forward + backward of this model at ({block} tokens) and (16 tokens, a probe's typical length), "
                  f"median of 3; not counted: downloads, tokenizing the old text, loading the model. Fewer probes: "
                  f"--n-span; fewer or shorter windows: --n-lm, --block-size")

@@ -188,11 +188,8 @@ def trace_png(d: dict, path, table: str = None):
     `table` (text) beside them, as the paper's layout has it."""
     plt = need_matplotlib()
     names = list(d["splits"])
-    width = 8 + (0.075 * max(map(len, table.splitlines())) if table else 0)
-    fig, axes = plt.subplots(len(names), 2 if table else 1, figsize=(width, 2.4 * len(names)),
-                             squeeze=False)
-    for ax in axes[:, 1] if table else ():
-        ax.remove()  # the right column is one text panel, added below
+    width = 8 + (0.07 * max(map(len, table.splitlines())) + 0.4 if table else 0)  # inches: 8pt monospace
+    fig, axes = plt.subplots(len(names), 1, figsize=(width, 2.4 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         rgn = d["splits"][name]["rgn"]
         layers = sorted({int(u.split(".")[1]) for u in rgn if u.startswith("h.")})
@@ -202,13 +199,14 @@ def trace_png(d: dict, path, table: str = None):
         ax.set_ylabel("rgn")
         ax.set_xticks(layers)
     axes[-1, 0].set_xlabel("layer")
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=8)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower right" if table else "upper right", ncol=2,
+               fontsize=8)
     fig.suptitle("span / LM gradient norm per layer")
     fig.tight_layout(rect=(0, 0, 8 / width, 1))
     if table:
-        side = fig.add_axes((8 / width, 0.02, 1 - 8 / width, 0.9))
+        side = fig.add_axes((8 / width, 0.02, 1 - 8 / width, 0.85))  # the table beside the charts
         side.set_axis_off()
-        side.text(0, 1, table, family="monospace", fontsize=7, va="top")
+        side.text(0.02, 1, table, family="monospace", fontsize=8, va="top")
     with atomic_path(path) as tmp:  # never half a PNG under the name
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
