@@ -22,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+import data
 import probe
 import trace as tgl_trace
 from checkpoint import load_model
@@ -51,7 +52,7 @@ def parse_args(argv=None):
       "registered with `python -m experiments.realdata fetch ecbd --folder PATH`")
     a("--text", help="old text for the LM windows (a file or folder); default: the Wikipedia snapshot prefix")
     a("--snapshot-mb", type=float, default=5.0, help="MB of the old Wikipedia snapshot fetched for the LM windows")
-    a("--n-span", type=int, default=200, help="probes traced per kind (updated, new): a seeded sample if more")
+    a("--n-span", type=int, default=100, help="probes traced per kind (updated, new): a seeded sample if more")
     a("--n-lm", type=int, default=64, help="random LM windows of old text")
     a("--block-size", type=int, default=256, help="LM window length in tokens (the model's context at most)")
     a("--seed", type=int, default=0, help="seed of the probe sample and the LM windows")
@@ -217,16 +218,25 @@ def timed_pass(model, example, device, reps=3) -> float:
     return sorted(times[1:])[reps // 2]
 
 
+def probe_counts(args) -> dict:
+    """Probes the trace will take of each kind: --n-span, or fewer where the probe files written hold fewer."""
+    specs = dict(s.rsplit(":", 1) for s in probe_specs(args))  # {file: kind}
+    have = {k: [f for f, s in specs.items() if s == k and Path(f).is_file()] for k in SPLITS}
+    return {k: min(args.n_span, sum(len(data.read_probes(f)) for f in fs)) if fs else args.n_span
+            for k, fs in have.items()}
+
+
 def plan(args, model, device) -> str:
     block = min(args.block_size, model.config.block_size)
     window = ([1] * block, [1] * block)
     span = ([1] * 16, [-1] * 15 + [1])  # a probe: about 16 tokens (prompt and answer) in TempLAMA and ECBD
     t_lm, t_span = timed_pass(model, window, device), timed_pass(model, span, device)
-    total = args.n_lm * t_lm + 2 * args.n_span * t_span
+    n_span = probe_counts(args)
+    total = args.n_lm * t_lm + sum(n_span.values()) * t_span
     lines = [f"# figure2.py --plan: {args.init} -> {args.out}"]
     lines += [("# done: " if done and not args.overwrite else "") + sh(argv) for _, argv, done in steps(args)]
     lines.append(f"# ESTIMATE of the trace on this device ({device}): {args.n_lm} LM windows x {t_lm:.3g} s + "
-                 f"2 x {args.n_span} probes x {t_span:.3g} s = about {duration(total)}. Measured now: one traced "
+                 f"{' + '.join(f'{n} {s}' for s, n in n_span.items())} probes x {t_span:.3g} s = about {duration(total)}. Measured now: one traced "
                  f"forward + backward of this model at ({block} tokens) and (16 tokens, a probe's typical length), "
                  f"median of 3; not counted: downloads, tokenizing the old text, loading the model. Fewer probes: "
                  f"--n-span; fewer or shorter windows: --n-lm, --block-size")

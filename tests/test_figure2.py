@@ -60,6 +60,9 @@ def test_figure2_end_to_end(server, tmp_path, capsys, monkeypatch):
     figure2.main(argv(out))
     assert len(server.log) == requests and (out / "trace.json").read_bytes() == before
     assert not (out / "figure2.png").exists() and "no matplotlib" in capsys.readouterr().out
+    figure2.main(argv(out, "--plan"))  # counts the probes the files hold; the steps done are marked
+    said = capsys.readouterr().out
+    assert "3 updated + 1 new probes" in said and "# done: python trace.py" in said
     # other flags into the same folder: one line, unless --overwrite
     with pytest.raises(SystemExit) as e:
         figure2.main(argv(out, "--seed", "1"))
@@ -73,7 +76,7 @@ def test_plan_and_refusals(server, tmp_path, capsys):
     assert figure2.main(argv(out, "--plan")) is None
     said = capsys.readouterr().out
     assert "realdata fetch templama" in said and "splits templama" in said and "trace.py --init gpt2" in said
-    assert "ESTIMATE of the trace on this device (cpu): 3 LM windows x" in said and "2 x 4 probes" in said
+    assert "ESTIMATE of the trace on this device (cpu): 3 LM windows x" in said and "4 updated + 4 new probes" in said
     assert not out.exists()  # nothing written
     for more, want in [(["--ecbd", str(tmp_path)], "no YEAR/np_spans_test.json"), (["--n-lm", "0"], "--n-lm"),
                        (["--dates", "2020", "2019"], "swap them"), (["--text", str(tmp_path / "no")], "--text"),
