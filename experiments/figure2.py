@@ -105,7 +105,9 @@ def flags(args) -> dict:
 # ----------------------------------------------------------------------------- the steps
 
 def old_text(args) -> Path:
-    return Path(args.text) if args.text else realdata.snapshot_dir(args.snapshot_mb) / f"wikipedia_{MONTH}_gpt2_prefix.csv"
+    if args.text:
+        return Path(args.text)
+    return realdata.snapshot_dir(args.snapshot_mb) / f"wikipedia_{MONTH}_gpt2_prefix.csv"
 
 
 def templama_inputs(args) -> list:
@@ -114,22 +116,26 @@ def templama_inputs(args) -> list:
 
 def steps(args) -> list:
     """(what, argv, done): the commands that do each step by hand."""
-    out, probes = Path(args.out), Path(args.out) / "probes"
-    fetched = [(f"fetch {s}", script("experiments.realdata", "fetch", s),
-                all((fetch.cache_root() / s / f).is_file() for f in fetch.DATASETS[s].files))
-               for s in args.templama if s in TEMPLAMA_SETS]
-    snapshot = [] if args.text else [("old text", script("experiments.realdata", "fetch", "twiki-snapshot", "--max-mb",
-                                                          f"{args.snapshot_mb:g}", "--month", MONTH), old_text(args).is_file())]
-    return fetched + snapshot + [
-        ("updated", script("experiments.realdata", "splits", "templama", "--input", *templama_inputs(args), "--from",
-                           args.dates[0], "--to", args.dates[1], "--out", probes, "--diag-frac", 0),
-         (probes / ".templama-splits.done").is_file()),
-        ("new", script("experiments.realdata", "splits", "ecbd", "--input", ecbd_root(args), "--out", probes / "ecbd",
-                       "--diag-frac", 0), (probes / "ecbd" / ".ecbd-splits.done").is_file()),
-        ("trace", script("trace.py", "--init", args.init, "--probes", *probe_specs(args), "--text", old_text(args),
-                         "--out", out / "trace.json", "--n-span", args.n_span, "--n-lm", args.n_lm, "--block-size",
-                         args.block_size, "--seed", args.seed, "--device", args.device), (out / "trace.json").is_file()),
-        ("figure", script("experiments.plot", "--trace", out / "trace.json", "--png", out / "figure2.png"), False)]
+    out, probes, cache = Path(args.out), Path(args.out) / "probes", fetch.cache_root()
+    todo = [(f"fetch {s}", script("experiments.realdata", "fetch", s),
+             all((cache / s / f).is_file() for f in fetch.DATASETS[s].files))
+            for s in args.templama if s in TEMPLAMA_SETS]
+    if not args.text:
+        todo.append(("old text", script("experiments.realdata", "fetch", "twiki-snapshot", "--max-mb",
+                                        f"{args.snapshot_mb:g}", "--month", MONTH), old_text(args).is_file()))
+    todo.append(("updated", script("experiments.realdata", "splits", "templama", "--input", *templama_inputs(args),
+                                   "--from", args.dates[0], "--to", args.dates[1], "--out", probes, "--diag-frac", 0),
+                 (probes / ".templama-splits.done").is_file()))
+    todo.append(("new", script("experiments.realdata", "splits", "ecbd", "--input", ecbd_root(args),
+                               "--out", probes / "ecbd", "--diag-frac", 0),
+                 (probes / "ecbd" / ".ecbd-splits.done").is_file()))
+    todo.append(("trace", script("trace.py", "--init", args.init, "--probes", *probe_specs(args), "--text",
+                                 old_text(args), "--out", out / "trace.json", "--n-span", args.n_span, "--n-lm",
+                                 args.n_lm, "--block-size", args.block_size, "--seed", args.seed, "--device",
+                                 args.device), (out / "trace.json").is_file()))
+    todo.append(("figure", script("experiments.plot", "--trace", out / "trace.json", "--png", out / "figure2.png"),
+                 False))
+    return todo
 
 
 def probe_specs(args) -> list:
@@ -236,10 +242,10 @@ def plan(args, model, device) -> str:
     lines = [f"# figure2.py --plan: {args.init} -> {args.out}"]
     lines += [("# done: " if done and not args.overwrite else "") + sh(argv) for _, argv, done in steps(args)]
     lines.append(f"# ESTIMATE of the trace on this device ({device}): {args.n_lm} LM windows x {t_lm:.3g} s + "
-                 f"{' + '.join(f'{n} {s}' for s, n in n_span.items())} probes x {t_span:.3g} s = about {duration(total)}. Measured now: one traced "
-                 f"forward + backward of this model at ({block} tokens) and (16 tokens, a probe's typical length), "
-                 f"median of 3; not counted: downloads, tokenizing the old text, loading the model. Fewer probes: "
-                 f"--n-span; fewer or shorter windows: --n-lm, --block-size")
+                 f"{' + '.join(f'{n} {s}' for s, n in n_span.items())} probes x {t_span:.3g} s = about "
+                 f"{duration(total)}. Measured now: one traced forward + backward of this model at {block} tokens "
+                 "and at 16 (a probe's typical length), median of 3; not counted: downloads, tokenizing the old "
+                 "text, loading the model. Fewer probes: --n-span; fewer or shorter windows: --n-lm, --block-size")
     return "\n".join(lines)
 
 
@@ -254,21 +260,22 @@ def main(argv=None):
         if args.plan:
             print(plan(args, load_model(args.init, device), device))
             return None
+        model, tok = probe.load_with_tokenizer(args.init, None, device)  # the vocabulary checked to fit
+        if args.block_size > model.config.block_size:  # before the data's downloads, before writing
+            raise ValueError(f"--block-size {args.block_size}: the model's context is {model.config.block_size}")
         if args.overwrite:  # only what this driver wrote
             for f in ("probes", "trace.json", "figure2.txt", "figure2.png", "figure2.json"):
                 shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "figure2.json", json.dumps(flags(args), indent=1))
-        for what, argv_, done in steps(args)[:-2]:
+        for _, argv_, done in steps(args)[:-2]:
             print(f"{'# done: ' if done else '$ '}{sh(argv_)}", flush=True)
         prepare(args)
-        model, tok = probe.load_with_tokenizer(args.init, None, device)  # the vocabulary checked to fit
         print(f"$ {sh(steps(args)[-2][1])}", flush=True)
         d = run_trace(args, model, tok, device)
         written = draw(args, d)
     print("\nwrote " + ", ".join(map(str, written)))
     return d
-
 
 if __name__ == "__main__":
     main()

@@ -80,9 +80,10 @@ def test_plan_and_refusals(server, tmp_path, capsys):
     assert not out.exists()  # nothing written
     for more, want in [(["--ecbd", str(tmp_path)], "no YEAR/np_spans_test.json"), (["--n-lm", "0"], "--n-lm"),
                        (["--dates", "2020", "2019"], "swap them"), (["--text", str(tmp_path / "no")], "--text"),
-                       (["--init", "no/such/model"], "--init")]:
+                       (["--init", "no/such/model"], "--init"), (["--block-size", "65"], "context is 64")]:
         with pytest.raises(SystemExit) as e:
             figure2.main(argv(out, *more))
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and want in err, err
     assert not server.log or all("/gpt2/" in p for p, _ in server.log)  # refused before any data download
+    assert not out.exists()  # and before anything is written
