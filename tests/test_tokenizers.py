@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
+import checkpoint as M
 import data
 import probe
+import trace as tgl_trace
 import train
 from experiments import export
 from experiments.hf_tokenizer import HFTokenizer
@@ -184,7 +186,13 @@ def test_run_keeps_its_tokenizer_and_export_loads_in_autotokenizer(tmp_path):
     kept = data.load_tokenizer(str(run))
     assert kept.fingerprint == data.load_tokenizer(str(folder)).fingerprint and kept.bos == 0
     summary = probe.main(["--init", str(run), "--probes", str(tmp_path / "p.jsonl"), "--device", "cpu"])
-    assert summary  # probe.py scored it with the kept tokenizer
+    assert summary  # probe.py scored it with the kept tokenizer, and trace.py traces with it
+    d = tgl_trace.main(["--init", str(run), "--probes", str(tmp_path / "p.jsonl"), "--text", str(tmp_path / "t.txt"),
+                        "--out", str(tmp_path / "trace.json"), "--n-lm", "2", "--device", "cpu"])
+    assert d["counts"]["span"] == {"p": 1} and all(v > 0 for v in d["span_norm"].values())
+    from experiments.sample import sample
+    said = sample(M.load_model(str(run)), kept, "Grüße aus", max_new_tokens=3)
+    assert isinstance(said, str) and said == kept.decode(kept.encode(said))  # decoded by the family's decoder
     export.main(["--init", str(run), "--out", str(tmp_path / "hf")])
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for s in TESTS:
