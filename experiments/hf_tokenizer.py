@@ -21,7 +21,6 @@ from pathlib import Path
 
 from common import atomic_path, read_json, write_text
 
-FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # kept with a run, exported
 # hub names whose tokenizer is GPT-2's BPE (tiktoken, nothing downloaded), as before this module
 GPT2_NAMES = re.compile(r"(openai-community/)?(distil)?gpt2(-medium|-large|-xl)?|EleutherAI/gpt-neo-[\w.]+")
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # ORG/NAME
@@ -41,7 +40,7 @@ def family_tokenizer(spec: str, folder: Path):
         folder = Path(hub_folder(spec))
     if (folder / "tokenizer.json").is_file():
         d = read_json(folder / "tokenizer.json")
-        vocab = d.get("model", {}).get("vocab") if isinstance(d, dict) and isinstance(d.get("model"), dict) else 0
+        vocab = d["model"].get("vocab") if isinstance(d, dict) and isinstance(d.get("model"), dict) else None
         gpt2 = isinstance(vocab, dict) and len(vocab) == 50257 and vocab.get("\u0120the") == 262
         return None if gpt2 else HFTokenizer(folder)  # GPT-2's own vocabulary: tiktoken's, as before
     if (folder / "tokenizer.model").is_file():
@@ -60,7 +59,8 @@ def _token(value):
 
 def _check_byte_level(path: Path, spec: dict):
     """Byte-level BPE only: a SentencePiece-style file (byte fallback, Metaspace) is refused, naming it."""
-    model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer"))
+    model = spec["model"] if isinstance(spec.get("model"), dict) else {}
+    pre = json.dumps(spec.get("pre_tokenizer"))
     if model.get("byte_fallback") or '"Metaspace"' in pre or model.get("type") == "Unigram":
         raise ValueError(f"{path}: {SENTENCEPIECE}")
     if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
