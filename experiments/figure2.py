@@ -26,7 +26,7 @@ import data
 import probe
 import trace as tgl_trace
 from checkpoint import load_model
-from common import Parser, check_output, duration, input_errors, write_text
+from common import Parser, check_output, duration, input_errors, read_json, write_text
 from experiments import fetch, plot, realdata
 from experiments.hf_tokenizer import GPT2_NAMES, HUB_NAME
 from experiments.tools import check_number, script
@@ -91,7 +91,8 @@ def check(args):
         raise ValueError(f"--text {args.text}: no such file or folder")
     saved = Path(args.out) / "figure2.json"
     if saved.is_file() and not args.overwrite:
-        before, now = json.loads(saved.read_text()), flags(args)
+        before, now = read_json(saved), flags(args)
+        before = before if isinstance(before, dict) else {}
         diff = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in RUN_KEYS if before.get(k) != now[k]]
         if diff:
             raise ValueError(f"{saved}: {args.out} holds a figure of other flags ({'; '.join(diff)}); use the same "

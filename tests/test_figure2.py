@@ -3,7 +3,6 @@ a Wikipedia snapshot served by the local test server, ECBD from tests/data; the 
 figure (PNG with matplotlib, the text chart without), a rerun that fetches nothing, --plan, refusals."""
 import csv
 import io
-import json
 import sys
 
 import pytest
