@@ -7,18 +7,15 @@ import json
 import sys
 
 import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-import checkpoint as M
+import checkpoint as C
 import data
 import probe
 import trace as tgl_trace
 import train
 from experiments import export
 from experiments.hf_tokenizer import HFTokenizer
-
-tokenizers = pytest.importorskip("tokenizers")  # requirements-dev.txt installs it (through transformers)
-from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,  # noqa: E402
-                        processors, trainers)
 
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
@@ -191,7 +188,7 @@ def test_run_keeps_its_tokenizer_and_export_loads_in_autotokenizer(tmp_path):
                         "--out", str(tmp_path / "trace.json"), "--n-lm", "2", "--device", "cpu"])
     assert d["counts"]["span"] == {"p": 1} and all(v > 0 for v in d["span_norm"].values())
     from experiments.sample import sample
-    said = sample(M.load_model(str(run)), kept, "Grüße aus", max_new_tokens=3)
+    said = sample(C.load_model(str(run)), kept, "Grüße aus", max_new_tokens=3)
     assert isinstance(said, str) and said == kept.decode(kept.encode(said))  # decoded by the family's decoder
     export.main(["--init", str(run), "--out", str(tmp_path / "hf")])
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
