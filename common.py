@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import MISSING, field, fields, is_dataclass
 
@@ -89,6 +90,11 @@ def check_output(path, flag: str, kind: str = "file"):
                      (kind == "file" and not os.path.isdir(folder), f"the folder {folder} does not exist")]:
         if bad:
             raise ValueError(f"{flag} {path}: {why}")
+    if kind == "file":  # a real write: os.access says yes to root in /sys
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=folder))
+        except OSError as e:
+            raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 def init_distributed(device: str, threads=None):
     """Under torchrun, join the process group (NCCL on CUDA, else gloo). -> rank, world, device"""
