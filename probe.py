@@ -41,8 +41,7 @@ def probe_example(tokenizer, pr, answer, block_size, metric="span"):
 
 def check_probes(tokenizer, probes, block_size, metric="span"):
     owners = [(i, a) for i, pr in enumerate(probes) for a in pr.answers]
-    return owners, [probe_example(tokenizer, probes[i], a, block_size, metric)
-                    for i, a in owners]
+    return owners, [probe_example(tokenizer, probes[i], a, block_size, metric) for i, a in owners]
 
 @torch.inference_mode()
 def score_rows(model, examples, batch_size, device):
