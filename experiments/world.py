@@ -331,6 +331,9 @@ def _check_splits(cfg, probes, n_facts, n_updated):
         return
     if any("new" in s for s in empty):
         raise ValueError(f"--new-frac {cfg.new_frac}: no new things at T1 for the {', '.join(empty)} probes; raise it")
+    if n_updated == n_facts:
+        raise ValueError(f"--update-frac {cfg.update_frac}: all {n_facts} facts change, so the unchanged probe "
+                         "file would be empty; give a smaller one")
     diag = lambda k: round(cfg.diag_frac * k)  # noqa: E731  (as _probes splits the updated facts)
     k = next(k for k in range(1, n_facts + 1) if k - diag(k) >= 1 and (diag(k) >= 1 or cfg.diag_frac == 0))
     least = math.ceil(k / n_facts * 1e4) / 1e4  # k / n_facts, rounded up
