@@ -213,14 +213,16 @@ def _marker(folder) -> dict | None:
     return None
 
 
-def source_step(init):
-    """The update a tgl checkpoint --init (a run folder or its .pt) was saved at, else None: export.json
-    records it, so that a stale export of a run folder that trained on is told from a current one."""
+def source_run(init):
+    """What a tgl checkpoint --init (a run folder or its .pt) is: its update and train.py's run-defining
+    flags (its own --init, data, lr, ...), as JSON reads them back; None for another --init. export.json
+    records it, so that an export of a run folder that trained on, or was trained again, is told stale."""
     path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
-    if os.path.isfile(path) and path.endswith(".pt"):
-        ck = load_checkpoint(path, mmap=True)  # mapped: the weights are not read
-        return ck.get("step") if isinstance(ck, dict) else None
-    return None
+    if not (os.path.isfile(path) and path.endswith(".pt")):
+        return None
+    ck = load_checkpoint(path, mmap=True)  # mapped: the weights are not read
+    ck = ck if isinstance(ck, dict) else {}
+    return json.loads(json.dumps({"step": ck.get("step"), "train_config": ck.get("train_config")}, default=str))
 
 
 def _source(init) -> str:
@@ -249,8 +251,8 @@ def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
         save_tokenizer(tokenizer, stage, model.config.block_size)
         new = set(os.listdir(stage))
         source = _source(init) if init is not None else None
-        step = source_step(init) if init is not None else None
-        write_text(os.path.join(stage, MARKER), json.dumps({"init": source, "step": step, "files": sorted(new)}))
+        run = source_run(init) if init is not None else None
+        write_text(os.path.join(stage, MARKER), json.dumps({"init": source, "run": run, "files": sorted(new)}))
         if os.path.exists(marker := os.path.join(folder, MARKER)):
             os.remove(marker)  # the folder is mixed until the last move: not a finished export meanwhile
         for f in sorted(new):  # killed from here on: _marker finds the staged marker, the same command redoes it

@@ -836,14 +836,19 @@ def export_all(cfg):
 
 def exported(cfg, k, arm) -> bool:
     """DIR/stageK/ARM is done when its export.json names this arm's run (the absolute path export.py
-    records) at the step its checkpoint is at now; anything else there is export.py's to re-export or
-    refuse (check_exports refused another model's folder at the start)."""
+    records) as its checkpoint is now (step and run-defining flags: a run trained on, or trained again
+    after --overwrite, is exported again); anything else there is export.py's to re-export or refuse
+    (check_exports refused another model's folder at the start)."""
     marker, run_ = Path(cfg.export_hf) / f"stage{k}" / arm / export.MARKER, run_dir(cfg, k, arm)
     try:
         d = read_json(marker) if marker.is_file() else {}
     except ValueError:
         return False
-    return isinstance(d, dict) and d.get("init") == os.path.abspath(run_) and d.get("step") == resumed_step(run_)
+    try:
+        now = export.source_run(str(run_))
+    except ValueError:  # an unreadable checkpoint: export.py says so
+        return False
+    return isinstance(d, dict) and d.get("init") == os.path.abspath(run_) and d.get("run") == now
 
 
 def check_exports(cfg):

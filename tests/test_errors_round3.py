@@ -179,12 +179,15 @@ def test_export_hf_refuses_another_models_folder_and_redoes_a_stale_export(tmp_p
     export.main(twiki.export_argv(over, 1, "full-none")[3:])  # what export_all runs
     assert twiki.exported(cfg, 1, "full-none")
     marker = json.loads((dest / "export.json").read_text())
-    assert marker["init"] == os.path.abspath(run) and marker["step"] == 7
-    tiny_run(run, 2)
+    assert marker["init"] == os.path.abspath(run) and marker["run"] == {"step": 7, "train_config": None}
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     save_checkpoint(run / "ckpt.pt", dict(ck, step=9))  # the run trained on: its export is stale
     assert not twiki.exported(cfg, 1, "full-none")
-    twiki.check_exports(cfg)  # an export of the same run: re-exported, no --overwrite needed
+    save_checkpoint(run / "ckpt.pt", dict(ck, train_config={"init": "another"}))  # trained again, same step
+    assert not twiki.exported(cfg, 1, "full-none")
+    twiki.check_exports(cfg)  # an export of the same run folder: re-exported, no --overwrite needed
+    export.main(twiki.export_argv(cfg, 1, "full-none")[3:])
+    assert twiki.exported(cfg, 1, "full-none")
 
 
 KILL_AFTER_TWO_MOVES = """
