@@ -196,12 +196,14 @@ def parse_args(argv=None) -> Config:
     a("--keep-optimizer", action="store_true", help="keep every stage's optimizer state (AdamW moments: 2/3 of a "
       "checkpoint); by default it is dropped once the same arm's next stage has finished")
     a("--export-hf", help="write each arm's final model (its last stage run now) in Hugging Face layout to "
-      "DIR/stageK/ARM (python -m experiments.export)")
+      "DIR/stageK/ARM (python -m experiments.export); a folder there holding another model is refused at the "
+      "start, unless --overwrite")
     a("--plan", action="store_true", help="print every command, the time and disk it takes (an estimate); run nothing")
     a("--assume-tok-s", type=float,
       help="ASSUMED training tokens/s of one training step (all its GPUs), for the plan's "
       "time and the checkpoint interval; default: derived from the model size (see --plan)")
-    a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags")
+    a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags; "
+      "also replace another model in --export-hf's folders")
     args = p.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "stages"})
     with input_errors(PROG):
