@@ -89,7 +89,7 @@ def check_output(path, flag: str, kind: str = "file"):
                      (kind == "file" and os.path.isdir(path), "is a folder, want a file path")]:
         if bad:
             raise ValueError(f"{flag} {path}: {why}")
-    if kind == "file":  # a real write: root passes os.access in read-only /sys
+    if kind == "file":  # a real write: root passes os.access in /sys
         try:
             os.rmdir(tempfile.mkdtemp(dir=folder))
         except OSError as e:

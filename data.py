@@ -188,8 +188,7 @@ def _source_files(path):
     if not files or files[0].suffix.lower() not in ext:
         raise ValueError(f"{p}: not a .txt or .csv file, nor a folder of them")
     if p.is_dir() and (sub := [f.name for f in files if f.name.endswith("_subset.csv")]):
-        raise ValueError(f"{p}: holds TemporalWiki's *_subset.csv ({', '.join(sub)}): give a diff set file "
-                         "or a folder without them")
+        raise ValueError(f"{p}: holds TemporalWiki's *_subset.csv ({', '.join(sub)}): give its diff set file")
     return files
 
 def iter_documents(path):

@@ -36,7 +36,7 @@ def probe_example(tokenizer, pr, answer, block_size, metric="span"):
     if len(idx) > block_size:
         raise ValueError(f"{where}: {len(idx)} tokens, longer than the model's context ({block_size})")
     if {*tokenizer.encode(answer)} == {getattr(tokenizer, "unk", None)}:  # <unk>'s score, not the fact's
-        raise ValueError(f"{where}: {answer!r} is only <unk> (words the vocabulary lacks): drop the probe")
+        raise ValueError(f"{where}: {answer!r} is only <unk> (unknown words): drop the probe")
     return idx, tgt
 
 def check_probes(tokenizer, probes, block_size, metric="span"):

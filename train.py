@@ -222,7 +222,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
     if rank == 0 and world > 1:
         dist.barrier()
-    # a token cache's name digests its text's bytes and the tokenizer: the tokenizer is checked first
+    # a token cache's name digests its text and tokenizer: the tokenizer is checked first
     run.data = {f: os.path.basename(getattr(t, "filename", t)) for f, t in [("the tokenizer", tokenizer.fingerprint),
                 (cfg.data, tokens), (cfg.replay_data, replay)] if t is not None}
     for f in run.data if saved else ():
