@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import MISSING, field, fields, is_dataclass
 
@@ -85,10 +86,14 @@ def check_output(path, flag: str, kind: str = "file"):
     folder = os.path.dirname(path) or "."
     for bad, why in [(not path, "is empty: give a path"),
                      (kind == "dir" and os.path.isfile(path), "is a file, want a folder"),
-                     (kind == "file" and os.path.isdir(path), "is a folder, want a file path"),
-                     (kind == "file" and not os.path.isdir(folder), f"the folder {folder} does not exist")]:
+                     (kind == "file" and os.path.isdir(path), "is a folder, want a file path")]:
         if bad:
             raise ValueError(f"{flag} {path}: {why}")
+    if kind == "file":  # a real write: root passes os.access in /sys
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=folder))
+        except OSError as e:
+            raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 def init_distributed(device: str, threads=None):
     """Under torchrun, join the process group (NCCL on CUDA, else gloo). -> rank, world, device"""

@@ -188,6 +188,8 @@ def _source_files(path):
     files = sorted(files) if p.is_dir() else [p]
     if not files or files[0].suffix.lower() not in ext:
         raise ValueError(f"{p}: not a .txt or .csv file, nor a folder of them")
+    if p.is_dir() and (sub := [f.name for f in files if f.name.endswith("_subset.csv")]):
+        raise ValueError(f"{p}: holds TemporalWiki's *_subset.csv ({', '.join(sub)}): give its diff set file")
     return files
 
 def iter_documents(path):
@@ -208,15 +210,19 @@ def _lines(path, newline=""):
 
 def _csv_records(lines, path, columns):
     csv.field_size_limit(2 ** 31 - 1)  # TemporalWiki rows pass csv's default limit
-    rows = csv.reader(lines)
-    header = [h.strip() for h in next(rows, [])]
-    missing = [repr(c) for c in columns if c not in header]
-    if missing:  # else a CSV read as text trains on its header and quotes
-        raise ValueError(f"{path}:1: no {', '.join(missing)} column")
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"{path}:{rows.line_num}: expected {len(header)} fields, got {len(row)}")
-        yield rows.line_num, dict(zip(header, row))
+    rows, start = csv.reader(lines, strict=True), 1  # strict: an unclosed quote is an error
+    try:
+        header, start = [h.strip() for h in next(rows, [])], 2
+        missing = [repr(c) for c in columns if c not in header]
+        if missing:  # else a CSV read as text trains on its header and quotes
+            raise ValueError(f"{path}:1: no {', '.join(missing)} column")
+        for row in rows:
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{start}: expected {len(header)} fields, got {len(row)}")
+            yield rows.line_num, dict(zip(header, row))
+            start = rows.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}:{start}: {e}: fix the quotes of this row") from None
 
 def parse_text_spec(spec):
     """'PATH' -> (PATH, None); 'PATH@20M' -> (PATH, 20_000_000): its first 20M tokens."""

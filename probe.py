@@ -32,15 +32,16 @@ def probe_example(tokenizer, pr, answer, block_size, metric="span"):
         raise ValueError(f"--metric {metric}: want span or sentence")
     example = data.span_example if metric == "span" else data.sentence_example
     idx, tgt = example(tokenizer, pr.prompt, answer)
+    where = f"{pr.source + ': ' if pr.source else ''}probe {pr.id}"
     if len(idx) > block_size:
-        raise ValueError(f"{pr.source + ': ' if pr.source else ''}probe {pr.id}: {len(idx)} tokens, "
-                         f"longer than the model's context ({block_size})")
+        raise ValueError(f"{where}: {len(idx)} tokens, longer than the model's context ({block_size})")
+    if {*tokenizer.encode(answer)} == {getattr(tokenizer, "unk", None)}:  # <unk>'s score, not the fact's
+        raise ValueError(f"{where}: {answer!r} is only <unk> (unknown words): drop the probe")
     return idx, tgt
 
 def check_probes(tokenizer, probes, block_size, metric="span"):
     owners = [(i, a) for i, pr in enumerate(probes) for a in pr.answers]
-    return owners, [probe_example(tokenizer, probes[i], a, block_size, metric)
-                    for i, a in owners]
+    return owners, [probe_example(tokenizer, probes[i], a, block_size, metric) for i, a in owners]
 
 @torch.inference_mode()
 def score_rows(model, examples, batch_size, device):

@@ -222,11 +222,11 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     replay = data.load_tokens(cfg.replay_data, tokenizer) if cfg.method == "mixreview" else None
     if rank == 0 and world > 1:
         dist.barrier()
-    # a token cache's name holds a digest of its text's bytes: a changed --data file gets another name
-    run.data = {f: os.path.basename(t.filename) for f, t in [(cfg.data, tokens), (cfg.replay_data, replay)]
-                if t is not None}
+    # a token cache's name digests its text and tokenizer: the tokenizer is checked first
+    run.data = {f: os.path.basename(getattr(t, "filename", t)) for f, t in [("the tokenizer", tokenizer.fingerprint),
+                (cfg.data, tokens), (cfg.replay_data, replay)] if t is not None}
     for f in run.data if saved else ():
-        if saved.get("data", run.data).get(f) != run.data[f]:
+        if saved.get("data", run.data).get(f, run.data[f]) != run.data[f]:
             raise ValueError(f"--resume: {f} changed since {CKPT_NAME}: restore it, or --overwrite")
     run.stream = data.Stream(tokens, replay, cfg, block_size, rank, world)
     trained = " ".join(f"{g['unit']}x{g['lr_scale']:.2f}" for g in groups)

@@ -15,8 +15,8 @@ import shutil
 
 import torch
 
-from checkpoint import CONV1D, HF_NAMES, ST_DTYPES, load_model
-from common import Parser, atomic_path, check_output, input_errors, read_json, write_text
+from checkpoint import CKPT_NAME, CONV1D, HF_NAMES, ST_DTYPES, load_checkpoint, load_model
+from common import Parser, _dead, atomic_path, check_output, input_errors, read_json, write_text
 from data import load_tokenizer
 from model import GPT, merge_lora
 from experiments.tools import remove_dead_temporaries
@@ -196,15 +196,36 @@ def check_out(folder, init, overwrite=False):
     have = sorted(set(os.listdir(folder)) - mine)
     if not have:
         return
-    marker = os.path.join(folder, MARKER)
     try:
-        same = init is not None and os.path.isfile(marker) and read_json(marker).get("init") == _source(init)
+        same = init is not None and (_marker(folder) or {}).get("init") == _source(init)
     except (ValueError, OSError, AttributeError):
         same = False
     if not same or not set(have) <= {*FILES, MARKER}:
         some = ", ".join(have[:3]) + ", ..." * (len(have) > 3)
         raise ValueError(f"--out {folder} already holds files ({some}) not exported from this --init; pass "
                          "--overwrite to replace its model and tokenizer files, or pick an empty folder")
+
+
+def _marker(folder) -> dict | None:
+    """The folder's export.json; else that of an export killed while moving its files in (a dead writer's
+    staging folder holds it: it moves last), so that the same command finishes that export."""
+    dead = [p for p in _stages(folder) if (pid := p.rsplit(".", 2)[-2]).isdigit() and _dead(pid)]
+    for m in [os.path.join(folder, MARKER)] + [os.path.join(p, MARKER) for p in dead]:
+        if os.path.isfile(m):
+            return read_json(m)
+    return None
+
+
+def source_run(init):
+    """What a tgl checkpoint --init (a run folder or its .pt) is: its update and train.py's run-defining
+    flags (its own --init, data, lr, ...), as JSON reads them back; None for another --init. export.json
+    records it, so that an export of a run folder that trained on, or was trained again, is told stale."""
+    path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
+    if not (os.path.isfile(path) and path.endswith(".pt")):
+        return None
+    ck = load_checkpoint(path, mmap=True)  # mapped: the weights are not read
+    ck = ck if isinstance(ck, dict) else {}
+    return json.loads(json.dumps({"step": ck.get("step"), "train_config": ck.get("train_config")}, default=str))
 
 
 def _source(init) -> str:
@@ -231,16 +252,18 @@ def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
     try:
         save_hf(model, stage)
         save_tokenizer(tokenizer, stage, model.config.block_size)
+        new = set(os.listdir(stage))
+        source = _source(init) if init is not None else None
+        run = source_run(init) if init is not None else None
+        write_text(os.path.join(stage, MARKER), json.dumps({"init": source, "run": run, "files": sorted(new)}))
         if os.path.exists(marker := os.path.join(folder, MARKER)):
             os.remove(marker)  # the folder is mixed until the last move: not a finished export meanwhile
-        new = set(os.listdir(stage))
-        for f in sorted(new):
+        for f in sorted(new):  # killed from here on: _marker finds the staged marker, the same command redoes it
             os.replace(os.path.join(stage, f), os.path.join(folder, f))
         for f in set(FILES) - new:
             if os.path.exists(os.path.join(folder, f)):
                 os.remove(os.path.join(folder, f))
-        source = _source(init) if init is not None else None
-        write_text(marker, json.dumps({"init": source, "files": sorted(new)}))
+        os.replace(os.path.join(stage, MARKER), marker)  # last: the folder is a finished export
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -92,15 +92,22 @@ def hub_endpoint() -> str:  # the one reading of $HF_ENDPOINT (a Hugging Face mi
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def hub_config(name: str, download_it=True) -> str | None:
+    """A hub model's config.json alone (a few kB: its sizes before the weights), downloaded once; None if
+    it is not here and not download_it."""
+    cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
+    path = os.path.join(cache, name.replace("/", "--"), "config.json")
+    if not os.path.isfile(path) and download_it:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        download(f"{hub_endpoint()}/{name}/resolve/main/config.json", path)
+    return path if os.path.isfile(path) else None
+
+
 def hub_folder(name: str) -> str:
     """A hub model's config.json and weights (checkpoint.load_model's hub names), downloaded once;
     safetensors, else the older .bin."""
-    cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
-    folder = os.path.join(cache, name.replace("/", "--"))
-    os.makedirs(folder, exist_ok=True)
+    folder = os.path.dirname(hub_config(name))
     have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
-    if "config.json" not in have:
-        download(url + "config.json", os.path.join(folder, "config.json"))
     if not {"model.safetensors", "pytorch_model.bin"} & have:
         try:
             download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
@@ -438,18 +445,13 @@ def _snapshot_members(zf, month, where):
 
 def _copy_rows(zf, members, w, max_bytes, max_docs, where):
     """Rows of the members' `text` column into csv writer w, until the limits. Returns (docs, bytes)."""
-    csv.field_size_limit(2 ** 31 - 1)
+    from data import _csv_records  # the one CSV reader: a short row or an unclosed quote is one line (file:line)
     docs, size = 0, 0
     for m in members:
         with zf.open(m) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
-            rows = csv.reader(text)
-            header = next(rows, [])
-            if "text" not in header:
-                raise ValueError(f"{where}:{m}:1: no 'text' column")
-            col = header.index("text")
-            for row in rows:
-                w.writerow([row[col]])
-                docs, size = docs + 1, size + len(row[col].encode())
+            for _, row in _csv_records(text, f"{where}:{m}", ["text"]):
+                w.writerow([row["text"]])
+                docs, size = docs + 1, size + len(row["text"].encode())
                 if (max_docs and docs >= max_docs) or (max_bytes and size >= max_bytes):
                     return docs, size
     return docs, size

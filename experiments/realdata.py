@@ -370,31 +370,30 @@ def run_probes(args):
         print(f"{s:>16} {n:6d}")
 
 
-def text_files(text, with_subset=False):
+def text_files(text):
     """The files data.load_tokens takes from `text` (a folder: every .txt/.csv under it, as train.py --data
     reads it). A folder holding TemporalWiki's *_subset.csv (not the diff set wikipedia_MMNN_gpt2.csv that the
-    protocol trains on) is refused unless with_subset: skipping them here would count and cache a corpus
-    that train.py --data FOLDER never reads, since it takes them."""
-    files = data._source_files(text)  # data.py's own list, so the count is the one training sees
-    subset = [f for f in files if f.name.lower().endswith("_subset.csv")]
-    if Path(text).is_dir() and subset and not with_subset:
-        names = ", ".join(f.name for f in subset[:4]) + (" ..." if len(subset) > 4 else "")
-        raise ValueError(f"--text {text}: holds TemporalWiki's *_subset.csv ({names}), which a folder "
-                         "takes too (as train.py --data does): pass the diff set file itself "
-                         "(wikipedia_MMNN_gpt2.csv), a folder without them, or --with-subset")
-    return files
+    protocol trains on) is refused by data._source_files, the one rule for every reader of a folder."""
+    try:
+        return data._source_files(text)  # data.py's own list, so the count is the one training sees
+    except ValueError as e:
+        raise ValueError(f"--text {e}") from None
 
 
 def run_tokenize(args):
     tok = data.load_tokenizer(args.tokenizer)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError("--max-tokens must be positive")
-    files = text_files(args.text, args.with_subset)
-    if Path(args.text).is_dir():  # name what a folder gave, so nothing is taken unseen
-        names = [str(f.relative_to(args.text)) for f in files]
-        print(f"{args.text}: {len(files)} file(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
-    n = len(data.load_tokens(args.text if args.max_tokens is None else f"{args.text}@{args.max_tokens}", tok))
-    print(f"{args.text}: {n:,} tokens ({tok.name}, vocab {tok.n_vocab})")
+    path, n = data.parse_text_spec(args.text)  # TEXT@N is --max-tokens N; a bad @N is named here
+    if n and args.max_tokens:
+        raise ValueError(f"--text {args.text} and --max-tokens {args.max_tokens}: give the count once")
+    n = args.max_tokens or n
+    files = text_files(path)
+    if Path(path).is_dir():  # name what a folder gave, so nothing is taken unseen
+        names = [str(f.relative_to(path)) for f in files]
+        print(f"{path}: {len(files)} file(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    count = len(data.load_tokens(path if n is None else f"{path}@{n}", tok))
+    print(f"{args.text}: {count:,} tokens ({tok.name}, vocab {tok.n_vocab})")
 
 
 def parse_args(argv=None):
@@ -421,13 +420,10 @@ def parse_args(argv=None):
                        description="Tokenize a text file or folder into the token cache that train.py "
                        "--data uses, and print the count. A folder is taken whole (every .txt and .csv "
                        "under it; the files are listed); one holding TemporalWiki's *_subset.csv is "
-                       "refused unless --with-subset.")
+                       "refused, as train.py --data refuses it.")
     t.add_argument("--text", required=True, help="a .txt file, a TemporalWiki .csv (text column), or a folder of them")
     t.add_argument("--tokenizer", default="gpt2", help="'gpt2', a tokenizer.json, or a folder holding one")
     t.add_argument("--max-tokens", type=int, help="only the first N tokens (as the path TEXT@N)")
-    t.add_argument("--with-subset", action="store_true",
-                   help="tokenize a folder's TemporalWiki *_subset.csv files too (without it, such a folder "
-                   "is refused: they are not the diff set, and train.py --data FOLDER takes them as well)")
     return ap.parse_args(argv)
 
 

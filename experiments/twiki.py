@@ -38,10 +38,10 @@ from pathlib import Path
 
 import data
 import train
-from checkpoint import CKPT_NAME, HUB_NAMES, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, HUB_NAMES, config_from_hf, load_checkpoint, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
 from common import write_text
-from experiments import fetch, realdata
+from experiments import export, fetch, realdata
 from experiments.tools import check_number, script
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
@@ -196,12 +196,14 @@ def parse_args(argv=None) -> Config:
     a("--keep-optimizer", action="store_true", help="keep every stage's optimizer state (AdamW moments: 2/3 of a "
       "checkpoint); by default it is dropped once the same arm's next stage has finished")
     a("--export-hf", help="write each arm's final model (its last stage run now) in Hugging Face layout to "
-      "DIR/stageK/ARM (python -m experiments.export)")
+      "DIR/stageK/ARM (python -m experiments.export); a folder there holding another model is refused at the "
+      "start, unless --overwrite")
     a("--plan", action="store_true", help="print every command, the time and disk it takes (an estimate); run nothing")
     a("--assume-tok-s", type=float,
       help="ASSUMED training tokens/s of one training step (all its GPUs), for the plan's "
       "time and the checkpoint interval; default: derived from the model size (see --plan)")
-    a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags")
+    a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags; "
+      "also replace another model in --export-hf's folders")
     args = p.parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "stages"})
     with input_errors(PROG):
@@ -252,8 +254,10 @@ def check_config(cfg: Config):
     check_number("--save-minutes", cfg.save_minutes, low=0)
     check_number("--diag-frac", cfg.diag_frac, low=0, high=1, high_open=True)
     check_probe_sources(cfg)
+    check_context(cfg)  # a hub name's config only if already fetched: main fetches it before anything slow
     if cfg.export_hf:
         check_output(cfg.export_hf, "--export-hf", "dir")
+        check_exports(cfg)
     check_passed("--train-args", cfg.train_args, train.Config, ["--data", "-"])
     check_passed("--trace-args", cfg.trace_args, train.tgl_trace.TraceConfig,
                  ["--init", "-", "--probes", "-", "--text", "-", "--out", "-"])
@@ -263,6 +267,31 @@ def check_config(cfg: Config):
         if k > 1 and k - 1 not in cfg.stages and not ready:
             raise ValueError(f"stage {k} trains on from stage {k - 1}'s runs, which are not finished in {cfg.out}; "
                              f"add stage {k - 1} to --stages")
+
+
+def init_context(init: str, download=False) -> int | None:
+    """--init's context length, read cheaply: a run's ckpt.pt config (mapped: no weights read), a folder's
+    config.json, a hub name's config.json (fetched alone when download, else only if already here). None when
+    it cannot be read so: loading the model later says what is wrong."""
+    path = Path(init)
+    try:
+        if init in HUB_NAMES and not path.is_dir():
+            path = Path(fetch.hub_config(init, download) or "")
+        elif path.suffix == ".pt" or (path / CKPT_NAME).is_file():
+            return int(load_checkpoint(path / CKPT_NAME if path.is_dir() else path, mmap=True)["config"]["block_size"])
+        else:
+            path = path / "config.json"
+        return config_from_hf(read_json(path)).block_size if path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def check_context(cfg: Config, download=False):
+    """--block-size fits --init's context: else the first training step fails, after fetch, splits and scoring."""
+    n = init_context(cfg.init, download)
+    if n is not None and cfg.block_size > n:
+        raise ValueError(f"--block-size {cfg.block_size}: longer than the context of --init {cfg.init} "
+                         f"({n} tokens); give --block-size {n} or less")
 
 
 def check_probe_sources(cfg: Config):
@@ -305,22 +334,25 @@ def protocol_flags(cfg: Config) -> dict:
     return json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS}))  # as it reads back from JSON
 
 
-def state(path, key: str, kind) -> dict:
+REDO = "move it away and run again to redo that step"
+
+
+def state(path, key: str, kind, fix=REDO) -> dict:
     """One of the driver's state files (protocol.json, summary.json, init.json, val.json): a JSON object
-    whose `key` is a `kind`; anything else is one line naming the file, never a traceback later."""
+    whose `key` is a `kind`; anything else is one line naming the file and what to move (fix), never a
+    traceback later."""
     d = read_json(path)
     if not isinstance(d, dict) or not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):
-        raise ValueError(f"{path}: not what this driver wrote (want a JSON object with '{key}'); "
-                         "move it away and run again to redo that step")
+        raise ValueError(f"{path}: not what this driver wrote (want a JSON object with '{key}'); {fix}")
     return d
 
 
-def probe_summary(path, key="summary") -> dict:
+def probe_summary(path, key="summary", fix=REDO) -> dict:
     """{split: {ppl, em, n}} from a train.py summary.json ('probes') or probe.py --json ('summary'), checked."""
-    s = state(path, key, dict)[key]
+    s = state(path, key, dict, fix)[key]
     for split, r in s.items():
         if not (isinstance(r, dict) and all(isinstance(r.get(m), (int, float)) for m in ("ppl", "em", "n"))):
-            raise ValueError(f"{path}: split {split!r} has no numbers ppl, em, n; move the file away and run again")
+            raise ValueError(f"{path}: split {split!r} has no numbers ppl, em, n; {fix}")
     return s
 
 
@@ -385,10 +417,18 @@ def trace_probes(cfg, k) -> Path:
 
 def finished(run: Path) -> bool:
     """A run is done when train.py wrote summary.json with its probe scores; a summary.json of another
-    shape is one line naming it (not a run to redo silently)."""
+    shape is one line naming it (not a run to redo silently) and what to move away: the file, which
+    train.py --resume writes again from ckpt.pt; but once the next stage has finished, that checkpoint's
+    optimizer state is dropped (it cannot resume), so the run and its arm's later runs, trained on from it."""
     if not (run / "summary.json").is_file():
         return False
-    probe_summary(run / "summary.json", "probes")
+    fix = "move it away and run again (train.py --resume writes it again from ckpt.pt)"
+    if (run / "optimizer-dropped").is_file():
+        k = int(run.parent.name.removeprefix("stage"))
+        later = [run.parent.parent / f"stage{j}" / run.name for j in range(k + 1, len(STAGES) + 1)]
+        redo = " and ".join(map(str, [run] + [p for p in later if p.exists()]))
+        fix = f"{run}/{CKPT_NAME} cannot resume (its optimizer state was dropped): move away {redo} and run again"
+    probe_summary(run / "summary.json", "probes", fix)
     return True
 
 
@@ -508,7 +548,8 @@ def init_probe_argv(cfg, k, metric=None) -> list:
 
 def export_argv(cfg, k, arm) -> list:
     dest = Path(cfg.export_hf) / f"stage{k}" / arm
-    return script("experiments.export", "--init", run_dir(cfg, k, arm), "--out", dest)
+    more = ["--overwrite"] if cfg.overwrite else []  # the driver's --overwrite: replace another model there too
+    return script("experiments.export", "--init", run_dir(cfg, k, arm), "--out", dest, *more)
 
 
 def sh(argv) -> str:
@@ -791,9 +832,37 @@ def export_all(cfg):
     """--export-hf DIR: each arm's final model (the last stage run now) as DIR/stageK/ARM, in Hugging Face layout."""
     k = max(cfg.stages)
     for arm in cfg.arms:
-        dest = Path(cfg.export_hf) / f"stage{k}" / arm
-        if not ((dest / "config.json").is_file() and (dest / "model.safetensors").is_file()):
+        if not exported(cfg, k, arm):
             run(export_argv(cfg, k, arm), stage_dir(cfg, k) / "logs" / f"{arm}-export.log", cfg.threads)
+
+
+def exported(cfg, k, arm) -> bool:
+    """DIR/stageK/ARM is done when its export.json names this arm's run (the absolute path export.py
+    records) as its checkpoint is now (step and run-defining flags: a run trained on, or trained again
+    after --overwrite, is exported again); anything else there is export.py's to re-export or refuse
+    (check_exports refused another model's folder at the start)."""
+    marker, run_ = Path(cfg.export_hf) / f"stage{k}" / arm / export.MARKER, run_dir(cfg, k, arm)
+    try:
+        d = read_json(marker) if marker.is_file() else {}
+    except ValueError:
+        return False
+    try:
+        now = export.source_run(str(run_))
+    except ValueError:  # an unreadable checkpoint: export.py says so
+        return False
+    return isinstance(d, dict) and d.get("init") == os.path.abspath(run_) and d.get("run") == now
+
+
+def check_exports(cfg):
+    """Before anything slow: each --export-hf DIR/stageK/ARM is new, or holds an export of this arm's run
+    (export.py's rule: another model there is refused, unless --overwrite)."""
+    k = max(cfg.stages)
+    for arm in cfg.arms:
+        try:
+            export.check_out(Path(cfg.export_hf) / f"stage{k}" / arm, os.path.abspath(run_dir(cfg, k, arm)),
+                             cfg.overwrite)
+        except ValueError as e:
+            raise ValueError(f"--export-hf: {e} (export.py's --overwrite: this driver's)") from None
 
 
 def start(cfg):
@@ -1016,8 +1085,8 @@ def plan_disk(cfg) -> list:
     # per run fp32 weights (4 bytes a parameter); AdamW's two moments (8 bytes) where kept, for every trained
     # parameter (an upper bound: TGL-FP and LoRA train fewer); one more while a checkpoint is written
     ckpts = (4 * runs + 8 * last + 12) * params if params else 0
-    export = 4 * params * len(cfg.arms) if params and cfg.export_hf else 0
-    total = diff_cache + copies + caches + prefixes + ckpts + export
+    exports = 4 * params * len(cfg.arms) if params and cfg.export_hf else 0
+    total = diff_cache + copies + caches + prefixes + ckpts + exports
     return [f"# DISK (ESTIMATE): about {total / 1e9:.1f} GB in all = diff sets in the cache {gb(diff_cache)} "
             "+ their copies "
             f"in the stage folders {gb(copies)} + token caches {gb(caches)} + snapshot prefixes {gb(prefixes)} + "
@@ -1025,7 +1094,7 @@ def plan_disk(cfg) -> list:
             f"AdamW moments (8 bytes/parameter) kept in {last} of them"
             f"{'' if cfg.keep_optimizer else ', the older stages dropped (--keep-optimizer keeps them)'}"
             ", and room for one more while it is written)"
-            + (f" + HF exports {gb(export)}" if export else "")]
+            + (f" + HF exports {gb(exports)}" if exports else "")]
 
 
 def plan(cfg) -> str:
@@ -1057,6 +1126,7 @@ def main(argv=None):
         if cfg.plan:
             print(plan(cfg))
             return None
+        check_context(cfg, download=True)  # a hub name's config.json alone: kB, before the data sets
         start(cfg)
         fetch_shared(cfg)
         progress = Progress(cfg)  # after fetch_shared: the diff sets' sizes give the later stages' updates

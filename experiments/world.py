@@ -27,6 +27,7 @@ tokenizer.json or the user's own t0.txt is never replaced. Other files there are
 """
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -322,6 +323,25 @@ def _probes(rng, cfg, updated, unchanged, new_facts):
     return probes, unseen
 
 
+def _check_splits(cfg, probes, n_facts, n_updated):
+    """Before anything is written: every probe split the world promises holds a probe (an empty file would
+    score nothing and say nothing). The least --update-frac that gives each updated split a probe is named."""
+    empty = [s for s, recs in probes.items() if not recs and (cfg.diag_frac > 0 or not s.startswith("diag"))]
+    if not empty:
+        return
+    if any("new" in s for s in empty):
+        raise ValueError(f"--new-frac {cfg.new_frac}: no new things at T1 for the {', '.join(empty)} probes; raise it")
+    if n_updated == n_facts:
+        raise ValueError(f"--update-frac {cfg.update_frac}: all {n_facts} facts change, so the unchanged probe "
+                         "file would be empty; give a smaller one")
+    diag = lambda k: round(cfg.diag_frac * k)  # noqa: E731  (as _probes splits the updated facts)
+    k = next(k for k in range(1, n_facts + 1) if k - diag(k) >= 1 and (diag(k) >= 1 or cfg.diag_frac == 0))
+    least = math.ceil(k / n_facts * 1e4) / 1e4  # k / n_facts, rounded up
+    raise ValueError(f"--update-frac {cfg.update_frac}: {n_updated} of {n_facts} facts change, so the "
+                     f"{', '.join(empty)} probe files would be empty; give at least --update-frac {least} "
+                     f"({k} facts) or more --n-entities")
+
+
 def _interleave(rng, docs, general):
     """T0: fact documents and general paragraphs shuffled together."""
     out = list(docs) + list(general)
@@ -407,6 +427,7 @@ def _build(cfg: WorldConfig):
     for docs in (facts_t0, t1, diff):
         rng.shuffle(docs)
     probes, unseen = _probes(rng, cfg, updated, unchanged, new_facts)
+    _check_splits(cfg, probes, len(old_facts), len(updated))
 
     texts = {"t0.txt": t0, "t0_facts.txt": facts_t0, "general_heldout.txt": heldout, "t1.txt": t1, "diff.txt": diff}
     probe_text = [r.get(k) or "" for recs in probes.values() for r in recs for k in ("query", "masked_sentence", "definition")]

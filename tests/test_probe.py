@@ -204,12 +204,12 @@ def test_sentence_metric_scores_every_token_of_the_sentence(tok):
 def test_text_ppl_is_the_mean_nll_of_consecutive_windows(tok):
     model = tiny(tok.n_vocab, block_size=8).eval()
     tokens = torch.randint(0, tok.n_vocab, (50,), generator=torch.Generator().manual_seed(0)).numpy()
-    got = textppl.text_ppl(model, tokens, n_tokens=40, batch_size=2)
+    got, scored = textppl.text_ppl(model, tokens, n_tokens=40, batch_size=2)
     nlls = []
     for s in range(0, 41 - 8, 8):  # windows 0..7 -> 1..8, ..., 32..39 -> 33..40: 5 windows, 40 targets
         with torch.no_grad():
             logits, _ = model(torch.tensor(tokens[s:s + 8], dtype=torch.long)[None])
         nlls.append(F.cross_entropy(logits[0], torch.tensor(tokens[s + 1:s + 9], dtype=torch.long), reduction="sum").item())
-    assert len(nlls) == 5 and got == pytest.approx(math.exp(sum(nlls) / 40), rel=1e-5)
+    assert len(nlls) == 5 and scored == 40 and got == pytest.approx(math.exp(sum(nlls) / 40), rel=1e-5)
     with pytest.raises(ValueError, match="too few"):
         textppl.text_ppl(model, tokens[:1])

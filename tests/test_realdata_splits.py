@@ -203,13 +203,16 @@ def test_tokenize_folder_names_its_files_and_refuses_subset_files(tmp_path, caps
     WordTokenizer.build(docs).save(tmp_path / "tokenizer.json")
     tok = ["--tokenizer", tmp_path / "tokenizer.json"]
     err = one_line_error(capsys, "tokenize", "--text", diffs, *tok)
-    assert "holds TemporalWiki's *_subset.csv (wikipedia_0809_subset.csv)" in err and "--with-subset" in err
+    assert "holds TemporalWiki's *_subset.csv (wikipedia_0809_subset.csv)" in err and "--text" in err
     assert not list(diffs.glob("*.tokens.bin")) and not list(tmp_path.glob("*.tokens.bin"))
-    code, out, err = run(capsys, "tokenize", "--text", diffs, "--with-subset", *tok)
-    assert code == 0 and f"{diffs}: 2 file(s): wikipedia_0809_gpt2.csv, wikipedia_0809_subset.csv" in out
+    # the one rule (data._source_files): --with-subset is gone, since train.py --data refuses the folder too
+    assert "--with-subset" in one_line_error(capsys, "tokenize", "--text", diffs, "--with-subset", *tok)
+    write(diffs / "more" / "notes.txt", "X is y.\n")
+    (diffs / "wikipedia_0809_subset.csv").unlink()
+    code, out, err = run(capsys, "tokenize", "--text", diffs, *tok)
+    assert code == 0 and f"{diffs}: 2 file(s): more/notes.txt, wikipedia_0809_gpt2.csv" in out
     code, out, _ = run(capsys, "tokenize", "--text", diffs / "wikipedia_0809_gpt2.csv", *tok)
     assert code == 0 and "file(s)" not in out and out.startswith(f"{diffs / 'wikipedia_0809_gpt2.csv'}: ")
-    assert "--with-subset" in run(capsys, "tokenize", "--help")[1]
 
 
 # ------------------------------------------------------------------------ 6: one error boundary
