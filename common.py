@@ -1,5 +1,6 @@
 """Plumbing the scripts share: one-line errors, flags, files, processes."""
 import argparse
+import errno
 import glob
 import json
 import math
@@ -51,10 +52,24 @@ def from_args(config, args):
     return config(**{f.name: from_args(type(_default(f)), args) if is_dataclass(_default(f))
                      else getattr(args, f.name) for f in fields(config)})
 
+def given_flags(parser, argv) -> dict:
+    """{dest: value} of the flags in argv, not the defaults: parsed again over a namespace of `unset`."""
+    unset = object()
+    ns = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(argv)), unset)))
+    return {k: v for k, v in vars(ns).items() if v is not unset}
+
+def unused_flag(cfg, given) -> str | None:  # a flag given that cfg's mode does not use, as cfg.NEEDS says
+    for key, table in getattr(cfg, "NEEDS", {}).items():
+        for values, names in table.items():
+            for n in names.split():
+                if n in given and getattr(cfg, key) not in values.split():
+                    return f"--{n.replace('_', '-')} needs --{key} {' or '.join(values.split())}"
+
 def parse_config(config, prog: str, doc: str, argv=None):
     parser = Parser(prog=prog, description=doc.split("\n")[0])
     add_flags(parser, config)
-    return from_args(config, parser.parse_args(argv))
+    cfg = from_args(config, parser.parse_args(argv))
+    return parser.error(unused) if (unused := unused_flag(cfg, given_flags(parser, argv))) else cfg
 
 def number(interval: str, kind=float):
     """An argparse type: a finite int or float in an interval, e.g. "[0, 1)" or "(0, inf)"."""
@@ -142,6 +157,10 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's is a RuntimeError, the OSError its __context__
+        if errno.ENOSPC in (getattr(e, "errno", 0), getattr(e.__context__, "errno", 0)):  # a full disk
+            raise ValueError(f"{path}: the disk is full; free space, run again (the old file stays)") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
