@@ -44,8 +44,12 @@ def folder_lock(path, flag="--out"):
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.lock"), "a+") as f:
+    try:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        f = open(os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.lock"), "a+")
+    except OSError as e:  # a file where a folder should be, no permission
+        raise ValueError(f"{flag} {path}: cannot create it ({e.filename}: {e.strerror})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
