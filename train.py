@@ -190,12 +190,12 @@ def tgl_scales(cfg: Config, model: GPT) -> dict | None:
     if cfg.tgl == "none":
         return None
     try:
-        trace, mine = tgl_trace.load_trace(cfg.trace), tgl_trace.fingerprint(model)
-        if "fingerprint" not in trace:  # an older trace.py's: taken, with a word
-            print(f"note: {cfg.trace} has no fingerprint (older trace.py): not checked against --init")
-        elif trace["fingerprint"] != mine:
-            raise ValueError(f"a trace of {trace.get('model')} ({trace['fingerprint']}), not of --init {cfg.init} "
-                             f"({mine}): trace --init")
+        trace, fp = tgl_trace.load_trace(cfg.trace), tgl_trace.fingerprint(model)
+        if "fingerprint" not in trace:  # an older trace.py's
+            print(f"note: {cfg.trace} has no model fingerprint: not checked against --init")
+        elif trace["fingerprint"] != fp:
+            raise ValueError(f"traced {trace.get('model')} ({trace['fingerprint']}), not --init {cfg.init} ({fp}): "
+                             "trace --init")
         return tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(model.config.n_layer))
     except ValueError as e:  # name the trace file once
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
@@ -349,12 +349,6 @@ def mean_loss(run: Run, loss_sum: torch.Tensor, n_updates: int) -> float:
         dist.all_reduce(total)
     return total.item() / n_updates / run.world
 
-def agreed(run: Run, due: bool) -> bool:  # rank 0's answer: every rank saves at the same step
-    due = [due]
-    if run.world > 1:
-        dist.broadcast_object_list(due, src=0)
-    return due[0]
-
 def train(run: Run):
     cfg, opt = run.cfg, run.opt
     t_start, first_step = time.time(), run.step  # this session's start: its rate gives the ETA
@@ -380,8 +374,10 @@ def train(run: Run):
 
         # evaluate and checkpoint (the loss first: the checkpoint keeps the last one)
         now = time.time()
-        saving = done or (cfg.save_every > 0 and run.step % cfg.save_every == 0) or (
-            logging and cfg.save_minutes > 0 and agreed(run, now - t_saved >= 60 * cfg.save_minutes))
+        due = [logging and cfg.save_minutes > 0 and now - t_saved >= 60 * cfg.save_minutes]
+        if logging and run.world > 1:  # rank 0's clock decides: every rank saves at the same step
+            dist.broadcast_object_list(due, src=0)
+        saving = done or (cfg.save_every > 0 and run.step % cfg.save_every == 0) or due[0]
         if logging or saving:
             run.last_loss = mean_loss(run, loss_sum, n_updates)
         scoring = run.probes and (done or (cfg.eval_every > 0 and run.step % cfg.eval_every == 0))

@@ -40,7 +40,7 @@ from pathlib import Path
 import data
 import train
 from checkpoint import CKPT_NAME, HUB_NAMES, load_checkpoint, save_checkpoint
-from common import Parser, add_flags, atomic_path, check_output, duration, given_flags, input_errors, read_json
+from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
 from common import unused_flag, write_text
 from experiments import fetch, realdata
 from experiments.tools import check_number, folder_lock, script
@@ -234,7 +234,8 @@ def flag_parser(flag: str, config) -> Parser:
 def passed_train_args(cfg) -> dict:
     """{dest: value} of the flags --train-args gives, as train.py's parser reads them (the last one, or an
     abbreviation)."""
-    return given_flags(flag_parser("--train-args", train.Config), ["--data", "-"] + shlex.split(cfg.train_args))
+    parser = flag_parser("--train-args", train.Config)  # add_flags: a flag not given is not set
+    return vars(parser.parse_args(["--data", "-"] + shlex.split(cfg.train_args)))
 
 
 def passed_save(cfg) -> dict:
