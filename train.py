@@ -33,10 +33,11 @@ TGL_MODES = ("none", "fp", "alr")  # no TGL, freeze the unselected units, or sca
 
 @dataclass
 class Config:  # train.py's flags
-    # a flag given for a mode that does not use it is refused (common.unused_flag)
+    # given for a mode that does not use it, a flag is refused (common.unused_flag)
     NEEDS = {"method": {"mixreview": "replay_data replay_ratio replay_decay", "lora": "lora_rank lora_alpha",
                         "recadam": "recadam_gamma recadam_k recadam_t0"},
-             "tgl": {"fp alr": "trace rank_units trace_split control", "fp": "select", "alr": "alr_norm floor"}}
+             "tgl": {"fp alr": "trace rank_units trace_split control", "fp": "select", "alr": "alr_norm floor"},
+             "decay": {"cosine linear": "min_lr"}}
     init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder", **RESUME_FREE)
     data: str = flag(None, "training text: .txt, .csv, a folder; PATH@N: its N first tokens", required=True)

@@ -118,7 +118,8 @@ def test_a_flag_the_method_or_mode_does_not_use_is_refused(w, capsys):
                          (["--trace", str(trace)], "--trace needs --tgl fp or alr"),
                          (["--select", "topk:2"], "--select needs --tgl fp"),
                          (["--tgl", "fp", "--trace", str(trace), "--alr-norm", "mean"], "--alr-norm needs --tgl alr"),
-                         (["--control", "complement"], "--control needs --tgl fp or alr")]:
+                         (["--control", "complement"], "--control needs --tgl fp or alr"),
+                         (["--decay", "none", "--min-lr", "1e-4"], "--min-lr needs --decay cosine or linear")]:
         one_line(capsys, train.main, argv(w, out, *extra), needs)
     assert not out.exists()
     s = train.main(argv(w, out, "--method", "recadam", "--recadam-gamma", "100", "--steps", "2"))  # used: fine
