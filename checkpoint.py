@@ -20,8 +20,8 @@ from model import GPT, GPTConfig, add_lora, merge_lora
 CKPT_NAME = "ckpt.pt"  # {"config": asdict(GPTConfig), "model": state_dict, "lora": dict | None, ...}
 
 def save_checkpoint(path, state: dict):
-    with atomic_path(path) as tmp:  # written beside, then renamed: a crash leaves the last good file
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError, no C++
+        torch.save(state, f)
 
 def load_checkpoint(path, mmap=False) -> dict:
     try:  # weights_only: runs no code; mmap: tensors read only when used

@@ -1,5 +1,6 @@
 """Plumbing the scripts share: one-line errors, flags, files, processes."""
 import argparse
+import errno
 import glob
 import json
 import math
@@ -36,7 +37,8 @@ def _default(f):
     return f.default if f.default is not MISSING else f.default_factory()
 
 def add_flags(parser, config):
-    """The fields of a config dataclass as flags (a nested one, e.g. a Selection, adds its own)."""
+    """The fields of a config dataclass as flags (a nested one, e.g. a Selection, adds its own); a flag not
+    given stays unset (from_args takes the default)."""
     for f in fields(config):
         if is_dataclass(_default(f)):
             add_flags(parser, _default(f))
@@ -46,16 +48,24 @@ def add_flags(parser, config):
                 kw["action"] = "store_true"
             elif d is not None and "type" not in kw and "nargs" not in kw:
                 kw["type"] = type(d)
-            parser.add_argument("--" + f.name.replace("_", "-"), default=d, **kw)
+            parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw)
 
 def from_args(config, args):
     return config(**{f.name: from_args(type(_default(f)), args) if is_dataclass(_default(f))
-                     else getattr(args, f.name) for f in fields(config)})
+                     else getattr(args, f.name, _default(f)) for f in fields(config)})
+
+def unused_flag(cfg, given) -> str | None:  # a flag given that cfg.NEEDS says cfg's mode does not use
+    for key, table in getattr(cfg, "NEEDS", {}).items():
+        for values, names in table.items():
+            for n in names.split():
+                if n in given and getattr(cfg, key) not in values.split():
+                    return f"--{n.replace('_', '-')} needs --{key} {' or '.join(values.split())}"
 
 def parse_config(config, prog: str, doc: str, argv=None):
     parser = Parser(prog=prog, description=doc.split("\n")[0])
     add_flags(parser, config)
-    return from_args(config, parser.parse_args(argv))
+    cfg = from_args(config, args := parser.parse_args(argv))
+    return parser.error(unused) if (unused := unused_flag(cfg, vars(args))) else cfg
 
 def number(interval: str, kind=float):
     """An argparse type: a finite int or float in an interval, e.g. "[0, 1)" or "(0, inf)"."""
@@ -147,6 +157,10 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's is a RuntimeError, the OSError its __context__
+        if errno.ENOSPC in (getattr(e, "errno", 0), getattr(e.__context__, "errno", 0)):
+            raise ValueError(f"{path}: the disk is full; free space and run again") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -8,6 +8,7 @@
 
     python trace.py --init RUN --probes diag_*.jsonl --text t0.txt --out trace.json
 """
+import hashlib
 import json
 import math
 import random
@@ -233,9 +234,16 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
     splits["all"] = result(({u: sum(s[u] * c for s, c in norms.values()) / n for u in lm[0]}, n), lm)
     d = dict(splits["all"], splits=splits, model=cfg.init, probe_files=cfg.probes, text=cfg.text,
              seed=cfg.seed, counts={"span": {k: c for k, (_, c) in norms.items()}, "lm": cfg.n_lm},
-             block_size=block_size)
+             block_size=block_size, fingerprint=fingerprint(model))
     plans = {mode: tgl_plan(d, mode, cfg.selection, units) for mode in ("fp", "alr")}  # step 2
     return dict(d, selection=dict(asdict(cfg.selection), **plans))
+
+def fingerprint(model) -> str:  # which weights: names, shapes, 256 values each (fp32 on CPU: any device)
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        v = p.detach().flatten()[::max(1, p.numel() // 256)].float().numpy(force=True)
+        h.update(f"{name}{tuple(p.shape)}".encode() + v.tobytes())
+    return h.hexdigest()[:12]
 
 def load_trace(path) -> dict:
     d = read_json(path)

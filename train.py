@@ -20,6 +20,7 @@ import trace as tgl_trace  # ours, not the stdlib's: the root is first on sys.pa
 from checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
 from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
 from common import duration, parse_config, write_text
+from experiments.tools import folder_lock
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from optim import AdamW, clip_gradients, lr_at, make_param_groups, recadam_lambda, recadam_pull
 
@@ -32,6 +33,11 @@ TGL_MODES = ("none", "fp", "alr")  # no TGL, freeze the unselected units, or sca
 
 @dataclass
 class Config:  # train.py's flags
+    # given for a mode that does not use it, a flag is refused (common.unused_flag)
+    NEEDS = {"method": {"mixreview": "replay_data replay_ratio replay_decay", "lora": "lora_rank lora_alpha",
+                        "recadam": "recadam_gamma recadam_k recadam_t0"},
+             "tgl": {"fp alr": "trace rank_units trace_split control", "fp": "select", "alr": "alr_norm floor"},
+             "decay": {"cosine linear": "min_lr"}}
     init: str = flag("scratch", "scratch | hub name | HF folder | run folder / ckpt.pt")
     out: str = flag("runs/train", "run folder", **RESUME_FREE)
     data: str = flag(None, "training text: .txt, .csv, a folder; PATH@N: its N first tokens", required=True)
@@ -76,6 +82,7 @@ class Config:  # train.py's flags
                        **RESUME_FREE)
     log_every: int = flag(10, "log (and NaN check) every N updates", type=POS, **RESUME_FREE)
     save_every: int = flag(0, "checkpoint every N updates (0: at the end)", type=INT, **RESUME_FREE)
+    save_minutes: float = flag(0.0, "also at a log line M minutes after the last save", type=NONNEG, **RESUME_FREE)
     resume: bool = flag(False, "continue from --out's ckpt.pt if there is one", **RESUME_FREE)
     overwrite: bool = flag(False, "replace the run in --out", **RESUME_FREE)
     device: str = flag("auto", "auto | cpu | cuda | mps", **RESUME_FREE)
@@ -87,9 +94,7 @@ class Config:  # train.py's flags
         files = (CKPT_NAME, "metrics.jsonl", "summary.json")
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
-        control_without_tgl = self.tgl == "none" and self.selection.control != "none"
         for bad, msg in [(self.tgl != "none" and not self.trace, "--tgl needs --trace (trace.py's)"),
-                         (control_without_tgl, "--control needs --tgl fp or alr"),
                          (self.method == "mixreview" and not self.replay_data, "mixreview: no --replay-data"),
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
@@ -181,13 +186,18 @@ def resumed(cfg: Config) -> dict | None:
         raise ValueError(f"--resume: --steps {cfg.steps} is below the checkpoint's {saved['step']}")
     return saved
 
-def tgl_scales(cfg: Config, n_layer: int) -> dict | None:
+def tgl_scales(cfg: Config, model: GPT) -> dict | None:
     """TGL steps 1-2 (trace.py): {unit: lr scale}, 0 = frozen; None without TGL. Every rank computes it."""
     if cfg.tgl == "none":
         return None
     try:
-        trace = tgl_trace.load_trace(cfg.trace)
-        return tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(n_layer))
+        trace, fp = tgl_trace.load_trace(cfg.trace), tgl_trace.fingerprint(model)
+        if "fingerprint" not in trace:  # an older trace.py's
+            print(f"note: {cfg.trace} has no model fingerprint: not checked against --init")
+        elif trace["fingerprint"] != fp:
+            raise ValueError(f"traced {trace.get('model')} ({trace['fingerprint']}), not --init {cfg.init} ({fp}): "
+                             "trace --init")
+        return tgl_trace.tgl_plan(trace, cfg.tgl, cfg.selection, unit_names(model.config.n_layer))
     except ValueError as e:  # name the trace file once
         raise ValueError(str(e) if str(e).startswith(cfg.trace) else f"{cfg.trace}: {e}") from None
 
@@ -204,7 +214,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     probes = data.read_probe_files(cfg.probes)  # checked now, not at the first evaluation
     probe.check_probes(tokenizer, probes, model_config.block_size, metric=cfg.metric)
     # a resume reuses the scales it saved: the trace file may have moved or changed since
-    scales = saved["scales"] if saved else tgl_scales(cfg, model_config.n_layer)
+    scales = saved["scales"] if saved else tgl_scales(cfg, model)
     if cfg.method == "lora":  # TGL step 3 under LoRA: FP puts adapters only in the selected units
         selected = None if scales is None else {u for u, s in scales.items() if s > 0}
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, selected)
@@ -344,7 +354,7 @@ def train(run: Run):
     cfg, opt = run.cfg, run.opt
     t_start, first_step = time.time(), run.step  # this session's start: its rate gives the ETA
     elapsed_before = run.elapsed  # training seconds of earlier sessions (a resume)
-    t_log, step_log = t_start, run.step  # the last log line: tok/s since then
+    t_log, step_log, t_saved = t_start, run.step, t_start  # the last log line (tok/s since), save
     loss_sum = torch.tensor(run.loss_since_log[0], device=run.device)
     n_updates = run.loss_since_log[1]  # updates in loss_sum
     run.model.train()
@@ -365,7 +375,10 @@ def train(run: Run):
 
         # evaluate and checkpoint (the loss first: the checkpoint keeps the last one)
         now = time.time()
-        saving = done or (cfg.save_every > 0 and run.step % cfg.save_every == 0)
+        due = [logging and cfg.save_minutes > 0 and now - t_saved >= 60 * cfg.save_minutes]
+        if logging and run.world > 1:  # rank 0's clock decides: every rank saves at the same step
+            dist.broadcast_object_list(due, src=0)
+        saving = done or (cfg.save_every > 0 and run.step % cfg.save_every == 0) or due[0]
         if logging or saving:
             run.last_loss = mean_loss(run, loss_sum, n_updates)
         scoring = run.probes and (done or (cfg.eval_every > 0 and run.step % cfg.eval_every == 0))
@@ -384,6 +397,7 @@ def train(run: Run):
             loss_sum, n_updates, t_log, step_log = loss_sum * 0, 0, time.time(), run.step
         if saving:
             checkpoint(run, elapsed_before + now - t_start, (loss_sum.item(), n_updates))
+            t_saved = time.time()
 
 def finish(run: Run) -> dict:
     """summary.json; a resumed finished run writes the same (its time from the checkpoint)."""
@@ -401,7 +415,7 @@ def finish(run: Run) -> dict:
 
 def main(argv=None):
     cfg = parse_config(Config, "train.py", __doc__, argv)
-    with input_errors("train.py"):  # bad input is one line; a bug keeps its traceback
+    with input_errors("train.py"), folder_lock(cfg.out):  # bad input is one line; a bug keeps its traceback
         run, saved = setup(cfg.check())
         restore(run, saved)
         train(run)

@@ -12,6 +12,7 @@
 Every step is a plain call of experiments/world.py, train.py, trace.py and probe.py with the flags printed,
 so any line of the table can be re-run (or ablated) by hand.
 """
+import argparse
 import contextlib
 import io
 import json
@@ -29,11 +30,11 @@ import probe
 import trace as tgl_trace
 from experiments import plot, world as tgl_world
 from checkpoint import load_model
-from common import POS, Parser, check_output, duration, fail, input_errors, number, write_text
+from common import POS, Parser, check_output, duration, fail, input_errors, number, unused_flag, write_text
 from experiments.sample import decode
 from experiments.tools import script
 from model import unit_names, unit_of
-from train import METHODS, TGL_MODES
+from train import METHODS, TGL_MODES, Config
 
 SPLITS = ("updated", "new", "unchanged")
 SEED = number("[0, 2147483647]", int)  # x1000 (+ draw) it seeds the random controls too
@@ -155,9 +156,11 @@ def runs_eta(done: dict, left: int, n_parallel: int) -> str:
     return f", ETA {duration(sum(done.values()) / len(done) * math.ceil(left / n_parallel))}"
 
 
-def selection_flags() -> list:
-    """SELECTION as trace.py / train.py flags (--rank-units blocks ...); --control is set per run."""
-    fields = [(k, v) for k, v in asdict(SELECTION).items() if k != "control"]
+def selection_flags(tgl=None) -> list:
+    """SELECTION as trace.py / train.py flags (--rank-units blocks ...); --control is set per run. For a
+    train.py run with --tgl `tgl`, only those its mode uses (train.Config.NEEDS: train.py refuses others)."""
+    mode = argparse.Namespace(NEEDS=Config.NEEDS, tgl=tgl)
+    fields = [(k, v) for k, v in asdict(SELECTION).items() if k != "control" and not (tgl and unused_flag(mode, {k}))]
     return [a for k, v in fields for a in ("--" + k.replace("_", "-"), v)]
 
 
@@ -315,7 +318,7 @@ def continual_jobs(args, cfg, seed, root):
               "--steps", cfg["steps"], "--batch-size", cfg["batch"], "--block-size", cfg["block"],
               "--warmup", max(1, cfg["steps"] // 10), "--seed", seed,
               "--log-every", max(1, cfg["steps"] // 10),
-              "--eval-every", max(1, cfg["steps"] // 5), "--threads", args.threads, *selection_flags(),
+              "--eval-every", max(1, cfg["steps"] // 5), "--threads", args.threads,
               "--overwrite"]  # the demo re-runs its arms
     extra = {"mixreview": ["--replay-data", os.path.join(world_dir, "t0.txt")], "recadam": [],
              "lora": ["--lora-rank", args.lora_rank], "full": []}
@@ -324,7 +327,7 @@ def continual_jobs(args, cfg, seed, root):
     controls = "all" if args.only else args.controls  # --only may name any run
     for name, m, flags in run_specs(cfg, controls, seed):
         argv = script("train.py", *common, "--method", m, "--lr", lr_for.get(m, cfg["lr"]), *extra[m], *flags,
-                      "--out", os.path.join(root, "runs", name))
+                      *selection_flags(flags[1]), "--out", os.path.join(root, "runs", name))
         jobs.append((name, argv + (["--trace", trace_path] if "none" not in flags else [])))
     alr_lr = cfg["lr"] * mean_alr_scale(trace_path, base)
     jobs.append(("full@alr-lr", script("train.py", *common, "--method", "full", "--tgl", "none",

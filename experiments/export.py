@@ -19,7 +19,7 @@ from checkpoint import CKPT_NAME, CONV1D, HF_NAMES, ST_DTYPES, load_checkpoint, 
 from common import Parser, _dead, atomic_path, check_output, input_errors, read_json, write_text
 from data import load_tokenizer
 from model import GPT, merge_lora
-from experiments.tools import remove_dead_temporaries
+from experiments.tools import folder_lock, remove_dead_temporaries
 
 # what an export writes; --overwrite removes these first, so that no file of an earlier export (a word
 # vocabulary's tokenizer.json next to GPT-2's vocab.json, say) is read in place of the new one
@@ -289,7 +289,7 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files "
                     "(an earlier export's files are replaced, others are left alone)")
     args = ap.parse_args(argv)
-    with input_errors("export.py"):
+    with input_errors("export.py"), folder_lock(args.out):  # a second export into --out is refused at once
         check_out(args.out, args.init, args.overwrite)
         check_tokenizer(args.tokenizer)
         model = load_model(args.init)  # a run's adapters are merged on load

@@ -17,12 +17,11 @@ import sys
 import time
 import zipfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import atomic_path, check_output, write_text
-from experiments.tools import remove_dead_temporaries
+from common import atomic_path, write_text
+from experiments.tools import folder_lock, remove_dead_temporaries
 
 # ----------------------------------------------------------------------------- one resumable download
 
@@ -286,18 +285,6 @@ def _check_jsonl(path: Path, key: str):
         raise ValueError(f"{path}: not the expected layout (JSON lines with '{key}'); kept as {path.name}.bad")
 
 
-@contextmanager
-def _only_fetch(folder: Path, name: str):
-    """One fetch per folder at a time: a second one would download and unpack into the same files."""
-    with open(folder / ".fetch.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even killed
-        except BlockingIOError:
-            raise OSError(f"another fetch of {name} into {folder} is running (it holds "
-                          f"{folder / '.fetch.lock'}); wait for it to finish") from None
-        yield
-
-
 def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
     """Download (and unpack) data set `name` into out (default $TGL_CACHE/data/name); returns the folder.
     A finished fetch is not repeated: a file or completely unpacked archive already there is kept."""
@@ -311,9 +298,9 @@ def fetch(name: str, out=None, max_mb=None, max_docs=None, month=None) -> Path:
     ds, folder = DATASETS[name], Path(out or cache_root() / name)
     if (max_mb or max_docs) and name != "twiki-snapshot":
         raise ValueError(f"--max-mb/--max-docs apply to twiki-snapshot only, not {name}")
-    check_output(str(folder), "--out", "dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    with _only_fetch(folder, name):
+    # one fetch per folder at a time: a second one would download and unpack into the same files
+    with folder_lock(folder):
+        folder.mkdir(parents=True, exist_ok=True)
         if max_mb or max_docs:
             return snapshot_prefix(f"{ds.base()}/{ds.files[0]}", folder, max_mb, max_docs, month)
         for fname in ds.files:

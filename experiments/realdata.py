@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import data
 from common import Parser, check_output, input_errors, number, write_text
 from experiments import fetch
+from experiments.tools import folder_lock
 
 PROG = "realdata.py"
 
@@ -356,7 +357,8 @@ def run_fetch(args):
 
 
 def run_splits(args):
-    counts = make_splits(args.kind, args.input, args.out, (args.t0, args.t1), args.diag_frac, args.seed, args.ecbd_file)
+    with folder_lock(args.out):
+        counts = make_splits(args.kind, args.input, args.out, (args.t0, args.t1), args.diag_frac, args.seed, args.ecbd_file)
     for name, n in counts.items():
         print(f"{name:>32} {n:6d}")
     print(f"probe files in {args.out}")

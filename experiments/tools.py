@@ -1,12 +1,14 @@
 """What the scripts under experiments/ share: launching the project's scripts, number checks, progress lines."""
+import fcntl
 import math
 import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from common import _dead, duration
+from common import _dead, check_output, duration
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: the method's files
 
@@ -26,6 +28,38 @@ def remove_dead_temporaries(folder, prefix: str, suffix: str = ""):
         pid = tmp.name[len(prefix) + 1:len(tmp.name) - len(suffix)]
         if pid.isdigit() and int(pid) != os.getpid() and _dead(pid):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def folder_lock(path, flag="--out"):
+    """One writer per folder, for as long as the command runs: an exclusive flock on .NAME.lock beside the
+    folder (beside: the folder's own listing stays the command's files). flock, not a pid file made with
+    O_EXCL: the OS drops it when its process ends, even killed, so a dead writer's lock never blocks and
+    none is taken over by mistake (a pid reused). The file keeps the holder's pid and command for the
+    message, and stays (removing it would let two writers lock two files). Locks are per folder: a run
+    folder inside a locked --out (twiki's steps) has a lock of its own. Under torchrun only rank 0 writes,
+    and only it locks."""
+    check_output(str(path), flag, "dir")
+    full = os.path.abspath(path)
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    try:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        f = open(os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.lock"), "a+")
+    except OSError as e:  # a file where a folder should be, no permission
+        raise ValueError(f"{flag} {path}: cannot create it ({e.filename}: {e.strerror})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{flag} {path} is being written by {f.read().strip() or 'another process'}; "
+                             f"wait for it to end, or use another {flag}") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} ({' '.join(map(str, sys.argv))[:300]})\n")
+        f.flush()
+        yield
 
 
 def check_number(flag: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,9 @@ import data
 import train
 from checkpoint import CKPT_NAME, HUB_NAMES, config_from_hf, load_checkpoint, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
-from common import write_text
+from common import unused_flag, write_text
 from experiments import export, fetch, realdata
-from experiments.tools import check_number, script
+from experiments.tools import check_number, folder_lock, script
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
 PROG = "twiki.py"
@@ -168,8 +169,9 @@ def add_run_flags(a, d):
       "stage K compares date K with date K+1")
     a("--ecbd", help="ECBD's unpacked folder (year folders of np_spans_test.json), or 'ecbd' for the one registered "
       "with `python -m experiments.realdata fetch ecbd --folder PATH`; scored as ecbd/new at every stage")
-    a("--train-args", default="", help="more train.py flags for every run, quoted (e.g. '--recadam-gamma 50 --eval-every 500'; "
-      "one flag alone: --train-args=--flag)")
+    a("--train-args", default="", help="more train.py flags, quoted (e.g. '--recadam-gamma 50 --eval-every 500'; "
+      "one flag alone: --train-args=--flag); each run gets those its method and TGL mode use (--recadam-gamma: "
+      "the recadam arms), a flag no arm uses is refused")
     a("--trace-args", default="", help="more trace.py flags, quoted (e.g. '--n-span 200 --select topk:8')")
     a("--seed", type=int, default=d.seed, help="seed of the probe splits and of training")
 
@@ -191,8 +193,8 @@ def parse_args(argv=None) -> Config:
     a("--nproc", type=int, default=d.nproc,
       help="processes per training step: >1 runs train.py under torchrun --nproc_per_node N")
     a("--save-minutes", type=float, default=d.save_minutes,
-      help="checkpoint every training step about every N minutes (train.py --save-every, in updates computed from "
-           "--assume-tok-s); 0: only at the end. A --save-every in --train-args wins")
+      help="checkpoint every training step every N minutes of its training time, as measured on the device in use "
+           "(train.py --save-minutes); 0: only at the end. A --save-every or --save-minutes in --train-args wins")
     a("--keep-optimizer", action="store_true", help="keep every stage's optimizer state (AdamW moments: 2/3 of a "
       "checkpoint); by default it is dropped once the same arm's next stage has finished")
     a("--export-hf", help="write each arm's final model (its last stage run now) in Hugging Face layout to "
@@ -201,7 +203,7 @@ def parse_args(argv=None) -> Config:
     a("--plan", action="store_true", help="print every command, the time and disk it takes (an estimate); run nothing")
     a("--assume-tok-s", type=float,
       help="ASSUMED training tokens/s of one training step (all its GPUs), for the plan's "
-      "time and the checkpoint interval; default: derived from the model size (see --plan)")
+      "time; default: derived from the model size (see --plan)")
     a("--overwrite", action="store_true", help="start over in --out when its protocol.json has other flags; "
       "also replace another model in --export-hf's folders")
     args = p.parse_args(argv)
@@ -231,12 +233,34 @@ def flag_parser(flag: str, config) -> Parser:
     return parser
 
 
-def passed_save_every(cfg) -> int | None:
-    """The --save-every that --train-args passes, as train.py's parser reads it (the last one, or an
-    abbreviation), or None when it passes none: then the driver adds its own from --save-minutes."""
-    parser = flag_parser("--train-args", train.Config)
-    parser.set_defaults(save_every=None)  # given or not, where train.py's default would be 0
-    return parser.parse_args(["--data", "-"] + shlex.split(cfg.train_args)).save_every
+def passed_train_args(cfg) -> dict:
+    """{dest: value} of the flags --train-args gives, as train.py's parser reads them (the last one, or an
+    abbreviation)."""
+    parser = flag_parser("--train-args", train.Config)  # add_flags: a flag not given is not set
+    return vars(parser.parse_args(["--data", "-"] + shlex.split(cfg.train_args)))
+
+
+def passed_save(cfg) -> dict:
+    """The --save-every / --save-minutes that --train-args gives: then the driver adds no --save-minutes."""
+    return {k: v for k, v in passed_train_args(cfg).items() if k in ("save_every", "save_minutes")}
+
+
+def arm_modes(arm: str):  # what train.Config.NEEDS reads of an arm's train.py command
+    method, tgl = arm.split("-")
+    return argparse.Namespace(NEEDS=train.Config.NEEDS, method=method, tgl=tgl)
+
+
+def arm_train_args(cfg, arm) -> list:
+    """--train-args for one arm, less the flags its method and TGL mode do not use (train.Config.NEEDS:
+    train.py refuses them): --recadam-gamma reaches the recadam arms only, --select the TGL arms.
+    check_config refuses a flag that no arm uses."""
+    extra = []
+    for dest, v in passed_train_args(cfg).items():
+        if dest == "data" or unused_flag(arm_modes(arm), {dest}):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        extra += [flag] if v is True else [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+    return extra
 
 
 def check_config(cfg: Config):
@@ -259,6 +283,10 @@ def check_config(cfg: Config):
         check_output(cfg.export_hf, "--export-hf", "dir")
         check_exports(cfg)
     check_passed("--train-args", cfg.train_args, train.Config, ["--data", "-"])
+    for dest in passed_train_args(cfg):  # a flag that no arm uses is refused, as train.py refuses it
+        bad = [unused_flag(arm_modes(arm), {dest}) for arm in cfg.arms]
+        if all(bad):
+            raise ValueError(f"--train-args: {bad[0]} (arms here: {' '.join(cfg.arms)})")
     check_passed("--trace-args", cfg.trace_args, train.tgl_trace.TraceConfig,
                  ["--init", "-", "--probes", "-", "--text", "-", "--out", "-"])
     check_protocol(cfg)
@@ -484,26 +512,18 @@ def tok_s(cfg) -> float:
     return cfg.nproc * GPU_FLOPS * MFU / (6 * (model_params(cfg) or HUB_PARAMS["gpt2-large"]))
 
 
-def save_every(cfg) -> int | None:
-    """train.py --save-every: the updates of about --save-minutes at the assumed throughput (None: only at
-    the end). A faster GPU than assumed saves more often than every --save-minutes, a slower one less."""
-    if not cfg.save_minutes:
-        return None
-    return max(1, math.ceil(cfg.save_minutes * 60 * tok_s(cfg) / tokens_per_update(cfg)))
-
-
 def train_argv(cfg, k, arm, steps) -> list:
     """The train.py command of one arm in one stage; under torchrun when --nproc > 1 (DDP: --batch-size
     stays the global batch, so the numbers do not depend on the number of GPUs)."""
     method, tgl = arm.split("-")
-    sd, extra = stage_dir(cfg, k), shlex.split(cfg.train_args)
+    sd, extra = stage_dir(cfg, k), arm_train_args(cfg, arm)
     args = ["--init", init_of(cfg, k, arm), "--data", sd / "data" / "train.csv", "--method", method, "--tgl", tgl,
             "--probes", *probe_files(cfg, k), "--steps", steps, "--batch-size", cfg.batch_size,
             "--block-size", cfg.block_size, "--grad-accum", cfg.grad_accum, "--lr", cfg.lr, "--warmup", cfg.warmup,
             "--seed", cfg.seed, "--metric", cfg.metric,
             "--out", run_dir(cfg, k, arm), "--resume", *common_flags(cfg)]
-    if save_every(cfg) and passed_save_every(cfg) is None:
-        args += ["--save-every", save_every(cfg)]  # a killed step loses at most --save-minutes
+    if cfg.save_minutes and not passed_save(cfg):  # measured on the device in use, not assumed
+        args += ["--save-minutes", f"{cfg.save_minutes:g}"]  # a killed step loses at most about --save-minutes
     if tgl != "none":
         args += ["--trace", trace_file(cfg, k, arm)]
     if method == "mixreview":
@@ -1061,16 +1081,19 @@ def plan_time(cfg) -> list:
 
 
 def plan_checkpoints(cfg) -> str:
-    """The plan's line on checkpoints: the interval its train.py commands carry (a --save-every in
-    --train-args wins over the driver's from --save-minutes)."""
-    passed, rate = passed_save_every(cfg), tok_s(cfg)
-    every, why = (save_every(cfg), "from --save-minutes") if passed is None else (passed, "from --train-args")
-    if not every:
-        return "#   checkpoints: only at the end of each run (" + (
-            "--save-minutes 0)" if passed is None else "--save-every 0 in --train-args)")
-    minutes = every * tokens_per_update(cfg) / rate / 60
-    return (f"#   checkpoints: --save-every {every} updates ({why}) "
-            f"= about every {minutes:.3g} minutes at that rate")
+    """The plan's line on checkpoints: what its train.py commands carry (a --save-every or --save-minutes in
+    --train-args wins over the driver's --save-minutes)."""
+    passed, every = passed_save(cfg), passed_save(cfg).get("save_every")
+    if not passed:
+        return (f"#   checkpoints: every {cfg.save_minutes:g} minutes of measured training time (train.py "
+                f"--save-minutes {cfg.save_minutes:g}: timed on the device in use, not assumed)" if cfg.save_minutes
+                else "#   checkpoints: only at the end of each run (--save-minutes 0)")
+    said = [f"every {passed['save_minutes']:g} minutes of measured training time (--save-minutes, from "
+            "--train-args)"] if passed.get("save_minutes") else []
+    if every:
+        said.append(f"--save-every {every} updates (from --train-args) = about every "
+                    f"{every * tokens_per_update(cfg) / tok_s(cfg) / 60:.3g} minutes at that rate")
+    return "#   checkpoints: " + (" and ".join(said) or "only at the end of each run (--train-args)")
 
 
 def plan_disk(cfg) -> list:
@@ -1121,7 +1144,10 @@ def plan(cfg) -> str:
 
 def main(argv=None):
     cfg = parse_args(argv)
-    with input_errors(PROG):  # the one error path: bad input is one line, bugs keep their traceback
+    with input_errors(PROG), ExitStack() as held:  # the one error path: bad input is one line
+        for path, flag in [] if cfg.plan else [(cfg.out, "--out"), (cfg.export_hf, "--export-hf")]:
+            if path:  # one driver per folder at a time (the plan writes nothing): checked under the lock
+                held.enter_context(folder_lock(path, flag))
         check_config(cfg)
         if cfg.plan:
             print(plan(cfg))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from common import Parser, check_output, fail, input_errors, read_json, write_text
 from data import WordTokenizer
+from experiments.tools import folder_lock
 
 # ----------------------------------------------------------------------------- knowledge: relations
 # Relations as in TempLAMA (Wikidata ids). Every template ends with the object, so a causal LM
@@ -377,7 +378,12 @@ def make_world(out_dir, cfg: WorldConfig = None, overwrite=False, **overrides) -
     the world's names that world.py did not write is refused unless overwrite (check_folder)."""
     cfg = cfg or WorldConfig(**overrides)
     out = Path(out_dir)
-    check_folder(out, overwrite)
+    with folder_lock(out):  # one builder per folder; checked under the lock
+        check_folder(out, overwrite)
+        return _write(out, cfg)
+
+
+def _write(out: Path, cfg: WorldConfig) -> dict:
     texts, tok, probes, meta = _build(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / BUILDING, json.dumps({"config": asdict(cfg)}))  # first: the folder is the world's now

@@ -98,7 +98,8 @@ def test_quick_and_full_use_different_folders():
 
 
 def selection_reaches_runs_and_matched_lr(out, before, monkeypatch):
-    """One Selection: its flags go to every run, and full@alr-lr's learning rate is computed from it."""
+    """One Selection: its flags go to every run whose --tgl uses them (train.py refuses the others), and
+    full@alr-lr's learning rate is computed from it."""
     def lr_of(argv):
         return float(argv[argv.index("--lr") + 1])
 
@@ -107,7 +108,10 @@ def selection_reaches_runs_and_matched_lr(out, before, monkeypatch):
         after = dict(demo.continual_jobs(demo.parse_args(["--quick", "--out", str(out)]), demo.QUICK, 0,
                                          str(out / "seed0")))
     floor = [argv[argv.index("--floor") + 1] for argv in (before["full+alr"], after["full+alr"])]
-    assert floor == ["0.01", "0.9"] and all("--floor" in argv for argv in after.values())
+    assert floor == ["0.01", "0.9"] and all(("--floor" in argv) == ("--tgl alr" in " ".join(argv))
+                                            for argv in after.values())
+    assert sum("--select" in argv for argv in after.values()) == sum("--tgl fp" in " ".join(argv) for argv in
+                                                                      after.values()) > 0
     assert lr_of(after["full@alr-lr"]) > lr_of(before["full@alr-lr"]) >= 0.01 * demo.QUICK["lr"]
     assert lr_of(after["full@alr-lr"]) >= 0.9 * demo.QUICK["lr"]
 

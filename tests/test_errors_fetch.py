@@ -200,10 +200,10 @@ def test_fetch_flags_dropped_ranged_reads_and_a_second_fetch(server, tmp_path, c
     server.files[HF + "TWiki_Probes.zip"] = zip_bytes({PROBES: CSV})
     folder = tmp_path / "cache" / "data" / "twiki-probes"
     folder.mkdir(parents=True)
-    with open(folder / ".fetch.lock", "w") as held:  # another fetch of the same data set is running
+    with open(folder.parent / ".twiki-probes.lock", "w") as held:  # another fetch into the folder is running
         fcntl.flock(held, fcntl.LOCK_EX)
         err = one_line(capsys, realdata.main, ["fetch", "twiki-probes"])
-    assert "another fetch of twiki-probes" in err and not (folder / "TWiki_Probes.zip.part").exists()
+    assert f"--out {folder} is being written by" in err and not (folder / "TWiki_Probes.zip.part").exists()
     realdata.main(["fetch", "twiki-probes"])
     assert (folder / PROBES).read_text() == CSV
 

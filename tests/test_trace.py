@@ -328,5 +328,5 @@ def test_selection_flags_are_declared_once_for_trace_and_train():
         add_flags(parser, config)
         assert flags <= set(parser._option_string_actions)
     cfg = parse_config(train.Config, "train.py", "", ["--data", __file__, "--control", "random:2", "--rank-units",
-                                                      "mlp"])
+                                                      "mlp", "--tgl", "fp"])
     assert cfg.selection == tgl_trace.Selection(rank_units="mlp", control="random:2")

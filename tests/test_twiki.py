@@ -143,7 +143,7 @@ def test_twiki_protocol_end_to_end(server, tmp_path, capsys, monkeypatch):
     assert not fresh.exists() and len(server.log) == n_requests
     assert text.count("train.py --init") == 8 and "-m experiments.realdata fetch twiki-diffsets" in text
     assert "ASSUMED 1,000 training tokens/s" in text and "4 updates x 128 tokens = 512 tokens per arm" in text
-    assert sum("--save-every 14063" in ln for ln in text.splitlines() if "train.py --init" in ln) == 8 and "ESTIMATE" in text and "DISK (ESTIMATE): about" in text
+    assert sum("--save-minutes 30 " in ln + " " for ln in text.splitlines() if "train.py --init" in ln) == 8 and "ESTIMATE" in text and "DISK (ESTIMATE): about" in text
     twiki.main(argv(init, out, "--plan"))
     assert capsys.readouterr().out.count("# done: python train.py") == 4 and snapshot(out) == before
 

@@ -30,12 +30,11 @@ def serve_templama(server):
 
 def runs_argv(init, out, *more):
     """One TGL arm; every probe evaluated (--diag-frac 0), stage 1 tracing on a file of its own; TempLAMA
-    fetched, with a date per snapshot; 32 updates a stage, a checkpoint every 2 (1 minute at 4 tok/s)."""
+    fetched, with a date per snapshot; 32 updates a stage, a checkpoint every 2 (--save-every in --train-args)."""
     return argv(init, out, "--methods", "full", "--tgl", "fp", "--diag-frac", "0",
                 "--trace-probes", str(DATA / "twiki_probes" / "0801-0901_changed.csv"),
                 "--templama", "templama", "--templama-dates", "2010", "2011", "2012", "2013", "2014",
-                "--max-train-tokens", "4096", "--save-minutes", "1", "--assume-tok-s", "4",
-                "--train-args", "--log-every 1", *more)
+                "--max-train-tokens", "4096", "--train-args", "--log-every 1 --save-every 2", *more)
 
 
 class KillAfter:
@@ -82,7 +81,7 @@ def test_killed_arm_resumes_from_its_checkpoint_with_the_same_numbers(server, tm
     log = b / "stage2" / "logs" / "full-fp.log"
     assert "step 5/32" in log.read_text()  # the killed step's output is in its log
     killed_at = C.load_checkpoint(b / "stage2" / "full-fp" / C.CKPT_NAME)["step"]
-    assert 0 < killed_at < 32 and killed_at % 2 == 0  # --save-every 2, from --save-minutes 1 at 4 tok/s
+    assert 0 < killed_at < 32 and killed_at % 2 == 0  # --save-every 2
     monkeypatch.setattr(twiki.subprocess, "Popen", real)
     again = twiki.main(runs_argv(init, b, "--stages", "2"))
     assert f"resumed: step {killed_at}" in log.read_text()
@@ -132,21 +131,21 @@ def test_plan_sizes_the_run_with_nothing_on_disk(server, tmp_path, capsys):
     assert twiki.main(["--init", "gpt2-large", "--out", str(tmp_path / "o"), "--plan"]) is None
     text = capsys.readouterr().out
     trains = [ln for ln in text.splitlines() if ln.startswith("python train.py")]
-    assert len(trains) == 8 and all(" --save-every " in ln for ln in trains)
+    assert len(trains) == 8 and all(" --save-minutes 30" in ln for ln in trains)
     assert "ESTIMATE" in text and "ASSUMED" in text and "MFU" in text and "h per arm" in text
     total = [ln for ln in text.splitlines() if ln.startswith("#   total:")]
     assert len(total) == 1 and float(total[0].split()[2]) > 1
     disk = [ln for ln in text.splitlines() if "GB in all" in ln]
     assert len(disk) == 1 and "checkpoints" in disk[0] and "snapshot prefixes" in disk[0]
     assert not server.log and not (tmp_path / "o").exists()
-    assert "checkpoints: --save-every 11699 updates (from --save-minutes) = about every 30 minutes " in text
+    assert "checkpoints: every 30 minutes of measured training time (train.py --save-minutes 30" in text
     # a --save-every in --train-args (abbreviated, as train.py's parser takes it) is the one the commands
     # carry, and the one the plan's checkpoint line states
     cfg = twiki.parse_args(["--init", "gpt2-large", "--out", "o", "--train-args=--save-e=500"])
     own = twiki.plan(cfg)
     trains = [ln for ln in own.splitlines() if ln.startswith("python train.py")]
-    assert len(trains) == 8 and all(ln.endswith(" --save-e=500") for ln in trains)
-    assert not any("--save-every" in ln for ln in trains)  # the driver adds none of its own
+    assert len(trains) == 8 and all(ln.endswith(" --save-every 500") for ln in trains)
+    assert not any("--save-minutes" in ln for ln in trains)  # the driver adds none of its own
     minutes = 500 * 8 * 1024 / twiki.tok_s(cfg) / 60
     assert f"checkpoints: --save-every 500 updates (from --train-args) = about every {minutes:.3g} min" in own
     with_opt = twiki.plan(twiki.parse_args(["--init", "gpt2-large", "--out", str(tmp_path / "o"), "--keep-optimizer"]))
