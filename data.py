@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import HUB_NAMES
 from common import atomic_path, not_utf8, read_json, write_text
+from experiments.hf import HUB_NAMES, is_hub_name
 
 class GPT2Tokenizer:
     """GPT-2 BPE by tiktoken (offline if TIKTOKEN_CACHE_DIR holds its files)."""
@@ -68,7 +68,7 @@ def load_tokenizer(spec):
     p = p.parent if p.suffix == ".pt" and p.is_file() else p
     if p.is_file():
         return WordTokenizer.load(p)
-    if not p.exists() and spec not in HUB_NAMES:
+    if not p.exists() and not is_hub_name(spec):
         raise ValueError(f"tokenizer {spec}: no such file or folder, nor one of {', '.join(HUB_NAMES)}")
     try:
         if (p / "tokenizer.json").is_file():

@@ -92,20 +92,46 @@ def hub_endpoint() -> str:  # the one reading of $HF_ENDPOINT (a Hugging Face mi
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+HUB_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 def hub_folder(name: str) -> str:
-    """A hub model's config.json and weights (checkpoint.load_model's hub names), downloaded once;
-    safetensors, else the older .bin."""
+    """A hub model's files, downloaded once (checkpoint.load_model's hub names): config.json, then
+    model.safetensors, or model.safetensors.index.json and its shards, or the older pytorch_model.bin;
+    then the tokenizer files the repository has (HUB_EXTRAS). .complete, written last, says all is there."""
     cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
     folder = os.path.join(cache, name.replace("/", "--"))
+    if os.path.exists(os.path.join(folder, ".complete")):
+        return folder
     os.makedirs(folder, exist_ok=True)
-    have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
-    if "config.json" not in have:
-        download(url + "config.json", os.path.join(folder, "config.json"))
-    if not {"model.safetensors", "pytorch_model.bin"} & have:
+    url = f"{hub_endpoint()}/{name}/resolve/main/"
+
+    def get(f):  # a file not there yet; 404: FileNotFoundError
+        if not os.path.exists(path := os.path.join(folder, f)):
+            download(url + f, path)
+        return path
+    try:
+        get("config.json")
+    except FileNotFoundError:
+        raise ValueError(f"{name}: {url}config.json is not there (404): no such hub model? Check the name, "
+                         "or pass a local folder") from None
+    if not {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(folder)):
         try:
-            download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
-        except FileNotFoundError:  # old repositories have only pytorch_model.bin
-            download(url + "pytorch_model.bin", os.path.join(folder, "pytorch_model.bin"))
+            get("model.safetensors")
+        except FileNotFoundError:
+            try:  # a large model: an index of shards
+                from experiments.hf import INDEX, weight_files
+                get(INDEX)
+                for shard, _ in weight_files(folder):  # checks the shards' names: plain file names
+                    get(os.path.basename(shard))
+            except FileNotFoundError:  # old repositories have only pytorch_model.bin
+                get("pytorch_model.bin")
+    for f in HUB_EXTRAS:
+        try:
+            get(f)
+        except FileNotFoundError:
+            pass  # not every repository has every tokenizer file
+    write_text(os.path.join(folder, ".complete"), "")
     return folder
 
 

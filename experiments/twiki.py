@@ -38,10 +38,11 @@ from pathlib import Path
 
 import data
 import train
-from checkpoint import CKPT_NAME, HUB_NAMES, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
 from common import write_text
 from experiments import fetch, realdata
+from experiments.hf import HUB_NAMES, is_hub_name
 from experiments.tools import check_number, script
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
@@ -240,8 +241,8 @@ def passed_save_every(cfg) -> int | None:
 def check_config(cfg: Config):
     """Every flag and path, before anything slow (no network, no model load)."""
     check_output(cfg.out, "--out", "dir")
-    if cfg.init not in HUB_NAMES and not os.path.exists(cfg.init):
-        raise ValueError(f"--init {cfg.init}: not a known model ({', '.join(HUB_NAMES)}) nor a local folder")
+    if not is_hub_name(cfg.init) and not os.path.exists(cfg.init):
+        raise ValueError(f"--init {cfg.init}: not a local folder, nor a hub name (ORG/NAME or one of {', '.join(HUB_NAMES)})")
     for flag in ("batch_size", "block_size", "grad_accum", "val_tokens", "max_train_tokens", "threads", "nproc"):
         check_number("--" + flag.replace("_", "-"), getattr(cfg, flag), low=1, integer=True)
     check_number("--val-every", cfg.val_every, low=2, integer=True)  # 1 would hold out every document
