@@ -1,9 +1,5 @@
-"""Checkpoints: tgl's own ckpt.pt, and every script's --init.
-
-`load_model(init)` reads every script's --init as a model.GPT: a run folder (or its ckpt.pt) train.py
-wrote, LoRA merged; a Hugging Face folder, its config and names translated to ours, or a hub name,
-downloaded once into $TGL_CACHE (~/.cache/tgl): plumbing, in experiments/hf.py, with the way back
-(experiments/export.py).
+"""Checkpoints: tgl's own ckpt.pt, and every script's --init (`load_model`): a run folder (or its ckpt.pt)
+train.py wrote, LoRA merged; a Hugging Face folder or hub name (experiments/hf.py, the way back: export.py).
 """
 import os
 
@@ -40,7 +36,7 @@ def load_model(init: str, device: str = "cpu") -> GPT:
     """Any --init: a run folder or its ckpt.pt (LoRA merged), an HF folder or a hub name."""
     path = os.path.join(init, CKPT_NAME) if os.path.isdir(init) else init
     if not (os.path.isfile(path) and path.endswith(".pt")):
-        from experiments.hf import load_hf  # Hugging Face files: plumbing around the method
+        from experiments.hf import load_hf  # plumbing
         return load_hf(init).to(device)
     try:
         return model_from_checkpoint(load_checkpoint(path)).to(device)

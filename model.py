@@ -3,8 +3,7 @@
 As in nanoGPT: token + position embeddings, n_layer Blocks (LayerNorm, causal self-attention, LayerNorm,
 MLP), a last LayerNorm, and a head that is the token embedding. GPT-Neo differs in three GPTConfig
 fields: no q/k/v bias, no 1/sqrt(head size) on the scores, "local" layers that see window_size back.
-The later families swap parts, each a GPTConfig switch: RMSNorm, rotary positions, SwiGLU, grouped-query
-attention, a parallel residual (GPT-NeoX), an untied head (docs/models.md; their files: experiments/hf.py).
+Later families swap parts, each by a GPTConfig switch (docs/models.md; their files: experiments/hf.py).
 TGL's units, what it measures, freezes or slows down, are at the end: `unit_of` maps each parameter to
 embed, h.{i}.attn, h.{i}.mlp or ln_f. LoRA (`add_lora`), a method TGL stacks on, changes the model.
 """
@@ -27,30 +26,29 @@ class GPTConfig:
     n_inner: int | None = None  # MLP width; None: 4 * n_embd
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
-    arch: str = "gpt2"  # gpt2, gpt_neo, gpt_neox, llama or qwen2: picks only the export format
+    arch: str = "gpt2"  # or gpt_neo, gpt_neox, llama, qwen2; picks only the export format
     qkv_bias: bool = True  # False (GPT-Neo, Llama): no q/k/v bias
-    bias: bool = True  # False (Llama, Qwen2): no bias in the MLP and the attention's c_proj
+    bias: bool = True  # False (Llama, Qwen2): no MLP and attn.c_proj bias
     scale_attn: bool = True  # False (GPT-Neo): no 1/sqrt(head_dim) on q.k
     attention_layers: list = field(default_factory=list)  # per layer "global"/"local"; [] = all global
     window_size: int = 256  # how far back a "local" layer looks
-    rms_norm: bool = False  # True (Llama, Qwen2): RMSNorm, x / rms(x) * weight: no mean, no bias
-    mlp: str = "gelu_tanh"  # or "gelu" (exact; GPT-NeoX) or "swiglu" (Llama, Qwen2)
+    rms_norm: bool = False  # True (Llama, Qwen2): RMSNorm, x / rms(x) * weight
+    mlp: str = "gelu_tanh"  # or "gelu" (exact; GPT-NeoX), "swiglu" (Llama, Qwen2)
     parallel_residual: bool = False  # True (GPT-NeoX): attention and MLP read the same x
-    n_kv_head: int | None = None  # grouped-query attention: the heads of k and v; None: n_head
-    rotary_pct: float = 0.0  # 0: learned positions (wpe); > 0: rotary on that fraction of each head
-    rope_theta: float = 10000.0  # rotary's base: the slowest pair turns by theta^-1 per position
-    rope_scaling: dict | None = None  # Llama 3's: factor, low/high_freq_factor, original_max_position_embeddings
-    tie_embeddings: bool = True  # False (GPT-NeoX, Llama 3 8B): lm_head is a matrix of its own
+    n_kv_head: int | None = None  # grouped-query attention: k and v heads; None: n_head
+    rotary_pct: float = 0.0  # 0: learned positions (wpe); > 0: rotary on that share of a head
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3's (config.json's keys)
+    tie_embeddings: bool = True  # False (GPT-NeoX): lm_head is its own matrix
 
     def __post_init__(self):
         sizes = (self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd, self.n_kv_head or 1)
         if not (all(isinstance(v, int) and v >= 1 for v in sizes) and self.n_embd % self.n_head == 0
                 and self.n_head % (self.n_kv_head or 1) == 0 and self.mlp in ("gelu_tanh", "gelu", "swiglu")
-                and 0 <= self.rotary_pct <= 1 and int(self.n_embd // self.n_head * self.rotary_pct) % 2 == 0
-                and 0 <= self.dropout < 1 and len(self.attention_layers) in (0, self.n_layer)):
-            raise ValueError(f"model config: want int sizes >= 1, n_embd % n_head == 0, n_head % n_kv_head == 0, "
-                             f"mlp gelu_tanh, gelu or swiglu, an even number of rotary dims, 0 <= dropout < 1, "
-                             f"0 or n_layer attention_layers; got {self}")
+                and 0 <= self.rotary_pct <= 1 and 0 <= self.dropout < 1
+                and len(self.attention_layers) in (0, self.n_layer)):
+            raise ValueError(f"model config: want int sizes >= 1 (n_head | n_embd, n_kv_head | n_head), a known "
+                             f"mlp, dropout in [0, 1), rotary_pct in [0, 1], 0 or n_layer attention_layers; got {self}")
 
 class Linear(nn.Linear):
     """nn.Linear + optional LoRA, y = xW^T + b + (alpha/r) xA^T B^T; W keeps its GPT-2 name."""
@@ -62,26 +60,24 @@ class Linear(nn.Linear):
         return y
 
 def rotary(c: GPTConfig, T: int, device):
-    """cos, sin (T, rd) of rotary positions (RoFormer) on the first rd dims of each head: position t turns
-    the pair (i, i + rd/2) by the angle t * theta^(-2i/rd), fast pairs to slow ones. q.k then sees only
-    the distance i - j between query and key."""
+    """cos, sin (T, rd): position t turns each head's dims (i, i + rd/2) by t * theta^(-2i/rd), i < rd/2;
+    q.k then depends on positions only through their distance."""
     rd = int(c.n_embd // c.n_head * c.rotary_pct)
-    inv_freq = c.rope_theta ** -(torch.arange(0, rd, 2, device=device).float() / rd)  # (rd/2,) turns/position
-    if s := c.rope_scaling:  # Llama 3: turns slower than the original context (wavelength > low) slowed
-        old, lo, hi, f = (s[k] for k in ("original_max_position_embeddings", "low_freq_factor",
-                                           "high_freq_factor", "factor"))  # by factor, fast ones kept,
-        wavelen, smooth = 2 * math.pi / inv_freq, (old * inv_freq / (2 * math.pi) - lo) / (hi - lo)
-        mid = (1 - smooth) * inv_freq / f + smooth * inv_freq  # those between: interpolated
-        inv_freq = torch.where(wavelen > old / lo, inv_freq / f, torch.where(wavelen < old / hi, inv_freq, mid))
-    angle = torch.outer(torch.arange(T, device=device).float(), inv_freq)  # (T, rd/2)
-    angle = torch.cat((angle, angle), dim=-1)  # (T, rd): pair i's angle at i and at i + rd/2
+    freq = c.rope_theta ** -(torch.arange(0, rd, 2, device=device).float() / rd)  # (rd/2,) per position
+    if s := c.rope_scaling:  # Llama 3: pairs that turn < low_freq_factor times over the original context
+        # are slowed by factor, those > high_freq_factor kept, those between blended
+        turns = s["original_max_position_embeddings"] * freq / (2 * math.pi)
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        w = ((turns - lo) / (hi - lo)).clamp(0, 1)  # 0: slowed, 1: kept
+        freq = (1 - w) * freq / s["factor"] + w * freq
+    angle = torch.outer(torch.arange(T, device=device).float(), freq)  # (T, rd/2)
+    angle = torch.cat((angle, angle), -1)  # (T, rd)
     return angle.cos(), angle.sin()
 
-def rotate(x, cos, sin):
-    """x (B, nh, T, hs): each pair (a, b) of the first rd dims -> (a cos - b sin, b cos + a sin)."""
+def rotate(x, cos, sin):  # x (B, nh, T, hs): each pair (a, b) -> (a cos - b sin, b cos + a sin)
     rd = cos.shape[-1]
-    a, b, rest = x[..., :rd // 2], x[..., rd // 2:rd], x[..., rd:]
-    return torch.cat((x[..., :rd] * cos + torch.cat((-b, a), dim=-1) * sin, rest), dim=-1).type_as(x)
+    a, b = x[..., :rd // 2], x[..., rd // 2:rd]
+    return torch.cat((x[..., :rd] * cos + torch.cat((-b, a), -1) * sin, x[..., rd:]), -1).type_as(x)
 
 class CausalSelfAttention(nn.Module):
     """Every position mixes in the values of earlier positions, weighted by how well its query matches
@@ -94,8 +90,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head, self.dropout, self.scale_attn = config.n_head, config.dropout, config.scale_attn
-        self.n_kv = config.n_kv_head or config.n_head  # grouped-query attention: fewer k, v heads
-        self.split = [config.n_embd] + 2 * [self.n_kv * (config.n_embd // config.n_head)]  # q, k, v sizes
+        self.n_kv = config.n_kv_head or config.n_head  # grouped-query: fewer k, v heads
+        self.split = [config.n_embd] + 2 * [self.n_kv * (config.n_embd // config.n_head)]  # q, k, v
         self.c_attn = Linear(config.n_embd, sum(self.split), bias=config.qkv_bias)  # q, k, v at once
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # the heads' outputs back
         local = "local" in config.attention_layers[layer:layer + 1]
@@ -117,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:  # rotary: where a token is enters here, as a turn of its q and k
+        if rope is not None:  # rotary: position enters as a turn of q and k
             q, k = rotate(q, *rope), rotate(k, *rope)
         if self.n_kv < self.n_head:  # grouped-query: each k, v head serves n_head / nkv q heads in a row
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, T, hs)
@@ -141,8 +137,8 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)  # (B, T, C)
 
 class MLP(nn.Module):
-    """Position by position: widen to n_inner, GELU, project back. Most of a block's parameters.
-    SwiGLU (Llama, Qwen2): c_fc makes two n_inner vectors, gate and up; silu(gate) * up goes on."""
+    """Position by position: widen to n_inner, GELU (SwiGLU: silu(gate) * up), project back. Most of a
+    block's parameters."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -154,8 +150,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, n_inner); SwiGLU: (B, T, 2 * n_inner)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up  # the gate sets, unit by unit, how much of up passes
-        else:  # "gelu_new" (GPT-2, GPT-Neo): tanh-approximated; GPT-NeoX: exact
+            h = F.silu(gate) * up  # the gate sets how much of each up unit passes
+        else:  # "gelu_new" (GPT-2, GPT-Neo): tanh-approximated; GPT-NeoX's exact
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.c_proj(h))
 
@@ -165,20 +161,17 @@ class Block(nn.Module):
         self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = norm(config)
-        self.mlp, self.resid_dropout = MLP(config), nn.Dropout(config.dropout)
-        self.parallel = config.parallel_residual
+        self.mlp, self.resid_dropout, self.parallel = MLP(config), nn.Dropout(config.dropout), config.parallel_residual
 
     def forward(self, x, rope=None):
         # pre-LN (GPT-2): each sublayer reads a normalized copy of the residual stream x and adds its
         # output back. x itself is never normalized on the way, so the gradient reaches early layers
         # through the sums unchanged: deep stacks train stably (post-LN, the original Transformer's, less so).
         a = self.resid_dropout(self.attn(self.ln_1(x), rope))
-        if self.parallel:  # GPT-NeoX: the MLP reads x too, not x + a; both added at once
-            return x + a + self.mlp(self.ln_2(x))
-        x = x + a
-        return x + self.mlp(self.ln_2(x))
+        # parallel (GPT-NeoX): the MLP reads x, not x + a; both are added at once
+        return x + a + self.mlp(self.ln_2(x if self.parallel else x + a))
 
-def norm(config: GPTConfig) -> nn.Module:  # RMSNorm skips LayerNorm's centring and bias: cheaper, as good
+def norm(config: GPTConfig) -> nn.Module:  # RMSNorm: LayerNorm without centring and bias
     return (nn.RMSNorm if config.rms_norm else nn.LayerNorm)(config.n_embd, eps=config.layer_norm_epsilon)
 
 class GPT(nn.Module):
@@ -187,15 +180,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            # learned position embedding; rotary models have none (positions turn q and k instead)
+            # learned position embedding (none with rotary)
             **({} if config.rotary_pct else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=norm(config),  # pre-LN: the stream's last norm
         ))
         # tied embeddings (GPT-2): the head that scores the next token is the token embedding itself, one
-        # tensor, once in parameters(); so unit_of puts lm_head in the unit "embed". Untied, it stays there
-        # (see unit_of)
+        # tensor, once in parameters(); so unit_of puts lm_head in the unit "embed" (untied too)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -217,7 +209,7 @@ class GPT(nn.Module):
         t, T, rope = self.transformer, idx.shape[1], None
         x = t.wte(idx)  # (B, T, C): what each token is
         if self.config.rotary_pct:
-            rope = rotary(self.config, T, idx.device)  # where it is: one (cos, sin) for every layer
+            rope = rotary(self.config, T, idx.device)  # where it is, as (cos, sin) for every layer
         else:
             x = x + t.wpe(torch.arange(T, device=idx.device))  # + where it is
         x = t.drop(x)
@@ -284,10 +276,9 @@ def unit_of(param_name: str) -> str:
     """embed (+ tied lm_head), h.{i}.attn, h.{i}.mlp or ln_f; ln_1/ln_2 join the sublayer they alone
     feed, an adapter the layer it adapts."""
     # ln_1's output goes only into attn, ln_2's only into the MLP: each LayerNorm is part of its sublayer's
-    # path, and freezing or slowing "h.3.attn" has to act on its input normalization too (RMSNorm's weight
-    # alike). wte and lm_head are one tensor (tied), so they can only be one unit; wpe is added to it at the
-    # input. An untied lm_head (GPT-NeoX, Llama 3 8B) stays in "embed": the vocabulary's two matrices, so that
-    # every unit means the same, tied or not, and ln_f stays the one last norm.
+    # path, and freezing or slowing "h.3.attn" has to act on its input normalization too. wte and lm_head
+    # are one tensor (tied), so they can only be one unit; wpe is added to it at the input. Untied (GPT-NeoX),
+    # lm_head stays in "embed", the vocabulary's matrices: a unit means the same, tied or not.
     p = re.sub(r"^(_orig_mod\.)?(module\.)?(transformer\.)?", "", param_name).split(".")
     if p[0] == "ln_f":
         return "ln_f"
