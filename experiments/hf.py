@@ -85,20 +85,21 @@ def is_hub_name(name: str) -> bool:
 
 def _unsupported(kind: str, cfg: dict):
     """The first option of config.json that model.py does not implement, as "option value"; None: all fine."""
-    key, want = ACT[kind]
-    checks = [(key, cfg.get(key, want), want), ("scale_attn_by_inverse_layer_idx", cfg.get(
-               "scale_attn_by_inverse_layer_idx", False), False), ("attention_bias", cfg.get(
-               "attention_bias", kind == "gpt_neox"), kind == "gpt_neox"), ("mlp_bias", cfg.get("mlp_bias", False), False),
-              ("use_sliding_window", cfg.get("use_sliding_window", False), False),
-              ("layer_types", set(cfg.get("layer_types") or ["full_attention"]), {"full_attention"})]
-    if kind in ("gpt_neox", "llama", "qwen2"):
-        heads = cfg.get("num_attention_heads") or 1
-        checks.append(("head_dim", cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads,
-                       cfg.get("hidden_size", 0) // heads))
-        rope = _rope(cfg)
-        checks.append(("rope_scaling rope_type", rope.get("rope_type", rope.get("type", "default")) or "default",
-                       "llama3" if rope.get("rope_type", rope.get("type")) == "llama3" else "default"))
-        if kind != "gpt_neox":
+    act, want_act = ACT[kind]
+    rotary, neox = kind in ("gpt_neox", "llama", "qwen2"), kind == "gpt_neox"
+    checks = [  # (option, its value here, the one value model.py computes)
+        (act, cfg.get(act, want_act), want_act),
+        ("scale_attn_by_inverse_layer_idx", cfg.get("scale_attn_by_inverse_layer_idx", False), False),
+        ("attention_bias", cfg.get("attention_bias", neox), neox),  # Llama: on o_proj too; GPT-NeoX: always
+        ("mlp_bias", cfg.get("mlp_bias", False), False),
+        ("use_sliding_window", cfg.get("use_sliding_window", False), False),
+        ("layer_types", set(cfg.get("layer_types") or ["full_attention"]), {"full_attention"})]
+    if rotary:
+        rope, plain = _rope(cfg), cfg.get("hidden_size", 0) // (cfg.get("num_attention_heads") or 1)
+        kind_of = rope.get("rope_type", rope.get("type")) or "default"
+        checks += [("head_dim", cfg.get("head_dim") or plain, plain),
+                   ("rope_scaling rope_type", kind_of, kind_of if kind_of in ("default", "llama3") else "default")]
+        if not neox:  # transformers' Llama and Qwen2 rotate whole heads
             checks.append(("partial_rotary_factor", rope["partial_rotary_factor"], 1.0))
     return next((f"{k} {got}" for k, got, want in checks if got != want), None)
 

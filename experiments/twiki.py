@@ -242,7 +242,8 @@ def check_config(cfg: Config):
     """Every flag and path, before anything slow (no network, no model load)."""
     check_output(cfg.out, "--out", "dir")
     if not is_hub_name(cfg.init) and not os.path.exists(cfg.init):
-        raise ValueError(f"--init {cfg.init}: not a local folder, nor a hub name (ORG/NAME or one of {', '.join(HUB_NAMES)})")
+        raise ValueError(f"--init {cfg.init}: not a local folder, nor a hub name (ORG/NAME or one of "
+                         f"{', '.join(HUB_NAMES)})")
     for flag in ("batch_size", "block_size", "grad_accum", "val_tokens", "max_train_tokens", "threads", "nproc"):
         check_number("--" + flag.replace("_", "-"), getattr(cfg, flag), low=1, integer=True)
     check_number("--val-every", cfg.val_every, low=2, integer=True)  # 1 would hold out every document

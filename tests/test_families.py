@@ -87,6 +87,21 @@ def test_logits_match_transformers(family):
         assert ours.lm_head.weight is ours.transformer.wte.weight and "lm_head.weight" not in names
 
 
+def test_config_json_as_older_transformers_wrote_it(family, tmp_path):
+    """Hub checkpoints predate transformers 5: rope_theta and rope_scaling (GPT-NeoX: rotary_pct,
+    rotary_emb_base) instead of rope_parameters."""
+    cfg = json.loads((family.folder / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    if cfg["model_type"] == "gpt_neox":
+        cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"], rope_scaling=None)
+    else:
+        cfg.update(rope_theta=rope["rope_theta"], rope_scaling=rope if rope["rope_type"] == "llama3" else None)
+    for f in family.folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert (logits(H.load_hf(str(tmp_path))) - logits(family.ref)).abs().max() < 1e-4
+
+
 def test_sharded_folder_loads_shard_by_shard(family, tmp_path, monkeypatch):
     family.ref.save_pretrained(tmp_path, max_shard_size="20KB")
     shards = sorted(set(json.loads((tmp_path / H.INDEX).read_text())["weight_map"].values()))
