@@ -59,8 +59,9 @@ TOP = {"gpt2": _GPT, "gpt_neo": _GPT,
        "llama": {"wte": "model.embed_tokens", "ln_f": "model.norm", "lm_head": "lm_head"}}
 PREFIX = {"gpt2": "transformer.h.", "gpt_neo": "transformer.h.", "gpt_neox": "gpt_neox.layers.",
           "llama": "model.layers."}
-BLOCK = {"gpt2": {}, "gpt_neo": {"attn.c_attn": "attn.attention.q_proj attn.attention.k_proj attn.attention.v_proj",
-                                 "attn.c_proj": "attn.attention.out_proj"},
+BLOCK = {"gpt2": {},
+         "gpt_neo": {"attn.c_attn": "attn.attention.q_proj attn.attention.k_proj attn.attention.v_proj",
+                     "attn.c_proj": "attn.attention.out_proj"},
          "gpt_neox": {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm",
                       "attn.c_attn": "attention.query_key_value", "attn.c_proj": "attention.dense",
                       "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"},
@@ -69,7 +70,8 @@ BLOCK = {"gpt2": {}, "gpt_neo": {"attn.c_attn": "attn.attention.q_proj attn.atte
                    "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.gate_proj mlp.up_proj",
                    "mlp.c_proj": "mlp.down_proj"}}
 # stored in files, not parameters: causal masks, rotary tables
-BUFFERS = re.compile(r"\.attn\.(attention\.)?(bias|masked_bias)$|\.attention\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
+BUFFERS = re.compile(r"\.attn\.(attention\.)?(bias|masked_bias)$|\.attention\.(bias|masked_bias)$"
+                     r"|rotary_emb\.inv_freq$")
 
 
 def is_hub_name(name: str) -> bool:
@@ -124,7 +126,7 @@ def config_from_hf(cfg: dict) -> GPTConfig:
         raise ValueError(f"lacks {lacks[0]!r}")
     kw = dict(FAMILY[kind], arch=kind, **{ours: cfg[hf] for ours, hf in names.items() if cfg.get(hf) is not None})
     if kind == "gpt_neo":  # attention_types [[["global", "local"], 6]]: 6 x (global, local)
-        kw.update(attention_layers=[t for ts, repeat in cfg.get("attention_types", []) for _ in range(repeat) for t in ts])
+        kw["attention_layers"] = [t for ts, n in cfg.get("attention_types", []) for _ in range(n) for t in ts]
     if kind in ("gpt_neox", "llama", "qwen2"):
         rope = _rope(cfg)
         kw.update(rotary_pct=float(rope["partial_rotary_factor"]), rope_theta=float(rope["rope_theta"]))
@@ -151,15 +153,17 @@ def config_to_hf(c: GPTConfig) -> dict:
     else:  # rotary families: rope both as transformers 5 reads it and as older versions do
         rope = dict(rope_theta=c.rope_theta, rope_type="llama3" if c.rope_scaling else "default",
                     partial_rotary_factor=c.rotary_pct, **(c.rope_scaling or {}))
-        cfg.update(rope_theta=c.rope_theta, rope_scaling=c.rope_scaling and dict(c.rope_scaling, rope_type="llama3"),
-                   rope_parameters=rope, intermediate_size=c.n_inner or 4 * c.n_embd, attention_dropout=c.dropout)
+        cfg.update(rope_theta=c.rope_theta, rope_parameters=rope, attention_dropout=c.dropout,
+                   rope_scaling=c.rope_scaling and dict(c.rope_scaling, rope_type="llama3"),
+                   intermediate_size=c.n_inner or 4 * c.n_embd)
     if c.arch == "gpt_neox":
         cfg.update(rotary_pct=c.rotary_pct, rotary_emb_base=c.rope_theta, hidden_dropout=c.dropout)
     elif c.arch in ("llama", "qwen2"):
-        cfg.update(num_key_value_heads=c.n_kv_head or c.n_head, head_dim=c.n_embd // c.n_head,
-                   **({"attention_bias": False, "mlp_bias": False} if c.arch == "llama" else {"use_sliding_window": False}))
-    plain = lambda g: asdict(replace(g, dropout=0.0, arch=c.arch, n_kv_head=g.n_kv_head or g.n_head,  # noqa: E731
-                                     n_inner=g.n_inner or 4 * g.n_embd))
+        only = {"attention_bias": False, "mlp_bias": False} if c.arch == "llama" else {"use_sliding_window": False}
+        cfg.update(num_key_value_heads=c.n_kv_head or c.n_head, head_dim=c.n_embd // c.n_head, **only)
+    plain = lambda g: asdict(replace(  # noqa: E731  (the same model: unused fields aside)
+        g, dropout=0.0, arch=c.arch, n_kv_head=g.n_kv_head or g.n_head, n_inner=g.n_inner or 4 * g.n_embd,
+        window_size=g.window_size if "local" in g.attention_layers else 0))
     try:
         back = config_from_hf(json.loads(json.dumps(cfg)))
     except ValueError:

@@ -265,7 +265,8 @@ def world(tmp_path_factory):
     data.WordTokenizer.build([" ".join(new + old + ["."])]).save(str(d / "tokenizer.json"))
     with open(d / "probes.jsonl", "w") as f:
         for i in range(4):
-            f.write(json.dumps({"query": f"a{i} a{i + 1} _X_.", "answer": [{"name": f"a{i + 2}"}], "id": f"p{i}"}) + "\n")
+            probe = {"query": f"a{i} a{i + 1} _X_.", "answer": [{"name": f"a{i + 2}"}], "id": f"p{i}"}
+            f.write(json.dumps(probe) + "\n")
     rgn = {u: (4.0 if u in ("h.0.attn", "h.1.mlp") else 1.0) for u in M.unit_names(2)}
     (d / "trace.json").write_text(json.dumps({"units": M.unit_names(2), "rgn": rgn}))
     return d
