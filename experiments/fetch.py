@@ -115,17 +115,18 @@ def hub_folder(name: str) -> str:
     except FileNotFoundError:
         raise ValueError(f"{name}: {url}config.json is not there (404): no such hub model? Check the name, "
                          "or pass a local folder") from None
-    if not {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(folder)):
+    from experiments.hf import INDEX, weight_files
+    if not {"model.safetensors", INDEX, "pytorch_model.bin"} & set(os.listdir(folder)):
         try:
             get("model.safetensors")
         except FileNotFoundError:
-            try:  # a large model: an index of shards
-                from experiments.hf import INDEX, weight_files
-                get(INDEX)
-                for shard, _ in weight_files(folder):  # checks the shards' names: plain file names
-                    get(os.path.basename(shard))
+            try:
+                get(INDEX)  # a large model: an index of shards
             except FileNotFoundError:  # old repositories have only pytorch_model.bin
                 get("pytorch_model.bin")
+    if os.path.exists(os.path.join(folder, INDEX)):
+        for shard, _ in weight_files(folder):  # weight_files checks the shards' names: plain file names
+            get(os.path.basename(shard))
     for f in HUB_EXTRAS:
         try:
             get(f)
