@@ -250,7 +250,9 @@ def read_safetensors(path) -> dict:
 def weight_files(folder) -> list:
     """[(path, reader)]: model.safetensors, the shards an index lists (in order), or pytorch_model.bin."""
     if os.path.isfile(index := os.path.join(folder, INDEX)):
-        shards = (read_json(index).get("weight_map") or {}).values() if isinstance(read_json(index), dict) else ()
+        wm = read_json(index)
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None  # {tensor: shard file}
+        shards = list(wm.values()) if isinstance(wm, dict) else []
         bad = [s for s in shards if not isinstance(s, str) or not re.fullmatch(r"[\w.-]+\.safetensors", s)]
         if not shards or bad:
             raise ValueError(f"{index}: want a weight_map of tensor -> shard file name; got {bad[:1] or 'none'}")
@@ -297,7 +299,7 @@ def fill(model: GPT, files: list, folder):
             elif key == head and c.tie_embeddings:
                 tied_head = t  # a tied model's head written out anyway: must equal wte (checked below)
             elif not BUFFERS.search(key):
-                raise ValueError(f"{path}: {key} is unexpected, config.json implies none (unexpected)")
+                raise ValueError(f"{path}: {key} is {tuple(t.shape)}, config.json implies none (unexpected)")
         for ours, hs in [(o, hs) for o, hs in plan.items() if all(h in pending for h in hs)]:
             p, need = params[ours], [tuple(x.shape) for x in from_ours(c, ours, params[ours], len(hs))]
             for h, shape in zip(hs, need):
@@ -307,8 +309,9 @@ def fill(model: GPT, files: list, folder):
             del plan[ours]
     if plan:
         ours, hs = next(iter(plan.items()))
+        need = dict(zip(hs, (tuple(x.shape) for x in from_ours(c, ours, params[ours], len(hs)))))
         h = next(h for h in hs if h not in pending)
-        raise ValueError(f"{folder}: {h} is missing, config.json implies {tuple(params[ours].shape)}")
+        raise ValueError(f"{folder}: {h} is missing, config.json implies {need[h]}")
     wte = model.transformer.wte.weight
     if tied_head is not None and not torch.equal(tied_head.to(wte.dtype), wte):
         raise ValueError(f"{folder}: {head} is not the token embedding, but config.json ties them "

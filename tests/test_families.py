@@ -118,6 +118,22 @@ def test_sharded_folder_loads_shard_by_shard(family, tmp_path, monkeypatch):
     assert (logits(ours) - logits(family.ref)).abs().max() < 1e-4
 
 
+def test_a_bad_index_or_a_lost_shard_is_one_line(tmp_path):
+    reference_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / H.INDEX).read_text())
+    lost = index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]
+    saved = (tmp_path / lost).read_bytes()
+    (tmp_path / lost).unlink()
+    with pytest.raises(OSError):  # a shard the index names is not there: the OS error names it
+        H.load_hf(str(tmp_path))
+    (tmp_path / lost).write_bytes(saved)
+    for bad in ("../elsewhere.safetensors", 7):
+        index["weight_map"]["model.norm.weight"] = bad
+        (tmp_path / H.INDEX).write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="weight_map"):
+            H.load_hf(str(tmp_path))
+
+
 def test_bf16_file(family, tmp_path):
     rounded = reference_model(family.name)
     with torch.no_grad():  # the fp32 reference computes with the weights the bf16 file holds
