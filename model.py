@@ -1,8 +1,9 @@
-"""The GPT: GPT-2 and GPT-Neo in one class, with GPT-2's parameter names (files: checkpoint.py).
+"""The GPT: GPT-2, GPT-Neo, GPT-NeoX (Pythia), Llama and Qwen2 in one class, with GPT-2's parameter names.
 
 As in nanoGPT: token + position embeddings, n_layer Blocks (LayerNorm, causal self-attention, LayerNorm,
 MLP), a last LayerNorm, and a head that is the token embedding. GPT-Neo differs in three GPTConfig
 fields: no q/k/v bias, no 1/sqrt(head size) on the scores, "local" layers that see window_size back.
+Later families swap parts, each by a GPTConfig switch (docs/models.md; their files: experiments/hf.py).
 TGL's units, what it measures, freezes or slows down, are at the end: `unit_of` maps each parameter to
 embed, h.{i}.attn, h.{i}.mlp or ln_f. LoRA (`add_lora`), a method TGL stacks on, changes the model.
 """
@@ -25,18 +26,29 @@ class GPTConfig:
     n_inner: int | None = None  # MLP width; None: 4 * n_embd
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
-    arch: str = "gpt2"  # or "gpt_neo"; picks only the export format
-    qkv_bias: bool = True  # False (GPT-Neo): no q/k/v bias
+    arch: str = "gpt2"  # or gpt_neo, gpt_neox, llama, qwen2; picks only the export format
+    qkv_bias: bool = True  # False (GPT-Neo, Llama): no q/k/v bias
+    bias: bool = True  # False (Llama, Qwen2): no MLP and attn.c_proj bias
     scale_attn: bool = True  # False (GPT-Neo): no 1/sqrt(head_dim) on q.k
     attention_layers: list = field(default_factory=list)  # per layer "global"/"local"; [] = all global
     window_size: int = 256  # how far back a "local" layer looks
+    rms_norm: bool = False  # True (Llama, Qwen2): RMSNorm, x / rms(x) * weight
+    mlp: str = "gelu_tanh"  # or "gelu" (exact; GPT-NeoX), "swiglu" (Llama, Qwen2)
+    parallel_residual: bool = False  # True (GPT-NeoX): attention and MLP read the same x
+    n_kv_head: int | None = None  # grouped-query attention: k and v heads; None: n_head
+    rotary_pct: float = 0.0  # 0: learned positions (wpe); > 0: rotary on that share of a head
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3's (config.json's keys)
+    tie_embeddings: bool = True  # False (GPT-NeoX): lm_head is its own matrix
 
     def __post_init__(self):
-        sizes = (self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd)
+        sizes = (self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd, self.n_kv_head or 1)
         if not (all(isinstance(v, int) and v >= 1 for v in sizes) and self.n_embd % self.n_head == 0
-                and 0 <= self.dropout < 1 and len(self.attention_layers) in (0, self.n_layer)):
-            raise ValueError(f"model config: want int sizes >= 1, n_embd % n_head == 0, 0 <= dropout < 1, "
-                             f"0 or n_layer attention_layers; got {self}")
+                and self.n_head % (self.n_kv_head or 1) == 0 and self.mlp in ("gelu_tanh", "gelu", "swiglu")
+                and 0 <= self.rotary_pct <= 1 and 0 <= self.dropout < 1
+                and len(self.attention_layers) in (0, self.n_layer)):
+            raise ValueError(f"model config: want int sizes >= 1 (n_head | n_embd, n_kv_head | n_head), a known "
+                             f"mlp, dropout in [0, 1), rotary_pct in [0, 1], 0 or n_layer attention_layers; got {self}")
 
 class Linear(nn.Linear):
     """nn.Linear + optional LoRA, y = xW^T + b + (alpha/r) xA^T B^T; W keeps its GPT-2 name."""
@@ -46,6 +58,26 @@ class Linear(nn.Linear):
         if getattr(self, "lora_A", None) is not None:  # add_lora gave this layer an adapter
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scaling
         return y
+
+def rotary(c: GPTConfig, T: int, device):
+    """cos, sin (T, rd): position t turns each head's dims (i, i + rd/2) by t * theta^(-2i/rd), i < rd/2;
+    q.k then depends on positions only through their distance."""
+    rd = int(c.n_embd // c.n_head * c.rotary_pct)
+    freq = c.rope_theta ** -(torch.arange(0, rd, 2, device=device).float() / rd)  # (rd/2,) per position
+    if s := c.rope_scaling:  # Llama 3: pairs that turn < low_freq_factor times over the original context
+        # are slowed by factor, those > high_freq_factor kept, those between blended
+        turns = s["original_max_position_embeddings"] * freq / (2 * math.pi)
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        w = ((turns - lo) / (hi - lo)).clamp(0, 1)  # 0: slowed, 1: kept
+        freq = (1 - w) * freq / s["factor"] + w * freq
+    angle = torch.outer(torch.arange(T, device=device).float(), freq)  # (T, rd/2)
+    angle = torch.cat((angle, angle), -1)  # (T, rd)
+    return angle.cos(), angle.sin()
+
+def rotate(x, cos, sin):  # x (B, nh, T, hs): each pair (a, b) -> (a cos - b sin, b cos + a sin)
+    rd = cos.shape[-1]
+    a, b = x[..., :rd // 2], x[..., rd // 2:rd]
+    return torch.cat((x[..., :rd] * cos + torch.cat((-b, a), -1) * sin, x[..., rd:]), -1).type_as(x)
 
 class CausalSelfAttention(nn.Module):
     """Every position mixes in the values of earlier positions, weighted by how well its query matches
@@ -57,9 +89,11 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v at once
-        self.c_proj = Linear(config.n_embd, config.n_embd)  # the heads' outputs back into the residual
         self.n_head, self.dropout, self.scale_attn = config.n_head, config.dropout, config.scale_attn
+        self.n_kv = config.n_kv_head or config.n_head  # grouped-query: fewer k, v heads
+        self.split = [config.n_embd] + 2 * [self.n_kv * (config.n_embd // config.n_head)]  # q, k, v
+        self.c_attn = Linear(config.n_embd, sum(self.split), bias=config.qkv_bias)  # q, k, v at once
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # the heads' outputs back
         local = "local" in config.attention_layers[layer:layer + 1]
         self.window = config.window_size if local else None  # None: a global layer sees every earlier j
 
@@ -71,14 +105,18 @@ class CausalSelfAttention(nn.Module):
             allowed = allowed.triu(1 - self.window)  # i - j <= window - 1
         return allowed
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, T, C = x.shape  # batch, sequence length, embedding size (n_embd)
         hs = C // self.n_head  # head size
         # one matmul gives q, k and v for every head; split C into n_head heads of size hs
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q, k, v = self.c_attn(x).split(self.split, dim=2)  # (B, T, C), k and v (B, T, nkv * hs)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:  # rotary: position enters as a turn of q and k
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if self.n_kv < self.n_head:  # grouped-query: each k, v head serves n_head / nkv q heads in a row
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0  # attention dropout, while training only
         if self.use_sdpa:
             # the causal mask is built in (is_causal); a local layer longer than its window needs ours
@@ -99,31 +137,42 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)  # (B, T, C)
 
 class MLP(nn.Module):
-    """Position by position: widen to n_inner, GELU, project back. Most of a block's parameters."""
+    """Position by position: widen to n_inner, GELU (SwiGLU: silu(gate) * up), project back. Most of a
+    block's parameters."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        inner = config.n_inner or 4 * config.n_embd
-        self.c_fc, self.c_proj = Linear(config.n_embd, inner), Linear(inner, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        inner, self.kind = config.n_inner or 4 * config.n_embd, config.mlp
+        self.c_fc = Linear(config.n_embd, inner * (2 if self.kind == "swiglu" else 1), bias=config.bias)
+        self.c_proj, self.dropout = Linear(inner, config.n_embd, bias=config.bias), nn.Dropout(config.dropout)
 
-    def forward(self, x):  # "gelu_new" (GPT-2, GPT-Neo): tanh-approximated GELU
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+    def forward(self, x):
+        h = self.c_fc(x)  # (B, T, n_inner); SwiGLU: (B, T, 2 * n_inner)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # the gate sets how much of each up unit passes
+        else:  # "gelu_new" (GPT-2, GPT-Neo): tanh-approximated; GPT-NeoX's exact
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp, self.resid_dropout = MLP(config), nn.Dropout(config.dropout)
+        self.ln_2 = norm(config)
+        self.mlp, self.resid_dropout, self.parallel = MLP(config), nn.Dropout(config.dropout), config.parallel_residual
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         # pre-LN (GPT-2): each sublayer reads a normalized copy of the residual stream x and adds its
         # output back. x itself is never normalized on the way, so the gradient reaches early layers
         # through the sums unchanged: deep stacks train stably (post-LN, the original Transformer's, less so).
-        x = x + self.resid_dropout(self.attn(self.ln_1(x)))
-        return x + self.mlp(self.ln_2(x))
+        a = self.resid_dropout(self.attn(self.ln_1(x), rope))
+        # parallel (GPT-NeoX): the MLP reads x, not x + a; both are added at once
+        return x + a + self.mlp(self.ln_2(x if self.parallel else x + a))
+
+def norm(config: GPTConfig) -> nn.Module:  # RMSNorm: LayerNorm without centring and bias
+    return (nn.RMSNorm if config.rms_norm else nn.LayerNorm)(config.n_embd, eps=config.layer_norm_epsilon)
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -131,15 +180,17 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            # learned position embedding (none with rotary)
+            **({} if config.rotary_pct else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),  # pre-LN: the stream's last norm
+            ln_f=norm(config),  # pre-LN: the stream's last norm
         ))
         # tied embeddings (GPT-2): the head that scores the next token is the token embedding itself, one
-        # tensor, once in parameters(); so unit_of puts lm_head in the unit "embed"
+        # tensor, once in parameters(); so unit_of puts lm_head in the unit "embed" (untied too)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         # GPT-2's init: every weight N(0, 0.02), biases 0 (LayerNorms keep weight 1, bias 0)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -155,10 +206,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy (-1: no loss)."""
-        t, pos = self.transformer, torch.arange(idx.shape[1], device=idx.device)
-        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C): what each token is + where it is
+        t, T, rope = self.transformer, idx.shape[1], None
+        x = t.wte(idx)  # (B, T, C): what each token is
+        if self.config.rotary_pct:
+            rope = rotary(self.config, T, idx.device)  # where it is, as (cos, sin) for every layer
+        else:
+            x = x + t.wpe(torch.arange(T, device=idx.device))  # + where it is
+        x = t.drop(x)
         for block in t.h:
-            x = block(x)
+            x = block(x, rope)
         logits = self.lm_head(t.ln_f(x))  # (B, T, V): at each position, a score for every next token
         if targets is None:
             return logits, None
@@ -221,7 +277,8 @@ def unit_of(param_name: str) -> str:
     feed, an adapter the layer it adapts."""
     # ln_1's output goes only into attn, ln_2's only into the MLP: each LayerNorm is part of its sublayer's
     # path, and freezing or slowing "h.3.attn" has to act on its input normalization too. wte and lm_head
-    # are one tensor (tied), so they can only be one unit; wpe is added to it at the input.
+    # are one tensor (tied), so they can only be one unit; wpe is added to it at the input. Untied (GPT-NeoX),
+    # lm_head stays in "embed", the vocabulary's matrices: a unit means the same, tied or not.
     p = re.sub(r"^(_orig_mod\.)?(module\.)?(transformer\.)?", "", param_name).split(".")
     if p[0] == "ln_f":
         return "ln_f"

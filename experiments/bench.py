@@ -2,6 +2,7 @@
 
     python -m experiments.bench all                                               # the four, small: a few minutes on 2 CPU cores
     python -m experiments.bench model --steps 5                                   # CPU: B=4, T=256, GPT-2 small
+    python -m experiments.bench model --family all --batch-size 1 --block-size 512  # + SmolLM2, Pythia, Qwen2.5 shapes
     python -m experiments.bench probe --n-layer 12 --n-embd 768 --n-head 12 --n-probes 128   # GPT-2 small size
     python -m experiments.bench trace --n-layer 4 --n-embd 256 --device cuda
     python -m experiments.bench train --device cuda --n-layer 12 --n-embd 768 --vocab 50257 --block-size 512 --batch-size 8
@@ -77,23 +78,52 @@ def need_transformers():
 
 # ----------------------------------------------------------------------------- model
 
-def bench_model(device="cpu", steps=5, batch_size=4, block_size=256, shape=(12, 12, 768), warmup=1, seed=0) -> dict:
-    """Forward + backward throughput of our GPT against transformers' GPT2LMHeadModel, same process.
+# real shapes of the other families (their config.json fields), random weights: nothing is downloaded
+FAMILY_SHAPES = {
+    "smollm2-135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                     rope_theta=100000.0, tie_word_embeddings=True)),
+    "pythia-160m": ("GPTNeoXConfig", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25,
+                    use_parallel_residual=True, tie_word_embeddings=False)),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                     rope_theta=1000000.0, tie_word_embeddings=True)),
+}
 
-Both models get the same config (GPT-2 small by default), random weights and the same batch; their
-steps are interleaved (ours, theirs, ours, ...) so that machine noise hits both alike, and the
-median tokens/s of each is reported."""
+
+def model_pair(shape, transformers):
+    """(ours, theirs, vocab, label): our GPT and transformers' model of the same config, random weights;
+    shape: GPT-2's (n_layer, n_head, n_embd), or a FAMILY_SHAPES name."""
+    if not isinstance(shape, str):
+        n_layer, n_head, n_embd = shape
+        ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0))
+        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        return ours, theirs, 50257, f"GPT-2 shape ({n_layer}L {n_embd}d)"
+    from experiments.hf import config_from_hf
+    cls, kw = FAMILY_SHAPES[shape]
+    theirs = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
+    ours = GPT(config_from_hf(theirs.config.to_dict()))
+    return ours, theirs, kw["vocab_size"], f"{shape} shape ({kw['num_hidden_layers']}L {kw['hidden_size']}d)"
+
+
+def bench_model(device="cpu", steps=5, batch_size=4, block_size=256, shape=(12, 12, 768), warmup=1, seed=0) -> dict:
+    """Forward + backward throughput of our GPT against transformers' model of the same family, same process.
+
+Both models get the same config (GPT-2 small by default; --family: SmolLM2-135M, Pythia-160m or Qwen2.5-0.5B
+at their real shapes, or all four), random weights and the same batch; their steps are interleaved (ours,
+theirs, ours, ...) so that machine noise hits both alike, and the median tokens/s of each is reported."""
     transformers = need_transformers()
-    n_layer, n_head, n_embd = shape
+    if shape == "all":  # --family all: GPT-2 small, then each family
+        return {f: bench_model(device, steps, batch_size, block_size, f, warmup, seed)
+                for f in [(12, 12, 768), *FAMILY_SHAPES]}
     torch.manual_seed(seed)
-    ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0)).to(device)
-    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
-    ours.train()
-    theirs.train()  # dropout is 0 in both, so train mode costs nothing extra
-    x = torch.randint(0, 50257, (batch_size, block_size), device=device)
-    y = torch.randint(0, 50257, (batch_size, block_size), device=device)
+    ours, theirs, vocab, label = model_pair(shape, transformers)
+    ours, theirs = ours.to(device).train(), theirs.to(device).train()  # dropout is 0 in both
+    x = torch.randint(0, vocab, (batch_size, block_size), device=device)
+    y = torch.randint(0, vocab, (batch_size, block_size), device=device)
 
     def run_ours():
         with autocast(device):
@@ -111,10 +141,10 @@ median tokens/s of each is reported."""
     tokens = batch_size * block_size
     result = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     print(f"device {device}, threads {torch.get_num_threads()}, B={batch_size} T={block_size}, "
-          f"GPT-2 shape ({n_layer}L {n_embd}d), median of {steps} interleaved steps, forward+backward:")
+          f"{label}, median of {steps} interleaved steps, forward+backward:")
     for name, tps in result.items():
         print(f"  {name:13s} {tps:9.0f} tokens/s   ({statistics.median(times[name]) * 1000:.0f} ms/step)")
-    print(f"  ours / transformers = {result['ours'] / result['transformers']:.2f}x")
+    print(f"  ours / transformers = {result['ours'] / result['transformers']:.2f}x", flush=True)
     return result
 
 
@@ -383,7 +413,9 @@ COMMANDS = {
         "steps": (5, "timed steps per model (median reported)"),
         "warmup": (1, "untimed steps per model first", 0),
         "batch-size": (4, "sequences per step"),
-        "block-size": (256, "tokens per sequence (at most 1024)")}),
+        "block-size": (256, "tokens per sequence (at most 1024)"),
+        "family": (["gpt2", *FAMILY_SHAPES, "all"], "gpt2 (its shape from --n-layer/--n-head/--n-embd) or another "
+                   "family at its real shape, random weights")}),
     "probe": (bench_probe, "cpu", (4, 4, 256), {
         "n-probes": (256, "probes to score"),
         "batch-size": (64, "rows per forward (batched and transformers)"),
@@ -473,6 +505,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if "n_layer" in kw:  # the model's shape travels as one (n_layer, n_head, n_embd) tuple
         kw["shape"] = (kw.pop("n_layer"), kw.pop("n_head"), kw.pop("n_embd"))
+    if kw.pop("family", "gpt2") != "gpt2":  # or as a family's name: its real shape
+        kw["shape"] = args.family
     with input_errors("bench.py"):
         kw["device"] = check_device(args.device)
     return args.fn(**kw)

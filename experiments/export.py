@@ -15,9 +15,10 @@ import shutil
 
 import torch
 
-from checkpoint import CKPT_NAME, CONV1D, HF_NAMES, ST_DTYPES, load_checkpoint, load_model
+from checkpoint import CKPT_NAME, load_checkpoint, load_model
 from common import Parser, _dead, atomic_path, check_output, input_errors, read_json, write_text
 from data import load_tokenizer
+from experiments.hf import ST_DTYPES, to_hf
 from model import GPT, merge_lora
 from experiments.tools import folder_lock, remove_dead_temporaries
 
@@ -28,7 +29,7 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """The format checkpoint.read_safetensors reads, written atomically. Tensors must be F32, F16 or BF16."""
+    """The format experiments.hf.read_safetensors reads, written atomically. Tensors must be F32, F16 or BF16."""
     names = {v: k for k, v in ST_DTYPES.items()}
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
@@ -57,35 +58,18 @@ def _fresh(folder, names):
 
 
 def save_hf(model: GPT, folder):
-    """config.json + model.safetensors, laid out as current transformers writes them, into a folder that
-    holds neither. The model itself keeps its adapters: a merged copy is written."""
+    """config.json + model.safetensors in the model family's own layout (experiments/hf.py), as current
+    transformers writes them, into a folder that holds neither. The model itself keeps its adapters: a
+    merged copy is written."""
     _fresh(folder, ("config.json", "model.safetensors"))
     c = model.config
     if getattr(model, "lora", None):
         model = merge_lora(copy.deepcopy(model))
-    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    layers = c.attention_layers or ["global"] * c.n_layer
-    cfg = {hf: getattr(c, ours) for ours, hf in HF_NAMES.get(c.arch, {}).items()}
-    if c.arch == "gpt2" and c.qkv_bias and "local" not in layers:
-        sd = {k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}  # GPT-2's Conv1D: (in, out)
-        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2",
-                   attn_pdrop=c.dropout, embd_pdrop=c.dropout, resid_pdrop=c.dropout)
-    elif c.arch == "gpt_neo" and not c.qkv_bias and not c.scale_attn:
-        for i in range(c.n_layer):  # our c_attn (q, k, v stacked) -> GPT-Neo's separate q, k, v
-            p = f"transformer.h.{i}.attn."
-            for part, t in zip("qkv", sd.pop(p + "c_attn.weight").split(c.n_embd)):
-                sd[f"{p}attention.{part}_proj.weight"] = t
-            for kind in ("weight", "bias"):
-                sd[f"{p}attention.out_proj.{kind}"] = sd.pop(f"{p}c_proj.{kind}")
-        cfg.update(architectures=["GPTNeoForCausalLM"], model_type="gpt_neo", attention_types=[[layers, 1]],
-                   embed_dropout=c.dropout, attention_dropout=c.dropout, resid_dropout=c.dropout)
-    else:
-        raise ValueError(f"no Hugging Face model matches arch={c.arch}, qkv_bias={c.qkv_bias}, "
-                         f"scale_attn={c.scale_attn}, attention_layers={c.attention_layers}")
+    sd, cfg = to_hf(model)  # refused if no Hugging Face class computes what the model computes
     # the GPT-2 BPE's <|endoftext|> is 50256; another vocabulary must say "none", or transformers
     # fills in GPT-2's default ids, which lie outside it
     eot = 50256 if c.vocab_size == 50257 else None
-    cfg.update(activation_function="gelu_new", tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot,
+    cfg.update(bos_token_id=eot, eos_token_id=eot,
                dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."))
     os.makedirs(folder, exist_ok=True)
     write_safetensors(os.path.join(folder, "model.safetensors"), sd, metadata={"format": "pt"})

@@ -91,27 +91,57 @@ def hub_endpoint() -> str:  # the one reading of $HF_ENDPOINT (a Hugging Face mi
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+HUB_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 def hub_config(name: str, download_it=True) -> str | None:
-    """A hub model's config.json alone (a few kB: its sizes before the weights), downloaded once; None if
-    it is not here and not download_it."""
+    """A hub model's config.json alone (a few kB: its sizes before the weights), downloaded once into the
+    folder hub_folder fills; None if it is not here and not download_it."""
     cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
     path = os.path.join(cache, name.replace("/", "--"), "config.json")
     if not os.path.isfile(path) and download_it:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        download(f"{hub_endpoint()}/{name}/resolve/main/config.json", path)
+        url = f"{hub_endpoint()}/{name}/resolve/main/config.json"
+        try:
+            download(url, path)
+        except FileNotFoundError:
+            raise ValueError(f"{name}: {url} is not there (404): no such hub model? Check the name, "
+                             "or pass a local folder") from None
     return path if os.path.isfile(path) else None
 
 
 def hub_folder(name: str) -> str:
-    """A hub model's config.json and weights (checkpoint.load_model's hub names), downloaded once;
-    safetensors, else the older .bin."""
+    """A hub model's files, downloaded once (checkpoint.load_model's hub names): config.json, then
+    model.safetensors, or model.safetensors.index.json and its shards, or the older pytorch_model.bin;
+    then the tokenizer files the repository has (HUB_EXTRAS). .complete, written last, says all is there."""
     folder = os.path.dirname(hub_config(name))
-    have, url = set(os.listdir(folder)), f"{hub_endpoint()}/{name}/resolve/main/"
-    if not {"model.safetensors", "pytorch_model.bin"} & have:
+    if os.path.exists(os.path.join(folder, ".complete")):
+        return folder
+    url = f"{hub_endpoint()}/{name}/resolve/main/"
+
+    def get(f):  # a file not there yet; 404: FileNotFoundError
+        path = os.path.join(folder, f)
+        if not os.path.exists(path):
+            download(url + f, path)
+        return path
+    from experiments.hf import INDEX, weight_files
+    if not {"model.safetensors", INDEX, "pytorch_model.bin"} & set(os.listdir(folder)):
         try:
-            download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
-        except FileNotFoundError:  # old repositories have only pytorch_model.bin
-            download(url + "pytorch_model.bin", os.path.join(folder, "pytorch_model.bin"))
+            get("model.safetensors")
+        except FileNotFoundError:
+            try:
+                get(INDEX)  # a large model: an index of shards
+            except FileNotFoundError:  # old repositories have only pytorch_model.bin
+                get("pytorch_model.bin")
+    if os.path.exists(os.path.join(folder, INDEX)):
+        for shard, _ in weight_files(folder):  # weight_files checks the shards' names: plain file names
+            get(os.path.basename(shard))
+    for f in HUB_EXTRAS:
+        try:
+            get(f)
+        except FileNotFoundError:
+            pass  # not every repository has every tokenizer file
+    write_text(os.path.join(folder, ".complete"), "")
     return folder
 
 

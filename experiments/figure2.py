@@ -28,7 +28,7 @@ import trace as tgl_trace
 from checkpoint import load_model
 from common import Parser, check_output, duration, input_errors, read_json, write_text
 from experiments import fetch, plot, realdata
-from experiments.hf_tokenizer import GPT2_NAMES, HUB_NAME
+from experiments.hf import is_hub_name
 from experiments.tools import check_number, script
 from experiments.twiki import TEMPLAMA_SETS, sh
 from model import pick_device
@@ -76,7 +76,7 @@ def check(args):
         up = up.parent
     if not os.access(up, os.W_OK):
         raise ValueError(f"--out {args.out}: {up} is not writable")
-    if not (os.path.exists(args.init) or GPT2_NAMES.fullmatch(args.init) or HUB_NAME.fullmatch(args.init)):
+    if not (os.path.exists(args.init) or is_hub_name(args.init)):
         raise ValueError(f"--init {args.init}: no such folder, nor a hub name (ORG/NAME, or gpt2)")
     for flag in ("n_span", "n_lm", "block_size"):
         check_number("--" + flag.replace("_", "-"), getattr(args, flag), low=1, integer=True)

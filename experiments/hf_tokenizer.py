@@ -23,7 +23,6 @@ from common import atomic_path, read_json, write_text
 
 # hub names whose tokenizer is GPT-2's BPE (tiktoken, nothing downloaded), as before this module
 GPT2_NAMES = re.compile(r"(openai-community/)?(distil)?gpt2(-medium|-large|-xl)?|EleutherAI/gpt-neo-[\w.]+")
-HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # ORG/NAME
 SENTENCEPIECE = ("a SentencePiece tokenizer (Llama 2, Mistral v0.1, Gemma): unsupported; tgl reads byte-level "
                  "BPE tokenizer.json files (GPT-2, GPT-NeoX/Pythia, Llama 3, Qwen2, SmolLM2)")
 
@@ -34,7 +33,8 @@ def family_tokenizer(spec: str, folder: Path):
     if not folder.exists():
         if GPT2_NAMES.fullmatch(spec):
             return None
-        if not HUB_NAME.fullmatch(spec) or Path(spec).parent.exists():  # runs/typo is a path, not a name
+        from experiments.hf import is_hub_name
+        if not is_hub_name(spec):
             raise ValueError(f"tokenizer {spec}: no such file or folder, nor a hub name (ORG/NAME, or gpt2)")
         from experiments.fetch import hub_folder  # downloaded once, with its tokenizer files
         folder = Path(hub_folder(spec))

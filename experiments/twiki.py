@@ -39,10 +39,11 @@ from pathlib import Path
 
 import data
 import train
-from checkpoint import CKPT_NAME, HUB_NAMES, config_from_hf, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
 from common import unused_flag, write_text
 from experiments import export, fetch, realdata
+from experiments.hf import HUB_NAMES, config_from_hf, is_hub_name
 from experiments.tools import check_number, folder_lock, script
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root, as common.script builds paths
@@ -266,8 +267,9 @@ def arm_train_args(cfg, arm) -> list:
 def check_config(cfg: Config):
     """Every flag and path, before anything slow (no network, no model load)."""
     check_output(cfg.out, "--out", "dir")
-    if cfg.init not in HUB_NAMES and not os.path.exists(cfg.init):
-        raise ValueError(f"--init {cfg.init}: not a known model ({', '.join(HUB_NAMES)}) nor a local folder")
+    if not is_hub_name(cfg.init) and not os.path.exists(cfg.init):
+        raise ValueError(f"--init {cfg.init}: not a local folder, nor a hub name (ORG/NAME or one of "
+                         f"{', '.join(HUB_NAMES)})")
     for flag in ("batch_size", "block_size", "grad_accum", "val_tokens", "max_train_tokens", "threads", "nproc"):
         check_number("--" + flag.replace("_", "-"), getattr(cfg, flag), low=1, integer=True)
     check_number("--val-every", cfg.val_every, low=2, integer=True)  # 1 would hold out every document
@@ -303,7 +305,7 @@ def init_context(init: str, download=False) -> int | None:
     it cannot be read so: loading the model later says what is wrong."""
     path = Path(init)
     try:
-        if init in HUB_NAMES and not path.is_dir():
+        if is_hub_name(init):
             path = Path(fetch.hub_config(init, download) or "")
         elif path.suffix == ".pt" or (path / CKPT_NAME).is_file():
             return int(load_checkpoint(path / CKPT_NAME if path.is_dir() else path, mmap=True)["config"]["block_size"])

@@ -10,6 +10,7 @@ import checkpoint as C
 import model as M
 from data import WordTokenizer
 from experiments import export
+from experiments import hf as H
 
 VOCAB = 61
 IDX = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -43,7 +44,7 @@ def test_export_round_trip_through_transformers(tmp_path, arch):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(ref).__name__ == {"gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM"}[arch]
     assert (logits(ref, IDX) - want).abs().max() < 1e-4
-    back = C.load_hf(str(tmp_path / "out"))  # and our own loader reads what we wrote
+    back = H.load_hf(str(tmp_path / "out"))  # and our own loader reads what we wrote
     assert back.config.attention_layers == model.config.attention_layers
     assert (logits(back, IDX) - want).abs().max() < 1e-4
     assert not list((tmp_path / "out").glob("*.tmp"))

@@ -10,6 +10,7 @@ import common
 import checkpoint as C
 import model as M
 from experiments import fetch
+from experiments import hf as H
 from experiments.export import write_safetensors
 
 VOCAB = 61
@@ -65,7 +66,7 @@ IDX = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1
 
 def test_gpt2_logits_match_transformers(tmp_path):
     ref, folder = tiny_gpt2_hf(tmp_path)
-    ours = C.load_hf(str(folder))
+    ours = H.load_hf(str(folder))
     assert ours.config.n_inner == 24 and ours.config.arch == "gpt2"
     want = ref_logits(ref, IDX)
     assert want.std() > 0.1  # the comparison means something
@@ -74,7 +75,7 @@ def test_gpt2_logits_match_transformers(tmp_path):
 
 def test_gpt_neo_logits_match_transformers_with_local_layers(tmp_path):
     ref, folder = tiny_neo_hf(tmp_path)
-    ours = C.load_hf(str(folder))
+    ours = H.load_hf(str(folder))
     c = ours.config
     assert c.attention_layers == ["global", "local"] * 2 and c.window_size == 3 and not c.scale_attn
     assert IDX.shape[1] > c.window_size
@@ -96,12 +97,12 @@ def test_gpt_neo_old_file_with_buffers_head_and_f16(tmp_path):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.half().float())  # the reference sees the same rounded weights
-    ours = C.load_hf(str(folder))
+    ours = H.load_hf(str(folder))
     assert ours.transformer.wte.weight.dtype == torch.float32
     assert (our_logits(ours, IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
     torch.save(sd, folder / "pytorch_model.bin")
-    assert_one_line_error(lambda: C.load_hf(str(folder)), "lm_head")
+    assert_one_line_error(lambda: H.load_hf(str(folder)), "lm_head")
 
 
 def hub_layout(tmp_path, ref):
@@ -124,9 +125,9 @@ def test_hub_layout_safetensors_and_bin(tmp_path):
     sd, folder = hub_layout(tmp_path, ref)
     want = ref_logits(ref, IDX)
     torch.save(sd, folder / "pytorch_model.bin")  # the fallback old repositories need
-    assert (our_logits(C.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
+    assert (our_logits(H.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
     write_safetensors(folder / "model.safetensors", {k: v.float() for k, v in sd.items()})
-    assert (our_logits(C.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
+    assert (our_logits(H.load_hf(str(folder)), IDX) - want).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------- the model itself
@@ -277,8 +278,8 @@ def test_safetensors_dtypes_against_the_reference_library(tmp_path):
                "d": torch.zeros(0, 4)}
     write_safetensors(tmp_path / "ours.safetensors", tensors)
     save_file(tensors, tmp_path / "ref.safetensors")
-    for got in (load_file(tmp_path / "ours.safetensors"), C.read_safetensors(tmp_path / "ref.safetensors"),
-                C.read_safetensors(tmp_path / "ours.safetensors")):
+    for got in (load_file(tmp_path / "ours.safetensors"), H.read_safetensors(tmp_path / "ref.safetensors"),
+                H.read_safetensors(tmp_path / "ours.safetensors")):
         assert got.keys() == tensors.keys()
         for k, t in tensors.items():
             assert got[k].dtype == t.dtype and torch.equal(got[k], t)
@@ -302,29 +303,29 @@ def test_corrupt_and_truncated_files(tmp_path):
     }
     for name, data in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(data)
-        assert_one_line_error(lambda: C.read_safetensors(tmp_path / f"{name}.safetensors"), f"{name}.safetensors")
+        assert_one_line_error(lambda: H.read_safetensors(tmp_path / f"{name}.safetensors"), f"{name}.safetensors")
     bad_dtype = json.dumps({"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}).encode()
     (tmp_path / "dtype.safetensors").write_bytes(len(bad_dtype).to_bytes(8, "little") + bad_dtype + bytes(16))
-    assert_one_line_error(lambda: C.read_safetensors(tmp_path / "dtype.safetensors"), "I64")
+    assert_one_line_error(lambda: H.read_safetensors(tmp_path / "dtype.safetensors"), "I64")
     bad_shape = json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}).encode()
     (tmp_path / "shape.safetensors").write_bytes(len(bad_shape).to_bytes(8, "little") + bad_shape + bytes(16))
-    assert_one_line_error(lambda: C.read_safetensors(tmp_path / "shape.safetensors"), "w", "[3]")
+    assert_one_line_error(lambda: H.read_safetensors(tmp_path / "shape.safetensors"), "w", "[3]")
 
 
 def test_wrong_shape_and_missing_key_name_the_tensor(tmp_path):
     ref, folder = tiny_gpt2_hf(tmp_path)
-    sd = C.read_safetensors(folder / "model.safetensors")
+    sd = H.read_safetensors(folder / "model.safetensors")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(25)
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: C.load_hf(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
+    assert_one_line_error(lambda: H.load_hf(str(folder)), "h.1.mlp.c_fc.bias", "(25,)")
     del sd["transformer.h.1.mlp.c_fc.bias"]
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: C.load_hf(str(folder)), "missing", "h.1.mlp.c_fc.bias")
+    assert_one_line_error(lambda: H.load_hf(str(folder)), "missing", "h.1.mlp.c_fc.bias")
     sd["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(24)
     sd["transformer.h.9.ln_1.weight"] = torch.zeros(16)
     write_safetensors(folder / "model.safetensors", sd)
-    assert_one_line_error(lambda: C.load_hf(str(folder)), "unexpected", "h.9.ln_1.weight")
-    assert_one_line_error(lambda: C.load_hf(str(tmp_path / "nope")), "nope")
+    assert_one_line_error(lambda: H.load_hf(str(folder)), "unexpected", "h.9.ln_1.weight")
+    assert_one_line_error(lambda: H.load_hf(str(tmp_path / "nope")), "nope")
 
 
 # ----------------------------------------------------------------------------- the download cache
@@ -383,13 +384,13 @@ def test_mocked_download_fills_cache_then_cache_makes_no_request(tmp_path, monke
             assert (cache / "gpt2" / (name + ".part")).exists() and not dest.exists()
         return FakeResponse(files.get(name, b""), status=200 if name in files else 404, on_chunk=check)
     monkeypatch.setattr(requests, "get", fake_get)
-    model = C.load_hf("gpt2")
-    assert [u.rsplit("/", 1)[1] for u in urls] == ["config.json", "model.safetensors", "pytorch_model.bin"]
+    model = H.load_hf("gpt2")
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["config.json", "model.safetensors", H.INDEX, "pytorch_model.bin", *fetch.HUB_EXTRAS]
     assert (cache / "gpt2" / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"]
     assert not list((cache / "gpt2").glob("*.part"))
     assert (our_logits(model, IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     no_network(monkeypatch)
-    assert (our_logits(C.load_hf("gpt2"), IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
+    assert (our_logits(H.load_hf("gpt2"), IDX) - ref_logits(ref, IDX)).abs().max() < 1e-4
     assert C.load_model("gpt2").config.n_layer == 2
 
 

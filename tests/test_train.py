@@ -14,7 +14,8 @@ import torch
 import data
 import optim
 import train
-from checkpoint import load_checkpoint, load_hf, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from experiments.hf import load_hf
 from common import parse_config
 from model import GPT, GPTConfig, unit_names, unit_of
 
