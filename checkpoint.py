@@ -39,6 +39,10 @@ def load_model(init: str, device: str = "cpu") -> GPT:
         from experiments.hf import load_hf  # plumbing
         return load_hf(init).to(device)
     try:
-        return model_from_checkpoint(load_checkpoint(path)).to(device)
+        ckpt = load_checkpoint(path)
+        if ckpt.get("sharded"):  # train.py --fsdp's: its shards read whole
+            from experiments.fsdp import read_sharded
+            ckpt = read_sharded(path, ckpt)
+        return model_from_checkpoint(ckpt).to(device)
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ValueError(f"{path}: not a tgl checkpoint ({type(e).__name__}: {e})") from None

@@ -4,6 +4,7 @@ schedule, and RecAdam's annealed pull toward the old weights. train.py's loop ca
 import math
 
 import torch
+import torch.distributed as dist
 
 from model import unit_of
 
@@ -72,11 +73,31 @@ def make_param_groups(model, scales=None):
     # TGL step 3, ALR: each unit's group carries its scale; AdamW trains it at lr * lr_scale
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
+def group_norms(tensors, group_of, n_groups, across=None) -> torch.Tensor:
+    """(n_groups,) 2-norms of groups of tensors. FSDP: a process holds slices, whose squared norms add up over
+    processes (across) to the whole's. The one place norms are summed over shards."""
+    sq = torch.stack([torch.linalg.vector_norm(local(t), dtype=torch.float32) for t in tensors]).square()
+    sq = torch.zeros(n_groups, device=sq.device).index_add_(0, torch.tensor(group_of, device=sq.device), sq)
+    if sharded(tensors[0]) if across is None else across:
+        dist.all_reduce(sq)
+    return sq.sqrt()
+
+def sharded(t) -> bool:  # FSDP's parameters and gradients are DTensors
+    return hasattr(t, "to_local")
+
+def local(t):  # this process's slice of a sharded tensor, else the tensor
+    return t.to_local() if sharded(t) else t
+
 def clip_gradients(opt, max_norm, n_units):
     """Each unit to max_norm / sqrt(units): one norm over the trained parameters is smaller when FP freezes
     units, so FP would be clipped less."""
-    for g in opt.param_groups if max_norm > 0 else []:  # --grad-clip 0: off
-        torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
+    pairs = [(k, p.grad) for k, g in enumerate(opt.param_groups) for p in g["params"] if p.grad is not None]
+    if max_norm > 0 and pairs:  # --grad-clip 0: off
+        at, grads = zip(*pairs)
+        norms = group_norms(grads, at, len(opt.param_groups))
+        coef = (max_norm / math.sqrt(n_units) / (norms + 1e-6)).clamp(max=1.0)  # (groups,)
+        for k in set(at):
+            torch._foreach_mul_([local(g) for j, g in pairs if j == k], coef[k])
 
 def lr_at(step, cfg):  # cfg: train.Config; linear warmup, then cosine, linear or no decay
     if step < cfg.warmup:

@@ -9,6 +9,7 @@
     python trace.py --init RUN --probes diag_*.jsonl --text t0.txt --out trace.json
 """
 import hashlib
+import importlib
 import json
 import math
 import random
@@ -23,17 +24,16 @@ import data
 from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, number, parse_config, read_json, write_text
 from model import autocast, pick_device, unit_names, unit_of
+from optim import group_norms, local, sharded
 
 # ----- step 1: trace
-def unit_norms(names, norms) -> dict:  # {unit: 2-norm of its parameters' gradients}; one sync
-    sq = {}
-    for n, v in zip(names, torch.stack(norms).square().tolist()):  # in the network's order
-        sq[unit_of(n)] = sq.get(unit_of(n), 0.0) + v
-    return {u: math.sqrt(v) for u, v in sq.items()}
+def unit_norms(names, norms, across=None) -> dict:  # {unit: 2-norm of its parameters' gradients}; one sync
+    units = list(dict.fromkeys(map(unit_of, names)))  # in the network's order
+    at = [units.index(unit_of(n)) for n in names]
+    return dict(zip(units, group_norms(norms, at, len(units), across).tolist()))
 
 def grad_norms(model) -> dict:  # of the .grad now: train.py's log
-    named = [(n, torch.linalg.vector_norm(p.grad, dtype=torch.float32))
-             for n, p in model.named_parameters() if p.grad is not None]
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
     return unit_norms(*zip(*named)) if named else {}
 
 class GradNormHooks:
@@ -49,7 +49,7 @@ class GradNormHooks:
         self.reset()
 
     def _record(self, i, p):  # fp32 whatever the grad's dtype; no sync
-        self._norms[i] = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        self._norms[i] = torch.linalg.vector_norm(local(p.grad), dtype=torch.float32)
         p.grad = None
 
     def __enter__(self):
@@ -71,7 +71,7 @@ class GradNormHooks:
         self._norms = [torch.zeros((), device=p.device) for _, p in self.named]
 
     def norms(self) -> dict:
-        return unit_norms([n for n, _ in self.named], self._norms)
+        return unit_norms([n for n, _ in self.named], self._norms, sharded(self.named[0][1]))
 
 def trace_norms(model, example_sets: dict, device=None) -> dict:
     """{name: ({unit: mean gradient norm}, n)} for named sets of n (idx, targets)."""
@@ -200,6 +200,7 @@ class TraceConfig:
     block_size: int = flag(None, "LM window length (default: the model's)", type=POS)
     seed: int = flag(0, "seed of the probe sample and LM windows")
     device: str = flag("auto", "cpu, cuda, mps or auto")
+    fsdp: bool = flag(False, "under torchrun: shard the weights (docs/fsdp.md)")
     selection: Selection = field(default_factory=Selection)
 
 def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
@@ -241,6 +242,7 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
 def fingerprint(model) -> str:  # which weights: names, shapes, 256 values each (fp32 on CPU: any device)
     h = hashlib.sha1()
     for name, p in model.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP: gathered whole
         v = p.detach().flatten()[::max(1, p.numel() // 256)].float().numpy(force=True)
         h.update(f"{name}{tuple(p.shape)}".encode() + v.tobytes())
     return h.hexdigest()[:12]
@@ -263,11 +265,15 @@ def main(argv=None) -> dict:
         cfg.selection.check()
         data.check_files([cfg.text], cfg.probes)  # before the model loads
         check_output(cfg.out, "--out")
-        device = pick_device(cfg.device)
-        model = load_model(cfg.init, device)
+        rank, device = 0, pick_device(cfg.device)
+        if cfg.fsdp:  # each process holds 1/N of the weights; all trace the same examples
+            rank, model, device = importlib.import_module("experiments.fsdp").sharded_model(cfg.init, device)
+        else:
+            model = load_model(cfg.init, device)
         d = trace_files(model, data.load_tokenizer(cfg.tokenizer or cfg.init), cfg, device)
-        write_text(cfg.out, json.dumps(d, indent=1))
-        print(report(d) + f"\n\nwrote {cfg.out}")
+        if rank == 0:
+            write_text(cfg.out, json.dumps(d, indent=1))
+            print(report(d) + f"\n\nwrote {cfg.out}")
     return d
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
     python train.py --init runs/base --data diff.txt --method recadam --tgl fp --trace trace.json --out runs/x
     torchrun --nproc_per_node 4 train.py ...  # DDP: --batch-size is the global batch
 """
+import importlib
 import json
 import math
 import os
@@ -88,6 +89,7 @@ class Config:  # train.py's flags
     device: str = flag("auto", "auto | cpu | cuda | mps", **RESUME_FREE)
     compile: bool = flag(False, "torch.compile (CUDA)", **RESUME_FREE)
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **RESUME_FREE)
+    fsdp: bool = flag(False, "under torchrun: shard weights, grads, moments (docs/fsdp.md)")
 
     def check(self):  # what argparse cannot check alone, before any slow work
         data.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
@@ -99,6 +101,7 @@ class Config:  # train.py's flags
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
                          (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
+                         (self.fsdp and world < 2, "--fsdp shards over processes: torchrun --nproc_per_node 2+"),
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
@@ -206,7 +209,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
     torch.manual_seed(cfg.seed)  # LoRA's A follows --seed too
     saved = resumed(cfg)  # compared before the model is built
-    tokenizer, model = build_model(cfg, device)
+    tokenizer, model = build_model(cfg, "cpu" if cfg.fsdp else device)  # FSDP: shard() moves it
     block_size, model_config = cfg.block_size or model.config.block_size, model.config
     if block_size > model_config.block_size or tokenizer.n_vocab > model_config.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
@@ -219,6 +222,8 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
         selected = None if scales is None else {u for u, s in scales.items() if s > 0}
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, selected)
     groups = make_param_groups(model, scales)
+    if cfg.fsdp:  # the one wrap: each block, then the root
+        groups = make_param_groups(fsdp().shard(model, device), scales)
     if not groups:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -249,6 +254,8 @@ def restore(run: Run, saved: dict | None):
     """Resume: weights, optimizer, sampler and RNG exactly as saved, so the run continues bit for bit."""
     cfg = run.cfg
     if saved:
+        if saved.get("sharded"):  # FSDP: each process reads its shards
+            fsdp().load_sharded(run, saved, os.path.join(cfg.out, CKPT_NAME))
         run.model.load_state_dict(saved["model"])
         run.opt.load_state_dict(saved["optimizer"])
         state = saved["ranks"][run.rank]
@@ -272,7 +279,7 @@ def restore(run: Run, saved: dict | None):
         if hasattr(run.tokenizer, "save"):
             run.tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
     run.dmodel = torch.compile(run.model) if cfg.compile else run.model
-    if run.world > 1:
+    if run.world > 1 and not cfg.fsdp:
         run.dmodel = torch.nn.parallel.DistributedDataParallel(
             run.dmodel, device_ids=[run.device] if run.device.startswith("cuda") else None)
 
@@ -314,7 +321,9 @@ def checkpoint(run: Run, elapsed: float, loss_since_log: tuple):
                  lora=getattr(run.model, "lora", None), optimizer=run.opt.state_dict(), scales=run.scales,
                  train_config=run.cfg.run_defining(), world_size=run.world, time=elapsed,
                  last_loss=run.last_loss, data=run.data)
-    if run.rank == 0:
+    if run.cfg.fsdp:  # every process writes its shards
+        fsdp().save_sharded(run, state)
+    elif run.rank == 0:
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
 
 def forward_backward(run: Run, loss_sum: torch.Tensor):
@@ -324,7 +333,7 @@ def forward_backward(run: Run, loss_sum: torch.Tensor):
         x, y = (t.to(run.device, non_blocking=True) for t in run.stream.next(run.step))  # (B, T) each
         last = micro == cfg.grad_accum - 1
         # DDP all-reduces gradients on the last micro-step only: the others skip the sync
-        sync = nullcontext() if last or run.world == 1 else run.dmodel.no_sync()
+        sync = nullcontext() if last or run.world == 1 or run.cfg.fsdp else run.dmodel.no_sync()
         with sync, autocast(run.device):
             _, loss = run.dmodel(x, y)
         (loss / cfg.grad_accum).backward()
@@ -342,6 +351,9 @@ def update(run: Run):
     if run.anchors:
         recadam_pull(opt, run.anchors, cfg.recadam_gamma, lambda_t)
     opt.zero_grad()
+
+def fsdp():  # its plumbing, imported only under --fsdp
+    return importlib.import_module("experiments.fsdp")
 
 def mean_loss(run: Run, loss_sum: torch.Tensor, n_updates: int) -> float:
     """The mean loss over updates and ranks: the one place the loop waits for the device."""
@@ -383,7 +395,7 @@ def train(run: Run):
             run.last_loss = mean_loss(run, loss_sum, n_updates)
         scoring = run.probes and (done or (cfg.eval_every > 0 and run.step % cfg.eval_every == 0))
         if scoring:
-            run.evals = evaluate(run) if run.rank == 0 else None
+            run.evals = evaluate(run) if run.rank == 0 or cfg.fsdp else None
 
         # timing and logging
         if logging:
@@ -402,7 +414,7 @@ def train(run: Run):
 def finish(run: Run) -> dict:
     """summary.json; a resumed finished run writes the same (its time from the checkpoint)."""
     cfg = run.cfg
-    if run.probes and run.evals is None and run.rank == 0:
+    if run.probes and run.evals is None and (run.rank == 0 or cfg.fsdp):
         run.evals = evaluate(run)
     summary = dict(out=cfg.out, method=cfg.method, tgl=cfg.tgl, steps=run.step, final_loss=run.last_loss,
                    probes=run.evals, metric=cfg.metric, scales=run.scales, time=run.elapsed,

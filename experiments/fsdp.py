@@ -1,0 +1,124 @@
+"""FSDP2 plumbing for train.py and trace.py --fsdp (docs/fsdp.md): the wrap, sharded checkpoints written with
+torch.distributed.checkpoint (DCP), and a sharded checkpoint read back whole in one process (export, --init).
+
+Under FSDP each process holds 1/N of every parameter (a DTensor sharded on dim 0), of its gradient and of
+AdamW's moments (zeros_like of a DTensor is one); the forward all-gathers a block's weights just before it
+runs and frees them after. optim.AdamW's elementwise update runs unchanged on the shards; norms are the one
+thing that spans them (optim.group_norms sums the squared norms of the slices over processes).
+"""
+import os
+import pickle
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from checkpoint import CKPT_NAME, load_model, save_checkpoint
+from common import init_distributed
+
+PREFIX = "ckpt.dcp."  # a sharded run's weights and moments: --out/ckpt.dcp.STEP.PID, named by ckpt.pt
+
+
+def shard(model, device: str, bf16=False, checkpoint_activations=False):
+    """fully_shard each block, then the root (the embeddings, ln_f, the tied head): a block's weights are
+    gathered only while it runs. bf16: compute in bf16, fp32 master weights, gradients reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        if checkpoint_activations:  # recompute the block's activations in the backward: memory for time
+            from torch.distributed._composable import checkpoint
+            checkpoint(block)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def sharded_model(init: str, device: str):
+    """trace.py --fsdp: join torchrun's processes, load --init in CPU memory and shard it onto the device (a
+    block at a time). -> rank, model, device"""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ValueError("--fsdp shards over processes: torchrun --nproc_per_node 2+")
+    rank, _, device = init_distributed(device)
+    return rank, shard(load_model(init, "cpu"), device), device
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle: read it admitting only DCP's own classes and torch's sizes and dtypes,
+    so that a foreign checkpoint runs no code (as torch.load(weights_only=True) does for tensors)."""
+
+    def find_class(self, module, name):
+        ok = module.startswith("torch.distributed.checkpoint.") or (module, name) in {
+            ("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            ok = True
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        real = pickle.load
+        pickle.load = lambda f, **kw: _MetadataUnpickler(f, **kw).load()  # the one pickle.load inside
+        try:
+            return super().read_metadata(*args, **kwargs)
+        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise ValueError(f"{self.path}: not a readable sharded checkpoint ({e})") from None
+        finally:
+            pickle.load = real
+
+
+def _tensors(model, opt) -> dict:  # what DCP writes and reads: each process its own shards
+    return dict(model=model.state_dict(), m={str(i): t for i, t in enumerate(opt.exp_avg)},
+                v={str(i): t for i, t in enumerate(opt.exp_avg_sq)})
+
+
+def save_sharded(run, state: dict):
+    """Every process writes its shards of the weights and moments into a new folder (.tmp until all have);
+    then rank 0 writes ckpt.pt, the rest of the state and the folder's name, atomically, and removes older
+    folders. A crash at any point leaves ckpt.pt naming a complete folder."""
+    name = [f"{PREFIX}{run.step}.{os.getpid()}"]
+    dist.broadcast_object_list(name, src=0)  # rank 0's name for all
+    folder = os.path.join(run.cfg.out, name[0])
+    dcp.save(_tensors(run.model, run.opt), checkpoint_id=folder + ".tmp")
+    dist.barrier()  # every shard is on disk
+    if run.rank == 0:
+        os.replace(folder + ".tmp", folder)
+        state = dict(state, model=None, sharded=name[0], optimizer=dict(state["optimizer"], m=None, v=None))
+        save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
+        for old in os.listdir(run.cfg.out):  # earlier saves, and dead writers' .tmp
+            if old.startswith(PREFIX) and old != name[0]:
+                shutil.rmtree(os.path.join(run.cfg.out, old), ignore_errors=True)
+    dist.barrier()
+
+
+def _folder(path, saved: dict) -> str:
+    folder = os.path.join(os.path.dirname(path), saved["sharded"])
+    if not os.path.isdir(folder):
+        raise ValueError(f"{path}: its shards {folder} are missing: copy the run folder whole")
+    return folder
+
+
+def load_sharded(run, saved: dict, path: str):
+    """--resume: each process reads its own shards of the weights and moments into saved (as train.restore
+    then loads a ckpt.pt); the same number of processes (train_config's "processes")."""
+    sd = _tensors(run.model, run.opt)
+    dcp.load(sd, storage_reader=SafeReader(_folder(path, saved)))
+    saved["model"] = sd["model"]
+    saved["optimizer"] = dict(saved["optimizer"], m=list(sd["m"].values()), v=list(sd["v"].values()))
+
+
+def read_sharded(path: str, saved: dict) -> dict:
+    """A sharded run's ckpt.pt with its weights (and moments) whole, read in one process: --init, export."""
+    sd = {}
+    _load_state_dict(sd, storage_reader=SafeReader(_folder(path, saved)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)  # as DCP's own dcp_to_torch_save: dcp.load fills only the keys given
+    m, v = sd.get("m", {}), sd.get("v", {})
+    return dict(saved, model=sd["model"], optimizer=dict(saved["optimizer"], m=[m[str(i)] for i in range(len(m))],
+                                                        v=[v[str(i)] for i in range(len(v))]))

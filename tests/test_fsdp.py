@@ -1,0 +1,164 @@
+"""train.py and trace.py --fsdp (FSDP2) with 2 CPU processes (gloo): each equals the one-process run of the same
+global batch; sharded checkpoints resume bit for bit and read back whole (export, --init). Tiny configs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import optim
+import train
+import trace as tgl_trace
+from checkpoint import load_checkpoint, load_model
+from experiments import export
+from experiments.hf import load_hf
+from model import GPT, GPTConfig, unit_names
+from test_train import ROOT, TINY, losses, one_thread, run, world  # noqa: F401  (fixtures)
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun(script, *argv):
+    """script under torchrun with 2 CPU processes; one retry, as tests/test_train.py's DDP test (gloo's TCP
+    setup has, rarely, aborted a rank on a loaded 2-core machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for _ in range(2):
+        r = subprocess.run(TORCHRUN + [script, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=180)
+        if r.returncode == 0:
+            return r
+    raise AssertionError(r.stderr[-3000:])
+
+
+def fsdp_train(world, out, *extra, fsdp=True):
+    return torchrun("train.py", "--init", world.base, "--data", world.new, "--out", str(out), "--lr", "1e-3",
+                    "--tokenizer", str(world.dir / "tokenizer.json"), "--overwrite", *TINY, *extra,
+                    *["--fsdp"] * fsdp)
+
+
+def whole(run_dir):  # a run's weights, a sharded one's read back whole
+    return load_model(str(run_dir)).state_dict()
+
+
+def grad_logs(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["grad_norms"] for line in f]
+
+
+# clipping at 0.05 / sqrt(units) acts on every unit at every step: the per-unit rule is exercised
+ARMS = {"none": [], "fp": ["--trace", "{trace}"],
+        "alr": ["--trace", "{trace}", "--method", "recadam", "--recadam-t0", "2"],
+        "lora": ["--trace", "{trace}", "--method", "lora"],
+        # Mix-Review rounds each process's replayed share of its rows: its reference is DDP on 2 processes
+        "mixreview": ["--method", "mixreview", "--replay-data", "{old}"]}
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_fsdp_matches_one_process(world, tmp_path, arm):
+    extra = ["--steps", "4", "--grad-accum", "2", "--grad-clip", "0.05", "--dropout", "0"]
+    extra += [a.format(old=world.old, trace=world.trace) for a in ARMS[arm]]
+    extra += ["--tgl", {"lora": "fp", "mixreview": "none"}.get(arm, arm)]
+    if arm == "mixreview":
+        fsdp_train(world, tmp_path / "one", *extra, fsdp=False)  # DDP
+    else:
+        run(world, tmp_path / "one", *extra)
+    fsdp_train(world, tmp_path / "two", *extra)
+    ck = load_checkpoint(tmp_path / "two" / "ckpt.pt")
+    assert ck["model"] is None and ck["sharded"].startswith("ckpt.dcp.4.") and ck["world_size"] == 2
+    w1, w2, w0 = whole(tmp_path / "one"), whole(tmp_path / "two"), whole(world.base)
+    assert max((w1[n] - w2[n]).abs().max().item() for n in w1) < 1e-5
+    assert max((w2[n] - w0[n]).abs().max().item() for n in w0) > 1e-3  # it trained
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    g1, g2 = grad_logs(tmp_path / "one"), grad_logs(tmp_path / "two")  # the log's norms, summed over shards
+    assert [set(g) for g in g1] == [set(g) for g in g2]
+    assert all(g2[s][u] == pytest.approx(g1[s][u], rel=1e-4) and g1[s][u] > 0.05 / 6 ** 0.5 for s in range(4) for u in g1[s])
+    if arm == "fp":  # the units TGL froze: bit-identical to the start
+        frozen = [n for n in w0 if n.startswith(("transformer.h.0.mlp", "transformer.h.0.ln_2", "transformer.h.1.attn"))]
+        assert frozen and all(torch.equal(w2[n], w0[n]) for n in frozen)
+
+
+def test_fsdp_resume_continues_bit_for_bit_and_exports(world, tmp_path):
+    """Stopped after the checkpoint at step 2 (a later save died half-written), resumed to 4: the same weights
+    and losses as the uninterrupted run; a changed run is refused; the run exports as one HF folder."""
+    extra = ["--decay", "none", "--dropout", "0.1", "--tgl", "alr", "--trace", world.trace]
+    fsdp_train(world, tmp_path / "a", "--steps", "4", *extra)
+    fsdp_train(world, tmp_path / "b", "--steps", "2", *extra)
+    dead = tmp_path / "b" / "ckpt.dcp.3.999.tmp"  # a save that crashed: ckpt.pt still names step 2's
+    dead.mkdir()
+    torchrun("train.py", "--init", world.base, "--data", world.new, "--out", str(tmp_path / "b"), "--lr", "1e-3",
+             "--tokenizer", str(world.dir / "tokenizer.json"), "--resume", "--fsdp", *TINY, "--steps", "4", *extra)
+    assert not dead.exists() and [f for f in os.listdir(tmp_path / "b") if f.startswith("ckpt.dcp")] == \
+        [load_checkpoint(tmp_path / "b" / "ckpt.pt")["sharded"]]
+    wa, wb = whole(tmp_path / "a"), whole(tmp_path / "b")
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    with pytest.raises(SystemExit):  # one process, no --fsdp: another run
+        run(world, tmp_path / "b", "--steps", "6", "--resume", *extra)
+    hf = export.main(["--init", str(tmp_path / "a"), "--out", str(tmp_path / "hf")])
+    got = load_hf(hf).state_dict()
+    assert all(torch.equal(got[n], wa[n]) for n in wa)
+
+
+def test_fsdp_refused_in_one_process(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(world, tmp_path / "x", "--fsdp")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "torchrun" in err[0]
+
+
+def test_sharded_trace_equals_one_process(world, tmp_path):
+    argv = ["--init", world.base, "--probes", world.probes, "--text", world.old, "--n-lm", "6",
+            "--tokenizer", str(world.dir / "tokenizer.json")]
+    one = tgl_trace.main(argv + ["--out", str(tmp_path / "one.json")])
+    torchrun("trace.py", *argv, "--out", str(tmp_path / "two.json"), "--fsdp")
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["fingerprint"] == one["fingerprint"] and two["selection"]["fp"] == one["selection"]["fp"]
+    for key in ("span_norm", "lm_norm", "rgn"):
+        assert all(two[key][u] == pytest.approx(one[key][u], rel=1e-5) for u in one["units"])
+    assert two["selection"]["alr"] == pytest.approx(one["selection"]["alr"], rel=1e-5)
+    assert two["splits"].keys() == one["splits"].keys()
+
+
+# ----- in-process: 2 spawned processes, gloo
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shards(rank, port, out):
+    """Per process: the local shards hold about half the parameters; clip_gradients on sharded gradients
+    equals the unsharded rule on the whole gradients."""
+    import torch.distributed as dist
+    from experiments.fsdp import shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    ref, model = GPT(config), GPT(config)
+    model.load_state_dict(ref.state_dict())
+    shard(model, "cpu")
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for m in (ref, model):
+        m(x, x.roll(-1, 1))[1].backward()
+    for p in ref.parameters():  # FSDP averages the two processes' gradients: the same batch on both
+        p.grad = p.grad.clone()
+    for m in (ref, model):
+        optim.clip_gradients(optim.AdamW(optim.make_param_groups(m)), 0.1, len(unit_names(2)))
+    diff = max((p.grad.full_tensor() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    local = sum(p.to_local().numel() for p in model.parameters())
+    torch.save(dict(diff=diff, local=local, total=sum(p.numel() for p in ref.parameters())), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_shards_halve_parameters_and_clip_exactly(tmp_path):
+    mp.spawn(_shards, args=(_free_port(), str(tmp_path / "r")), nprocs=2)
+    got = [torch.load(tmp_path / f"r.{rank}") for rank in range(2)]
+    assert sum(g["local"] for g in got) == got[0]["total"]  # the shards partition the model
+    assert all(abs(g["local"] / g["total"] - 0.5) < 0.02 for g in got)
+    assert all(g["diff"] < 1e-7 for g in got)
