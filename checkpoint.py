@@ -40,7 +40,7 @@ def load_model(init: str, device: str = "cpu") -> GPT:
         return load_hf(init).to(device)
     try:
         ckpt = load_checkpoint(path)
-        if ckpt.get("sharded"):  # train.py --fsdp's: its shards read whole
+        if ckpt.get("sharded"):  # train.py --fsdp's
             from experiments.fsdp import read_sharded
             ckpt = read_sharded(path, ckpt)
         return model_from_checkpoint(ckpt).to(device)

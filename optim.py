@@ -74,8 +74,8 @@ def make_param_groups(model, scales=None):
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
 def group_norms(tensors, group_of, n_groups, across=None) -> torch.Tensor:
-    """(n_groups,) 2-norms of groups of tensors. FSDP: a process holds slices, whose squared norms add up over
-    processes (across) to the whole's. The one place norms are summed over shards."""
+    """(n_groups,) 2-norms; tensor i is in group_of[i]. FSDP: each process holds slices; the squares of
+    their norms add up over processes (across) to the whole's. The one place norms span shards."""
     sq = torch.stack([torch.linalg.vector_norm(local(t), dtype=torch.float32) for t in tensors]).square()
     sq = torch.zeros(n_groups, device=sq.device).index_add_(0, torch.tensor(group_of, device=sq.device), sq)
     if sharded(tensors[0]) if across is None else across:
@@ -95,7 +95,7 @@ def clip_gradients(opt, max_norm, n_units):
     if max_norm > 0 and pairs:  # --grad-clip 0: off
         at, grads = zip(*pairs)
         norms = group_norms(grads, at, len(opt.param_groups))
-        coef = (max_norm / math.sqrt(n_units) / (norms + 1e-6)).clamp(max=1.0)  # (groups,)
+        coef = (max_norm / math.sqrt(n_units) / (norms + 1e-6)).clamp(max=1.0)
         for k in set(at):
             torch._foreach_mul_([local(g) for j, g in pairs if j == k], coef[k])
 

@@ -200,7 +200,7 @@ class TraceConfig:
     block_size: int = flag(None, "LM window length (default: the model's)", type=POS)
     seed: int = flag(0, "seed of the probe sample and LM windows")
     device: str = flag("auto", "cpu, cuda, mps or auto")
-    fsdp: bool = flag(False, "under torchrun: shard the weights (docs/fsdp.md)")
+    fsdp: bool = flag(False, "under torchrun: shard the weights (FSDP2)")
     selection: Selection = field(default_factory=Selection)
 
 def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
@@ -242,7 +242,7 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
 def fingerprint(model) -> str:  # which weights: names, shapes, 256 values each (fp32 on CPU: any device)
     h = hashlib.sha1()
     for name, p in model.named_parameters():
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP: gathered whole
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
         v = p.detach().flatten()[::max(1, p.numel() // 256)].float().numpy(force=True)
         h.update(f"{name}{tuple(p.shape)}".encode() + v.tobytes())
     return h.hexdigest()[:12]
@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
         data.check_files([cfg.text], cfg.probes)  # before the model loads
         check_output(cfg.out, "--out")
         rank, device = 0, pick_device(cfg.device)
-        if cfg.fsdp:  # each process holds 1/N of the weights; all trace the same examples
+        if cfg.fsdp:  # all processes trace the same examples, with 1/N of the weights each
             rank, model, device = importlib.import_module("experiments.fsdp").sharded_model(cfg.init, device)
         else:
             model = load_model(cfg.init, device)

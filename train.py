@@ -89,7 +89,7 @@ class Config:  # train.py's flags
     device: str = flag("auto", "auto | cpu | cuda | mps", **RESUME_FREE)
     compile: bool = flag(False, "torch.compile (CUDA)", **RESUME_FREE)
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **RESUME_FREE)
-    fsdp: bool = flag(False, "under torchrun: shard weights, grads, moments (docs/fsdp.md)")
+    fsdp: bool = flag(False, "under torchrun: shard weights, grads, moments (FSDP2)")
 
     def check(self):  # what argparse cannot check alone, before any slow work
         data.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
@@ -101,7 +101,7 @@ class Config:  # train.py's flags
                          (self.init == "scratch" and self.n_embd % self.n_head, "--n-embd % --n-head != 0"),
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
                          (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
-                         (self.fsdp and world < 2, "--fsdp shards over processes: torchrun --nproc_per_node 2+"),
+                         (self.fsdp and world < 2, "--fsdp: run under torchrun --nproc_per_node 2+"),
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
@@ -209,7 +209,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     rank, world, device = init_distributed(pick_device(cfg.device), cfg.threads)
     torch.manual_seed(cfg.seed)  # LoRA's A follows --seed too
     saved = resumed(cfg)  # compared before the model is built
-    tokenizer, model = build_model(cfg, "cpu" if cfg.fsdp else device)  # FSDP: shard() moves it
+    tokenizer, model = build_model(cfg, "cpu" if cfg.fsdp else device)
     block_size, model_config = cfg.block_size or model.config.block_size, model.config
     if block_size > model_config.block_size or tokenizer.n_vocab > model_config.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
@@ -255,7 +255,7 @@ def restore(run: Run, saved: dict | None):
     cfg = run.cfg
     if saved:
         if saved.get("sharded"):  # FSDP: each process reads its shards
-            fsdp().load_sharded(run, saved, os.path.join(cfg.out, CKPT_NAME))
+            fsdp().load_sharded(run, saved)
         run.model.load_state_dict(saved["model"])
         run.opt.load_state_dict(saved["optimizer"])
         state = saved["ranks"][run.rank]
@@ -352,7 +352,7 @@ def update(run: Run):
         recadam_pull(opt, run.anchors, cfg.recadam_gamma, lambda_t)
     opt.zero_grad()
 
-def fsdp():  # its plumbing, imported only under --fsdp
+def fsdp():  # plumbing, imported under --fsdp only
     return importlib.import_module("experiments.fsdp")
 
 def mean_loss(run: Run, loss_sum: torch.Tensor, n_updates: int) -> float:

@@ -6,13 +6,16 @@ AdamW's moments (zeros_like of a DTensor is one); the forward all-gathers a bloc
 runs and frees them after. optim.AdamW's elementwise update runs unchanged on the shards; norms are the one
 thing that spans them (optim.group_norms sums the squared norms of the slices over processes).
 """
+import atexit
 import os
 import pickle
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -41,8 +44,9 @@ def sharded_model(init: str, device: str):
     """trace.py --fsdp: join torchrun's processes, load --init in CPU memory and shard it onto the device (a
     block at a time). -> rank, model, device"""
     if int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        raise ValueError("--fsdp shards over processes: torchrun --nproc_per_node 2+")
+        raise ValueError("--fsdp: run under torchrun --nproc_per_node 2+")
     rank, _, device = init_distributed(device)
+    atexit.register(dist.destroy_process_group)
     return rank, shard(load_model(init, "cpu"), device), device
 
 
@@ -68,8 +72,6 @@ class SafeReader(dcp.FileSystemReader):
         pickle.load = lambda f, **kw: _MetadataUnpickler(f, **kw).load()  # the one pickle.load inside
         try:
             return super().read_metadata(*args, **kwargs)
-        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
-            raise ValueError(f"{self.path}: not a readable sharded checkpoint ({e})") from None
         finally:
             pickle.load = real
 
@@ -98,18 +100,36 @@ def save_sharded(run, state: dict):
     dist.barrier()
 
 
-def _folder(path, saved: dict) -> str:
+def _read(sd: dict, path: str, saved: dict, whole=False):
+    """DCP's load of the folder ckpt.pt names into sd (whole: every key, in one process); a missing, damaged or
+    foreign folder is one line."""
     folder = os.path.join(os.path.dirname(path), saved["sharded"])
-    if not os.path.isdir(folder):
-        raise ValueError(f"{path}: its shards {folder} are missing: copy the run folder whole")
-    return folder
+    try:
+        SafeReader(folder).read_metadata()  # checked first: DCP would log a traceback per failed try
+    except Exception as e:  # noqa: BLE001  whatever a damaged pickle raises
+        missing = isinstance(e, FileNotFoundError)
+        raise ValueError(f"{path}: its shards {folder} are missing: copy the run folder whole" if missing else
+                         f"{folder}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore")
+            if whole:  # as DCP's own dcp_to_torch_save: dcp.load fills only the keys given
+                _load_state_dict(sd, storage_reader=SafeReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                                 no_dist=True)
+            else:
+                dcp.load(sd, storage_reader=SafeReader(folder))
+    except CheckpointException as e:  # a shard file damaged or missing
+        why = next(iter(e.failures.values()), (e,))
+        why = why[0] if isinstance(why, tuple) else why
+        raise ValueError(f"{folder}: not a readable sharded checkpoint ({type(why).__name__}: "
+                         f"{' '.join(str(why).split())[:200]}); restore it from a copy") from None
 
 
-def load_sharded(run, saved: dict, path: str):
+def load_sharded(run, saved: dict):
     """--resume: each process reads its own shards of the weights and moments into saved (as train.restore
     then loads a ckpt.pt); the same number of processes (train_config's "processes")."""
     sd = _tensors(run.model, run.opt)
-    dcp.load(sd, storage_reader=SafeReader(_folder(path, saved)))
+    _read(sd, os.path.join(run.cfg.out, CKPT_NAME), saved)
     saved["model"] = sd["model"]
     saved["optimizer"] = dict(saved["optimizer"], m=list(sd["m"].values()), v=list(sd["v"].values()))
 
@@ -117,8 +137,7 @@ def load_sharded(run, saved: dict, path: str):
 def read_sharded(path: str, saved: dict) -> dict:
     """A sharded run's ckpt.pt with its weights (and moments) whole, read in one process: --init, export."""
     sd = {}
-    _load_state_dict(sd, storage_reader=SafeReader(_folder(path, saved)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)  # as DCP's own dcp_to_torch_save: dcp.load fills only the keys given
+    _read(sd, path, saved, whole=True)
     m, v = sd.get("m", {}), sd.get("v", {})
     return dict(saved, model=sd["model"], optimizer=dict(saved["optimizer"], m=[m[str(i)] for i in range(len(m))],
                                                         v=[v[str(i)] for i in range(len(v))]))

@@ -2,6 +2,8 @@
 global batch; sharded checkpoints resume bit for bit and read back whole (export, --init). Tiny configs."""
 import json
 import os
+import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,6 +103,19 @@ def test_fsdp_resume_continues_bit_for_bit_and_exports(world, tmp_path):
     hf = export.main(["--init", str(tmp_path / "a"), "--out", str(tmp_path / "hf")])
     got = load_hf(hf).state_dict()
     assert all(torch.equal(got[n], wa[n]) for n in wa)
+    # DCP's .metadata is a pickle: a foreign one runs no code, and is one line
+    folder = tmp_path / "a" / load_checkpoint(tmp_path / "a" / "ckpt.pt")["sharded"]
+    (folder / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="not a readable sharded checkpoint .*posix.system"):
+        load_model(str(tmp_path / "a"))
+    shutil.rmtree(folder)
+    with pytest.raises(ValueError, match="shards .* are missing"):
+        load_model(str(tmp_path / "a"))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("false",))
 
 
 def test_fsdp_refused_in_one_process(world, tmp_path, capsys):
