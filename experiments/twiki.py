@@ -63,6 +63,7 @@ BYTES_PER_TOKEN = 4.5  # English Wikipedia text in CSV per GPT-2 token (approxim
 # training token at 25% model FLOPs utilization of one H100 SXM (989 dense bf16 TFLOP/s). 25% is about what
 # experiments.bench measured for GPT-2 large on an H100 at commit a5e8f05 (50,912 tok/s, docs/temporalwiki.md).
 GPU_FLOPS, MFU = 989e12, 0.25
+GPU_GB = 80  # an H100's memory: the plan says when a model's training state does not fit it
 # Probe splits: the driver names each file's split, so a column says its data set and keeps its name over stages.
 SPLITS = ("twiki/changed", "twiki/unchanged", "templama/updated", "templama/unchanged", "ecbd/new")
 OTHER = {"span": "sentence", "sentence": "span"}  # the second metric every row is also scored with
@@ -110,6 +111,7 @@ class Config:
     threads: int | None = None
     compile: bool = False
     nproc: int = 1
+    fsdp: bool = False
     save_minutes: float = 30.0
     keep_optimizer: bool = False
     export_hf: str | None = None
@@ -193,6 +195,8 @@ def parse_args(argv=None) -> Config:
     a("--compile", action="store_true", help="train.py --compile (torch.compile, CUDA)")
     a("--nproc", type=int, default=d.nproc,
       help="processes per training step: >1 runs train.py under torchrun --nproc_per_node N")
+    a("--fsdp", action="store_true", help="with --nproc N > 1: train.py and trace.py shard the model over the N "
+      "processes (FSDP2, docs/fsdp.md), for a model whose training state does not fit one GPU (see --plan)")
     a("--save-minutes", type=float, default=d.save_minutes,
       help="checkpoint every training step every N minutes of its training time, as measured on the device in use "
            "(train.py --save-minutes); 0: only at the end. A --save-every or --save-minutes in --train-args wins")
@@ -272,6 +276,8 @@ def check_config(cfg: Config):
                          f"{', '.join(HUB_NAMES)})")
     for flag in ("batch_size", "block_size", "grad_accum", "val_tokens", "max_train_tokens", "threads", "nproc"):
         check_number("--" + flag.replace("_", "-"), getattr(cfg, flag), low=1, integer=True)
+    if cfg.fsdp and cfg.nproc < 2:
+        raise ValueError("--fsdp shards over processes: give --nproc 2 or more")
     check_number("--val-every", cfg.val_every, low=2, integer=True)  # 1 would hold out every document
     check_number("--warmup", cfg.warmup, low=0, integer=True)
     check_number("--lr", cfg.lr, low=0, low_open=True)
@@ -501,6 +507,8 @@ def model_params(cfg) -> float | None:
     if cfg.init in HUB_PARAMS:
         return HUB_PARAMS[cfg.init]
     p = Path(cfg.init)
+    for shards in sorted(p.glob("ckpt.dcp.*")) if p.is_dir() else []:  # train.py --fsdp's: the weights are there
+        return sum(f.stat().st_size for f in shards.iterdir()) / 12
     for f, per in ((p, 12), (p / CKPT_NAME, 12), (p / "model.safetensors", 4), (p / "pytorch_model.bin", 4)):
         if f.is_file():
             return f.stat().st_size / per
@@ -530,18 +538,21 @@ def train_argv(cfg, k, arm, steps) -> list:
         args += ["--trace", trace_file(cfg, k, arm)]
     if method == "mixreview":
         args += ["--replay-data", old_text(cfg, k)]  # Mix-Review replays the old snapshot
-    args += (["--compile"] if cfg.compile else []) + extra
-    if cfg.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-                str(HERE / "train.py"), *map(str, args)]
-    return script("train.py", *args)
+    args += (["--compile"] if cfg.compile else []) + (["--fsdp"] if cfg.fsdp else []) + extra
+    return torchrun(cfg, "train.py", *args) if cfg.nproc > 1 else script("train.py", *args)
+
+
+def torchrun(cfg, name, *args) -> list:  # name under torchrun, --nproc processes on this machine
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+            str(HERE / name), *map(str, args)]
 
 
 def trace_argv(cfg, k, arm) -> list:
-    """Trace the arm's current model on probes the stage does not evaluate, against the old snapshot."""
-    return script("trace.py", "--init", init_of(cfg, k, arm), "--probes", trace_probes(cfg, k),
-                  "--text", old_text(cfg, k), "--out", trace_file(cfg, k, arm), "--seed", cfg.seed,
-                  "--device", cfg.device, *shlex.split(cfg.trace_args))
+    """Trace the arm's current model on probes the stage does not evaluate, against the old snapshot;
+    --fsdp: sharded under torchrun, as its training."""
+    args = ["--init", init_of(cfg, k, arm), "--probes", trace_probes(cfg, k), "--text", old_text(cfg, k),
+            "--out", trace_file(cfg, k, arm), "--seed", cfg.seed, "--device", cfg.device, *shlex.split(cfg.trace_args)]
+    return torchrun(cfg, "trace.py", *args, "--fsdp") if cfg.fsdp else script("trace.py", *args)
 
 
 def val_argv(cfg, k, arm) -> list:
@@ -1122,6 +1133,22 @@ def plan_disk(cfg) -> list:
             + (f" + HF exports {gb(exports)}" if exports else "")]
 
 
+def plan_memory(cfg) -> list:
+    """The training state per GPU, arithmetic: fp32 weights, gradients and AdamW's two moments, 16 bytes per
+    parameter, on every GPU (DDP) or 1/N of it on each (--fsdp); activations come on top (docs/fsdp.md)."""
+    n = model_params(cfg)
+    if n is None:
+        return ["\n# MEMORY: the size of --init is unknown; docs/fsdp.md has the table per GPU"]
+    state, shards = 16 * n, cfg.nproc if cfg.fsdp else 1
+    line = (f"\n# MEMORY (ARITHMETIC, not measured) per GPU: training state {gb(state / shards)} "
+            f"(16 B/param x {n / 1e9:.2f}B parameters{f' / {shards} shards, --fsdp' if shards > 1 else ''}), "
+            "activations extra")
+    if state / shards > 0.8 * GPU_GB * 1e9:
+        line += (f"; MORE than 80% of one {GPU_GB} GB GPU: "
+                 + ("use more --nproc" if cfg.fsdp else "--nproc N --fsdp shards it (N GPUs: 1/N each)"))
+    return [line]
+
+
 def plan(cfg) -> str:
     """Every command, the downloads, the time and the disk: an estimate. No network, no model."""
     root, months = fetch.cache_root(), sorted({STAGES[k - 1][1] for k in cfg.stages})
@@ -1139,7 +1166,7 @@ def plan(cfg) -> str:
         out.append(sh(ecbd_argv(cfg)))
     for k in cfg.stages:
         out += plan_stage(cfg, k)
-    return "\n".join(out + plan_time(cfg) + plan_disk(cfg))
+    return "\n".join(out + plan_time(cfg) + plan_memory(cfg) + plan_disk(cfg))
 
 
 # ----------------------------------------------------------------------------- main

@@ -170,13 +170,33 @@ def test_nproc_builds_the_torchrun_command(tmp_path):
     assert "torch.distributed.run --standalone --nproc_per_node 4" in twiki.plan(cfg)
 
 
-def test_training_steps_run_under_torchrun(server, tmp_path):
-    """One stage, one arm, its training step really run by torchrun with 2 CPU processes (gloo)."""
+@pytest.mark.parametrize("shard", [[], ["--fsdp"]])
+def test_training_steps_run_under_torchrun(server, tmp_path, shard):
+    """One stage, one arm, its training step really run by torchrun with 2 CPU processes (gloo): DDP, or FSDP
+    (its sharded checkpoint then read whole by the stage's scoring steps)."""
     serve_twiki(server)
     out = tmp_path / "ddp"
     rows = twiki.main(argv(tiny_gpt2(tmp_path / "tiny"), out, "--methods", "full", "--tgl", "none", "--stages", "1",
-                           "--nproc", "2"))
+                           "--nproc", "2", *shard))
     assert [r["arm"] for r in rows] == ["init", "full-none"]
     ck = C.load_checkpoint(out / "stage1" / "full-none" / C.CKPT_NAME)
-    assert ck["world_size"] == 2 and ck["step"] == 4
+    assert ck["world_size"] == 2 and ck["step"] == 4 and (ck.get("sharded") is not None) == bool(shard)
     assert "torch.distributed.run --standalone --nproc_per_node 2" in (out / "stage1" / "logs" / "full-none.log").read_text()
+
+
+def test_fsdp_shards_training_and_tracing(tmp_path, capsys):
+    """--nproc N --fsdp: train.py and trace.py each run under torchrun with --fsdp; the plan gives the training
+    state per GPU (arithmetic) and says when it would not fit one GPU; --fsdp alone is refused in one line."""
+    cfg = twiki.parse_args(argv("gpt2-xl", tmp_path / "o", "--nproc", "8", "--fsdp", "--assume-tok-s", "1000"))
+    train_cmd, trace_cmd = twiki.train_argv(cfg, 2, "full-fp", 7), twiki.trace_argv(cfg, 2, "full-fp")
+    for cmd, name in ((train_cmd, "train.py"), (trace_cmd, "trace.py")):
+        assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
+                           str(twiki.HERE / name)] and "--fsdp" in cmd
+    assert "training state 3.1 GB (16 B/param x 1.56B parameters / 8 shards, --fsdp)" in twiki.plan(cfg)
+    big = twiki.parse_args(argv("gpt2-xl", tmp_path / "o", "--assume-tok-s", "1000"))
+    big.init, twiki.HUB_PARAMS["test/8b"] = "test/8b", 8e9
+    try:
+        assert "MORE than 80% of one 80 GB GPU: --nproc N --fsdp" in twiki.plan_memory(big)[0]
+    finally:
+        del twiki.HUB_PARAMS["test/8b"]
+    assert "--fsdp shards over processes" in one_line_error(capsys, argv("gpt2", tmp_path / "o") + ["--fsdp"])
