@@ -148,32 +148,40 @@ def _free_port():
 
 def _shards(rank, port, out):
     """Per process: the local shards hold about half the parameters; clip_gradients on sharded gradients
-    equals the unsharded rule on the whole gradients."""
+    equals the unsharded rule on the whole gradients; activation checkpointing changes no gradient; the
+    bf16 policy computes close to fp32 and keeps fp32 shards."""
     import torch.distributed as dist
     from experiments.fsdp import shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
-    ref, model = GPT(config), GPT(config)
-    model.load_state_dict(ref.state_dict())
-    shard(model, "cpu")
+    ref, model, ac, bf16 = GPT(config), GPT(config), GPT(config), GPT(config)
+    for m in (model, ac, bf16):
+        m.load_state_dict(ref.state_dict())
+    shard(model, "cpu"), shard(ac, "cpu", checkpoint_activations=True), shard(bf16, "cpu", bf16=True)
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    for m in (ref, model):
+    calls, mlp = [], ac.transformer.h[0].mlp  # (a forward hook does not fire on the recomputation)
+    mlp.forward = lambda h, forward=mlp.forward: calls.append(1) or forward(h)
+    for m in (ref, model, ac, bf16):
         m(x, x.roll(-1, 1))[1].backward()
-    for p in ref.parameters():  # FSDP averages the two processes' gradients: the same batch on both
-        p.grad = p.grad.clone()
-    for m in (ref, model):
+    got = dict(local=sum(p.to_local().numel() for p in model.parameters()), total=sum(p.numel() for p in ref.parameters()))
+    got["ac_forwards"] = len(calls)  # the forward, then its recomputation in the backward
+    got["ac"] = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ac.parameters()))
+    got["bf16"] = max((p.grad.full_tensor() - q.grad).abs().max().item() / q.grad.abs().max().item()
+                      for p, q in zip(bf16.parameters(), ref.parameters()))
+    got["bf16_dtype"] = {str(p.dtype) for p in bf16.parameters()} | {str(p.grad.dtype) for p in bf16.parameters()}
+    for m in (ref, model):  # FSDP averages the two processes' gradients: the same batch on both
         optim.clip_gradients(optim.AdamW(optim.make_param_groups(m)), 0.1, len(unit_names(2)))
-    diff = max((p.grad.full_tensor() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-    local = sum(p.to_local().numel() for p in model.parameters())
-    torch.save(dict(diff=diff, local=local, total=sum(p.numel() for p in ref.parameters())), f"{out}.{rank}")
+    got["clip"] = max((p.grad.full_tensor() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    torch.save(got, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def test_shards_halve_parameters_and_clip_exactly(tmp_path):
+def test_shards_halve_parameters_clip_exactly_and_knobs(tmp_path):
     mp.spawn(_shards, args=(_free_port(), str(tmp_path / "r")), nprocs=2)
     got = [torch.load(tmp_path / f"r.{rank}") for rank in range(2)]
     assert sum(g["local"] for g in got) == got[0]["total"]  # the shards partition the model
     assert all(abs(g["local"] / g["total"] - 0.5) < 0.02 for g in got)
-    assert all(g["diff"] < 1e-7 for g in got)
+    assert all(g["clip"] < 1e-7 and g["ac"] == 0 and g["ac_forwards"] == 2 for g in got)
+    assert all(0 < g["bf16"] < 0.05 and g["bf16_dtype"] == {"torch.float32"} for g in got)
