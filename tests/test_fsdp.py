@@ -119,10 +119,13 @@ class Evil:
 
 
 def test_fsdp_refused_in_one_process(world, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run(world, tmp_path / "x", "--fsdp")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "torchrun" in err[0]
+    for main, argv in ((train.main, None), (tgl_trace.main, ["--init", world.base, "--probes", world.probes,
+                                                             "--text", world.old, "--out", str(tmp_path / "t.json")])):
+        with pytest.raises(SystemExit) as e:
+            run(world, tmp_path / "x", "--fsdp") if argv is None else main(argv + ["--fsdp"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "--fsdp: run under torchrun" in err[0], err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "t.json").exists()
 
 
 def test_sharded_trace_equals_one_process(world, tmp_path):
