@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from checkpoint import CKPT_NAME, load_model, save_checkpoint
@@ -51,29 +52,29 @@ def sharded_model(init: str, device: str):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle: read it admitting only DCP's own classes and torch's sizes and dtypes,
-    so that a foreign checkpoint runs no code (as torch.load(weights_only=True) does for tensors)."""
+    """DCP's .metadata is a pickle: read it admitting only DCP's own classes and torch's sizes, dtypes and
+    layouts, so that a foreign checkpoint runs no code (as torch.load(weights_only=True) for the tensors)."""
+    ALLOWED = {("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
 
     def find_class(self, module, name):
-        ok = module.startswith("torch.distributed.checkpoint.") or (module, name) in {
-            ("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-            ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                         torch.memory_format)):
-            ok = True
-        if not ok:
+        obj = super().find_class(module, name) if "." not in name else None  # "a.b": an attribute path
+        dcp_class = isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint.")
+        torch_constant = module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+        if obj is None or not (dcp_class or torch_constant or (module, name) in self.ALLOWED):
             raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
-        return super().find_class(module, name)
+        return obj
 
 
 class SafeReader(dcp.FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        real = pickle.load
-        pickle.load = lambda f, **kw: _MetadataUnpickler(f, **kw).load()  # the one pickle.load inside
-        try:
-            return super().read_metadata(*args, **kwargs)
-        finally:
-            pickle.load = real
+    def read_metadata(self, *args, rank=None, **kwargs):  # FileSystemReader's, with the unpickler above
+        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"a {type(metadata).__name__}, not DCP metadata")
+        metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _tensors(model, opt) -> dict:  # what DCP writes and reads: each process its own shards

@@ -105,12 +105,22 @@ def test_fsdp_resume_continues_bit_for_bit_and_exports(world, tmp_path):
     assert all(torch.equal(got[n], wa[n]) for n in wa)
     # DCP's .metadata is a pickle: a foreign one runs no code, and is one line
     folder = tmp_path / "a" / load_checkpoint(tmp_path / "a" / "ckpt.pt")["sharded"]
-    (folder / ".metadata").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(ValueError, match="not a readable sharded checkpoint .*posix.system"):
-        load_model(str(tmp_path / "a"))
+    for evil, named in ((pickle.dumps(Evil()), "posix.system"), (DOTTED, "os.system")):
+        (folder / ".metadata").write_bytes(evil)
+        with pytest.raises(ValueError, match=f"not a readable sharded checkpoint .*{named}"):
+            load_model(str(tmp_path / "a"))
     shutil.rmtree(folder)
     with pytest.raises(ValueError, match="shards .* are missing"):
         load_model(str(tmp_path / "a"))
+
+
+def _short(text):  # pickle's SHORT_BINUNICODE
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+# protocol 4's dotted global: an allowed module's attribute path (its os module's system)
+DOTTED = (b"\x80\x04" + _short("torch.distributed.checkpoint.filesystem") + _short("os.system") + b"\x93"
+          + _short("false") + b"\x85R.")
 
 
 class Evil:
