@@ -52,7 +52,7 @@ def grad_logs(run_dir):
 
 
 # clipping at 0.05 / sqrt(units) acts on every unit at every step: the per-unit rule is exercised
-ARMS = {"none": [], "fp": ["--trace", "{trace}"],
+ARMS = {"none": ["--probes", "{probes}"], "fp": ["--trace", "{trace}"],
         "alr": ["--trace", "{trace}", "--method", "recadam", "--recadam-t0", "2"],
         "lora": ["--trace", "{trace}", "--method", "lora"],
         # Mix-Review rounds each process's replayed share of its rows: its reference is DDP on 2 processes
@@ -62,7 +62,7 @@ ARMS = {"none": [], "fp": ["--trace", "{trace}"],
 @pytest.mark.parametrize("arm", list(ARMS))
 def test_fsdp_matches_one_process(world, tmp_path, arm):
     extra = ["--steps", "4", "--grad-accum", "2", "--grad-clip", "0.05", "--dropout", "0"]
-    extra += [a.format(old=world.old, trace=world.trace) for a in ARMS[arm]]
+    extra += [a.format(old=world.old, trace=world.trace, probes=world.probes) for a in ARMS[arm]]
     extra += ["--tgl", {"lora": "fp", "mixreview": "none"}.get(arm, arm)]
     if arm == "mixreview":
         fsdp_train(world, tmp_path / "one", *extra, fsdp=False)  # DDP
@@ -78,6 +78,11 @@ def test_fsdp_matches_one_process(world, tmp_path, arm):
     g1, g2 = grad_logs(tmp_path / "one"), grad_logs(tmp_path / "two")  # the log's norms, summed over shards
     assert [set(g) for g in g1] == [set(g) for g in g2]
     assert all(g2[s][u] == pytest.approx(g1[s][u], rel=1e-4) and g1[s][u] > 0.05 / 6 ** 0.5 for s in range(4) for u in g1[s])
+    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert s1["trainable_params"] == s2["trainable_params"]
+    if arm == "none":  # the probes, scored by every process under FSDP (each forward gathers the weights)
+        (split, r1), = s1["probes"].items()  # {split: {ppl, em, n}}; the split is the probe file's name
+        assert s2["probes"][split]["ppl"] == pytest.approx(r1["ppl"], rel=1e-4) and s2["probes"][split]["n"] == 8
     if arm == "fp":  # the units TGL froze: bit-identical to the start
         frozen = [n for n in w0 if n.startswith(("transformer.h.0.mlp", "transformer.h.0.ln_2", "transformer.h.1.attn"))]
         assert frozen and all(torch.equal(w2[n], w0[n]) for n in frozen)
