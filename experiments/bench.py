@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from data import GPT2Tokenizer, WordTokenizer, read_probes, span_example
+from data import GPT2Tokenizer, WordTokenizer, span_example
+from experiments.probe_files import read_probes
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from data import collate as _collate
 from trace import trace_norms
