@@ -186,7 +186,8 @@ def _source_files(path):
     files = sorted(files) if p.is_dir() else [p]
     if not files or files[0].suffix.lower() not in ext:
         raise ValueError(f"{p}: not a .txt or .csv file, nor a folder of them")
-    if p.is_dir() and (sub := [f.name for f in files if f.name.endswith("_subset.csv")]):
+    sub = [f.name for f in files if f.name.endswith("_subset.csv")] if p.is_dir() else []
+    if sub:
         raise ValueError(f"{p}: holds TemporalWiki's *_subset.csv ({', '.join(sub)}): give its diff set file")
     return files
 
