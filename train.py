@@ -135,6 +135,11 @@ def build_model(cfg: Config, device):
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {cfg.init}: {e}") from None
+    for f in [f for f in fields(Config) if f.name in ("n_layer", "n_head", "n_embd")]:  # scratch's shape:
+        given, has = getattr(cfg, f.name), getattr(model.config, f.name)
+        if given not in (f.default, has):  # given, and not the loaded model's: refused, never ignored
+            raise ValueError(f"--{f.name.replace('_', '-')} {given}: --init {cfg.init} has {has}; drop it "
+                             "(it shapes --init scratch only)")
     if cfg.dropout is None:
         return tokenizer, model
     for m in model.modules():  # --dropout overrides the loaded model's: a module attribute, not a weight
