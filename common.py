@@ -64,8 +64,12 @@ def unused_flag(cfg, given) -> str | None:  # a flag given that cfg.NEEDS says c
 def parse_config(config, prog: str, doc: str, argv=None):
     parser = Parser(prog=prog, description=doc.split("\n")[0])
     add_flags(parser, config)
-    cfg = from_args(config, args := parser.parse_args(argv))
-    return parser.error(unused) if (unused := unused_flag(cfg, vars(args))) else cfg
+    args = parser.parse_args(argv)
+    cfg = from_args(config, args)
+    unused = unused_flag(cfg, vars(args))  # a flag the chosen method or mode does not read
+    if unused:
+        parser.error(unused)
+    return cfg
 
 def number(interval: str, kind=float):
     """An argparse type: a finite int or float in an interval, e.g. "[0, 1)" or "(0, inf)"."""

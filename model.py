@@ -64,7 +64,8 @@ def rotary(c: GPTConfig, T: int, device):
     q.k then depends on positions only through their distance."""
     rd = int(c.n_embd // c.n_head * c.rotary_pct)
     freq = c.rope_theta ** -(torch.arange(0, rd, 2, device=device).float() / rd)  # (rd/2,) per position
-    if s := c.rope_scaling:  # Llama 3: pairs that turn < low_freq_factor times over the original context
+    s = c.rope_scaling
+    if s:  # Llama 3: pairs that turn < low_freq_factor times over the original context
         # are slowed by factor, those > high_freq_factor kept, those between blended
         turns = s["original_max_position_embeddings"] * freq / (2 * math.pi)
         lo, hi = s["low_freq_factor"], s["high_freq_factor"]

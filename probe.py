@@ -11,6 +11,7 @@ import torch
 import data
 from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, parse_config, write_text
+from experiments import probe_files  # the data sets' probe files
 from model import autocast, pick_device, unwrap
 
 METRICS = ("span", "sentence")
@@ -19,7 +20,7 @@ MAX_TOKENS = 4096  # padded tokens per forward: GPT-2's fp32 logits < 0.8 GB
 @dataclass
 class ProbeConfig:
     init: str = flag(None, "run folder, ckpt.pt, HF folder or hub name", required=True)
-    probes: list = flag([], "probe files (see data.read_probes)", nargs="+", required=True)
+    probes: list = flag([], "probe files (see probe_files.read_probes)", nargs="+", required=True)
     metric: str = flag("span", "score the answer span (paper) or sentence", choices=METRICS)
     tokenizer: str = flag(None, "data.load_tokenizer's (default: --init's)")
     json: str = flag(None, "also write the results to this JSON file")
@@ -109,7 +110,7 @@ def main(argv=None):
     with input_errors("probe.py"):
         if cfg.json:
             check_output(cfg.json, "--json")
-        device, probes = pick_device(cfg.device), data.read_probe_files(cfg.probes)
+        device, probes = pick_device(cfg.device), probe_files.read_probe_files(cfg.probes)
         model, tok = load_with_tokenizer(cfg.init, cfg.tokenizer, device)
         results = score(model, tok, probes, cfg.batch_size, device, cfg.metric)
         out = dict(asdict(cfg), summary=summarize(results))

@@ -23,6 +23,7 @@ import torch
 import data
 from checkpoint import load_model
 from common import POS, check_output, flag, input_errors, number, parse_config, read_json, write_text
+from experiments import probe_files  # the data sets' probe files
 from model import autocast, pick_device, unit_names, unit_of
 from optim import group_norms, local, sharded
 
@@ -191,7 +192,7 @@ def tgl_plan(trace: dict, mode: str, sel: Selection, units: list) -> dict:
 @dataclass
 class TraceConfig:
     init: str = flag(None, "model: run folder, ckpt.pt, HF folder or hub name", required=True)
-    probes: list = flag([], "probe files (formats: data.read_probes)", nargs="+", required=True)
+    probes: list = flag([], "probe files (formats: probe_files.read_probes)", nargs="+", required=True)
     text: str = flag(None, "old text for the LM windows: file or folder", required=True)
     out: str = flag(None, "trace JSON to write", required=True)
     tokenizer: str = flag(None, "data.load_tokenizer's (default: --init's)")
@@ -211,7 +212,7 @@ def trace_files(model, tokenizer, cfg: TraceConfig, device=None) -> dict:
         raise ValueError(f"--block-size must be at most the model's {model_config.block_size}")
     resolve_units(cfg.selection.check().rank_units, units)  # before the slow part
     by_split = {}
-    for p in data.read_probe_files(cfg.probes):  # each probe's split
+    for p in probe_files.read_probe_files(cfg.probes):  # each probe's split
         by_split.setdefault(p.split, []).append(p)
     if "all" in by_split:
         raise ValueError("a probe split may not be named 'all'")
@@ -263,7 +264,7 @@ def main(argv=None) -> dict:
     cfg = parse_config(TraceConfig, "trace.py", __doc__, argv)
     with input_errors("trace.py"):
         cfg.selection.check()
-        data.check_files([cfg.text], cfg.probes)  # before the model loads
+        probe_files.check_files([cfg.text], cfg.probes)  # before the model loads
         check_output(cfg.out, "--out")
         rank, device = 0, pick_device(cfg.device)
         if cfg.fsdp:  # all processes trace the same examples, with 1/N of the weights each

@@ -21,6 +21,7 @@ import trace as tgl_trace  # ours, not the stdlib's: the root is first on sys.pa
 from checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
 from common import POS, check_output, fail, flag, init_distributed, input_errors, log_lines, number
 from common import duration, parse_config, write_text
+from experiments import probe_files  # the data sets' probe files
 from experiments.tools import folder_lock
 from model import GPT, GPTConfig, add_lora, autocast, pick_device, unit_names
 from optim import AdamW, clip_gradients, lr_at, make_param_groups, recadam_lambda, recadam_pull
@@ -92,7 +93,7 @@ class Config:  # train.py's flags
     fsdp: bool = flag(False, "under torchrun: shard weights, grads, moments (FSDP2)")
 
     def check(self):  # what argparse cannot check alone, before any slow work
-        data.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
+        probe_files.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
         files = (CKPT_NAME, "metrics.jsonl", "summary.json")
         held = any(os.path.exists(os.path.join(self.out, f)) for f in files)
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -137,6 +138,11 @@ def build_model(cfg: Config, device):
         model = load_model(cfg.init, device)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {cfg.init}: {e}") from None
+    for f in [f for f in fields(Config) if f.name in ("n_layer", "n_head", "n_embd")]:  # scratch's shape:
+        given, has = getattr(cfg, f.name), getattr(model.config, f.name)
+        if given not in (f.default, has):  # given, and not the loaded model's: refused, never ignored
+            raise ValueError(f"--{f.name.replace('_', '-')} {given}: --init {cfg.init} has {has}; drop it "
+                             "(it shapes --init scratch only)")
     if cfg.dropout is None:
         return tokenizer, model
     for m in model.modules():  # --dropout overrides the loaded model's: a module attribute, not a weight
@@ -214,7 +220,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
     if block_size > model_config.block_size or tokenizer.n_vocab > model_config.vocab_size:
         raise ValueError(f"--block-size {block_size} / vocabulary {tokenizer.n_vocab} exceed the model's "
                          f"{model_config.block_size} / {model_config.vocab_size}")
-    probes = data.read_probe_files(cfg.probes)  # checked now, not at the first evaluation
+    probes = probe_files.read_probe_files(cfg.probes)  # checked now, not at the first evaluation
     probe.check_probes(tokenizer, probes, model_config.block_size, metric=cfg.metric)
     # a resume reuses the scales it saved: the trace file may have moved or changed since
     scales = saved["scales"] if saved else tgl_scales(cfg, model)

@@ -26,6 +26,7 @@ from dataclasses import asdict, replace
 import torch
 
 import data
+from experiments import probe_files
 import probe
 import trace as tgl_trace
 from experiments import plot, world as tgl_world
@@ -365,7 +366,7 @@ def one_seed(args, cfg, seed):
 
 def base_scores(base, world_dir):
     model, tok = load_model(base), data.load_tokenizer(base)
-    probes = [p for s in SPLITS for p in data.read_probes(os.path.join(world_dir, "probes", f"{s}.jsonl"))]
+    probes = [p for s in SPLITS for p in probe_files.read_probes(os.path.join(world_dir, "probes", f"{s}.jsonl"))]
     return probe.evaluate(model, tok, probes)
 
 
@@ -490,7 +491,7 @@ def samples(root, names, n_facts=3) -> str:
     models.update((n, load_model(os.path.join(root, "runs", n))) for n in arms)
     lines = ["| prompt | gold | " + " | ".join(f"{n} says" for n in models) + " |",
              "|---" * (2 + len(models)) + "|"]
-    for pr in data.read_probes(os.path.join(world_dir, "probes", "updated.jsonl"))[:n_facts]:
+    for pr in probe_files.read_probes(os.path.join(world_dir, "probes", "updated.jsonl"))[:n_facts]:
         idx, targets = data.span_example(tok, pr.prompt, pr.answers[0])  # the tokens the scorer reads
         n_answer = sum(t != -1 for t in targets)
         prompt = torch.tensor([idx[:len(idx) - n_answer + 1]])  # (1, T): the prompt, without the answer

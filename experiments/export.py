@@ -57,10 +57,10 @@ def _fresh(folder, names):
                          "(--overwrite to replace it)")
 
 
-def save_hf(model: GPT, folder):
+def save_hf(model: GPT, folder, tokenizer=None):
     """config.json + model.safetensors in the model family's own layout (experiments/hf.py), as current
     transformers writes them, into a folder that holds neither. The model itself keeps its adapters: a
-    merged copy is written."""
+    merged copy is written. Another family's tokenizer gives config.json its BOS and EOS ids."""
     _fresh(folder, ("config.json", "model.safetensors"))
     c = model.config
     if getattr(model, "lora", None):
@@ -69,7 +69,8 @@ def save_hf(model: GPT, folder):
     # the GPT-2 BPE's <|endoftext|> is 50256; another vocabulary must say "none", or transformers
     # fills in GPT-2's default ids, which lie outside it
     eot = 50256 if c.vocab_size == 50257 else None
-    cfg.update(bos_token_id=eot, eos_token_id=eot,
+    bos, eos = (tokenizer.bos, tokenizer.eot) if getattr(tokenizer, "name", "") == "hf" else (eot, eot)
+    cfg.update(bos_token_id=bos, eos_token_id=eos,
                dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."))
     os.makedirs(folder, exist_ok=True)
     write_safetensors(os.path.join(folder, "model.safetensors"), sd, metadata={"format": "pt"})
@@ -234,7 +235,7 @@ def export(model: GPT, tokenizer, folder, overwrite=False, init=None):
     stage = os.path.join(folder, f".export.{os.getpid()}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        save_hf(model, stage)
+        save_hf(model, stage, tokenizer)
         save_tokenizer(tokenizer, stage, model.config.block_size)
         new = set(os.listdir(stage))
         source = _source(init) if init is not None else None

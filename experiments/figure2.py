@@ -22,12 +22,11 @@ import shutil
 import time
 from pathlib import Path
 
-import data
 import probe
 import trace as tgl_trace
 from checkpoint import load_model
 from common import Parser, check_output, duration, input_errors, read_json, write_text
-from experiments import fetch, plot, realdata
+from experiments import fetch, plot, probe_files, realdata
 from experiments.hf import is_hub_name
 from experiments.tools import check_number, script
 from experiments.twiki import TEMPLAMA_SETS, sh
@@ -229,7 +228,7 @@ def probe_counts(args) -> dict:
     """Probes the trace will take of each kind: --n-span, or fewer where the probe files written hold fewer."""
     specs = dict(s.rsplit(":", 1) for s in probe_specs(args))  # {file: kind}
     have = {k: [f for f, s in specs.items() if s == k and Path(f).is_file()] for k in SPLITS}
-    return {k: min(args.n_span, sum(len(data.read_probes(f)) for f in fs)) if fs else args.n_span
+    return {k: min(args.n_span, sum(len(probe_files.read_probes(f)) for f in fs)) if fs else args.n_span
             for k, fs in have.items()}
 
 

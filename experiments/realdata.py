@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import data
+from experiments import probe_files
 from common import Parser, check_output, input_errors, number, write_text
 from experiments import fetch
 from experiments.tools import folder_lock
@@ -54,10 +55,10 @@ def _check_types(rec):
 def _checked(path):
     """(line, record, the Probe data.py reads from it or None where it skips it) of a probe file; a record
     it cannot read is one line naming file:line, at split time rather than when the derived file is read."""
-    for n, rec in data.probe_records(path):  # a byte-order mark is stripped there too
+    for n, rec in probe_files.probe_records(path):  # a byte-order mark is stripped there too
         try:
             _check_types(rec)
-            probe = data.READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
+            probe = probe_files.READERS[Path(path).suffix.lower()](rec, f"{Path(path).stem}:{n}")
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}; splits copies no malformed record: fix or delete it") \
                 from None
@@ -65,9 +66,9 @@ def _checked(path):
 
 
 def _on(date, t):
-    """`date` lies in `t` by data.filter_dates' rule, the one FILE@DATES uses: 2019-Q1 is on 2019."""
+    """`date` lies in `t` by probe_files.filter_dates' rule, the one FILE@DATES uses: 2019-Q1 is on 2019."""
     try:
-        return bool(data.filter_dates([SimpleNamespace(date=date)], t, ""))
+        return bool(probe_files.filter_dates([SimpleNamespace(date=date)], t, ""))
     except ValueError:
         return False
 
@@ -86,7 +87,7 @@ def _check_dates(t0, t1):
 
 # ----------------------------------------------------------------------------- probe splits
 # The method's probe files: updated / new / unchanged facts between two dates, each with a disjoint
-# seeded diagnostic file (diag_*) for tracing. Outputs keep the input formats, so data.read_probes reads them.
+# seeded diagnostic file (diag_*) for tracing. Outputs keep the input formats, so probe_files.read_probes reads them.
 # A split is {key: [records]}: the key is what evaluation and diagnostic files never share (a TempLAMA query,
 # a TemporalWiki subject+relation, an ECBD entity), so duplicate or multi-valued rows stay on one side.
 
@@ -119,27 +120,27 @@ def _templama_records(files, t0, t1):
     number read, {date: 0 (on t0), 1 (on t1) or None} over the dates read"""
     out, n_read, seen = [], 0, {}
     for path in files:
-        for n, rec in data.probe_records(path):  # a byte-order mark is stripped there too
+        for n, rec in probe_files.probe_records(path):  # a byte-order mark is stripped there too
             if rec.get("query") is None or rec.get("date") in (None, ""):
                 raise ValueError(f"{path}:{n}: expected a (Dynamic) TempLAMA record with 'query' and 'date'")
             try:
                 _check_types(rec)
                 n_read, date = n_read + 1, str(rec["date"])
-                if date not in seen:  # data.filter_dates' rule, once per distinct date
+                if date not in seen:  # probe_files.filter_dates' rule, once per distinct date
                     seen[date] = 0 if _on(date, t0) else 1 if _on(date, t1) else None
                 if seen[date] is not None:
                     key = (str(rec.get("relation") or ""), rec["query"])
                     out.append(SimpleNamespace(date=date, key=key, rec=rec, path=path, n=n,
-                                               names=data.answer_names(rec.get("answer"))))
+                                               names=probe_files.answer_names(rec.get("answer"))))
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: {e}; fix or delete that record") from None
     return out, n_read, seen
 
 
 def _check_window(dates, flag, t, files):
-    """Some date read is on t (data.filter_dates' check, its message listing the dates there are)."""
+    """Some date read is on t (probe_files.filter_dates' check, its message listing the dates there are)."""
     try:
-        data.filter_dates([SimpleNamespace(date=d) for d in sorted(dates)], t, ", ".join(map(str, files)))
+        probe_files.filter_dates([SimpleNamespace(date=d) for d in sorted(dates)], t, ", ".join(map(str, files)))
     except ValueError as e:
         raise ValueError(f"{flag} {t}: {e}") from None
 
@@ -159,7 +160,7 @@ def _templama_groups(inputs, t0, t1):
     kinds, skipped = {"updated": {}, "new": {}, "unchanged": {}}, 0
     for key, (names, rec, r) in f1.items():
         try:
-            probe = data.READERS[r.path.suffix.lower()](rec, f"{r.path.stem}:{r.n}")
+            probe = probe_files.READERS[r.path.suffix.lower()](rec, f"{r.path.stem}:{r.n}")
         except ValueError as e:
             raise ValueError(f"{r.path}:{r.n}: {e}; fix or delete that record") from None
         if probe is None:  # data.py skips it (an object-first template), so no split gets it
@@ -187,7 +188,7 @@ def twiki_pairs(folders):
         if not Path(folder).is_dir():
             raise ValueError(f"--input {folder}: not a folder (twiki takes folders of MMNN-MMNN_*.csv)")
         for f in sorted(Path(folder).rglob("*.csv")):
-            m = data.TWIKI_PAIR.fullmatch(f.stem.lower())
+            m = probe_files.TWIKI_PAIR.fullmatch(f.stem.lower())
             if m:
                 if m.group(2) in pairs.get(m.group(1), {}):
                     raise ValueError(f"{f}: a second {m.group(0)}.csv (first: {pairs[m.group(1)][m.group(2)]})")
@@ -204,7 +205,7 @@ def _twiki_groups(inputs):
         for kind, f in sorted(files.items()):
             groups, seen, rows = {}, set(), 0
             for _, row, _ in _checked(f):
-                fact = tuple(row[k].strip() for k in data.TWIKI_COLUMNS)
+                fact = tuple(row[k].strip() for k in probe_files.TWIKI_COLUMNS)
                 rows += 1
                 if fact not in seen:  # a repeated row is one probe, counted once
                     seen.add(fact)
@@ -255,7 +256,7 @@ def _write(path, recs):
     """JSON lines, or a TemporalWiki CSV (rows of subject,relation,object): the format read_probes reads."""
     if path.suffix == ".csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, data.TWIKI_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(buf, probe_files.TWIKI_COLUMNS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(recs)
         text = buf.getvalue()
@@ -281,7 +282,7 @@ def _check_inputs(inputs, out, diag_frac):
 
 def make_splits(kind, inputs, out, dates=(None, None), diag_frac=0.25, seed=0, ecbd_file="np_spans_test.json"):
     """Write the probe files of `kind` (templama: its `dates` (t0, t1); twiki; ecbd) under out: each split's
-    evaluation file and its diag_* file, disjoint by key. No empty file is written (data.read_probes refuses
+    evaluation file and its diag_* file, disjoint by key. No empty file is written (probe_files.read_probes refuses
     one): a line on stderr says which and why; diag_frac=0 writes no diag_* file. -> {relative path: count}
     of the files written."""
     t0, t1 = (None if t is None else str(t) for t in dates)
@@ -365,9 +366,9 @@ def run_splits(args):
 
 
 def run_probes(args):
-    probes = data.read_probe_files(args.probes)
+    probes = probe_files.read_probe_files(args.probes)
     if args.date:
-        probes = data.filter_dates(probes, args.date, " ".join(args.probes))
+        probes = probe_files.filter_dates(probes, args.date, " ".join(args.probes))
     for s, n in sorted(Counter(p.split for p in probes).items()):
         print(f"{s:>16} {n:6d}")
 

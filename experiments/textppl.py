@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 import data
+from experiments import probe_files
 import probe
 from common import POS, check_output, flag, input_errors, parse_config, write_text
 from model import pick_device, unwrap
@@ -50,7 +51,7 @@ def check_known(tokens, tok, spec):
 def main(argv=None) -> float:
     cfg = parse_config(TextConfig, "experiments.textppl", __doc__, argv)
     with input_errors("experiments.textppl"):
-        data.check_files([cfg.text], [])
+        probe_files.check_files([cfg.text], [])
         if cfg.json:
             check_output(cfg.json, "--json")
         device = pick_device(cfg.device)

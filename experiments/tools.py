@@ -53,13 +53,25 @@ def folder_lock(path, flag="--out"):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            raise ValueError(f"{flag} {path} is being written by {f.read().strip() or 'another process'}; "
+            raise ValueError(f"{flag} {path} is being written by {lock_holder(f)}; "
                              f"wait for it to end, or use another {flag}") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()} ({' '.join(map(str, sys.argv))[:300]})\n")
         f.flush()
         yield
+
+
+def lock_holder(f) -> str:
+    """The lock file's "pid N (command)": the holder writes it just after it locks, over a dead holder's
+    line, so a live pid is waited for (a second at most) rather than naming nobody, or the dead one."""
+    for _ in range(40):
+        f.seek(0)
+        line = f.read().strip()
+        pid = line.split()[1] if line.startswith("pid ") and len(line.split()) > 1 else ""
+        if pid.isdigit() and not _dead(pid):
+            return line
+        time.sleep(0.025)
+    return "another process"
 
 
 def check_number(flag: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
+from experiments.probe_files import probe_records
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from common import Parser, add_flags, atomic_path, check_output, duration, input_errors, read_json
@@ -471,11 +472,11 @@ def finished(run: Path) -> bool:
 def has_probes(path: Path) -> bool:
     """A probe file to score: there and not empty (a split with no record, e.g. no TempLAMA fact updated
     between two dates, gets no column rather than a failed step)."""
-    return path.is_file() and next(iter(data.probe_records(path)), None) is not None
+    return path.is_file() and next(iter(probe_records(path)), None) is not None
 
 
 def probe_files(cfg, k) -> list:
-    """FILE:SPLIT specs: each split named by its data set (data.read_probes' :SPLIT), the same in every stage."""
+    """FILE:SPLIT specs: each split named by its data set (experiments.probe_files.read_probes' :SPLIT), the same in every stage."""
     pd = probe_dir(cfg, k)
     files = [(pd / "changed.csv", "twiki/changed"), (pd / "unchanged.csv", "twiki/unchanged")]
     files += [(pd / "templama" / f"{s}.jsonl", f"templama/{s}") for s in ("updated", "unchanged") if cfg.templama]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (Batcher, GPT2Tokenizer, Probe, WordTokenizer, load_tokenizer, load_tokens,
-                  read_probes, span_example)
+from data import Batcher, GPT2Tokenizer, WordTokenizer, load_tokenizer, load_tokens, span_example
+from experiments.probe_files import Probe, read_probes
 from samples import DATA
 
 TWIKI = DATA / "twiki_probes"

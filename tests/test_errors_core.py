@@ -8,6 +8,7 @@ import os
 import pytest
 
 import data
+from experiments import probe_files
 import probe
 import train
 
@@ -50,8 +51,8 @@ def test_unknown_tokenizer_name_is_refused_not_gpt2(w, capsys):
 
 def test_probe_specs_read_as_they_mean(w, capsys):
     p = str(w / "probes.jsonl")
-    assert {x.id for x in data.read_probes(p + "@2018..2019")} == {"p0", "p1"}  # 2019-Q1 is in 2019
-    assert [x.id for x in data.read_probes(p + "@2019")] == ["p1"]
+    assert {x.id for x in probe_files.read_probes(p + "@2018..2019")} == {"p0", "p1"}  # 2019-Q1 is in 2019
+    assert [x.id for x in probe_files.read_probes(p + "@2019")] == ["p1"]
     one_line(capsys, probe.main, ["--init", str(w), "--probes", p + "@2019..2016"], "2019..2016", "reversed")
     one_line(capsys, probe.main, ["--init", str(w), "--probes", p, p], "probes.jsonl", "twice")
     one_line(capsys, probe.main, ["--init", str(w), "--probes", p, p + ":other"], "twice")
@@ -67,7 +68,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "d.csv").write_bytes("\ufefftext\nAnn plays.\n".encode("utf-8"))
     assert list(data.iter_documents(tmp_path / "d.csv")) == ["Ann plays."]
     (tmp_path / "0801-0901_changed.csv").write_bytes("\ufeffsubject,relation,object\nAnn,plays for,Rovers\n".encode())
-    [p] = data.read_probes(str(tmp_path / "0801-0901_changed.csv"))
+    [p] = probe_files.read_probes(str(tmp_path / "0801-0901_changed.csv"))
     assert (p.prompt, p.answers, p.split) == ("Ann plays for", ["Rovers"], "changed")
 
 

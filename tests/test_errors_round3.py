@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from experiments import probe_files
 import probe
 import train
 import trace as tgl_trace
@@ -83,7 +84,7 @@ def test_an_unclosed_csv_quote_is_refused_naming_the_line_it_opens(w, tmp_path, 
     probes = tmp_path / "0801-0901_changed.csv"  # probe files share the reader
     probes.write_text('subject,relation,object\nw1,w2,"w3\nw4,w5,w6\n')
     with pytest.raises(ValueError, match=f"{probes}:2: "):
-        data.read_probes(str(probes))
+        probe_files.read_probes(str(probes))
 
 
 def test_a_snapshot_csv_with_a_short_row_or_an_open_quote_names_member_and_line(server, capsys):

@@ -127,6 +127,14 @@ def test_a_flag_the_method_or_mode_does_not_use_is_refused(w, capsys):
     train.main(argv(w, out, "--method", "recadam", "--resume", "--steps", "2"))  # --resume's rules unchanged
 
 
+def test_a_shape_flag_that_contradicts_the_loaded_model_is_refused(w, tmp_path, capsys):
+    base = w / "shape_base"  # 2 layers, 2 heads, 32 wide
+    train.main(argv(w, base, "--steps", "1"))
+    more = argv(w, tmp_path / "on", "--init", str(base), "--steps", "1")  # TINY's shape: the base's own
+    one_line(capsys, train.main, more + ["--n-layer", "3"], "--n-layer 3", f"--init {base} has 2", "drop it")
+    assert train.main(more + ["--n-layer", "2"])["steps"] == 1  # the model's own shape: harmless
+
+
 def test_twiki_passes_each_arm_the_train_args_it_uses_and_refuses_one_no_arm_uses(tmp_path, capsys):
     base = ["--init", "gpt2", "--out", str(tmp_path / "o"), "--plan", "--tgl", "none", "fp"]
     err = one_line(capsys, twiki.main, base + ["--train-args", "--recadam-gamma 50 --eval-every 5"],

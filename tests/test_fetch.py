@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import data
+from experiments import probe_files
 from experiments import fetch, realdata
 from httpserver import HF, zip_bytes  # the `server` fixture comes from conftest
 from samples import DATA
@@ -35,7 +36,7 @@ def test_fetch_twiki_probes_unpacks_and_then_makes_no_request(server, tmp_path, 
     server.files[HF + "TWiki_Probes.zip"] = zip_bytes({"TWiki_Probes/0801-0901_changed.csv": "\n".join(real) + "\n"})
     realdata.main(["fetch", "twiki-probes"])
     folder = tmp_path / "cache" / "data" / "twiki-probes"
-    probes = data.read_probes(folder / "TWiki_Probes" / "0801-0901_changed.csv")
+    probes = probe_files.read_probes(folder / "TWiki_Probes" / "0801-0901_changed.csv")
     assert len(probes) == 5 and probes[0].split == "changed" and probes[0].date == "0801-0901"
     assert not (folder / "TWiki_Probes.zip").exists() and not list(folder.glob("*.part"))
     n = len(server.log)
@@ -110,7 +111,7 @@ def test_templama_and_dynamic_templama_files(server, tmp_path):
     realdata.main(["fetch", "templama"])
     realdata.main(["fetch", "dynamic-templama", "--out", str(tmp_path / "dyn")])
     assert (tmp_path / "cache" / "data" / "templama" / "test.json").read_bytes() == rec
-    assert data.read_probes(tmp_path / "dyn" / "val.jsonl")[0].date == "2019-Q1"
+    assert probe_files.read_probes(tmp_path / "dyn" / "val.jsonl")[0].date == "2019-Q1"
 
 
 def test_ecbd_prints_where_to_get_it_and_takes_the_folder(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import probe
 from experiments import textppl
-from data import GPT2Tokenizer, Probe, WordTokenizer, read_probes, span_example
+from data import GPT2Tokenizer, WordTokenizer, span_example
+from experiments.probe_files import Probe, read_probes
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
 

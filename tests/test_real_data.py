@@ -7,7 +7,8 @@ import json
 import pytest
 
 import data
-from data import WordTokenizer, load_tokens, read_probe_files, read_probes
+from data import WordTokenizer, load_tokens
+from experiments.probe_files import read_probe_files, read_probes
 from experiments import realdata
 from samples import DATA
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from data import WordTokenizer, read_probes
+from data import WordTokenizer
+from experiments.probe_files import read_probes
 from experiments import realdata
 from samples import DATA
 

@@ -196,3 +196,5 @@ def test_run_keeps_its_tokenizer_and_export_loads_in_autotokenizer(tmp_path):
         assert hf(s)["input_ids"] == [kept.bos] + kept.encode(s), s
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     assert data.load_tokenizer(str(tmp_path / "hf")).fingerprint == kept.fingerprint
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())  # the family's ids, not GPT-2's 50256
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (kept.bos, kept.eot)

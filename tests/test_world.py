@@ -5,7 +5,8 @@ import re
 import pytest
 
 from experiments import world
-from data import load_tokenizer, read_probes
+from data import load_tokenizer
+from experiments.probe_files import read_probes
 from experiments.world import WorldConfig, make_world, world_matches
 
 FILES = ["t0.txt", "t0_facts.txt", "general_heldout.txt", "t1.txt", "diff.txt", "tokenizer.json", "world.json"] + [
