@@ -89,7 +89,11 @@ def save_sharded(run, state: dict):
     name = [f"{PREFIX}{run.step}.{os.getpid()}"]
     dist.broadcast_object_list(name, src=0)  # rank 0's name for all
     folder = os.path.join(run.cfg.out, name[0])
-    dcp.save(_tensors(run.model, run.opt), checkpoint_id=folder + ".tmp")
+    try:
+        dcp.save(_tensors(run.model, run.opt), checkpoint_id=folder + ".tmp")
+    except CheckpointException as e:  # a full disk, say: every process gets it; ckpt.pt stays the last good one
+        raise ValueError(f"{folder}.tmp: the shards could not be written ({_why(e)}); "
+                         f"{CKPT_NAME}, if any, is good: free space and --resume") from None
     dist.barrier()  # every shard is on disk
     if run.rank == 0:
         os.replace(folder + ".tmp", folder)
@@ -120,10 +124,13 @@ def _read(sd: dict, path: str, saved: dict, whole=False):
             else:
                 dcp.load(sd, storage_reader=SafeReader(folder))
     except CheckpointException as e:  # a shard file damaged or missing
-        why = next(iter(e.failures.values()), (e,))
-        why = why[0] if isinstance(why, tuple) else why
-        raise ValueError(f"{folder}: not a readable sharded checkpoint ({type(why).__name__}: "
-                         f"{' '.join(str(why).split())[:200]}); restore it from a copy") from None
+        raise ValueError(f"{folder}: not a readable sharded checkpoint ({_why(e)}); restore it from a copy") from None
+
+
+def _why(e: CheckpointException) -> str:  # the first failure DCP gathered from the processes, in one line
+    why = next(iter(e.failures.values()), (e,))
+    why = why[0] if isinstance(why, tuple) else why  # (exception, traceback) as gathered
+    return f"{type(why).__name__}: {' '.join(str(why).split())[:200]}"
 
 
 def load_sharded(run, saved: dict):

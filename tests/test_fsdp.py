@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,7 +170,7 @@ def _shards(rank, port, out):
     equals the unsharded rule on the whole gradients; activation checkpointing changes no gradient; the
     bf16 policy computes close to fp32 and keeps fp32 shards."""
     import torch.distributed as dist
-    from experiments.fsdp import shard
+    from experiments.fsdp import save_sharded, shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -191,6 +192,14 @@ def _shards(rank, port, out):
     got["bf16_dtype"] = {str(p.dtype) for p in bf16.parameters()} | {str(p.grad.dtype) for p in bf16.parameters()}
     for m in (ref, model):  # FSDP averages the two processes' gradients: the same batch on both
         optim.clip_gradients(optim.AdamW(optim.make_param_groups(m)), 0.1, len(unit_names(2)))
+    blocked = f"{out}.file"  # --out a file: the shard folder cannot be made, on every process
+    open(blocked, "w").close()
+    bad = SimpleNamespace(step=1, rank=rank, model=model, opt=optim.AdamW(optim.make_param_groups(model)),
+                          cfg=SimpleNamespace(out=blocked))
+    try:
+        save_sharded(bad, {})
+    except ValueError as e:
+        got["save_error"] = str(e)
     got["clip"] = max((p.grad.full_tensor() - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
     torch.save(got, f"{out}.{rank}")
     dist.destroy_process_group()
@@ -202,4 +211,6 @@ def test_shards_halve_parameters_clip_exactly_and_knobs(tmp_path):
     assert sum(g["local"] for g in got) == got[0]["total"]  # the shards partition the model
     assert all(abs(g["local"] / g["total"] - 0.5) < 0.02 for g in got)
     assert all(g["clip"] < 1e-7 and g["ac"] == 0 and g["ac_forwards"] == 2 for g in got)
+    assert all("the shards could not be written" in g["save_error"] and "ckpt.pt, if any, is good" in g["save_error"]
+               for g in got)
     assert all(0 < g["bf16"] < 0.05 and g["bf16_dtype"] == {"torch.float32"} for g in got)
