@@ -99,10 +99,15 @@ def save_sharded(run, state: dict):
         os.replace(folder + ".tmp", folder)
         state = dict(state, model=None, sharded=name[0], optimizer=dict(state["optimizer"], m=None, v=None))
         save_checkpoint(os.path.join(run.cfg.out, CKPT_NAME), state)
-        for old in os.listdir(run.cfg.out):  # earlier saves, and dead writers' .tmp
-            if old.startswith(PREFIX) and old != name[0]:
-                shutil.rmtree(os.path.join(run.cfg.out, old), ignore_errors=True)
+        prune(run.cfg.out, name[0])
     dist.barrier()
+
+
+def prune(out: str, keep: str):
+    """Every shard folder in out but keep, the one ckpt.pt names: earlier saves, dead writers' .tmp."""
+    for old in os.listdir(out):
+        if old.startswith(PREFIX) and old != keep:
+            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
 
 
 def _read(sd: dict, path: str, saved: dict, whole=False):
@@ -135,11 +140,15 @@ def _why(e: CheckpointException) -> str:  # the first failure DCP gathered from 
 
 def load_sharded(run, saved: dict):
     """--resume: each process reads its own shards of the weights and moments into saved (as train.restore
-    then loads a ckpt.pt); the same number of processes (train_config's "processes")."""
+    then loads a ckpt.pt); the same number of processes (train_config's "processes"). Moments of other
+    units (or dropped, experiments.twiki) are not read: AdamW.load_state_dict refuses them in one line."""
     sd = _tensors(run.model, run.opt)
+    if saved["optimizer"]["units"] != [g["unit"] for g in run.opt.param_groups]:
+        sd = dict(model=sd["model"])
     _read(sd, os.path.join(run.cfg.out, CKPT_NAME), saved)
     saved["model"] = sd["model"]
-    saved["optimizer"] = dict(saved["optimizer"], m=list(sd["m"].values()), v=list(sd["v"].values()))
+    if "m" in sd:
+        saved["optimizer"] = dict(saved["optimizer"], m=list(sd["m"].values()), v=list(sd["v"].values()))
 
 
 def read_sharded(path: str, saved: dict) -> dict:
@@ -149,3 +158,16 @@ def read_sharded(path: str, saved: dict) -> dict:
     m, v = sd.get("m", {}), sd.get("v", {})
     return dict(saved, model=sd["model"], optimizer=dict(saved["optimizer"], m=[m[str(i)] for i in range(len(m))],
                                                         v=[v[str(i)] for i in range(len(v))]))
+
+
+def drop_moments(path: str, saved: dict) -> dict:
+    """experiments.twiki's drop_optimizer on a sharded run: its weights, read whole, written again into a new
+    folder without the moments (one process). -> saved naming it; the caller writes ckpt.pt, then prunes."""
+    whole, name = read_sharded(path, saved), f"{PREFIX}{saved['step']}.{os.getpid()}"
+    name += ".w" if name == saved["sharded"] else ""  # never the folder ckpt.pt names now
+    folder = os.path.join(os.path.dirname(path), name)
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        dcp.save(dict(model=whole["model"]), checkpoint_id=folder + ".tmp", no_dist=True)
+    os.replace(folder + ".tmp", folder)
+    return dict(saved, sharded=name)

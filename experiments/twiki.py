@@ -846,7 +846,7 @@ def drop_optimizer(run: Path):
     marker, path = run / "optimizer-dropped", run / CKPT_NAME
     if marker.is_file() or not path.is_file():
         return
-    before = path.stat().st_size
+    before = checkpoint_bytes(run)
     try:
         ck = load_checkpoint(path, mmap=True)
     except ValueError as e:  # a damaged checkpoint is one line
@@ -855,11 +855,20 @@ def drop_optimizer(run: Path):
     opt = ck.get("optimizer") if isinstance(ck, dict) else None
     if isinstance(opt, dict) and opt.get("units") != [DROPPED]:
         # train.py --resume on this checkpoint stops in one line naming DROPPED (its AdamW checks the units)
+        if ck.get("sharded"):  # train.py --fsdp's: the moments are in its shard folder, rewritten without them
+            from experiments.fsdp import drop_moments, prune
+            ck = drop_moments(str(path), ck)
         ck["optimizer"] = dict(t=opt.get("t", 0), units=[DROPPED], m=[], v=[])
         save_checkpoint(path, ck)
+        if ck.get("sharded"):
+            prune(str(run), ck["sharded"])  # the old folder, now that ckpt.pt names the new one
     write_text(marker, "the AdamW moments of this finished stage were dropped once the next stage had finished "
                        "(twiki.py; --keep-optimizer keeps them). ckpt.pt loads as --init; it cannot be resumed.\n")
-    print(f"# dropped the optimizer state of {path}: {before / 1e9:.2f} -> {path.stat().st_size / 1e9:.2f} GB")
+    print(f"# dropped the optimizer state of {path}: {before / 1e9:.2f} -> {checkpoint_bytes(run) / 1e9:.2f} GB")
+
+
+def checkpoint_bytes(run: Path) -> int:  # ckpt.pt, and a sharded run's shard folder (train.py --fsdp)
+    return sum(f.stat().st_size for f in [run / CKPT_NAME, *run.glob("ckpt.dcp.*/*")] if f.is_file())
 
 
 def export_all(cfg):

@@ -17,7 +17,7 @@ import optim
 import train
 import trace as tgl_trace
 from checkpoint import load_checkpoint, load_model
-from experiments import export
+from experiments import export, twiki
 from experiments.hf import load_hf
 from model import GPT, GPTConfig, unit_names
 from test_train import ROOT, TINY, losses, one_thread, run, world  # noqa: F401  (fixtures)
@@ -109,6 +109,18 @@ def test_fsdp_resume_continues_bit_for_bit_and_exports(world, tmp_path):
     hf = export.main(["--init", str(tmp_path / "a"), "--out", str(tmp_path / "hf")])
     got = load_hf(hf).state_dict()
     assert all(torch.equal(got[n], wa[n]) for n in wa)
+    # the driver drops a finished stage's moments: the shard folder rewritten without them, resume refused
+    before = twiki.checkpoint_bytes(tmp_path / "a")
+    twiki.drop_optimizer(tmp_path / "a")
+    assert twiki.checkpoint_bytes(tmp_path / "a") < 0.5 * before
+    assert len([f for f in os.listdir(tmp_path / "a") if f.startswith("ckpt.dcp")]) == 1
+    assert all(torch.equal(whole(tmp_path / "a")[n], wa[n]) for n in wa)
+    r = subprocess.run(TORCHRUN + ["train.py", "--init", world.base, "--data", world.new, "--out", str(tmp_path / "a"),
+                                   "--lr", "1e-3", "--tokenizer", str(world.dir / "tokenizer.json"), "--resume",
+                                   "--fsdp", *TINY, "--steps", "6", *extra],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0 and "train.py: error: optimizer state is for units ['none: twiki.py dropped" in r.stderr
     # DCP's .metadata is a pickle: a foreign one runs no code, and is one line
     folder = tmp_path / "a" / load_checkpoint(tmp_path / "a" / "ckpt.pt")["sharded"]
     for evil, named in ((pickle.dumps(Evil()), "posix.system"), (DOTTED, "os.system")):
