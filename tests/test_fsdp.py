@@ -226,3 +226,24 @@ def test_shards_halve_parameters_clip_exactly_and_knobs(tmp_path):
     assert all("the shards could not be written" in g["save_error"] and "ckpt.pt, if any, is good" in g["save_error"]
                for g in got)
     assert all(0 < g["bf16"] < 0.05 and g["bf16_dtype"] == {"torch.float32"} for g in got)
+
+
+def test_clipping_equals_torchs_per_unit():
+    """optim.clip_gradients (norms through optim.group_norms, the one place they are summed over shards)
+    equals torch's clip_grad_norm_ applied to each unit's group, as it was before sharding existed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x.roll(-1, 1))[1].backward()
+    opt = optim.AdamW(optim.make_param_groups(model))
+    want = {id(p): p.grad.clone() for p in model.parameters()}
+    before = {id(p): p.grad.clone() for p in model.parameters()}
+    wrapped = {id(p): torch.nn.Parameter(p.detach().clone()) for p in model.parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            wrapped[id(p)].grad = want[id(p)]
+        torch.nn.utils.clip_grad_norm_([wrapped[id(p)] for p in g["params"]], 0.1 / 6 ** 0.5, foreach=True)
+    optim.clip_gradients(opt, 0.1, len(unit_names(2)))
+    assert all(torch.allclose(p.grad, want[id(p)], rtol=1e-6, atol=0) for p in model.parameters())
+    assert all(p.grad.norm() < 0.1 / 6 ** 0.5 + 1e-6 for p in model.parameters())
+    assert sum(not torch.equal(p.grad, before[id(p)]) for p in model.parameters()) > 10  # it clipped
