@@ -204,6 +204,17 @@ def _shards(rank, port, out):
     got["bf16_dtype"] = {str(p.dtype) for p in bf16.parameters()} | {str(p.grad.dtype) for p in bf16.parameters()}
     for m in (ref, model):  # FSDP averages the two processes' gradients: the same batch on both
         optim.clip_gradients(optim.AdamW(optim.make_param_groups(m)), 0.1, len(unit_names(2)))
+    # Llama's parts (RMSNorm, SwiGLU, rotary, grouped-query attention, an untied head) shard as GPT-2's do
+    llama = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, rms_norm=True,
+                      mlp="swiglu", rotary_pct=1.0, tie_embeddings=False, bias=False, qkv_bias=False, arch="llama")
+    torch.manual_seed(0)
+    ref_l, sharded_l = GPT(llama), GPT(llama)
+    sharded_l.load_state_dict(ref_l.state_dict())
+    shard(sharded_l, "cpu")
+    for m in (ref_l, sharded_l):
+        m(x, x.roll(-1, 1))[1].backward()
+    got["llama"] = max((p.grad.full_tensor() - q.grad).abs().max().item()
+                       for p, q in zip(sharded_l.parameters(), ref_l.parameters()))
     blocked = f"{out}.file"  # --out a file: the shard folder cannot be made, on every process
     open(blocked, "w").close()
     bad = SimpleNamespace(step=1, rank=rank, model=model, opt=optim.AdamW(optim.make_param_groups(model)),
@@ -223,6 +234,7 @@ def test_shards_halve_parameters_clip_exactly_and_knobs(tmp_path):
     assert sum(g["local"] for g in got) == got[0]["total"]  # the shards partition the model
     assert all(abs(g["local"] / g["total"] - 0.5) < 0.02 for g in got)
     assert all(g["clip"] < 1e-7 and g["ac"] == 0 and g["ac_forwards"] == 2 for g in got)
+    assert all(g["llama"] < 1e-6 for g in got)
     assert all("the shards could not be written" in g["save_error"] and "ckpt.pt, if any, is good" in g["save_error"]
                for g in got)
     assert all(0 < g["bf16"] < 0.05 and g["bf16_dtype"] == {"torch.float32"} for g in got)
