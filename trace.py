@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
         check_output(cfg.out, "--out")
         rank, device = 0, pick_device(cfg.device)
         if cfg.fsdp:  # all processes trace the same examples, with 1/N of the weights each
-            rank, model, device = importlib.import_module("experiments.fsdp").sharded_model(cfg.init, device)
+            rank, model, device = importlib.import_module("experiments.fsdp").sharded_model(cfg, device)
         else:
             model = load_model(cfg.init, device)
         d = trace_files(model, data.load_tokenizer(cfg.tokenizer or cfg.init), cfg, device)

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+import data
 from checkpoint import CKPT_NAME, load_model, save_checkpoint
 from common import init_distributed
 
@@ -41,14 +42,18 @@ def shard(model, device: str, bf16=False, checkpoint_activations=False):
     return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def sharded_model(init: str, device: str):
-    """trace.py --fsdp: join torchrun's processes, load --init in CPU memory and shard it onto the device (a
-    block at a time). -> rank, model, device"""
+def sharded_model(cfg, device: str):
+    """trace.py --fsdp (cfg: its TraceConfig): join torchrun's processes, load --init in CPU memory and shard it
+    onto the device (a block at a time). Rank 0 tokenizes --text first; the others then read its token cache.
+    -> rank, model, device"""
     if int(os.environ.get("WORLD_SIZE", 1)) < 2:
         raise ValueError("--fsdp: run under torchrun --nproc_per_node 2+")
     rank, _, device = init_distributed(device)
     atexit.register(dist.destroy_process_group)
-    return rank, shard(load_model(init, "cpu"), device), device
+    if rank == 0:
+        data.load_tokens(cfg.text, data.load_tokenizer(cfg.tokenizer or cfg.init))
+    dist.barrier()
+    return rank, shard(load_model(cfg.init, "cpu"), device), device
 
 
 class _MetadataUnpickler(pickle.Unpickler):
