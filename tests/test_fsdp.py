@@ -1,12 +1,15 @@
 """train.py and trace.py --fsdp (FSDP2) with 2 CPU processes (gloo): each equals the one-process run of the same
 global batch; sharded checkpoints resume bit for bit and read back whole (export, --init). Tiny configs."""
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -259,3 +262,27 @@ def test_clipping_equals_torchs_per_unit():
     assert all(torch.allclose(p.grad, want[id(p)], rtol=1e-6, atol=0) for p in model.parameters())
     assert all(p.grad.norm() < 0.1 / 6 ** 0.5 + 1e-6 for p in model.parameters())
     assert sum(not torch.equal(p.grad, before[id(p)]) for p in model.parameters()) > 10  # it clipped
+
+
+def test_fsdp_killed_mid_run_resumes_bit_for_bit(world, tmp_path):
+    """kill -9 of the whole torchrun (maybe mid-save) once a checkpoint exists; --resume from whatever ckpt.pt
+    names ends where the uninterrupted run ends, bit for bit."""
+    extra = ["--steps", "40", "--save-every", "2", "--dropout", "0.1", "--log-every", "2"]
+    fsdp_train(world, tmp_path / "a", *extra)
+    argv = ["train.py", "--init", world.base, "--data", world.new, "--out", str(tmp_path / "b"), "--lr", "1e-3",
+            "--tokenizer", str(world.dir / "tokenizer.json"), "--fsdp", *TINY, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.Popen(TORCHRUN + argv, cwd=ROOT, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, deadline = tmp_path / "b" / "ckpt.pt", time.time() + 120
+    while not (ckpt.is_file() and load_checkpoint(ckpt)["step"] >= 4) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):  # (it ended: the assertion below says so)
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = load_checkpoint(ckpt)["step"]
+    assert 4 <= killed_at < 40, killed_at  # killed before the end
+    torchrun(*argv, "--resume")
+    wa, wb = whole(tmp_path / "a"), whole(tmp_path / "b")
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
