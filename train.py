@@ -91,6 +91,8 @@ class Config:  # train.py's flags
     compile: bool = flag(False, "torch.compile (CUDA)", **RESUME_FREE)
     threads: int = flag(None, "CPU threads (default: torch's)", type=POS, **RESUME_FREE)
     fsdp: bool = flag(False, "under torchrun: shard weights, grads, moments (FSDP2)")
+    fsdp_bf16: bool = flag(False, "--fsdp on CUDA: gather the weights in bf16 (fp32 shards)")
+    checkpoint_activations: bool = flag(False, "--fsdp: recompute each block in the backward", **RESUME_FREE)
 
     def check(self):  # what argparse cannot check alone, before any slow work
         probe_files.check_files([f for f in (self.data, self.replay_data, self.trace) if f], self.probes)
@@ -103,6 +105,9 @@ class Config:  # train.py's flags
                          (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
                          (self.batch_size % world, "--batch-size (the global batch) % processes != 0"),
                          (self.fsdp and world < 2, "--fsdp: run under torchrun --nproc_per_node 2+"),
+                         (self.fsdp_bf16 and not self.fsdp, "--fsdp-bf16 needs --fsdp"),
+                         (self.checkpoint_activations and not self.fsdp, "--checkpoint-activations needs --fsdp"),
+                         (self.fsdp_bf16 and not pick_device(self.device).startswith("cuda"), "--fsdp-bf16: CUDA only"),
                          (held and not (self.resume or self.overwrite) and os.environ.get("RANK", "0") == "0",
                           f"--out {self.out} holds a run: --resume continues it, --overwrite replaces it")]:
             if bad:
@@ -229,7 +234,7 @@ def setup(cfg: Config) -> tuple[Run, dict | None]:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, selected)
     groups = make_param_groups(model, scales)
     if cfg.fsdp:  # the one wrap: each block, then the root
-        groups = make_param_groups(fsdp().shard(model, device), scales)
+        groups = make_param_groups(fsdp().shard(model, device, cfg.fsdp_bf16, cfg.checkpoint_activations), scales)
     if not groups:
         raise ValueError("nothing to train: every unit is frozen")
     opt = AdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)

@@ -101,7 +101,8 @@ def test_fsdp_resume_continues_bit_for_bit_and_exports(world, tmp_path):
     dead = tmp_path / "b" / "ckpt.dcp.3.999.tmp"  # a save that crashed: ckpt.pt still names step 2's
     dead.mkdir()
     torchrun("train.py", "--init", world.base, "--data", world.new, "--out", str(tmp_path / "b"), "--lr", "1e-3",
-             "--tokenizer", str(world.dir / "tokenizer.json"), "--resume", "--fsdp", *TINY, "--steps", "4", *extra)
+             "--tokenizer", str(world.dir / "tokenizer.json"), "--resume", "--fsdp", *TINY, "--steps", "4", *extra,
+             "--checkpoint-activations")  # may change on --resume: it changes no number
     assert not dead.exists() and [f for f in os.listdir(tmp_path / "b") if f.startswith("ckpt.dcp")] == \
         [load_checkpoint(tmp_path / "b" / "ckpt.pt")["sharded"]]
     wa, wb = whole(tmp_path / "a"), whole(tmp_path / "b")
@@ -157,6 +158,18 @@ def test_fsdp_refused_in_one_process(world, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "--fsdp: run under torchrun" in err[0], err
     assert not (tmp_path / "x").exists() and not (tmp_path / "t.json").exists()
+    for flags, msg in ((["--fsdp-bf16"], "--fsdp-bf16 needs --fsdp"),
+                       (["--checkpoint-activations"], "--checkpoint-activations needs --fsdp")):
+        with pytest.raises(SystemExit):
+            run(world, tmp_path / "x", *flags)
+        assert msg in capsys.readouterr().err
+    os.environ["WORLD_SIZE"] = "2"  # as under torchrun: the CPU refusal comes before any process group
+    try:
+        with pytest.raises(SystemExit):
+            run(world, tmp_path / "x", "--fsdp", "--fsdp-bf16", "--device", "cpu")
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "--fsdp-bf16: CUDA only" in capsys.readouterr().err
 
 
 def test_sharded_trace_equals_one_process(world, tmp_path):
