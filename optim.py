@@ -73,14 +73,20 @@ def make_param_groups(model, scales=None):
     # TGL step 3, ALR: each unit's group carries its scale; AdamW trains it at lr * lr_scale
     return [{"unit": u, "params": ps, "lr_scale": float(scales.get(u, 1.0))} for u, ps in groups.items()]
 
-def group_norms(tensors, group_of, n_groups, across=None) -> torch.Tensor:
-    """(n_groups,) 2-norms; tensor i is in group_of[i]. FSDP: each process holds slices; the squares of
-    their norms add up over processes (across) to the whole's. The one place norms span shards."""
-    sq = torch.stack([torch.linalg.vector_norm(local(t), dtype=torch.float32) for t in tensors]).square()
-    sq = torch.zeros(n_groups, device=sq.device).index_add_(0, torch.tensor(group_of, device=sq.device), sq)
-    if sharded(tensors[0]) if across is None else across:
+def group_norms(norms, group_of, n_groups, across=False) -> list:
+    """[n_groups] 2-norms from the norms of tensors, tensor i in group group_of[i]; one sync. Squares are
+    added in float64, in order. FSDP (across): each process has the norms of its slices only; the squares
+    add up over processes to the whole's. The one place norms span shards."""
+    sq = torch.stack(norms).square()
+    if across:
+        idx = torch.tensor(group_of, device=sq.device)
+        sq = torch.zeros(n_groups, dtype=torch.float64, device=sq.device).index_add_(0, idx, sq.double())
         dist.all_reduce(sq)
-    return sq.sqrt()
+        return sq.sqrt().tolist()
+    out = [0.0] * n_groups
+    for k, v in zip(group_of, sq.tolist()):
+        out[k] += v
+    return [math.sqrt(v) for v in out]
 
 def sharded(t) -> bool:  # FSDP's parameters and gradients are DTensors
     return hasattr(t, "to_local")
@@ -92,12 +98,18 @@ def clip_gradients(opt, max_norm, n_units):
     """Each unit to max_norm / sqrt(units): one norm over the trained parameters is smaller when FP freezes
     units, so FP would be clipped less."""
     pairs = [(k, p.grad) for k, g in enumerate(opt.param_groups) for p in g["params"] if p.grad is not None]
-    if max_norm > 0 and pairs:  # --grad-clip 0: off
-        at, grads = zip(*pairs)
-        norms = group_norms(grads, at, len(opt.param_groups))
-        coef = (max_norm / math.sqrt(n_units) / (norms + 1e-6)).clamp(max=1.0)
-        for k in set(at):
-            torch._foreach_mul_([local(g) for j, g in pairs if j == k], coef[k])
+    if max_norm <= 0 or not pairs:  # --grad-clip 0: off
+        return
+    if not sharded(pairs[0][1]):  # torch's own clip, unit by unit
+        for g in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(g["params"], max_norm / math.sqrt(n_units), foreach=True)
+        return
+    at, grads = zip(*pairs)  # FSDP: each unit's norm summed over the shards, then torch's rule
+    norms = group_norms([torch.linalg.vector_norm(local(g), dtype=torch.float32) for g in grads], at,
+                        len(opt.param_groups), across=True)
+    for k in set(at):
+        coef = min(1.0, max_norm / math.sqrt(n_units) / (norms[k] + 1e-6))
+        torch._foreach_mul_([local(g) for j, g in pairs if j == k], coef)
 
 def lr_at(step, cfg):  # cfg: train.Config; linear warmup, then cosine, linear or no decay
     if step < cfg.warmup:

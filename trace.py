@@ -28,14 +28,18 @@ from model import autocast, pick_device, unit_names, unit_of
 from optim import group_norms, local, sharded
 
 # ----- step 1: trace
-def unit_norms(names, norms, across=None) -> dict:  # {unit: 2-norm of its parameters' gradients}; one sync
+def unit_norms(names, norms, across=False) -> dict:  # {unit: 2-norm of its parameters' gradients}
     units = list(dict.fromkeys(map(unit_of, names)))  # in the network's order
     at = [units.index(unit_of(n)) for n in names]
-    return dict(zip(units, group_norms(norms, at, len(units), across).tolist()))
+    return dict(zip(units, group_norms(norms, at, len(units), across)))
 
 def grad_norms(model) -> dict:  # of the .grad now: train.py's log
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    return unit_norms(*zip(*named)) if named else {}
+    if not named:
+        return {}
+    names, grads = zip(*named)
+    norms = [torch.linalg.vector_norm(local(g), dtype=torch.float32) for g in grads]  # FSDP: of its slice
+    return unit_norms(names, norms, sharded(grads[0]))
 
 class GradNormHooks:
     """While entered, each parameter requiring grad records ||grad|| and drops it
