@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -187,20 +186,14 @@ def test_sharded_trace_equals_one_process(world, tmp_path):
 
 # ----- in-process: 2 spawned processes, gloo
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _shards(rank, port, out):
+def _shards(rank, store, out):
     """Per process: the local shards hold about half the parameters; clip_gradients on sharded gradients
     equals the unsharded rule on the whole gradients; activation checkpointing changes no gradient; the
     bf16 policy computes close to fp32 and keeps fp32 shards."""
     import torch.distributed as dist
     from experiments.fsdp import save_sharded, shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # a file, not a TCP port, to meet: no port can be taken
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
     ref, model, ac, bf16 = GPT(config), GPT(config), GPT(config), GPT(config)
@@ -245,7 +238,7 @@ def _shards(rank, port, out):
 
 
 def test_shards_halve_parameters_clip_exactly_and_knobs(tmp_path):
-    mp.spawn(_shards, args=(_free_port(), str(tmp_path / "r")), nprocs=2)
+    mp.spawn(_shards, args=(str(tmp_path / "store"), str(tmp_path / "r")), nprocs=2)
     got = [torch.load(tmp_path / f"r.{rank}") for rank in range(2)]
     assert sum(g["local"] for g in got) == got[0]["total"]  # the shards partition the model
     assert all(abs(g["local"] / g["total"] - 0.5) < 0.02 for g in got)
