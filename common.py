@@ -96,18 +96,24 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 def check_output(path, flag: str, kind: str = "file"):
-    """Before slow work: `path` can be written as a `kind` ("file" or "dir")."""
+    """Before slow work: `path` can be written as a `kind` ("file" or "dir"), by a real write where it would
+    go: beside a file; in a folder, or the nearest existing folder above it (the one makedirs writes into)."""
     folder = os.path.dirname(path) or "."
     for bad, why in [(not path, "is empty: give a path"),
                      (kind == "dir" and os.path.isfile(path), "is a file, want a folder"),
                      (kind == "file" and os.path.isdir(path), "is a folder, want a file path")]:
         if bad:
             raise ValueError(f"{flag} {path}: {why}")
-    if kind == "file":  # a real write: root passes os.access in /sys
-        try:
-            os.rmdir(tempfile.mkdtemp(dir=folder))
-        except OSError as e:
-            raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+    if kind == "dir":
+        folder = os.path.abspath(path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: cannot create it: {folder} is a file")
+    try:  # a real write: root passes os.access in /sys
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 def init_distributed(device: str, threads=None):
     """Under torchrun, join the process group (NCCL on CUDA, else gloo). -> rank, world, device"""

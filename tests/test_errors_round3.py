@@ -235,6 +235,9 @@ def test_unwritable_outputs_are_refused_before_the_run(w, read_only, capsys):
             (textppl.main, ["--init", run, "--text", w / "text.txt", "--json"], "--json")):
         err = one_line_error(capsys, fn, argv + [os.path.join(read_only, "x.json")], flag)
         assert "cannot write" in err
+    out = os.path.join(read_only, "run", "sub")  # a folder: refused before training, not at its first write
+    err = one_line_error(capsys, train.main, ["--data", str(w / "text.txt"), "--out", out, "--steps", "1"], "--out")
+    assert "cannot write" in err and not os.path.exists(out)
 
 
 def test_twiki_block_size_beyond_the_models_context_is_refused_first(server, tmp_path, capsys):
