@@ -91,14 +91,17 @@ def hub_endpoint() -> str:  # the one reading of $HF_ENDPOINT (a Hugging Face mi
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def tgl_cache() -> Path:  # the one reading of $TGL_CACHE: hub models, and the data sets under data/
+    return Path(os.environ.get("TGL_CACHE") or Path.home() / ".cache" / "tgl")
+
+
 HUB_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def hub_config(name: str, download_it=True) -> str | None:
     """A hub model's config.json alone (a few kB: its sizes before the weights), downloaded once into the
     folder hub_folder fills; None if it is not here and not download_it."""
-    cache = os.environ.get("TGL_CACHE") or os.path.expanduser("~/.cache/tgl")
-    path = os.path.join(cache, name.replace("/", "--"), "config.json")
+    path = os.path.join(tgl_cache(), name.replace("/", "--"), "config.json")
     if not os.path.isfile(path) and download_it:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         url = f"{hub_endpoint()}/{name}/resolve/main/config.json"
@@ -181,8 +184,8 @@ DATASETS = {
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TGL_CACHE") or Path.home() / ".cache" / "tgl") / "data"
+def cache_root() -> Path:  # the data sets' downloads
+    return tgl_cache() / "data"
 
 
 # ----------------------------------------------------------------------------- archives and files
